@@ -1,0 +1,446 @@
+"""The model layer every stage shares: a thin layer over transformers' Qwen2.5-VL.
+
+    python model.py check --hf DIR     # our path vs transformers' full forward on a local HF folder
+    python model.py check --hf tiny    # the same on the built-in tiny model
+    python model.py save --out DIR     # write the tiny model as a Hugging Face folder
+
+Read top to bottom: the tiny model built in code (tokenizer, config), load/save, encode video,
+splice, our M-RoPE positions, batch layout, forward, per-token log-probs, and generation (a
+KV-cache generate and the naive recompute-everything generate it is tested against).
+
+Conventions shared by every stage:
+- A video enters as (pixel_values, grid_thw, second_per_grid) from data.py; `encode_video` turns
+  it into the embeddings that RL caches and reuses.
+- Position ids are always ours (`positions`, the original Qwen2.5-VL / vLLM rule) and always
+  passed explicitly; transformers never computes them.
+- A batch row is [left padding | prompt | response | right padding]; response token j sits at
+  position max(prompt positions) + 1 + j in rollout and in training alike.
+- The policy never emits vision special tokens: `banned_ids` are masked to -inf both when
+  sampling and when scoring, so the sampler and the trainer describe the same distribution.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VISION_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2.5-VL's chat template, reduced to text and video parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Text the tiny tokenizer's merges are learned from; any text still encodes (byte-level BPE).
+CORPUS = """You are a helpful assistant. Watch the video and answer the question.
+Think step by step inside <think> </think> tags, then give the final answer inside <answer> </answer> tags.
+Answer with the option's letter from the given choices directly. Options: A. B. C. D.
+Which color appeared first? Which color appeared last? How many times did the screen flash?
+In which quadrant did the square appear? top left, top right, bottom left, bottom right.
+red green blue yellow white black purple orange cyan magenta gray. first second third fourth last.
+once twice three times four times. 0 1 2 3 4 5 6 7 8 9 10. The video shows a flash of
+color at the beginning, in the middle and at the end. So the answer is A. So the answer is B.
+So the answer is C. So the answer is D. left right up down moves from the to in on at of and then.
+"""
+
+
+# -----------------------------------------------------------------------------
+# The tiny model, built in code: no download, varied outputs from a random init.
+
+def tiny_tokenizer(vocab_size=512):
+    """Byte-level BPE trained in-process on CORPUS, with Qwen's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128, vision_depth=2,
+                vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1):
+    """A small Qwen2.5-VL config (FIELD_NOTES section 6's probe model by default).
+
+    init_std 0.1 because the library's 0.02 makes a random tiny model repeat one token, which would
+    make every "same tokens" test pass vacuously; 0.3 varies too, but its large logits cost fp32
+    exactness (KV-cache vs recompute log-probs differ by 4e-5 instead of 5e-6)."""
+    from transformers import Qwen2_5_VLConfig
+    head_dim = hidden // heads
+    t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24
+    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=65536, initializer_range=init_std,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                              mrope_section=[t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                           num_heads=vision_heads, out_hidden_size=hidden, window_size=window,
+                           fullatt_block_indexes=list(fullatt), tokens_per_second=2, initializer_range=init_std),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+# -----------------------------------------------------------------------------
+# Load and save Hugging Face folders.
+
+def attn_implementation(device):
+    """flash-attn on CUDA when installed, else PyTorch SDPA (the CPU path, and the tested one)."""
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
+    """(model, tokenizer) from a local Hugging Face folder, or the tiny model built in code."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    attn = attn_implementation(device)
+    if path == "tiny":
+        tok = tiny_tokenizer()
+        torch.manual_seed(seed)
+        config = tiny_config(tok, **tiny_kwargs)
+        config._attn_implementation = attn
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); "
+                                    "pass a local folder or 'tiny' (no downloads here)")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def save(model, tok, out, extra=None):
+    """Write a folder transformers and vLLM load. Atomic: written under a temp name, then renamed,
+    so a crash mid-write never leaves a half checkpoint under the final name."""
+    tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Video in, embeddings out; text in, token ids out.
+
+def encode_video(model, pixel_values, grid_thw):
+    """(patches, 3*2*14*14) pixels + (n_videos, 3) grid -> (n_tokens, hidden): the vision tower alone.
+    This tensor is what RL caches: computed once per prompt, reused by every rollout and pass."""
+    visual = model.model.visual
+    return visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output
+
+
+def n_video_tokens(grid_thw, merge=2):
+    return int(grid_thw.prod(-1).sum()) // (merge * merge)
+
+
+def build_prompt(tok, text, n_video):
+    """Chat-template ids of a user turn (one video, then text) with the assistant turn opened.
+    The single <|video_pad|> of the template is expanded to n_video ids without tokenizing them."""
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    s = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, tail = s.split("<|video_pad|>")
+    pad = tok.convert_tokens_to_ids("<|video_pad|>")
+    return tok.encode(head, add_special_tokens=False) + [pad] * n_video + tok.encode(tail, add_special_tokens=False)
+
+
+def banned_ids(tok):
+    """Vision special tokens: the policy must never emit them (a sampled <|video_pad|> would ask
+    the next forward for a video embedding that does not exist)."""
+    return torch.tensor([tok.convert_tokens_to_ids(s) for s in VISION_SPECIAL if s in tok.get_vocab()])
+
+
+def splice(model, input_ids, video_embeds):
+    """Token embeddings with the video embeddings placed, in order, at the <|video_pad|> positions."""
+    x = model.get_input_embeddings()(input_ids)
+    slots = input_ids == model.config.video_token_id
+    if int(slots.sum()) != (0 if video_embeds is None else video_embeds.shape[0]):
+        raise ValueError(f"{int(slots.sum())} <|video_pad|> tokens but "
+                         f"{0 if video_embeds is None else video_embeds.shape[0]} video embeddings")
+    if video_embeds is None:
+        return x
+    return x.masked_scatter(slots[..., None], video_embeds.to(x.dtype))
+
+
+# -----------------------------------------------------------------------------
+# M-RoPE positions, the original Qwen2.5-VL rule (what vLLM computes):
+# text advances by 1; a video of llm grid (t, h, w) starting at s gets
+# (s + int(i * second_per_grid * tokens_per_second), s + row, s + col) for temporal group i, and the
+# text after it resumes at max(all positions so far) + 1. transformers >= 5.19 resumes at
+# s + max(h, w) instead, which differs whenever t > 1 (FIELD_NOTES section 4).
+
+def positions(ids, grid_thw, second_per_grid, config):
+    """(L,) token ids of one sequence -> (3, L) position ids. grid_thw: (n_videos, 3) in patches,
+    second_per_grid: n_videos floats (seconds covered by one temporal group)."""
+    ids = torch.as_tensor(ids)
+    vc = config.vision_config
+    merge, tps = vc.spatial_merge_size, getattr(vc, "tokens_per_second", None)
+    is_video = ids == config.video_token_id
+    cuts = [0] + ((is_video[1:] != is_video[:-1]).nonzero()[:, 0] + 1).tolist() + [len(ids)]
+    pos, cur, v = [], 0, 0
+    for i, j in zip(cuts[:-1], cuts[1:]):  # runs of text tokens and of video tokens
+        if not is_video[i]:
+            pos.append(torch.arange(cur, cur + j - i).expand(3, -1))
+        else:
+            if v >= len(grid_thw):
+                raise ValueError(f"more <|video_pad|> runs than videos ({len(grid_thw)})")
+            t, h, w = int(grid_thw[v][0]), int(grid_thw[v][1]) // merge, int(grid_thw[v][2]) // merge
+            if j - i != t * h * w:
+                raise ValueError(f"video {v}: {j - i} <|video_pad|> tokens but grid {t}x{h}x{w} = {t * h * w}")
+            # float32 in vLLM's order of operations, so that .long() truncates identically
+            tt = torch.arange(t) * float(second_per_grid[v]) * tps if tps else torch.arange(t)
+            grid = torch.stack(torch.meshgrid(tt.long(), torch.arange(h), torch.arange(w), indexing="ij"))
+            pos.append(grid.reshape(3, -1) + cur)
+            v += 1
+        cur = int(pos[-1].max()) + 1
+    if v != len(grid_thw):
+        raise ValueError(f"{len(grid_thw)} videos but {v} <|video_pad|> runs")
+    return torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
+
+
+def layout(prompts, prompt_pos, responses=None, pad_id=0):
+    """Batch rows as [left padding | prompt | response | right padding].
+
+    prompts: list of id lists; prompt_pos: list of (3, P_i) from `positions`; responses: list of id
+    lists or None. Returns ids (B, L), pos (3, B, L), mask (B, L) and P (prompt width, so the
+    response of every row starts at column P). Response token j is at max(prompt pos) + 1 + j,
+    exactly where generate puts it."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    T = max((len(r) for r in responses), default=0) if responses else 0
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, B, P + T, dtype=torch.long)
+    mask = torch.zeros(B, P + T, dtype=torch.long)
+    for b, (p, pp) in enumerate(zip(prompts, prompt_pos)):
+        ids[b, P - len(p):P] = torch.as_tensor(p)
+        pos[:, b, P - len(p):P] = pp
+        mask[b, P - len(p):P] = 1
+        nxt = int(pp.max()) + 1 if pp.numel() else 0
+        pos[:, b, P:] = torch.arange(nxt, nxt + T)
+        if responses:
+            r = responses[b]
+            ids[b, P:P + len(r)] = torch.as_tensor(r, dtype=torch.long)
+            mask[b, P:P + len(r)] = 1
+    return ids, pos, mask, P
+
+
+# -----------------------------------------------------------------------------
+# Forward and per-token log-probs.
+
+def forward(model, embeds, pos, mask=None, cache=None):
+    """The language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden)."""
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                                      past_key_values=cache, use_cache=cache is not None)
+    return out.last_hidden_state
+
+
+def _head_logprobs(lm_head, h, y, temperature, banned):
+    logits = lm_head(h).float() / temperature  # (N, V)
+    if banned is not None:
+        logits = logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+    logp = logits.log_softmax(-1)
+    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    return logp.gather(-1, y[:, None])[:, 0], ent
+
+
+def token_logprobs(model, hidden, targets, temperature=1.0, banned=None, chunk=1024):
+    """log p(targets) and entropy from hidden states (B, T, H) that predict targets (B, T).
+
+    The lm_head runs on `chunk` tokens at a time and, under autograd, is recomputed in backward
+    (activation checkpointing), so at most chunk x vocab logits exist at once: a 150k vocabulary
+    times thousands of response tokens would otherwise be gigabytes."""
+    B, T, H = hidden.shape
+    h, y = hidden.reshape(B * T, H), targets.reshape(B * T)
+    lps, ents = [], []
+    for s in range(0, B * T, chunk):
+        args = (model.lm_head, h[s:s + chunk], y[s:s + chunk], temperature, banned)
+        lp, ent = (checkpoint(_head_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                   else _head_logprobs(*args))
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps).view(B, T), torch.cat(ents).view(B, T)
+
+
+def response_logprobs(model, embeds, pos, mask, P, targets, **kw):
+    """Log-probs (and entropies) of the response tokens targets (B, T) of a `layout` batch: the
+    hidden state at column P-1+j predicts response token j. No logits outside the response."""
+    T = targets.shape[1]
+    hidden = forward(model, embeds[:, :P + T - 1], pos[:, :, :P + T - 1], mask[:, :P + T - 1])
+    return token_logprobs(model, hidden[:, P - 1:], targets, **kw)
+
+
+# -----------------------------------------------------------------------------
+# Generation: a KV-cache generate, and the naive one it must equal.
+
+def sample(logits, temperature, top_p, generator=None):
+    """One token per row from logits (B, V) -> (token, its log-prob). The log-prob is that of the
+    temperature-scaled distribution before top-p truncation (what the trainer scores); greedy when
+    temperature is 0 (log-prob at temperature 1)."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logp = (logits / temperature).log_softmax(-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sp, idx = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def _next_logits(model, h, banned):
+    logits = model.lm_head(h).float()
+    return logits if banned is None else logits.index_fill(-1, banned.to(logits.device), float("-inf"))
+
+
+def _finish(toks, lps, eos, pad_id):
+    """Stack per-step tokens; everything after a row's first EOS becomes padding (log-prob 0)."""
+    toks, lps = torch.stack(toks, 1), torch.stack(lps, 1)
+    is_eos = torch.isin(toks, eos)
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    lengths = (~after).sum(1)
+    return toks.masked_fill(after, pad_id), lps.masked_fill(after, 0.0), lengths
+
+
+@torch.no_grad()
+def generate(model, embeds, pos, mask, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
+             pad_id=0, generator=None):
+    """Sample up to max_new tokens for each row of a left-padded prompt batch, with a KV cache.
+
+    embeds (B, P, H), pos (3, B, P), mask (B, P). Returns tokens (B, T) (padding after EOS),
+    their log-probs (B, T) and lengths (B,) including the EOS token."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config.get_text_config())
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
+    nxt = pos.amax(dim=(0, 2)) + 1  # (B,) where each row's response starts
+    h = forward(model, embeds, pos, mask, cache)[:, -1]
+    toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
+    for i in range(max_new):
+        tok, lp = sample(_next_logits(model, h, banned), temperature, top_p, generator)
+        toks.append(tok)
+        lps.append(lp)
+        done |= torch.isin(tok, eos)
+        if bool(done.all()) or i == max_new - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1)
+        step_pos = (nxt + i).view(1, -1, 1).expand(3, -1, 1)
+        h = forward(model, model.get_input_embeddings()(tok[:, None]), step_pos, mask, cache)[:, -1]
+    return _finish(toks, lps, eos, pad_id)
+
+
+@torch.no_grad()
+def generate_naive(model, embeds, pos, mask, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
+                   pad_id=0, generator=None):
+    """The reference for `generate`: re-run the whole sequence for every new token, no cache."""
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
+    nxt = pos.amax(dim=(0, 2)) + 1
+    toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
+    for i in range(max_new):
+        h = forward(model, embeds, pos, mask)[:, -1]
+        tok, lp = sample(_next_logits(model, h, banned), temperature, top_p, generator)
+        toks.append(tok)
+        lps.append(lp)
+        done |= torch.isin(tok, eos)
+        if bool(done.all()):
+            break
+        embeds = torch.cat([embeds, model.get_input_embeddings()(tok[:, None])], 1)
+        pos = torch.cat([pos, (nxt + i).view(1, -1, 1).expand(3, -1, 1)], 2)
+        mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1)
+    return _finish(toks, lps, eos, pad_id)
+
+
+# -----------------------------------------------------------------------------
+# python model.py check / save
+
+def random_video_batch(model, tok, grids=((4, 8, 8), (2, 4, 6)), seed=0):
+    """Random pixels for each grid plus prompts around them: inputs for `check` and the tests."""
+    g = torch.Generator().manual_seed(seed)
+    vc = model.config.vision_config
+    row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), row, generator=g)
+    spg = [2.0 / (1 + i) for i in range(len(grids))]  # sampled at 1 fps, 2 fps, ...
+    prompts = [build_prompt(tok, f"Question {i}: what happens in this video?", n_video_tokens(grid[i:i + 1]))
+               for i in range(len(grids))]
+    return pixels, grid, spg, prompts
+
+
+def check(path, dtype=torch.float32):
+    """Our path (encode, splice, our positions, log-probs) vs transformers' own forward from pixels
+    given the same position ids. Returns max abs differences."""
+    model, tok = load(path, dtype=dtype)
+    pixels, grid, spg, prompts = random_video_batch(model, tok)
+    offsets = [0] + grid.prod(-1).cumsum(0).tolist()
+    out = {"model": path, "dtype": str(dtype).split(".")[-1]}
+    with torch.no_grad():
+        video = encode_video(model, pixels, grid)
+        ref_video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
+        out["video_embeds_max_abs_diff"] = (video - ref_video).abs().max().item()
+        diffs = []
+        tok_offsets = [0] + (grid.prod(-1) // 4).cumsum(0).tolist()
+        for i, ids in enumerate(prompts):
+            ids_t = torch.tensor([ids])
+            pos = positions(ids, grid[i:i + 1], spg[i:i + 1], model.config)[:, None]
+            emb = splice(model, ids_t, video[tok_offsets[i]:tok_offsets[i + 1]])
+            ours = model.lm_head(forward(model, emb, pos))
+            ref = model(input_ids=ids_t, pixel_values_videos=pixels[offsets[i]:offsets[i + 1]],
+                        video_grid_thw=grid[i:i + 1], position_ids=pos).logits
+            diffs.append((ours - ref).abs().max().item())
+        out["logits_max_abs_diff"] = max(diffs)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="compare our path with transformers' full forward")
+    c.add_argument("--hf", default="tiny", help="local Hugging Face Qwen2.5-VL folder, or 'tiny' (default)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+    s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="init seed")
+    args = ap.parse_args()
+    if args.cmd == "check":
+        try:
+            out = check(args.hf, getattr(torch, args.dtype))
+        except (OSError, ValueError) as e:
+            print(f"model.py check: {e}", file=sys.stderr)
+            print(json.dumps({"error": str(e)}))
+            sys.exit(1)
+    else:
+        model, tok = load("tiny", seed=args.seed)
+        save(model, tok, args.out)
+        out = {"saved": args.out, "params": sum(p.numel() for p in model.parameters())}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""model.py against its references: transformers' own forward, hand-computed positions, the naive
+generate, a full-vocabulary log-softmax.   Run: python -m pytest tests/test_model.py -q"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+
+# Two tiny configurations that differ in what could break: head counts, GQA ratio, vision window
+# attention (B's 56-pixel window splits a 112-pixel frame into 4 windows in block 0), depth.
+CONFIGS = {"A": dict(), "B": dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64,
+                                  vision_heads=2, window=56, fullatt=(1,))}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def tiny(request):
+    return M.load("tiny", **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def tiny_a():
+    return M.load("tiny")
+
+
+def video_inputs(model, tok, grids, seed=0):
+    pixels, grid, spg, prompts = M.random_video_batch(model, tok, grids, seed)
+    video = M.encode_video(model, pixels, grid)
+    pos = [M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config) for i, p in enumerate(prompts)]
+    return pixels, grid, spg, prompts, video, pos
+
+
+def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
+    a, b = M.tiny_tokenizer(), M.tiny_tokenizer()
+    assert a.get_vocab() == b.get_vocab()
+    text = "<think>red, then blue.</think><answer>B</answer><|im_end|>"
+    ids = a.encode(text, add_special_tokens=False)
+    assert a.decode(ids) == text
+    assert ids[-1] == a.convert_tokens_to_ids("<|im_end|>") == a.eos_token_id
+    a.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+    c = AutoTokenizer.from_pretrained(tmp_path)
+    assert c.encode(text, add_special_tokens=False) == ids
+    assert M.build_prompt(c, "Why?", 5) == M.build_prompt(a, "Why?", 5)
+
+
+def test_build_prompt_places_video_tokens():
+    tok = M.tiny_tokenizer()
+    ids = M.build_prompt(tok, "What happens?", 7)
+    pad = tok.convert_tokens_to_ids("<|video_pad|>")
+    first = ids.index(pad)
+    assert ids.count(pad) == 7 and ids[first:first + 7] == [pad] * 7
+    assert ids[first - 1] == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert ids[first + 7] == tok.convert_tokens_to_ids("<|vision_end|>")
+    assert tok.decode(ids).endswith("What happens?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_positions_hand_computed_original_rule(tiny_a):
+    model, tok = tiny_a
+    cfg = model.config  # tokens_per_second = 2
+    t, v = 11, cfg.video_token_id
+    # text(2) video grid (4 groups, 2x2 patches -> 1x1 merged) text(1), 0.75 s per group:
+    # temporal = int(i * 0.75 * 2) = 0, 1, 3, 4 -> video at 2 + those; text resumes at max + 1 = 7.
+    # video 2: grid (2, 4, 6) -> 2x2x3 merged at 1 s per group: temporal 0, 2.
+    ids = [t, t, v, v, v, v, t] + [v] * 12 + [t, t]
+    pos = M.positions(ids, [[4, 2, 2], [2, 4, 6]], [0.75, 1.0], cfg)
+    s = 7 + 1  # second video starts after the text token at 7
+    second = [[s + tt, s + hh, s + ww] for tt in (0, 2) for hh in range(2) for ww in range(3)]
+    expect = ([[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 2, 2], [5, 2, 2], [6, 2, 2], [7, 7, 7]] + second
+              + [[s + 3, s + 3, s + 3], [s + 4, s + 4, s + 4]])
+    assert pos.T.tolist() == expect
+
+
+def test_positions_vs_transformers(tiny_a):
+    """Equal to transformers' get_rope_index where the rules agree (one temporal group), different
+    where they do not (text after a multi-group video): that difference is the pitfall we avoid."""
+    model, tok = tiny_a
+    cfg = model.config
+    for grid, same in (([1, 4, 6], True), ([3, 4, 6], False)):
+        ids = M.build_prompt(tok, "Which color came first?", grid[0] * grid[1] * grid[2] // 4)
+        ours = M.positions(ids, [grid], [2.0], cfg)
+        ids_t = torch.tensor([ids])
+        types = (ids_t == cfg.video_token_id).int() * 2
+        theirs, _ = model.model.get_rope_index(ids_t, types, video_grid_thw=torch.tensor([grid]),
+                                               second_per_grid_ts=torch.tensor([2.0]))
+        assert torch.equal(ours, theirs[:, 0]) == same
+        video = ids_t[0] == cfg.video_token_id
+        assert torch.equal(ours[:, video], theirs[:, 0, video])  # video tokens agree in both cases
+
+
+def test_positions_reject_mismatched_grid(tiny_a):
+    model, tok = tiny_a
+    ids = M.build_prompt(tok, "?", 6)
+    with pytest.raises(ValueError, match="6 <\\|video_pad\\|> tokens but grid"):
+        M.positions(ids, [[2, 4, 4]], [1.0], model.config)
+    with pytest.raises(ValueError, match="1 videos but 0"):
+        M.positions(M.build_prompt(tok, "?", 0)[:3], [[2, 4, 4]], [1.0], model.config)
+
+
+@pytest.mark.parametrize("grids", [((4, 8, 8), (2, 4, 6)), ((1, 8, 8),)])
+def test_our_path_equals_transformers_forward_from_pixels(tiny, grids):
+    model, tok = tiny
+    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, grids)
+    with torch.no_grad():
+        ref_video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
+        assert (video - ref_video).abs().max() <= 1e-5
+        offs, toffs = [0] + grid.prod(-1).cumsum(0).tolist(), [0] + (grid.prod(-1) // 4).cumsum(0).tolist()
+        for i, ids in enumerate(prompts):
+            ids_t, p = torch.tensor([ids]), pos[i][:, None]
+            ours = model.lm_head(M.forward(model, M.splice(model, ids_t, video[toffs[i]:toffs[i + 1]]), p))
+            ref = model(input_ids=ids_t, pixel_values_videos=pixels[offs[i]:offs[i + 1]],
+                        video_grid_thw=grid[i:i + 1], position_ids=p).logits
+            assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_text_only_equals_transformers(tiny):
+    model, tok = tiny
+    text = tok.apply_chat_template([{"role": "user", "content": "Count the flashes."}], tokenize=False)
+    ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+    pos = M.positions(ids[0], [], [], model.config)
+    assert torch.equal(pos, torch.arange(ids.shape[1]).expand(3, -1))
+    with torch.no_grad():
+        ours = model.lm_head(M.forward(model, M.splice(model, ids, None), pos[:, None]))
+        ref = model(input_ids=ids).logits  # transformers' own text positions
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_splice_rejects_count_mismatch(tiny_a):
+    model, tok = tiny_a
+    ids = torch.tensor([M.build_prompt(tok, "?", 4)])
+    with pytest.raises(ValueError, match="4 <\\|video_pad\\|> tokens but 3 video embeddings"):
+        M.splice(model, ids, torch.zeros(3, model.config.text_config.hidden_size))
+
+
+def test_saved_folder_loads_in_transformers_with_same_logits(tiny_a, tmp_path):
+    model, tok = tiny_a
+    M.save(model, tok, str(tmp_path / "ckpt"))
+    M.save(model, tok, str(tmp_path / "ckpt"))  # overwriting an existing checkpoint works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp/.old left behind
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((2, 8, 8),))
+    kw = dict(input_ids=torch.tensor(prompts[:1]), pixel_values_videos=pixels, video_grid_thw=grid,
+              position_ids=pos[0][:, None])
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, loaded(**kw).logits)
+    model2, _ = M.load(str(tmp_path / "ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_load_rejects_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        M.load(str(tmp_path))
+
+
+def batch(model, tok, grids, responses=None):
+    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, grids)
+    ids, p3, mask, P = M.layout(prompts, pos, responses, pad_id=tok.pad_token_id)
+    return M.splice(model, ids, video), p3, mask, P, ids, (pixels, grid, spg, prompts, pos)
+
+
+def gen_kwargs(tok, **kw):
+    return dict(eos_ids=[tok.eos_token_id], banned=M.banned_ids(tok), pad_id=tok.pad_token_id, **kw)
+
+
+def test_generate_from_cached_embeddings_equals_generation_from_pixels(tiny_a):
+    """Greedy: our KV-cache generate from the cached video embeddings vs a loop that runs
+    transformers' full forward from pixels (re-encoding the video) for every token."""
+    model, tok = tiny_a
+    grids = ((4, 8, 8),)
+    embeds, p3, mask, P, ids, (pixels, grid, spg, prompts, pos) = batch(model, tok, grids)
+    toks, _, _ = M.generate(model, embeds, p3, mask, max_new=32, temperature=0, **gen_kwargs(tok))
+    seq, seq_pos, nxt, ban = list(prompts[0]), pos[0], int(pos[0].max()) + 1, M.banned_ids(tok)
+    with torch.no_grad():
+        for j in range(32):
+            logits = model(input_ids=torch.tensor([seq]), pixel_values_videos=pixels, video_grid_thw=grid,
+                           position_ids=seq_pos[:, None]).logits[0, -1]
+            seq.append(int(logits.index_fill(0, ban, float("-inf")).argmax()))
+            seq_pos = torch.cat([seq_pos, torch.full((3, 1), nxt + j)], 1)
+    assert toks[0].tolist() == seq[len(prompts[0]):]
+    assert len(set(seq[len(prompts[0]):])) > 8  # the model's output varies, so equality means something
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0, 1.0), (1.0, 1.0), (0.7, 0.9)])
+def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p):
+    model, tok = tiny
+    embeds, p3, mask, P, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))  # rows of different lengths
+    assert mask[1, 0] == 0  # row 1 is left-padded
+    out = []
+    for fn in (M.generate, M.generate_naive):
+        g = torch.Generator().manual_seed(3)
+        out.append(fn(model, embeds, p3, mask, max_new=32, temperature=temperature, top_p=top_p,
+                      generator=g, **gen_kwargs(tok)))
+    (t1, l1, n1), (t2, l2, n2) = out
+    assert torch.equal(t1, t2) and torch.equal(n1, n2) and t1.shape[1] == 32
+    # dividing logits by the temperature scales their fp32 rounding differences by 1/temperature
+    assert (l1 - l2).abs().max() <= 1e-5 / min(1.0, temperature or 1.0)
+
+
+def test_generate_stops_at_eos_and_pads_after(tiny_a):
+    model, tok = tiny_a
+    embeds, p3, mask, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))
+    free, _, _ = M.generate(model, embeds, p3, mask, max_new=16, temperature=0, **gen_kwargs(tok))
+    stop = int(free[0, 5])  # pretend the token row 0 emits 6th is EOS
+    kw = gen_kwargs(tok)
+    kw["eos_ids"] = [stop]
+    toks, lps, n = M.generate(model, embeds, p3, mask, max_new=16, temperature=0, **kw)
+    first = free[0].tolist().index(stop)
+    assert n[0] == first + 1 and toks[0, first] == stop
+    assert (toks[0, first + 1:] == tok.pad_token_id).all() and (lps[0, first + 1:] == 0).all()
+    assert torch.equal(toks[0, :first + 1], free[0, :first + 1])
+
+
+def test_banned_vision_tokens_are_never_sampled(tiny_a):
+    """At temperature 50 sampling is near uniform over 512 ids, so 8 vision ids would show up in
+    ~1,000 draws; with the ban none may appear."""
+    model, tok = tiny_a
+    embeds, p3, mask, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))
+    ban = M.banned_ids(tok)
+    seen = {True: 0, False: 0}
+    for banned in (True, False):
+        for seed in range(16):
+            kw = gen_kwargs(tok, generator=torch.Generator().manual_seed(seed))
+            kw["banned"] = ban if banned else None
+            toks, _, n = M.generate(model, embeds, p3, mask, max_new=32, temperature=50.0, **kw)
+            valid = torch.arange(toks.shape[1]) < n[:, None]
+            seen[banned] += int(torch.isin(toks[valid], ban).sum())
+    assert seen[True] == 0 and seen[False] > 0
+
+
+def test_top_p_keeps_smallest_prefix():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(M.sample(logits, 1.0, 0.75, g)[0]) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.75 <= 0.8: the first two
+    tok, lp = M.sample(logits, 1.0, 0.4, g)
+    assert int(tok) == 0 and abs(float(lp) - torch.log(torch.tensor(0.5))) < 1e-6  # untruncated log-prob
+
+
+def test_chunked_logprobs_equal_full_logits_with_gradients(tiny_a):
+    model, tok = tiny_a
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, model.config.text_config.hidden_size, requires_grad=True)
+    y = torch.randint(0, len(tok), (2, 7))
+    ban = M.banned_ids(tok)
+    lp, ent = M.token_logprobs(model, hidden, y, temperature=0.8, banned=ban, chunk=3)
+    logits = (model.lm_head(hidden) / 0.8).index_fill(-1, ban, float("-inf"))
+    ref = logits.log_softmax(-1)
+    ref_lp = ref.gather(-1, y[..., None])[..., 0]
+    ref_ent = -(ref.exp() * ref.nan_to_num(neginf=0)).sum(-1)
+    assert (lp - ref_lp).abs().max() <= 1e-5 and (ent - ref_ent).abs().max() <= 1e-5
+    g1 = torch.autograd.grad((lp * 0.3 + ent).sum(), [hidden, model.lm_head.weight])
+    g2 = torch.autograd.grad((ref_lp * 0.3 + ref_ent).sum(), [hidden, model.lm_head.weight])
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(g1, g2))
+
+
+def test_trainer_logprobs_equal_rollout_logprobs(tiny):
+    """The training forward over [prompt | response] scores the sampled tokens exactly as the
+    rollout reported them: same positions, same masking, same distribution."""
+    model, tok = tiny
+    embeds, p3, mask, P, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))
+    toks, lps, n = M.generate(model, embeds, p3, mask, max_new=24, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0), **gen_kwargs(tok))
+    responses = [toks[b, :n[b]].tolist() for b in range(len(n))]
+    embeds2, p32, mask2, P2, ids2, _ = batch(model, tok, ((4, 8, 8), (2, 4, 6)), responses)
+    with torch.no_grad():
+        lp, _ = M.response_logprobs(model, embeds2, p32, mask2, P2, ids2[:, P2:], banned=M.banned_ids(tok))
+    valid = mask2[:, P2:].bool()
+    assert (lp - lps[:, :lp.shape[1]])[valid].abs().max() <= 1e-5
+
+
+def test_padding_never_changes_a_rows_logprobs(tiny_a):
+    model, tok = tiny_a
+    resp = [[105, 106, 107, 108], [109, 110]]
+    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
+    ids, p3, mask, P = M.layout(prompts, pos, resp, pad_id=tok.pad_token_id)
+    ids1, p31, mask1, P1 = M.layout(prompts[1:], pos[1:], resp[1:], pad_id=tok.pad_token_id)
+    assert mask[1].sum() < mask.shape[1] and mask1.all()  # padded in the batch, not alone
+    with torch.no_grad():
+        both, _ = M.response_logprobs(model, M.splice(model, ids, video), p3, mask, P, ids[:, P:])
+        alone, _ = M.response_logprobs(model, M.splice(model, ids1, video[64:]), p31, mask1, P1, ids1[:, P1:])
+    assert (both[1, :2] - alone[0]).abs().max() <= 1e-5
+
+
+def test_bf16_runs_close_to_fp32():
+    model, tok = M.load("tiny", dtype=torch.bfloat16)
+    model32, _ = M.load("tiny")
+    outs = []
+    for m in (model, model32):
+        e, p, mask, P, ids, _ = batch(m, tok, ((2, 8, 8),), [[105, 106, 107]])
+        with torch.no_grad():
+            outs.append(M.response_logprobs(m, e, p, mask, P, ids[:, P:])[0])
+    assert outs[0].dtype == torch.float32 and (outs[0] - outs[1]).abs().max() < 0.5
+
+
+def test_check_command_prints_json():
+    out = subprocess.run([sys.executable, "model.py", "check", "--hf", "tiny"], capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out.returncode == 0 and res["logits_max_abs_diff"] <= 1e-5 and res["video_embeds_max_abs_diff"] <= 1e-5
+    bad = subprocess.run([sys.executable, "model.py", "check", "--hf", "/nonexistent"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no config.json" in bad.stderr
