@@ -1,0 +1,590 @@
+"""Video data for longrl: decode, sample, preprocess (Qwen2.5-VL layout), QA rows, a synthetic task.
+
+    python data.py probe VIDEO --frames 32                  # decode + preprocess one video; last line is JSON
+    python data.py probe VIDEO --fps 2 --max-pixels 50176
+    python data.py synth --out data/synth --n 1000 --frames 256 --seed 0   # videos/*.mp4, train.jsonl, test.jsonl
+    python -m pytest tests/test_data.py -q
+
+In Python (what model.py and the training scripts use):
+    frames, info = read_video(path, nframes=32)        # uint8 (T, H, W, 3), T even, upright
+    pixel_values, grid_thw = preprocess(frames)         # (T/2 * H/14 * W/14, 3*2*14*14) float32, [[T/2, H/14, W/14]]
+    x = video_inputs(path, nframes=32)                  # dict(pixel_values, grid_thw, second_per_grid, info)
+    rows = load_rows("data/synth/train.jsonl")          # normalized rows (see load_rows)
+    ds = VideoDataset(rows, nframes=32)                 # ds.iter_samples(range(rank, len(ds), world)) skips bad videos
+
+Sampling follows Long-RL / qwen-vl-utils: n frames rounded to an even number, indices
+linspace(0, total-1, n).round(); second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions.
+decord reads first; PyAV takes over when decord is missing or refuses a file (WebM without a frame
+count, for one). A file neither can read raises VideoError naming it; a dataset skips it and counts
+it, and never substitutes another video.
+
+Synthetic task (`synth`): a mildly textured gray background; the timeline is cut into 16 equal
+slots (one frame each when F < 16) and events fill whole odd slots, so every event and every gap
+lasts at least floor(F/16) frames. A uniform sample of n frames sees each event and each gap
+when n >= 1 + (F-1)/floor(F/16): 18 frames whenever F is a multiple of 16 (18 of 1024, 18 of 64),
+all frames when F <= 16. Fewer frames miss events. Categories, 4 options each, answers uniform:
+  temporal_order  four full-screen flashes of different colors; which came first / last
+  counting        how many times the screen flashed a color, among flashes of other colors
+  spatial         quadrant-sized squares in different corners at different times; where was color X
+  direction       a quadrant-sized square crosses the screen over the whole video; which way.
+                  The control: the first and last frames suffice (any n >= 2).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+FACTOR = PATCH * MERGE  # frame sides are multiples of 28 so 2x2 patches merge into one token
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS, MIN_PIXELS = 128 * 28 * 28, 4 * 28 * 28  # Long-RL's video scripts use 128*28*28 per frame
+LETTERS = "ABCDEFGHIJ"
+
+
+class VideoError(Exception):
+    """A video that cannot be used; the message always starts with the file's path."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+class TooFewFrames(VideoError):
+    """Asked for more frames than the video has: the other reader would say the same, so no fallback."""
+
+
+def _short(e):
+    # decord's messages carry a C++ backtrace; the first line says what went wrong
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+# -----------------------------------------------------------------------------
+# decoding and frame sampling
+
+def sample_indices(path, total, video_fps, nframes=None, fps=None, min_frames=4, max_frames=768):
+    """Frame indices to keep, and the effective frame rate of the kept frames."""
+    if (nframes is None) == (fps is None):
+        raise ValueError("give exactly one of nframes, fps")
+    if nframes is not None:
+        n = max(2, round(nframes / 2) * 2)
+    else:
+        if not video_fps > 0:
+            raise VideoError(path, "unknown frame rate, cannot sample by fps (use nframes)")
+        n = min(max(total / video_fps * fps, min_frames), max_frames, total)
+        n = max(2, min(round(n / 2) * 2, total // 2 * 2))  # never round past the last frame
+    if n > total:
+        raise TooFewFrames(path, f"has {total} frames, asked for {n}")
+    idx = np.linspace(0, total - 1, n).round().astype(int)
+    return idx, video_fps * n / total
+
+
+def read_video_decord(path, nframes=None, fps=None, min_frames=4, max_frames=768):
+    """Decode the sampled frames with decord (which applies rotation metadata itself)."""
+    import decord
+    try:
+        vr = decord.VideoReader(str(path))
+        total, video_fps = len(vr), float(vr.get_avg_fps())
+    except Exception as e:
+        raise VideoError(path, f"decord cannot open it ({_short(e)})") from e
+    if total <= 0:
+        raise VideoError(path, "decord reports 0 frames")
+    idx, sampled_fps = sample_indices(path, total, video_fps, nframes, fps, min_frames, max_frames)
+    try:
+        frames = vr.get_batch(idx.tolist()).asnumpy()
+    except Exception as e:
+        raise VideoError(path, f"decord failed while decoding ({_short(e)})") from e
+    return frames, _info("decord", total, video_fps, idx, sampled_fps, frames)
+
+
+def read_video_pyav(path, nframes=None, fps=None, min_frames=4, max_frames=768):
+    """Decode with PyAV: one sequential pass keeping the wanted frames (seeking per frame is 4-20x slower)."""
+    import av
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise VideoError(path, "no video stream")
+            s = c.streams.video[0]
+            total = s.frames
+            if not total:  # WebM and others leave the count at 0: count packets, which is cheap (no decoding)
+                total = sum(1 for p in c.demux(s) if p.size)
+            rate = s.average_rate or s.guessed_rate
+            video_fps = float(rate) if rate else 0.0
+        if total <= 0:
+            raise VideoError(path, "no frames")
+        idx, sampled_fps = sample_indices(path, total, video_fps, nframes, fps, min_frames, max_frames)
+        want = {i: pos for pos, i in enumerate(idx.tolist())}  # indices are distinct when n <= total
+        out, last, i = [None] * len(idx), int(idx[-1]), -1
+        # one reformatter for all frames: frame.to_ndarray(format=) builds a new swscale context per frame,
+        # which costs 2 ms even at 56x56 (50x the decoding)
+        rgb = av.video.reformatter.VideoReformatter()
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            s.thread_type = "AUTO"
+            for i, frame in enumerate(c.decode(s)):
+                if i in want:
+                    # PyAV gives raw frames plus the display rotation (degrees counter-clockwise; -90 on phones)
+                    a = rgb.reformat(frame, format="rgb24").to_ndarray()
+                    out[want[i]] = np.rot90(a, k=round(getattr(frame, "rotation", 0) / 90) % 4)
+                if i >= last:
+                    break
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(path, f"PyAV failed ({_short(e)})") from e
+    if out[-1] is None:
+        raise VideoError(path, f"decoded only {i + 1} of {total} frames")
+    frames = np.ascontiguousarray(np.stack(out))
+    return frames, _info("pyav", total, video_fps, idx, sampled_fps, frames)
+
+
+def _info(reader, total, video_fps, idx, sampled_fps, frames):
+    return dict(reader=reader, total_frames=int(total), video_fps=video_fps, indices=idx.tolist(),
+                sampled_fps=sampled_fps, height=int(frames.shape[1]), width=int(frames.shape[2]))
+
+
+def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reader=None):
+    """Sampled frames, uint8 (T, H, W, 3) upright with T even, and an info dict.
+
+    Exactly one of nframes (rounded to even) or fps (frames per second of video, clamped to
+    [min_frames, max_frames] and to the frame count). reader: None (decord, then PyAV), "decord", "pyav".
+    """
+    if not os.path.isfile(path):
+        raise VideoError(path, "no such file")
+    args = (path, nframes, fps, min_frames, max_frames)
+    if reader is not None:
+        return {"decord": read_video_decord, "pyav": read_video_pyav}[reader](*args)
+    try:
+        return read_video_decord(*args)
+    except TooFewFrames:
+        raise
+    except (ImportError, VideoError) as e:  # decord missing, or refusing this file
+        first = e
+    try:
+        return read_video_pyav(*args)
+    except VideoError as e:
+        raise VideoError(path, f"{e.reason}; before that, {getattr(first, 'reason', first)}") from e
+
+
+# -----------------------------------------------------------------------------
+# preprocessing: resize, normalize, patchify exactly like Qwen2-VL's image processor
+
+def smart_resize(height, width, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, factor=FACTOR):
+    """Qwen's rule: sides rounded to multiples of 28, area brought into [min_pixels, max_pixels]."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be under 200, got {height}x{width}")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32):
+    """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/14 * w/14, 3*2*14*14) float32, grid_thw [[T/2, h/14, w/14]].
+
+    Each row is one 2x14x14 spatio-temporal patch laid out (C, T, 14, 14), rows ordered so the 4
+    patches of each 2x2 merge group are consecutive: what Qwen2.5-VL's vision tower expects.
+    """
+    T, H, W, _ = frames.shape
+    h, w = smart_resize(H, W, min_pixels, max_pixels)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    if T % 2:
+        x = torch.cat([x, x[-1:]])  # the last temporal patch needs two frames
+        T += 1
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    out = torch.empty(T, 3, h, w, dtype=torch.float32)
+    for i in range(0, T, chunk):  # chunks bound the float copies of full-size frames
+        c = x[i:i + chunk]
+        if (h, w) != (H, W):
+            c = F.interpolate(c.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            c = c.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
+        # float32 x/255 equals HF's float64 rescale for every uint8 value: pixel_values are bit-identical
+        out[i:i + chunk] = (c.float() / 255 - mean) / std
+    gt, gh, gw = T // TEMPORAL, h // PATCH, w // PATCH
+    x = out.reshape(gt, TEMPORAL, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/2, gw/2, 2, 2, C, T, 14, 14)
+    return x.reshape(gt * gh * gw, 3 * TEMPORAL * PATCH * PATCH), torch.tensor([[gt, gh, gw]])
+
+
+def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None):
+    """Everything the model needs from one video: pixel_values, grid_thw, second_per_grid, info."""
+    frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader)
+    pixel_values, grid_thw = preprocess(frames, max_pixels=max_pixels, min_pixels=min_pixels)
+    return dict(pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=TEMPORAL / info["sampled_fps"],
+                info=info)
+
+
+# -----------------------------------------------------------------------------
+# QA rows
+
+def load_rows(path, video_root=None):
+    """Rows of a jsonl file, normalized to id, video (absolute), question, options, answer, reasoning, category.
+
+    Accepts our fields (video, question, options, answer, reasoning, category, id) and Long-RL's
+    (problem with the options embedded, answer, videos: a path or a one-element list). Relative
+    video paths resolve against video_root, else the jsonl's folder. Other fields are kept.
+    """
+    path = Path(path)
+    root = Path(video_root) if video_root is not None else path.resolve().parent
+    rows, seen = [], {}
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        row = _normalize(dict(raw), where, root, f"{path.name}:{line_no}")
+        if row["id"] in seen:  # answers are keyed by id: two rows with one id would overwrite each other
+            raise ValueError(f"{where}: duplicate id {row['id']!r} (first at line {seen[row['id']]})")
+        seen[row["id"]] = line_no
+        rows.append(row)
+    return rows
+
+
+def split_rows(rows, part):
+    """The paper trains SFT on 1/3 of train and RL on the other 2/3: part "sft" (rows 0, 3, 6, ...), "rl", "all"."""
+    if part not in ("sft", "rl", "all"):
+        raise ValueError(f"part must be sft, rl or all, got {part!r}")
+    return rows if part == "all" else [r for i, r in enumerate(rows) if (i % 3 == 0) == (part == "sft")]
+
+
+def _normalize(row, where, root, default_id):
+    video = row.pop("videos", None) if "video" not in row else row["video"]
+    if isinstance(video, list):
+        if len(video) != 1:
+            raise ValueError(f"{where}: expected one video, got {len(video)}")
+        video = video[0]
+    question = row.pop("problem", None) if "question" not in row else row["question"]
+    for name, value in (("video", video), ("question", question), ("answer", row.get("answer"))):
+        if value is None or value == "":
+            raise ValueError(f"{where}: missing field {name!r}")
+    options = row.get("options") or []
+    if not (isinstance(options, list) and all(isinstance(o, str) for o in options)) or len(options) == 1:
+        raise ValueError(f"{where}: options must be a list of at least 2 strings")
+    answer = str(row["answer"]).strip()
+    if options and answer not in LETTERS[:len(options)]:
+        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {LETTERS[:len(options)]}")
+    rid = row.get("id")
+    row.update(id=default_id if rid is None or rid == "" else str(rid), video=os.path.abspath(root / video),
+               question=str(question), options=options, answer=answer, reasoning=str(row.get("reasoning") or ""),
+               category=str(row.get("category") or ""))
+    return row
+
+
+DEFAULT_TASK = "data/synth"
+
+
+def prepare_task(folder, rank=0):
+    """Path of folder/train.jsonl. The default folder gets the synthetic task written on first use
+    (rank 0 writes, the others wait), so every stage runs offline with no arguments."""
+    path = os.path.join(folder, "train.jsonl")
+    if not os.path.exists(path) and os.path.normpath(folder) == DEFAULT_TASK:
+        if rank == 0:
+            print(f"{path} not found: writing the synthetic task (python data.py synth --out {folder} "
+                  "--n 3000 --frames 256 --seed 0)", flush=True)
+            synth(folder, n=3000, n_frames=256, seed=0, n_test=750)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (write a task with python data.py synth --out {folder})")
+    return path
+
+
+def question_text(row):
+    """The user turn: question, options as "A. ...", and the answer-format instruction."""
+    parts = [row["question"]] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(row["options"])]
+    what = "the letter of the correct option" if row["options"] else \
+        "the final answer (the option's letter if there are options)"
+    parts.append(f"Think step by step inside <think> </think>, then give {what} inside <answer> </answer>.")
+    return "\n".join(parts)
+
+
+def target_text(row):
+    """The SFT target. A noisy synthetic trace carries its own (wrong) trace_answer, kept consistent with it."""
+    return f"<think>{row['reasoning']}</think><answer>{row.get('trace_answer', row['answer'])}</answer>"
+
+
+class VideoDataset:
+    """Rows plus their videos. ds[i] raises VideoError; iter_samples skips bad videos and records them."""
+
+    def __init__(self, rows, nframes=32, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
+                 skip_bad=True, reader=None):
+        self.rows, self.nframes, self.fps, self.reader = rows, nframes, fps, reader
+        self.max_pixels, self.min_pixels, self.skip_bad = max_pixels, min_pixels, skip_bad
+        self.bad = []  # (id, reason), one entry per bad sample
+        self._bad_ids = set()
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def n_bad(self):
+        return len(self.bad)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        x = video_inputs(row["video"], nframes=self.nframes, fps=self.fps, max_pixels=self.max_pixels,
+                         min_pixels=self.min_pixels, reader=self.reader)
+        return {**row, **x}
+
+    def iter_samples(self, indices=None):
+        """Yield samples in the given order, skipping (never replacing) those whose video fails."""
+        for i in range(len(self)) if indices is None else indices:
+            rid = self.rows[i]["id"]
+            if rid in self._bad_ids:
+                continue  # already warned about it: later epochs skip it quietly
+            try:
+                sample = self[i]
+            except VideoError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad.append((rid, str(e)))
+                self._bad_ids.add(rid)
+                warnings.warn(f"skipping sample {rid}: {e}", stacklevel=2)
+                continue
+            yield sample
+
+
+# -----------------------------------------------------------------------------
+# synthetic long-video reasoning task
+
+COLORS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
+          "yellow": (230, 210, 40), "purple": (150, 60, 200), "cyan": (40, 200, 210)}
+QUADRANTS = ["top left", "top right", "bottom left", "bottom right"]
+DIRECTIONS = ["left to right", "right to left", "top to bottom", "bottom to top"]
+CATEGORIES = ["temporal_order", "counting", "spatial", "direction"]
+
+
+def synth_slots(n_frames):
+    """Start frame of each slot (16 slots, or one per frame below 16) and the end; events use odd slots."""
+    k = min(16, n_frames)
+    return np.round(np.arange(k + 1) * n_frames / k).astype(int)
+
+
+def synth_scenario(rng, category, n_pos):
+    """Events (position, kind, color, quadrant), question, options and answer index for one video."""
+    names = list(COLORS)
+    pick = lambda n: [names[j] for j in rng.choice(len(names), n, replace=False)]  # noqa: E731
+    if category == "temporal_order":
+        cols, which = pick(4), ["first", "last"][rng.integers(2)]
+        pos = sorted(rng.choice(n_pos, 4, replace=False).tolist())
+        options = [cols[j] for j in rng.permutation(4)]
+        return dict(events=[(p, "flash", c, None) for p, c in zip(pos, cols)], which=which, options=options,
+                    answer=options.index(cols[0] if which == "first" else cols[-1]),
+                    question=f"The screen flashes four different colors, one at a time. "
+                             f"Which color flashes {which}?")
+    if category == "counting":
+        target, k = pick(1)[0], int(rng.integers(1, 5))
+        d = int(rng.integers(1, min(3, n_pos - k) + 1)) if n_pos > k else 0
+        pos = rng.choice(n_pos, k + d, replace=False).tolist()
+        others = [c for c in names if c != target]
+        events = [(p, "flash", target, None) for p in pos[:k]]
+        events += [(p, "flash", others[rng.integers(len(others))], None) for p in pos[k:]]
+        return dict(events=sorted(events), target=target, n_pos=n_pos, options=["1", "2", "3", "4"], answer=k - 1,
+                    question=f"How many times does the whole screen flash {target}?")
+    if category == "spatial":
+        m = int(rng.integers(2, 4))
+        cols, quads = pick(m), rng.choice(4, m, replace=False).tolist()
+        pos = sorted(rng.choice(n_pos, m, replace=False).tolist())
+        asked = int(rng.integers(m))
+        return dict(events=[(p, "square", c, q) for p, c, q in zip(pos, cols, quads)], asked=cols[asked],
+                    options=QUADRANTS, answer=quads[asked],
+                    question=f"Large squares appear one at a time in different corners of the screen. "
+                             f"Where does the {cols[asked]} square appear?")
+    color, d = pick(1)[0], int(rng.integers(4))
+    return dict(events=[], move=(color, d, float(rng.uniform())), options=DIRECTIONS, answer=d,
+                question=f"A large {color} square moves steadily across the screen during the whole video. "
+                         f"In which direction does it move?")
+
+
+def synth_trace(sc, claim, seconds):
+    """Reasoning that ends in option `claim`; when claim is wrong it describes what a careless annotator saw."""
+    ev, letter = list(sc["events"]), LETTERS[claim]
+    at = lambda p: f"{seconds(p):.1f} s"  # noqa: E731
+    if "which" in sc:
+        seq = [c for _, _, c, _ in ev]
+        right, said = sc["options"][sc["answer"]], sc["options"][claim]
+        seq = [said if c == right else right if c == said else c for c in seq]
+        listing = ", then ".join(f"{c} at {at(p)}" for (p, _, _, _), c in zip(ev, seq))
+        return (f"The screen flashes {listing}. The {sc['which']} flash is "
+                f"{seq[0] if sc['which'] == 'first' else seq[-1]}, so the answer is {letter}.")
+    if "target" in sc:
+        t = sc["target"]
+        hits = [p for p, _, c, _ in ev if c == t]
+        k, w = len(hits), claim + 1
+        rest = [p for p in range(sc["n_pos"]) if p not in hits]
+        seen = hits[:w] + rest[:max(0, w - k)]  # a careless count drops real flashes or invents some
+        desc = {p: c for p, _, c, _ in ev if p not in hits} | {p: t for p in seen}
+        listing = ", ".join(f"{c} at {at(p)}" for p, c in sorted(desc.items()))
+        times = f"{w} time{'s' * (w > 1)}"
+        return f"The screen flashes {listing}. {t.capitalize()} appears {times}, so the answer is {letter}."
+    if "asked" in sc:
+        quad = {c: q for _, _, c, q in ev}
+        true_q, other = quad[sc["asked"]], [c for c, q in quad.items() if q == claim]
+        quad[sc["asked"]] = claim
+        for c in other:
+            if c != sc["asked"]:
+                quad[c] = true_q
+        listing = ", then ".join(f"a {c} square in the {QUADRANTS[quad[c]]} at {at(p)}" for p, _, c, _ in ev)
+        return f"I see {listing}. The {sc['asked']} square is in the {QUADRANTS[claim]}, so the answer is {letter}."
+    a, b = DIRECTIONS[claim].split(" to ")
+    return (f"At the start the {sc['move'][0]} square is at the {a} of the screen; by the end it is at the "
+            f"{b}. It moves {DIRECTIONS[claim]}, so the answer is {letter}.")
+
+
+def synth_frames(sc, n_frames, size, rng):
+    """uint8 (F, size, size, 3): textured gray background with a slow brightness drift, then the events."""
+    starts, half = synth_slots(n_frames), size // 2
+    coarse = rng.normal(0, 10, (size // 4 + 1, size // 4 + 1))
+    tex = np.kron(coarse, np.ones((4, 4)))[:size, :size, None]  # 4x4-pixel blocks survive yuv420 and resizing
+    t = np.arange(n_frames)
+    drift = 6 * np.sin(2 * np.pi * t / n_frames * rng.uniform(1, 3) + rng.uniform(0, 2 * np.pi))
+    video = np.empty((n_frames, size, size, 3), np.float32)
+    video[:] = rng.uniform(95, 145) + tex
+    video += drift[:, None, None, None]
+    for p, kind, color, q in sc["events"]:
+        a, b = starts[2 * p + 1], starts[2 * p + 2]
+        y, x = (0, 0) if kind == "flash" else (q // 2 * half, q % 2 * half)
+        hh = size if kind == "flash" else half
+        video[a:b, y:y + hh, x:x + hh] = np.array(COLORS[color]) + 0.5 * tex[y:y + hh, x:x + hh]
+    if "move" in sc:
+        color, d, cross = sc["move"]
+        travel = size - half
+        along = np.round(t / max(1, n_frames - 1) * travel).astype(int)
+        along = along if d in (0, 2) else travel - along
+        c = round(cross * travel)
+        for i in range(n_frames):
+            y, x = (c, along[i]) if d < 2 else (along[i], c)
+            video[i, y:y + half, x:x + half] = np.array(COLORS[color]) + 0.5 * tex[y:y + half, x:x + half]
+    return video.clip(0, 255).round().astype(np.uint8)
+
+
+def write_mp4(path, frames, fps):
+    """H.264 (mpeg4 if this PyAV has no H.264 encoder), yuv420p; frame sides must be even."""
+    import av
+    h264 = "libx264" in av.codecs_available
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("h264" if h264 else "mpeg4", rate=fps)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        # near-lossless either way: event colors must stay clear after yuv420 and decoding
+        s.options = {"crf": "12", "preset": "veryfast"} if h264 else {"b": "4M"}
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0):
+    """Write out/videos/*.mp4, out/train.jsonl, out/test.jsonl. Video i depends only on (seed, i)."""
+    from tqdm import tqdm
+    if n_frames < 8 or size < 16 or size % 2:
+        raise ValueError("need --frames >= 8 and an even --size >= 16")
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    n_test = round(n * test_frac) if n_test is None else n_test
+    starts = synth_slots(n_frames)
+    n_pos = (len(starts) - 1) // 2  # odd slots 1, 3, ...
+    splits = {"train": [], "test": []}
+    for i in tqdm(range(n), desc="synth", unit="video", file=sys.stderr):
+        rng = np.random.default_rng([seed, i])
+        category = CATEGORIES[i % len(CATEGORIES)]
+        sc = synth_scenario(rng, category, n_pos)
+        video = f"videos/{i:06d}.mp4"
+        write_mp4(out / video, synth_frames(sc, n_frames, size, rng), fps)
+        split = "test" if i >= n - n_test else "train"
+        claim, noisy = sc["answer"], np.random.default_rng([seed, i, 1])  # separate stream: noise leaves videos alone
+        if split == "train" and noisy.random() < noise:
+            claim = int(noisy.choice([j for j in range(4) if j != sc["answer"]]))
+        row = dict(id=f"synth{seed}-{i:06d}", video=video, question=sc["question"], options=sc["options"],
+                   answer=LETTERS[sc["answer"]], category=category,
+                   reasoning=synth_trace(sc, claim, lambda p: starts[2 * p + 1] / fps),
+                   trace_correct=claim == sc["answer"], frames=n_frames, fps=fps)
+        if claim != sc["answer"]:
+            row["trace_answer"] = LETTERS[claim]
+        splits[split].append(json.dumps(row))
+    for split, lines in splits.items():
+        (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return {k: len(v) for k, v in splits.items()}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def probe(args):
+    t0 = time.time()
+    try:
+        frames, info = read_video(args.video, nframes=args.frames if args.fps is None else None, fps=args.fps,
+                                  reader=args.reader)
+    except VideoError as e:
+        print(f"probe: {e}", file=sys.stderr)
+        print(json.dumps({"video": args.video, "error": str(e)}))
+        return 1
+    seconds = time.time() - t0
+    pixel_values, grid = preprocess(frames, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    gt, gh, gw = grid[0].tolist()
+    res = dict(video=args.video, reader=info["reader"], total_frames=info["total_frames"],
+               video_fps=round(info["video_fps"], 3), frames_sampled=len(frames),
+               source_size=[info["height"], info["width"]], frame_size=[gh * PATCH, gw * PATCH],
+               grid_thw=[gt, gh, gw], video_tokens=gt * gh * gw // (MERGE * MERGE),
+               second_per_grid=round(TEMPORAL / info["sampled_fps"], 4), seconds=round(seconds, 3))
+    print(f"{args.video}: {info['total_frames']} frames at {info['video_fps']:.2f} fps "
+          f"({info['total_frames'] / max(info['video_fps'], 1e-9):.1f} s), read with {info['reader']}")
+    print(f"sampled {len(frames)} frames (indices {info['indices'][:3]} ... {info['indices'][-1]}), "
+          f"{info['sampled_fps']:.3f} fps, decoded in {seconds:.2f} s")
+    print(f"frames {info['height']}x{info['width']} -> {gh * PATCH}x{gw * PATCH}, grid {res['grid_thw']}, "
+          f"pixel_values {tuple(pixel_values.shape)}, {res['video_tokens']} video tokens")
+    print(json.dumps(res))
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="longrl video data: probe a video, or write the synthetic task")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("probe", help="decode + preprocess one video, print sizes, tokens, time (last line JSON)")
+    q.add_argument("video", help="path to a video file")
+    q.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (rounded to even); default 32")
+    q.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead of --frames")
+    q.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="max pixels per resized frame; default 128*28*28")
+    q.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="min pixels per resized frame; default 4*28*28")
+    q.add_argument("--reader", choices=["decord", "pyav"], help="force a reader; default decord then PyAV")
+    s = sub.add_parser("synth", help="write the synthetic long-video QA task (mp4 + train/test jsonl)")
+    s.add_argument("--out", required=True, help="output folder (videos/, train.jsonl, test.jsonl)")
+    s.add_argument("--n", type=int, default=1000, help="number of videos, one question each; default 1000")
+    s.add_argument("--frames", type=int, default=256, help="frames per video, >= 8; default 256")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same arguments give identical files; default 0")
+    s.add_argument("--size", type=int, default=56, help="frame side in pixels, even; default 56")
+    s.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4; default 8")
+    s.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl; default 0.2")
+    s.add_argument("--n-test", type=int, default=None, help="number of test videos (overrides --test-frac)")
+    s.add_argument("--noise", type=float, default=0.0,
+                   help="fraction of train traces by a careless annotator: wrong reasoning and trace_answer, "
+                        "answer stays true; default 0")
+    args = p.parse_args(argv)
+    if args.cmd == "probe":
+        return probe(args)
+    t0 = time.time()
+    counts = synth(args.out, args.n, args.frames, args.seed, args.size, args.fps, args.n_test, args.test_frac,
+                   args.noise)
+    print(json.dumps(dict(out=args.out, **counts, frames=args.frames, seconds=round(time.time() - t0, 2))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
