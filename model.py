@@ -132,16 +132,17 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def save(model, tok, out, extra=None):
-    """Write a folder transformers and vLLM load. Atomic: written under a temp name, then renamed,
-    so a crash mid-write never leaves a half checkpoint under the final name."""
-    tmp, old = out.rstrip("/") + ".tmp", out.rstrip("/") + ".old"
+def save(model, tok, out, write=None):
+    """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state).
+    Atomic: written under a temp name, then renamed, so a crash mid-write never leaves a half
+    checkpoint under the final name."""
+    out = out.rstrip("/")
+    tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=1)
+    if write is not None:
+        write(tmp)
     if os.path.exists(out):
         os.replace(out, old)
     os.replace(tmp, out)
@@ -302,7 +303,9 @@ def response_logprobs(model, embeds, pos, mask, P, targets, **kw):
 def sample(logits, temperature, top_p, generator=None):
     """One token per row from logits (B, V) -> (token, its log-prob). The log-prob is that of the
     temperature-scaled distribution before top-p truncation (what the trainer scores); greedy when
-    temperature is 0 (log-prob at temperature 1)."""
+    temperature is 0 (log-prob at temperature 1). generator: one torch.Generator, or a list of them
+    that split the rows into equal consecutive groups (one per prompt), so that what a prompt
+    samples does not depend on which other prompts share its batch."""
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -312,7 +315,11 @@ def sample(logits, temperature, top_p, generator=None):
         sp, idx = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if isinstance(generator, (list, tuple)):
+        groups = probs.chunk(len(generator))
+        tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(groups, generator)])[:, 0]
+    else:
+        tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
@@ -331,17 +338,20 @@ def _finish(toks, lps, eos, pad_id):
 
 
 @torch.no_grad()
-def generate(model, embeds, pos, mask, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
+def generate(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
              pad_id=0, generator=None):
-    """Sample up to max_new tokens for each row of a left-padded prompt batch, with a KV cache.
+    """Sample n responses of up to max_new tokens for each row of a left-padded prompt batch.
 
-    embeds (B, P, H), pos (3, B, P), mask (B, P). Returns tokens (B, T) (padding after EOS),
-    their log-probs (B, T) and lengths (B,) including the EOS token."""
+    embeds (B, P, H), pos (3, B, P), mask (B, P). Each prompt is prefilled once and its KV cache
+    copied into n rows, which decode together. Returns tokens (B*n, T) (padding after EOS), their
+    log-probs (B*n, T) and lengths (B*n,) including the EOS token; rows of one prompt are adjacent."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config.get_text_config())
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
-    nxt = pos.amax(dim=(0, 2)) + 1  # (B,) where each row's response starts
     h = forward(model, embeds, pos, mask, cache)[:, -1]
+    cache.batch_repeat_interleave(n)
+    h, mask = h.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    nxt = pos.amax(dim=(0, 2)).repeat_interleave(n) + 1  # (B*n,) where each row's response starts
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
     for i in range(max_new):
         tok, lp = sample(_next_logits(model, h, banned), temperature, top_p, generator)
@@ -357,10 +367,12 @@ def generate(model, embeds, pos, mask, max_new=64, temperature=1.0, top_p=1.0, e
 
 
 @torch.no_grad()
-def generate_naive(model, embeds, pos, mask, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
+def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
                    pad_id=0, generator=None):
-    """The reference for `generate`: re-run the whole sequence for every new token, no cache."""
+    """The reference for `generate`: every prompt row repeated n times, the whole sequence re-run
+    for every new token, no cache."""
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
+    embeds, pos, mask = embeds.repeat_interleave(n, 0), pos.repeat_interleave(n, 1), mask.repeat_interleave(n, 0)
     nxt = pos.amax(dim=(0, 2)) + 1
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
     for i in range(max_new):

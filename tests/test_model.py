@@ -183,18 +183,21 @@ def test_generate_from_cached_embeddings_equals_generation_from_pixels(tiny_a):
     assert len(set(seq[len(prompts[0]):])) > 8  # the model's output varies, so equality means something
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0, 1.0), (1.0, 1.0), (0.7, 0.9)])
-def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p):
+@pytest.mark.parametrize("temperature,top_p,n", [(0, 1.0, 1), (1.0, 1.0, 3), (0.7, 0.9, 2)])
+def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p, n):
+    """Also the shared-prompt engine: each prompt prefilled once, its cache copied into n rows."""
     model, tok = tiny
     embeds, p3, mask, P, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))  # rows of different lengths
     assert mask[1, 0] == 0  # row 1 is left-padded
     out = []
     for fn in (M.generate, M.generate_naive):
         g = torch.Generator().manual_seed(3)
-        out.append(fn(model, embeds, p3, mask, max_new=32, temperature=temperature, top_p=top_p,
+        out.append(fn(model, embeds, p3, mask, n=n, max_new=32, temperature=temperature, top_p=top_p,
                       generator=g, **gen_kwargs(tok)))
     (t1, l1, n1), (t2, l2, n2) = out
-    assert torch.equal(t1, t2) and torch.equal(n1, n2) and t1.shape[1] == 32
+    assert torch.equal(t1, t2) and torch.equal(n1, n2) and t1.shape == (2 * n, 32)
+    if temperature:
+        assert not torch.equal(t1[0], t1[1])  # the n samples of one prompt differ
     # dividing logits by the temperature scales their fp32 rounding differences by 1/temperature
     assert (l1 - l2).abs().max() <= 1e-5 / min(1.0, temperature or 1.0)
 
@@ -301,3 +304,18 @@ def test_check_command_prints_json():
     assert out.returncode == 0 and res["logits_max_abs_diff"] <= 1e-5 and res["video_embeds_max_abs_diff"] <= 1e-5
     bad = subprocess.run([sys.executable, "model.py", "check", "--hf", "/nonexistent"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no config.json" in bad.stderr
+
+
+def test_per_prompt_generators_make_samples_independent_of_batching(tiny_a):
+    """With one generator per prompt, what a prompt samples is the same alone or beside others (so
+    rollouts do not depend on how prompts are split over ranks)."""
+    model, tok = tiny_a
+    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
+    ids, p3, mask, _ = M.layout(prompts, pos, pad_id=tok.pad_token_id)
+    ids1, p31, mask1, _ = M.layout(prompts[1:], pos[1:], pad_id=tok.pad_token_id)
+    kw = dict(n=3, max_new=16, temperature=1.0, **gen_kwargs(tok))
+    both, _, n_both = M.generate(model, M.splice(model, ids, video), p3, mask,
+                                 generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **kw)
+    alone, _, n_alone = M.generate(model, M.splice(model, ids1, video[64:]), p31, mask1,
+                                   generator=[torch.Generator().manual_seed(8)], **kw)
+    assert torch.equal(both[3:, :alone.shape[1]], alone) and torch.equal(n_both[3:], n_alone)
