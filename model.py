@@ -44,22 +44,32 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Text the tiny tokenizer's merges are learned from; any text still encodes (byte-level BPE).
 CORPUS = """You are a helpful assistant. Watch the video and answer the question.
-Think step by step inside <think> </think> tags, then give the final answer inside <answer> </answer> tags.
-Answer with the option's letter from the given choices directly. Options: A. B. C. D.
-Which color appeared first? Which color appeared last? How many times did the screen flash?
-In which quadrant did the square appear? top left, top right, bottom left, bottom right.
+Think step by step inside <think> </think>, then give the letter of the correct option inside <answer> </answer>.
+Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>.
+The screen flashes four different colors, one at a time. Which color flashes first? Which color flashes last?
+The screen flashes green at 0.5 s, then purple at 4.5 s, then blue at 6.5 s, then yellow at 7.5 s.
+The first flash is green, so the answer is A. The last flash is red, so the answer is B.
+How many times does the whole screen flash yellow? Yellow appears 4 times, so the answer is D.
+Red appears 1 time, so the answer is A. Blue appears 2 times. Cyan appears 3 times, so the answer is C.
+Large squares appear one at a time in different corners of the screen. Where does the blue square appear?
+I see a blue square in the top left at 0.5 s, then a green square in the bottom right at 1.5 s, then a red
+square in the top right at 6.5 s. The blue square is in the top left, so the answer is A.
+A large yellow square moves steadily across the screen during the whole video. In which direction does it move?
+At the start the yellow square is at the bottom of the screen; by the end it is at the top.
+It moves bottom to top, so the answer is D. It moves left to right. It moves right to left. It moves top to bottom.
+A. green B. blue C. purple D. yellow A. 1 B. 2 C. 3 D. 4 A. top left B. top right C. bottom left D. bottom right
 red green blue yellow white black purple orange cyan magenta gray. first second third fourth last.
-once twice three times four times. 0 1 2 3 4 5 6 7 8 9 10. The video shows a flash of
-color at the beginning, in the middle and at the end. So the answer is A. So the answer is B.
-So the answer is C. So the answer is D. left right up down moves from the to in on at of and then.
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 30 40 50 60 70 80 90 100.
+What happens in this video? Describe the video. The person in the video moves the object to the left.
 """
 
 
 # -----------------------------------------------------------------------------
 # The tiny model, built in code: no download, varied outputs from a random init.
 
-def tiny_tokenizer(vocab_size=512):
-    """Byte-level BPE trained in-process on CORPUS, with Qwen's special tokens and chat template."""
+def tiny_tokenizer(vocab_size=1024):
+    """Byte-level BPE trained in-process on CORPUS (at most vocab_size ids; CORPUS yields ~580), with
+    Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -144,9 +154,28 @@ def save(model, tok, out, write=None):
     if write is not None:
         write(tmp)
     if os.path.exists(out):
-        os.replace(out, old)
+        os.replace(out, old)  # a crash from here to the next rename leaves only out.old: see `resume`
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(out):
+    """(folder, training state) of the checkpoint save() last completed at out: out itself, or
+    out.old when a crash fell between save()'s two renames."""
+    for path in (out.rstrip("/"), out.rstrip("/") + ".old"):
+        if os.path.isfile(os.path.join(path, "state.pt")):
+            return path, torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    raise FileNotFoundError(f"{out}: no checkpoint to resume from (no state.pt)")
+
+
+def trim_metrics(path, step):
+    """Drop metric lines after `step`: a run killed after its last checkpoint logged steps that the
+    resumed run will log again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
 
 
 # -----------------------------------------------------------------------------

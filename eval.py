@@ -1,0 +1,179 @@
+"""Evaluate a policy on a QA split: accuracy overall, by category and by frame count.
+
+    python eval.py                                   # newest of runs/grpo/model, runs/sft/model on the synthetic test split
+    python eval.py --model runs/sft/model --frames 16,32,64
+    python eval.py --model runs/sft/model,runs/grpo/model    # the before/after table
+    torchrun --nproc_per_node 2 eval.py --model runs/grpo/model
+    python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
+
+Greedy by default (--n samples at --temperature otherwise; accuracy is then the mean over samples
+and pass@n is reported too). Writes --out (default <model>/../eval): results.jsonl (one line per
+question, sample and frame count, keyed by the row id, so questions sharing a video never collide),
+summary.json, and frames.png for a sweep when matplotlib is installed. The last printed line is
+the JSON summary.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+import model as M
+import mr_sp
+from grpo import reward
+
+# -----------------------------------------------------------------------------
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("--model", default=None,
+                help="HF folder, or a comma list to compare (before/after); default runs/grpo/model, else runs/sft/model")
+ap.add_argument("--data", default="data/synth", help="folder with <split>.jsonl; default data/synth")
+ap.add_argument("--split", default="test", help="jsonl name in --data; default test")
+ap.add_argument("--frames", default="32", help="frames per video, or a comma list for a sweep; default 32")
+ap.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+ap.add_argument("--n", type=int, default=1, help="samples per question; default 1")
+ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+ap.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
+ap.add_argument("--batch", type=int, default=16, help="questions per generate call; default 16")
+ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0 = all)")
+ap.add_argument("--blind", action="store_true", help="control: replace every video with mid-gray frames")
+ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+ap.add_argument("--out", default=None, help="output folder; default <model>/../eval")
+# -----------------------------------------------------------------------------
+
+
+def evaluate(model, tok, rows, frames, args, rank=0, world=1):
+    """Answers for this rank's rows (strided) at one frame count: a list of result dicts."""
+    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
+    mine = list(range(rank, len(rows), world))
+    out = []
+    for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames", disable=rank != 0, file=sys.stderr):
+        samples = list(ds.iter_samples(mine[b:b + args.batch]))
+        if not samples:
+            continue
+        prompts, pos, videos = [], [], []
+        for s in samples:
+            if args.blind:
+                s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # zero after normalization = mean gray
+            videos.append(mr_sp.encode(model, s))
+            p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+            prompts.append(p)
+            pos.append(pp)
+        gens = [mr_sp.generator(args.seed, s["id"], frames) for s in samples]
+        toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.n, max_new=args.max_new,
+                                      temperature=args.temperature, generator=gens)
+        for i, s in enumerate(samples):
+            for j in range(args.n):
+                k = i * args.n + j
+                text = tok.decode(toks[k, :lens[k]].tolist(), skip_special_tokens=True)
+                r = reward(text, s)
+                out.append(dict(id=s["id"], video=s["video"], category=s["category"], frames=frames, sample=j,
+                                answer=s["answer"], response=text, correct=r["accuracy"], format=r["format"]))
+    return out, ds.bad
+
+
+def summarize(results, n):
+    """Accuracy, format rate, pass@n, and accuracy by category."""
+    if not results:
+        return dict(n_questions=0, accuracy=0.0, format=0.0)
+    by_q, by_cat = defaultdict(list), defaultdict(list)
+    for r in results:
+        by_q[r["id"]].append(r["correct"])
+        by_cat[r["category"] or "all"].append(r["correct"])
+    s = dict(n_questions=len(by_q), accuracy=sum(r["correct"] for r in results) / len(results),
+             format=sum(r["format"] for r in results) / len(results),
+             by_category={c: sum(v) / len(v) for c, v in sorted(by_cat.items())})
+    if n > 1:
+        s[f"pass@{n}"] = sum(max(v) for v in by_q.values()) / len(by_q)
+    return s
+
+
+def plot(sweep, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    xs = sorted(sweep)
+    plt.figure(figsize=(5, 3.5))
+    plt.plot(xs, [sweep[x]["accuracy"] for x in xs], marker="o", label="overall")
+    for c in sweep[xs[0]]["by_category"]:
+        plt.plot(xs, [sweep[x]["by_category"].get(c, 0) for x in xs], marker=".", alpha=0.6, label=c)
+    plt.xscale("log", base=2)
+    plt.xlabel("frames")
+    plt.ylabel("accuracy")
+    plt.legend(fontsize=7)
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+    return path
+
+
+def report(path, results, bad, frame_counts, args, seconds):
+    """Write results.jsonl, summary.json (and frames.png) for one model; return its summary."""
+    sweep = {f: summarize([r for r in results if r["frames"] == f], args.n) for f in frame_counts}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(path)), "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.jsonl"), "w") as f:
+        for r in sorted(results, key=lambda r: (r["frames"], r["id"], r["sample"])):
+            f.write(json.dumps(r) + "\n")
+    summary = dict(model=path, split=args.split, blind=args.blind, n=args.n, temperature=args.temperature,
+                   **sweep[frame_counts[0]], bad_samples=len(bad), seconds=round(seconds, 1), sweep=sweep)
+    if len(frame_counts) > 1:
+        summary["by_frames"] = {str(f): sweep[f]["accuracy"] for f in frame_counts}
+        summary["plot"] = plot(sweep, os.path.join(out, "frames.png"))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(args):
+    rank, world, device = mr_sp.init_distributed()
+    paths = args.model.split(",") if args.model else \
+        [next((p for p in ("runs/grpo/model", "runs/sft/model") if os.path.exists(p)), None)]
+    if None in paths:
+        raise SystemExit("no model: pass --model DIR, or train one first (python sft.py)")
+    if args.out and len(paths) > 1:
+        raise SystemExit("--out takes one model; with several, each writes to <model>/../eval")
+    D.prepare_task(args.data, rank)
+    rows = D.load_rows(os.path.join(args.data, f"{args.split}.jsonl"))
+    rows = rows[:args.limit] if args.limit else rows
+    frame_counts = [int(f) for f in str(args.frames).split(",")]
+    summaries = []
+    for path in paths:
+        model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=device)
+        results, bad, t0 = [], [], time.time()
+        for frames in frame_counts:
+            r, b = evaluate(model, tok, rows, frames, args, rank, world)
+            results += r
+            bad += b
+        if dist.is_initialized():
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (results, bad))
+            results, bad = [r for g in gathered for r in g[0]], [b for g in gathered for b in g[1]]
+        if rank == 0:
+            summaries.append(report(path, results, bad, frame_counts, args, time.time() - t0))
+    if rank == 0:
+        cats = sorted({c for s in summaries for f in frame_counts for c in s["sweep"][f]["by_category"]})
+        width = max(len(p) for p in paths)
+        print(f"{'model':<{width}} | {'frames':>6} | {'acc':>6} | {'format':>6} | "
+              + " | ".join(f"{c[:12]:>12}" for c in cats))
+        for s in summaries:
+            for f in frame_counts:
+                x = s["sweep"][f]
+                print(f"{s['model']:<{width}} | {f:>6} | {x['accuracy']:6.3f} | {x['format']:6.3f} | "
+                      + " | ".join(f"{x['by_category'].get(c, 0):12.3f}" for c in cats))
+        for s in summaries:
+            del s["sweep"]
+        print(json.dumps(summaries[0] if len(summaries) == 1 else {"models": summaries}))
+    mr_sp.shutdown()
+
+
+if __name__ == "__main__":
+    main(ap.parse_args())

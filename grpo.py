@@ -1,0 +1,344 @@
+"""GRPO on long videos: the second stage, after sft.py.
+
+    python grpo.py                                   # tiny model from runs/sft, synthetic task
+    torchrun --nproc_per_node 2 grpo.py              # the same, data parallel
+    python grpo.py --init /path/to/Qwen2.5-VL-7B-sft --data /path/to/LongVideo-Reason --dtype bfloat16
+
+Writes --out (default runs/grpo): model/ (a Hugging Face folder of the policy, with state.pt:
+optimizer, step, data cursor, for --resume), args.json (the resolved config) and metrics.jsonl
+(one line per step).
+
+The variant that runs, exactly:
+1. Each step takes --prompts prompts (split in contiguous blocks over ranks). A prompt's video is
+   encoded once through the frozen vision tower; the embeddings serve its G rollouts and the
+   old-policy, reference and policy passes (mr_sp.py).
+2. G samples per prompt at --temperature, --top-p, at most --max-new tokens; vision special
+   tokens are masked out of the policy. Sampling is seeded per (seed, step, prompt), so the same
+   global batch samples the same tokens on any number of ranks.
+3. Reward r = 0.9 * accuracy + 0.1 * format: format is a fullmatch of
+   `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
+   ground truth (letter, number or normalized text). --reward module:function replaces it.
+4. Advantage A = (r - mean(group)) / (std(group) + 1e-6), unbiased std, the same for every token
+   of a sample. --dynamic-sampling drops groups whose rewards are all equal (A = 0 carries no
+   signal) and refills from the next prompts.
+5. Old log-probs: one no-grad pass of the policy before the updates (same micro-batches as the
+   update, so the first ratio is exactly 1). Reference log-probs from a frozen copy of the initial
+   policy (not loaded at --kl-coef 0).
+6. Loss per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip
+   where A < 0 (dual clip), with r = exp(logp - old_logp); plus kl_coef * KL(k1 | k2 | k3) to the
+   reference. Aggregated as the mean over all response tokens of the global mini-batch (token) or
+   the mean over sequences of their token means (seq).
+7. --epochs passes over the rollout batch in --mini-batches updates each (mini-batch m is the m-th
+   slice of every rank's rows); AdamW with gradient clipping; data-parallel gradients summed with
+   one all-reduce per tensor per update, so the loss is the global mean whatever the world size.
+"""
+import argparse
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data as D
+import model as M
+import mr_sp
+
+# -----------------------------------------------------------------------------
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = ap.add_argument_group("model and data")
+g.add_argument("--init", default="runs/sft/model", help="policy to start from: HF folder or 'tiny'; default runs/sft/model")
+g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task written here if absent)")
+g.add_argument("--part", default="rl", choices=["sft", "rl", "all"],
+               help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default rl")
+g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+g = ap.add_argument_group("rollout")
+g.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
+g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
+g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; default 1.0 (off)")
+g.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
+g.add_argument("--prompts", type=int, default=8, help="prompts per step, global over ranks; default 8")
+g = ap.add_argument_group("algorithm")
+g.add_argument("--reward", default=None, help="module:function(text, row) -> float or dict; default built-in")
+g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1; default 0.2")
+g.add_argument("--clip-high", type=float, default=0.28, help="ratio clip above 1; default 0.28")
+g.add_argument("--dual-clip", type=float, default=3.0, help="bound on -A*ratio for A < 0 (0 = off); default 3")
+g.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator; default k3")
+g.add_argument("--kl-coef", type=float, default=1e-2, help="KL loss weight (0 = no reference model); default 1e-2")
+g.add_argument("--agg", default="token", choices=["token", "seq"], help="loss aggregation; default token")
+g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
+g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
+g.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward; default 16")
+g.add_argument("--dynamic-sampling", action="store_true", help="drop all-equal-reward groups and refill")
+g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate; default 2e-5")
+g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
+g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
+g = ap.add_argument_group("run")
+g.add_argument("--steps", type=int, default=100, help="training steps; default 100")
+g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
+g.add_argument("--out", default="runs/grpo", help="output folder; default runs/grpo")
+g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = only at the end)")
+g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+# -----------------------------------------------------------------------------
+
+
+# Rewards (Long-RL's r1v reward, with the answer graded by type).
+FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def normalize(s):
+    return re.sub(r"\s+", "", s).strip(".()[]:").lower()
+
+
+def grade(pred, truth):
+    """1.0 when the answer equals the truth as a choice letter, a number or normalized text."""
+    p, t = normalize(pred), normalize(truth)
+    if p == t:
+        return 1.0
+    try:
+        return float(math.isclose(float(p), float(t), rel_tol=1e-6))
+    except ValueError:
+        return 0.0
+
+
+def reward(text, row):
+    fmt = float(FORMAT.fullmatch(text.strip()) is not None)
+    m = ANSWER.search(text)
+    acc = grade(m.group(1), row["answer"]) if m else 0.0
+    return {"overall": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
+
+
+def load_reward(spec):
+    if spec is None:
+        return reward
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def score(fn, text, row):
+    """Reward dict of one sample; a raising reward function is reported by the caller."""
+    r = fn(text, row)
+    r = r if isinstance(r, dict) else {"overall": float(r)}
+    if not math.isfinite(r["overall"]):
+        raise ValueError(f"non-finite reward {r['overall']}")
+    return r
+
+
+# GRPO math, each piece small enough to test against hand-computed values.
+
+def group_advantages(r, G, eps=1e-6):
+    """(N,) rewards of N/G consecutive groups -> (N,) advantages (r - mean) / (std + eps), unbiased std."""
+    r = r.view(-1, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def kl_estimate(logp, ref, kind):
+    """Per-token KL(policy || reference) estimators, Schulman, "Approximating KL divergence" (2020)."""
+    d = ref - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    return (d.exp() - d - 1).clamp(-10, 10)  # k3, clamped as in verl / Long-RL
+
+
+def policy_loss(logp, old, adv, clip_low, clip_high, dual_clip):
+    """Per-token clipped surrogate (N, T) and where clipping changed the loss (N, T)."""
+    ratio = (logp - old).exp()
+    a = adv[:, None]
+    pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    if dual_clip:
+        pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
+    return pg, (pg != pg1).float()
+
+
+def aggregate(x, mask, agg, n_tokens, n_seqs):
+    """Sum of this micro-batch's share of the global mean: token-mean or seq-mean-token-mean."""
+    if agg == "token":
+        return (x * mask).sum() / n_tokens
+    return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+
+
+# -----------------------------------------------------------------------------
+
+def collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats):
+    """This rank's groups for one step: a contiguous block of the step's prompts (so that one
+    process with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when
+    dynamic sampling refills, prompts strided over ranks after the step's block.
+    Returns training rows (G per kept prompt), prompts consumed globally, and timings."""
+    per = want = args.prompts // world
+    k, rows, t = 0, [], {"encode": 0.0, "rollout": 0.0}
+    while want > 0:
+        at = [cursor + rank * per + j if k == 0 else cursor + per * world + rank + (k - per + j) * world
+              for j in range(want)]
+        chunk = [order[a % len(order)] for a in at]
+        k += want
+        samples, prompts, pos, videos = [], [], [], []
+        t0 = time.time()
+        for i in chunk:
+            for s in ds.iter_samples([i]):  # nothing when the video is bad (counted in ds.bad)
+                samples.append(s)
+                videos.append(mr_sp.encode(model, s))
+                p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+                prompts.append(p)
+                pos.append(pp)
+        t1 = time.time()
+        if not samples:
+            if not args.dynamic_sampling:
+                break
+            continue
+        # one generator per prompt: its samples do not depend on batching or on the number of ranks
+        gens = [mr_sp.generator(args.seed, step, s["id"]) for s in samples]
+        toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.G, max_new=args.max_new,
+                                      temperature=args.temperature, top_p=args.top_p, generator=gens)
+        t["encode"] += t1 - t0
+        t["rollout"] += time.time() - t1
+        for b, s in enumerate(samples):
+            group = []
+            try:
+                for j in range(b * args.G, (b + 1) * args.G):
+                    resp = toks[j, :lens[j]].tolist()
+                    r = score(reward_fn, tok.decode(resp, skip_special_tokens=True), s)
+                    group.append(dict(prompt=prompts[b], pos=pos[b], video=videos[b], response=resp, reward=r))
+            except Exception as e:  # a broken reward function must not kill a long run
+                print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
+                stats["reward_errors"] += 1
+                continue
+            rs = torch.tensor([x["reward"]["overall"] for x in group])
+            if args.dynamic_sampling and bool((rs == rs[0]).all()):
+                stats["dropped_groups"] += 1
+                continue
+            for x, a in zip(group, group_advantages(rs, args.G).tolist()):
+                x["adv"] = a
+            rows += group
+            want -= args.dynamic_sampling
+        if not args.dynamic_sampling:
+            break
+        if k > 20 * args.prompts + len(order):
+            raise RuntimeError("dynamic sampling: no group with unequal rewards in many prompts")
+    consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max"))  # the furthest any rank read
+    return rows, per * world + (consumed - per) * world, t
+
+
+def update(args, model, tok, params, opt, micro, old, refs, stats):
+    """--epochs passes of --mini-batches optimizer steps over the micro-batches. Returns metrics."""
+    log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
+    per = max(1, math.ceil(len(micro) / args.mini_batches))
+    groups = [list(range(i, min(i + per, len(micro)))) for i in range(0, len(micro), per)] or [[]]
+    n_mb = max(mr_sp.all_reduce(torch.tensor([len(groups)]), "max").item(), 1)
+    groups += [[]] * (n_mb - len(groups))  # every rank joins every all-reduce
+    for _ in range(args.epochs):
+        for idx in groups:
+            # global token and sequence counts of this mini-batch: the loss is their global mean
+            counts = mr_sp.all_reduce(torch.tensor([float(sum(len(x["response"]) for i in idx for x in micro[i])),
+                                                    float(sum(len(micro[i]) for i in idx))], dtype=torch.float64))
+            n_tok, n_seq = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+            for i in idx:
+                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature)
+                adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
+                loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high, args.dual_clip)
+                if refs is not None:
+                    kl = kl_estimate(lp, refs[i], args.kl)
+                    loss_tok = loss_tok + args.kl_coef * kl
+                    log["kl"] += float((kl.detach() * mask).sum()) / n_tok / args.epochs
+                aggregate(loss_tok, mask, args.agg, n_tok, n_seq).backward()
+                log["clip_frac"] += float((clipped * mask).sum()) / n_tok / args.epochs
+                log["entropy"] += float((ent.detach() * mask).sum()) / n_tok / args.epochs
+            mr_sp.sync_grads(params)
+            gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            if torch.isfinite(gn):  # identical on every rank after the all-reduce
+                opt.step()
+            else:
+                print(f"non-finite gradient norm ({float(gn)}): update skipped, weights unchanged", file=sys.stderr)
+                stats["skipped_updates"] += 1
+            opt.zero_grad(set_to_none=True)
+            log["grad_norm"] = float(gn)
+    for k in ("kl", "clip_frac", "entropy"):
+        log[k] = mr_sp.all_reduce(torch.tensor([log[k]], dtype=torch.float64)).item()
+    return log
+
+
+def no_grad_logprobs(model, tok, micro, args):
+    """One pass over the micro-batches without gradients (old policy, reference)."""
+    with torch.no_grad():
+        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature)[0] for mb in micro]
+
+
+def main(args):
+    rank, world, device = mr_sp.init_distributed()
+    if args.prompts % world:
+        raise SystemExit(f"--prompts {args.prompts} must be divisible by the number of processes ({world})")
+    if args.init == ap.get_default("init") and not os.path.exists(args.init):
+        raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny to start from scratch")
+    ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
+    src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    model, tok = M.load(src, dtype=dtype, device=device)
+    model.requires_grad_(False)  # the vision tower stays frozen in RL
+    for m in (model.model.language_model, model.lm_head):
+        m.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = M.load(args.init, dtype=dtype, device=device)[0].requires_grad_(False) if args.kl_coef else None
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start, cursor = 0, 0
+    stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
+    if state:
+        opt.load_state_dict(state["opt"])
+        start, cursor, stats = state["step"], state["cursor"], state["stats"]
+    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, rank)), args.part)
+    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    reward_fn = load_reward(args.reward)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), {world} process(es), "
+              f"G={args.G}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    for step in range(start, args.steps):
+        t0 = time.time()
+        model.eval()
+        batch, used, t = collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats)
+        cursor += used
+        stats["bad_samples"] = ds.n_bad
+        micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
+        t1 = time.time()
+        old = no_grad_logprobs(model, tok, micro, args)
+        refs = no_grad_logprobs(ref, tok, micro, args) if ref is not None else None
+        t2 = time.time()
+        model.train()
+        log = update(args, model, tok, params, opt, micro, old, refs, stats)
+        t3 = time.time()
+        r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
+                           len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
+        r = mr_sp.all_reduce(r)
+        n = max(r[4].item(), 1.0)
+        rec = dict(step=step + 1, reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
+                   response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],
+                   time_prefill=t2 - t1, time_update=t3 - t2, tok_per_s=r[3].item() / (t3 - t0), **stats)
+        if rank == 0:
+            print(f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | fmt {rec['format']:.2f} | "
+                  f"len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
+                  f"ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | encode {t['encode']:.1f}s "
+                  f"rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s update {t3 - t2:.1f}s | "
+                  f"{rec['tok_per_s']:.0f} tok/s", flush=True)
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                state = {"opt": opt.state_dict(), "step": step + 1, "cursor": cursor, "stats": stats}
+                M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+    if rank == 0:
+        print(json.dumps({"out": ckpt, "steps": args.steps, **stats}))
+    mr_sp.shutdown()
+
+
+if __name__ == "__main__":
+    main(ap.parse_args())

@@ -1,0 +1,145 @@
+"""Chain-of-thought SFT on video QA: the first stage, before grpo.py.
+
+    python sft.py                                    # tiny model from scratch, synthetic task
+    torchrun --nproc_per_node 2 sft.py               # the same, data parallel
+    python sft.py --init /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/LongVideo-Reason --dtype bfloat16 --lr 1e-5
+
+Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
+given the video and the question; the mean is over all target tokens of the global batch.
+Writes --out (default runs/sft): model/ (a Hugging Face folder, with state.pt: optimizer, step,
+for --resume), args.json and metrics.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data as D
+import model as M
+import mr_sp
+
+# -----------------------------------------------------------------------------
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = ap.add_argument_group("model and data")
+g.add_argument("--init", default="tiny", help="HF folder to start from, or 'tiny' (built in code); default tiny")
+g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task written here if absent)")
+g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
+               help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
+g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
+               help="vision tower: auto trains it for tiny (random init) and freezes a loaded checkpoint's")
+g = ap.add_argument_group("optimization")
+g.add_argument("--steps", type=int, default=300, help="optimizer steps; default 300")
+g.add_argument("--batch", type=int, default=16, help="samples per optimizer step, global over ranks; default 16")
+g.add_argument("--micro-batch", type=int, default=16, help="samples per forward/backward (accumulated); default 16")
+g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate; default 2e-3 (tiny model)")
+g.add_argument("--warmup", type=int, default=20, help="linear warmup steps; default 20")
+g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup; default cosine")
+g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
+g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
+g = ap.add_argument_group("run")
+g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
+g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
+g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
+g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+# -----------------------------------------------------------------------------
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+
+
+def batch_indices(step, args, n_rows, rank, world):
+    """This rank's rows of global batch `step`: a fresh permutation every epoch, a contiguous block
+    per rank (so one process with --micro-batch = batch/world runs exactly the ranks' micro-batches)."""
+    out, per = [], args.batch // world
+    for k in range(step * args.batch + rank * per, step * args.batch + (rank + 1) * per):
+        epoch, j = divmod(k, n_rows)
+        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))[j].item())
+    return out
+
+
+def main(args):
+    rank, world, device = mr_sp.init_distributed()
+    if args.batch % world:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes ({world})")
+    ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
+    src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    model, tok = M.load(src, dtype=dtype, device=device, seed=args.seed)
+    model.model.visual.requires_grad_(args.vision == "train" or (args.vision == "auto" and args.init == "tiny"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if state:
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, rank)), args.part)
+    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+        print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {world} process(es), "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+    model.train()
+    for step in range(start, args.steps):
+        t0 = time.time()
+        samples = list(ds.iter_samples(batch_indices(step, args, len(rows), rank, world)))
+        items = []
+        for s in samples:
+            prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+            target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
+            items.append((s, prompt, pos, target))
+        n_tok = mr_sp.all_reduce(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64)).item()
+        loss_sum = 0.0
+        for m0 in range(0, len(items), args.micro_batch):
+            mb = items[m0:m0 + args.micro_batch]
+            rows_mb = []
+            for s, prompt, pos, target in mb:
+                video = M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
+                rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
+            lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb)
+            loss = -(lp * mask).sum() / max(n_tok, 1.0)
+            loss.backward()
+            loss_sum += loss.item()
+        mr_sp.sync_grads(params)
+        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        if torch.isfinite(gn):
+            opt.step()
+        else:
+            print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
+        opt.zero_grad(set_to_none=True)
+        loss = mr_sp.all_reduce(torch.tensor([loss_sum], dtype=torch.float64)).item()
+        dt = time.time() - t0
+        if rank == 0:
+            rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
+                       seconds=dt, bad_samples=ds.n_bad)
+            print(f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | gnorm {float(gn):.2f} | "
+                  f"{dt:.2f}s | {n_tok / dt:.0f} target tok/s", flush=True)
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                state = {"opt": opt.state_dict(), "step": step + 1}
+                M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+    if rank == 0:
+        print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad}))
+    mr_sp.shutdown()
+
+
+if __name__ == "__main__":
+    main(ap.parse_args())
