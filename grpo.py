@@ -57,7 +57,8 @@ g.add_argument("--part", default="rl", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default rl")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
 g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
-g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+               help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g = ap.add_argument_group("rollout")
 g.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
@@ -280,7 +281,7 @@ def main(args):
         raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny to start from scratch")
     ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
-    model, tok = M.load(src, dtype=dtype, device=device)
+    model, tok = M.load(src, device=device)
     model.requires_grad_(False)  # the vision tower stays frozen in RL
     for m in (model.model.language_model, model.lm_head):
         m.requires_grad_(True)
@@ -303,38 +304,40 @@ def main(args):
         M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
         print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), {world} process(es), "
               f"G={args.G}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
-    for step in range(start, args.steps):
-        t0 = time.time()
-        model.eval()
-        batch, used, t = collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats)
-        cursor += used
-        stats["bad_samples"] = ds.n_bad
-        micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
-        t1 = time.time()
-        old = no_grad_logprobs(model, tok, micro, args)
-        refs = no_grad_logprobs(ref, tok, micro, args) if ref is not None else None
-        t2 = time.time()
-        model.train()
-        log = update(args, model, tok, params, opt, micro, old, refs, stats)
-        t3 = time.time()
-        r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
-                           len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
-        r = mr_sp.all_reduce(r)
-        n = max(r[4].item(), 1.0)
-        rec = dict(step=step + 1, reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
-                   response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],
-                   time_prefill=t2 - t1, time_update=t3 - t2, tok_per_s=r[3].item() / (t3 - t0), **stats)
-        if rank == 0:
-            print(f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | fmt {rec['format']:.2f} | "
-                  f"len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
-                  f"ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | encode {t['encode']:.1f}s "
-                  f"rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s update {t3 - t2:.1f}s | "
-                  f"{rec['tok_per_s']:.0f} tok/s", flush=True)
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                state = {"opt": opt.state_dict(), "step": step + 1, "cursor": cursor, "stats": stats}
-                M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+    # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        for step in range(start, args.steps):
+            t0 = time.time()
+            model.eval()
+            batch, used, t = collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats)
+            cursor += used
+            stats["bad_samples"] = ds.n_bad
+            micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
+            t1 = time.time()
+            old = no_grad_logprobs(model, tok, micro, args)
+            refs = no_grad_logprobs(ref, tok, micro, args) if ref is not None else None
+            t2 = time.time()
+            model.train()
+            log = update(args, model, tok, params, opt, micro, old, refs, stats)
+            t3 = time.time()
+            r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
+                               len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
+            r = mr_sp.all_reduce(r)
+            n = max(r[4].item(), 1.0)
+            rec = dict(step=step + 1, reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
+                       response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],
+                       time_prefill=t2 - t1, time_update=t3 - t2, tok_per_s=r[3].item() / (t3 - t0), **stats)
+            if rank == 0:
+                print(f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | fmt {rec['format']:.2f} | "
+                      f"len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
+                      f"ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | encode {t['encode']:.1f}s "
+                      f"rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s update {t3 - t2:.1f}s | "
+                      f"{rec['tok_per_s']:.0f} tok/s", flush=True)
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                    state = {"opt": opt.state_dict(), "step": step + 1, "cursor": cursor, "stats": stats}
+                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
     if rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, **stats}))
     mr_sp.shutdown()

@@ -32,7 +32,8 @@ g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
 g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
-g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+               help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
                help="vision tower: auto trains it for tiny (random init) and freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
@@ -74,9 +75,9 @@ def main(args):
     rank, world, device = mr_sp.init_distributed()
     if args.batch % world:
         raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes ({world})")
-    ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
+    ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
-    model, tok = M.load(src, dtype=dtype, device=device, seed=args.seed)
+    model, tok = M.load(src, device=device, seed=args.seed)
     model.model.visual.requires_grad_(args.vision == "train" or (args.vision == "auto" and args.init == "tiny"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -95,47 +96,49 @@ def main(args):
         print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {world} process(es), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
-    for step in range(start, args.steps):
-        t0 = time.time()
-        samples = list(ds.iter_samples(batch_indices(step, args, len(rows), rank, world)))
-        items = []
-        for s in samples:
-            prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
-            target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
-            items.append((s, prompt, pos, target))
-        n_tok = mr_sp.all_reduce(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64)).item()
-        loss_sum = 0.0
-        for m0 in range(0, len(items), args.micro_batch):
-            mb = items[m0:m0 + args.micro_batch]
-            rows_mb = []
-            for s, prompt, pos, target in mb:
-                video = M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
-                rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
-            lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb)
-            loss = -(lp * mask).sum() / max(n_tok, 1.0)
-            loss.backward()
-            loss_sum += loss.item()
-        mr_sp.sync_grads(params)
-        gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        if torch.isfinite(gn):
-            opt.step()
-        else:
-            print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
-        opt.zero_grad(set_to_none=True)
-        loss = mr_sp.all_reduce(torch.tensor([loss_sum], dtype=torch.float64)).item()
-        dt = time.time() - t0
-        if rank == 0:
-            rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
-                       seconds=dt, bad_samples=ds.n_bad)
-            print(f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | gnorm {float(gn):.2f} | "
-                  f"{dt:.2f}s | {n_tok / dt:.0f} target tok/s", flush=True)
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                state = {"opt": opt.state_dict(), "step": step + 1}
-                M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+    # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        for step in range(start, args.steps):
+            t0 = time.time()
+            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), rank, world)))
+            items = []
+            for s in samples:
+                prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+                target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
+                items.append((s, prompt, pos, target))
+            n_tok = mr_sp.all_reduce(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64)).item()
+            loss_sum = 0.0
+            for m0 in range(0, len(items), args.micro_batch):
+                mb = items[m0:m0 + args.micro_batch]
+                rows_mb = []
+                for s, prompt, pos, target in mb:
+                    video = M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
+                    rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
+                lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb)
+                loss = -(lp * mask).sum() / max(n_tok, 1.0)
+                loss.backward()
+                loss_sum += loss.item()
+            mr_sp.sync_grads(params)
+            gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args)
+            if torch.isfinite(gn):
+                opt.step()
+            else:
+                print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
+            opt.zero_grad(set_to_none=True)
+            loss = mr_sp.all_reduce(torch.tensor([loss_sum], dtype=torch.float64)).item()
+            dt = time.time() - t0
+            if rank == 0:
+                rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
+                           seconds=dt, bad_samples=ds.n_bad)
+                print(f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | gnorm {float(gn):.2f} | "
+                      f"{dt:.2f}s | {n_tok / dt:.0f} target tok/s", flush=True)
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                    state = {"opt": opt.state_dict(), "step": step + 1}
+                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
     if rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad}))
     mr_sp.shutdown()
