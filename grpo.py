@@ -43,6 +43,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import data as D
 import model as M
@@ -306,7 +307,7 @@ def main(args):
               f"G={args.G}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for step in range(start, args.steps):
+        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
             t0 = time.time()
             model.eval()
             batch, used, t = collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats)
@@ -324,17 +325,15 @@ def main(args):
                                len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
             r = mr_sp.all_reduce(r)
             n = max(r[4].item(), 1.0)
-            rec = dict(step=step + 1, reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
+            rec = dict(step=step + 1, groups=round(r[4].item() / args.G), reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
                        response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],
                        time_prefill=t2 - t1, time_update=t3 - t2, tok_per_s=r[3].item() / (t3 - t0), **stats)
             if rank == 0:
-                print(f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | fmt {rec['format']:.2f} | "
-                      f"len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
-                      f"ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | encode {t['encode']:.1f}s "
-                      f"rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s update {t3 - t2:.1f}s | "
-                      f"{rec['tok_per_s']:.0f} tok/s", flush=True)
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                M.log_step(args.out, rec, f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | "
+                           f"fmt {rec['format']:.2f} | len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | "
+                           f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | "
+                           f"encode {t['encode']:.1f}s rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s "
+                           f"update {t3 - t2:.1f}s | {rec['tok_per_s']:.0f} tok/s")
                 if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                     state = {"opt": opt.state_dict(), "step": step + 1, "cursor": cursor, "stats": stats}
                     M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))

@@ -149,6 +149,8 @@ def save(model, tok, out, write=None):
     out = out.rstrip("/")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if write is not None:
@@ -166,6 +168,27 @@ def resume(out):
         if os.path.isfile(os.path.join(path, "state.pt")):
             return path, torch.load(os.path.join(path, "state.pt"), weights_only=False)
     raise FileNotFoundError(f"{out}: no checkpoint to resume from (no state.pt)")
+
+
+_writers = {}
+
+
+def log_step(out, rec, line):
+    """One step: its line on the console (above the progress bar), its record appended to
+    out/metrics.jsonl, and its numbers in TensorBoard when tensorboard is installed."""
+    from tqdm import tqdm
+    tqdm.write(line)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if out not in _writers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            _writers[out] = SummaryWriter(out)
+        except ImportError:
+            _writers[out] = None
+    for k, v in rec.items() if _writers[out] else ():
+        if isinstance(v, (int, float)):
+            _writers[out].add_scalar(k, v, rec["step"])
 
 
 def trim_metrics(path, step):

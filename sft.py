@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import data as D
 import model as M
@@ -98,7 +99,7 @@ def main(args):
     model.train()
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for step in range(start, args.steps):
+        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=rank != 0):
             t0 = time.time()
             samples = list(ds.iter_samples(batch_indices(step, args, len(rows), rank, world)))
             items = []
@@ -132,10 +133,8 @@ def main(args):
             if rank == 0:
                 rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
                            seconds=dt, bad_samples=ds.n_bad)
-                print(f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | gnorm {float(gn):.2f} | "
-                      f"{dt:.2f}s | {n_tok / dt:.0f} target tok/s", flush=True)
-                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                M.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
+                           f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
                 if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                     state = {"opt": opt.state_dict(), "step": step + 1}
                     M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))

@@ -105,6 +105,14 @@ def test_faults_are_reported_and_survived(task, tmp_path):
     assert weights(tmp_path / "run" / "model")  # the checkpoint is whole and loads
 
 
+def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path):
+    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:half_constant", "--dynamic-sampling",
+              "--out", str(tmp_path / "run"))
+    m = metrics(tmp_path / "run")
+    assert [x["groups"] for x in m] == [4, 4]  # refilled to --prompts groups every step
+    assert m[-1]["dropped_groups"] > 0 and json.loads(out.stdout.strip().splitlines()[-1])["dropped_groups"] > 0
+
+
 def test_short_pipeline_learns(task, tmp_path):
     """SFT loss falls; GRPO from that checkpoint raises the mean reward."""
     sft = tmp_path / "sft"

@@ -10,3 +10,8 @@ def boom(text, row):
     if "1" in row["id"][-1:]:
         raise RuntimeError("reward server unreachable")
     return 0.0
+
+
+def half_constant(text, row):
+    """Equal rewards for every sample of even-numbered rows: dynamic sampling must drop those groups."""
+    return 0.5 if int(row["id"][-1]) % 2 == 0 else length(text, row)
