@@ -237,6 +237,7 @@ def update(args, model, tok, params, opt, micro, old, refs, stats):
     groups = [list(range(i, min(i + per, len(micro)))) for i in range(0, len(micro), per)] or [[]]
     n_mb = max(mr_sp.all_reduce(torch.tensor([len(groups)]), "max").item(), 1)
     groups += [[]] * (n_mb - len(groups))  # every rank joins every all-reduce
+    w = 1.0 / (args.epochs * n_mb)  # logged values: means over all updates of this step
     for _ in range(args.epochs):
         for idx in groups:
             # global token and sequence counts of this mini-batch: the loss is their global mean
@@ -250,10 +251,10 @@ def update(args, model, tok, params, opt, micro, old, refs, stats):
                 if refs is not None:
                     kl = kl_estimate(lp, refs[i], args.kl)
                     loss_tok = loss_tok + args.kl_coef * kl
-                    log["kl"] += float((kl.detach() * mask).sum()) / n_tok / args.epochs
+                    log["kl"] += w * float((kl.detach() * mask).sum()) / n_tok
                 aggregate(loss_tok, mask, args.agg, n_tok, n_seq).backward()
-                log["clip_frac"] += float((clipped * mask).sum()) / n_tok / args.epochs
-                log["entropy"] += float((ent.detach() * mask).sum()) / n_tok / args.epochs
+                log["clip_frac"] += w * float((clipped * mask).sum()) / n_tok
+                log["entropy"] += w * float((ent.detach() * mask).sum()) / n_tok
             mr_sp.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(gn):  # identical on every rank after the all-reduce

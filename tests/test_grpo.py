@@ -129,8 +129,12 @@ def test_update_moves_weights_and_nan_loss_skips_the_update(rollout_batch, capsy
     assert stats["skipped_updates"] == 1 and "update skipped" in capsys.readouterr().err
     assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
     old = grpo.no_grad_logprobs(model, tok, micro, args)
+    with torch.no_grad():
+        ents = [mr_sp.prefill_logprobs(model, tok, mb)[1:] for mb in micro]
+    mean_entropy = sum(float((e * m).sum()) for e, m in ents) / sum(float(m.sum()) for _, m in ents)
     log = grpo.update(args, model, tok, params, opt, micro, old, None, stats)
     assert stats["skipped_updates"] == 1 and log["clip_frac"] == 0.0  # ratio 1: nothing clipped
+    assert log["entropy"] == pytest.approx(mean_entropy, rel=1e-5)  # a token mean over the whole batch
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
 
