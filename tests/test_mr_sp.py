@@ -1,0 +1,147 @@
+"""MR-SP with 2 sequence-parallel ranks against the single-process path: sharded video encoding
+(stage 1) and the Ulysses prefill (stage 2) give the same embeddings, log-probs, entropies and
+summed parameter gradients.   Run: python -m pytest tests/test_mr_sp.py -q
+
+The workers are this file under torchrun; rank 0 writes what they measured as JSON:
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_mr_sp.py OUT.json"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the torchrun command runs this file from tests/
+import model as M
+import mr_sp
+
+# tests/test_model.py's two configs: B has GQA with 1 KV head (< sp) and vision window attention
+CONFIGS = {"A": dict(), "B": dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64,
+                                  vision_heads=2, window=56, fullatt=(1,))}
+# (video grids, response lengths) per micro-batch: left padding with rank 0 holding no response
+# column; a response that straddles the ranks' boundary; one unpadded row (the causal-only path)
+CASES = [(((4, 8, 8), (2, 4, 6)), (5, 2)), (((1, 4, 4), (2, 4, 4)), (60, 33)), (((3, 8, 8),), (7,))]
+ENCODE_GRIDS = [(5, 8, 8), (3, 4, 6), (1, 8, 8)]  # uneven splits; one rank with no temporal group
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def rows_of(model, tok, grids, lengths, group):
+    pixels, grid, spg, prompts = M.random_video_batch(model, tok, grids)
+    g, rows, off = torch.Generator().manual_seed(1), [], 0
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        rows_i = int(grid[i].prod())
+        video = mr_sp.encode(model, dict(pixel_values=pixels[off:off + rows_i], grid_thw=grid[i:i + 1]), group)
+        off += rows_i
+        rows.append(dict(prompt=p, pos=M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config), video=video,
+                         response=torch.randint(20, 500, (n,), generator=g).tolist()))  # no vision ids
+    return rows
+
+
+def logprobs_and_grads(model, tok, rows, group):
+    lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=0.9, group=group)
+    w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+    (((lp * w + 0.1 * ent) * mask).sum() / mask.sum()).backward()  # a token mean, as in grpo.py
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if group is not None:  # each rank holds its share: the sum over the group is the gradient
+                torch.distributed.all_reduce(p.grad, group=group)
+            grads[name] = p.grad.clone()
+    model.zero_grad(set_to_none=True)
+    return lp.detach(), ent.detach(), mask, grads
+
+
+def sp1_outputs(model, tok):
+    """Log-probs and greedy rollout tokens without a group."""
+    rows = rows_of(model, tok, *CASES[0], None)
+    with torch.no_grad():
+        lp = mr_sp.prefill_logprobs(model, tok, rows)[0]
+    toks = mr_sp.rollout(model, tok, [x["prompt"] for x in rows], [x["pos"] for x in rows],
+                         [x["video"] for x in rows], 1, max_new=8, temperature=0)[0]
+    return lp, toks
+
+
+def worker(out):
+    rank, _, _, group = mr_sp.init_parallel(2)
+    res = {}
+    for name, cfg in CONFIGS.items():
+        model, tok = M.load("tiny", **cfg)
+        model.requires_grad_(False)
+        for m in (model.model.language_model, model.lm_head):
+            m.requires_grad_(True)
+        r = res[name] = {"encode": [], "cases": []}
+        for grid in ENCODE_GRIDS:
+            pixels, g, *_ = M.random_video_batch(model, tok, (grid,))
+            s = dict(pixel_values=pixels, grid_thw=g)
+            one, two = mr_sp.encode(model, s), mr_sp.encode(model, s, group)
+            r["encode"].append(dict(grid=grid, equal=torch.equal(one, two), shape=list(two.shape)))
+        before = sp1_outputs(model, tok)
+        for grids, lengths in CASES:
+            rows = rows_of(model, tok, grids, lengths, group)
+            lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, rows, None)
+            lp2, ent2, _, g2 = logprobs_and_grads(model, tok, rows, group)
+            P, valid = max(len(x["prompt"]) for x in rows), mask.bool()  # padding's values are arbitrary
+            r["cases"].append(dict(
+                columns=P + max(lengths) - 1, logprob=max_diff(lp1[valid], lp2[valid]),
+                entropy=max_diff(ent1[valid], ent2[valid]), worst=max(g1, key=lambda k: max_diff(g1[k], g2[k])),
+                grad=max(max_diff(g1[k], g2[k]) for k in g1), grad_scale=max(g1[k].abs().max().item() for k in g1),
+                finite=bool(torch.isfinite(lp2[valid]).all())))
+        # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
+        r["sp1_unchanged_by_switch"] = all(torch.equal(x, y) for x, y in zip(before, sp1_outputs(model, tok)))
+    model, tok = M.load("tiny", hidden=96, heads=3, kv_heads=1, layers=1, vision_hidden=64, vision_heads=2)
+    try:
+        mr_sp.prefill_logprobs(model, tok, rows_of(model, tok, *CASES[2], group), group=group)
+        res["heads_error"] = None
+    except ValueError as e:
+        res["heads_error"] = str(e)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+    mr_sp.shutdown()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mr_sp") / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"workers failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    print(f"workers: {time.time() - t0:.1f} s")
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_sharded_encoding_equals_unsharded_exactly(measured, config):
+    enc = measured[config]["encode"]
+    assert all(e["equal"] for e in enc), enc
+    assert [e["shape"][0] for e in enc] == [5 * 16, 3 * 6, 16]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
+    cases = measured[config]["cases"]
+    assert any(c["columns"] % 2 for c in cases)  # a sequence that needs padding to a multiple of sp
+    for c in cases:
+        assert c["finite"] and c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5, c
+        assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c  # gradients that are not all ~0
+    assert measured[config]["sp1_unchanged_by_switch"]
+
+
+def test_bad_configs_fail_clearly(measured, monkeypatch):
+    assert measured["heads_error"].startswith("num_attention_heads 3 is not divisible by --sp 2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"world size 3 is not divisible by --sp 2 \(dp x sp = world\)"):
+        mr_sp.init_parallel(2)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
