@@ -4,6 +4,7 @@
     python eval.py --model runs/sft/model --frames 16,32,64
     python eval.py --model runs/sft/model,runs/grpo/model    # the before/after table
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model
+    torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2    # each video encoded by 2 ranks
     python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
 
 Greedy by default (--n samples at --temperature otherwise; accuracy is then the mean over samples
@@ -43,15 +44,18 @@ ap.add_argument("--batch", type=int, default=16, help="questions per generate ca
 ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0 = all)")
 ap.add_argument("--blind", action="store_true", help="control: replace every video with mid-gray frames")
 ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+ap.add_argument("--sp", type=int, default=1,
+                help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
 ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
 ap.add_argument("--out", default=None, help="output folder; default <model>/../eval")
 # -----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, rows, frames, args, rank=0, world=1):
-    """Answers for this rank's rows (strided) at one frame count: a list of result dicts."""
+def evaluate(model, tok, rows, frames, args, rank=0, world=1, sp_group=None):
+    """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
+    video encoded by the SP group) at one frame count: a list of result dicts."""
     ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
-    mine = list(range(rank, len(rows), world))
+    mine = list(range(rank // args.sp, len(rows), world // args.sp))
     out = []
     for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames", disable=rank != 0, file=sys.stderr):
         samples = list(ds.iter_samples(mine[b:b + args.batch]))
@@ -61,10 +65,11 @@ def evaluate(model, tok, rows, frames, args, rank=0, world=1):
         for s in samples:
             if args.blind:
                 s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # zero after normalization = mean gray
-            videos.append(mr_sp.encode(model, s))
+            videos.append(mr_sp.encode(model, s, sp_group))
             p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
             prompts.append(p)
             pos.append(pp)
+        # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
         gens = [mr_sp.generator(args.seed, s["id"], frames) for s in samples]
         toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.n, max_new=args.max_new,
                                       temperature=args.temperature, generator=gens)
@@ -134,7 +139,7 @@ def report(path, results, bad, frame_counts, args, seconds):
 
 
 def main(args):
-    rank, world, device = mr_sp.init_distributed()
+    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
     paths = args.model.split(",") if args.model else \
         [next((p for p in ("runs/grpo/model", "runs/sft/model") if os.path.exists(p)), None)]
     if None in paths:
@@ -150,12 +155,13 @@ def main(args):
         model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=device)
         results, bad, t0 = [], [], time.time()
         for frames in frame_counts:
-            r, b = evaluate(model, tok, rows, frames, args, rank, world)
+            r, b = evaluate(model, tok, rows, frames, args, rank, world, sp_group)
             results += r
             bad += b
         if dist.is_initialized():
             gathered = [None] * world
-            dist.all_gather_object(gathered, (results, bad))
+            # SP peers hold the same answers: only the first rank of each SP group contributes
+            dist.all_gather_object(gathered, (results, bad) if rank % args.sp == 0 else ([], []))
             results, bad = [r for g in gathered for r in g[0]], [b for g in gathered for b in g[1]]
         if rank == 0:
             summaries.append(report(path, results, bad, frame_counts, args, time.time() - t0))

@@ -2,6 +2,7 @@
 
     python grpo.py                                   # tiny model from runs/sft, synthetic task
     torchrun --nproc_per_node 2 grpo.py              # the same, data parallel
+    torchrun --nproc_per_node 2 grpo.py --sp 2       # the same, videos and sequences split over 2 ranks (MR-SP)
     python grpo.py --init /path/to/Qwen2.5-VL-7B-sft --data /path/to/LongVideo-Reason --dtype bfloat16
 
 Writes --out (default runs/grpo): model/ (a Hugging Face folder of the policy, with state.pt:
@@ -9,9 +10,10 @@ optimizer, step, data cursor, for --resume), args.json (the resolved config) and
 (one line per step).
 
 The variant that runs, exactly:
-1. Each step takes --prompts prompts (split in contiguous blocks over ranks). A prompt's video is
-   encoded once through the frozen vision tower; the embeddings serve its G rollouts and the
-   old-policy, reference and policy passes (mr_sp.py).
+1. Each step takes --prompts prompts (split in contiguous blocks over data-parallel ranks). A
+   prompt's video is encoded once through the frozen vision tower; the embeddings serve its G
+   rollouts and the old-policy, reference and policy passes (mr_sp.py). With --sp, the encode and
+   the three passes are split over the SP group's ranks.
 2. G samples per prompt at --temperature, --top-p, at most --max-new tokens; vision special
    tokens are masked out of the policy. Sampling is seeded per (seed, step, prompt), so the same
    global batch samples the same tokens on any number of ranks.
@@ -83,6 +85,8 @@ g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight de
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
 g.add_argument("--steps", type=int, default=100, help="training steps; default 100")
+g.add_argument("--sp", type=int, default=1,
+               help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
 g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
 g.add_argument("--out", default="runs/grpo", help="output folder; default runs/grpo")
 g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = only at the end)")
@@ -171,10 +175,11 @@ def aggregate(x, mask, agg, n_tokens, n_seqs):
 
 # -----------------------------------------------------------------------------
 
-def collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats):
-    """This rank's groups for one step: a contiguous block of the step's prompts (so that one
-    process with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when
-    dynamic sampling refills, prompts strided over ranks after the step's block.
+def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, reward_fn, stats):
+    """This data-parallel rank's groups for one step (rank, world: data-parallel rank and size; SP
+    peers collect the same groups): a contiguous block of the step's prompts (so that one process
+    with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when dynamic
+    sampling refills, prompts strided over ranks after the step's block.
     Returns training rows (G per kept prompt), prompts consumed globally, and timings."""
     per = want = args.prompts // world
     k, rows, t = 0, [], {"encode": 0.0, "rollout": 0.0}
@@ -188,7 +193,7 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, s
         for i in chunk:
             for s in ds.iter_samples([i]):  # nothing when the video is bad (counted in ds.bad)
                 samples.append(s)
-                videos.append(mr_sp.encode(model, s))
+                videos.append(mr_sp.encode(model, s, sp_group))
                 p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
                 prompts.append(p)
                 pos.append(pp)
@@ -197,7 +202,9 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, s
             if not args.dynamic_sampling:
                 break
             continue
-        # one generator per prompt: its samples do not depend on batching or on the number of ranks
+        # one generator per prompt: its samples do not depend on batching or on the number of ranks.
+        # SP peers run this same rollout and get the same tokens (same weights, bit-identical video
+        # embeddings, same generators); splitting the G samples over the peers would go here.
         gens = [mr_sp.generator(args.seed, step, s["id"]) for s in samples]
         toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.G, max_new=args.max_new,
                                       temperature=args.temperature, top_p=args.top_p, generator=gens)
@@ -230,7 +237,7 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, s
     return rows, per * world + (consumed - per) * world, t
 
 
-def update(args, model, tok, params, opt, micro, old, refs, stats):
+def update(args, model, tok, params, opt, micro, old, refs, stats, sp_group=None):
     """--epochs passes of --mini-batches optimizer steps over the micro-batches. Returns metrics."""
     log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
     per = max(1, math.ceil(len(micro) / args.mini_batches))
@@ -241,11 +248,11 @@ def update(args, model, tok, params, opt, micro, old, refs, stats):
     for _ in range(args.epochs):
         for idx in groups:
             # global token and sequence counts of this mini-batch: the loss is their global mean
-            counts = mr_sp.all_reduce(torch.tensor([float(sum(len(x["response"]) for i in idx for x in micro[i])),
-                                                    float(sum(len(micro[i]) for i in idx))], dtype=torch.float64))
+            counts = mr_sp.dp_sum(torch.tensor([float(sum(len(x["response"]) for i in idx for x in micro[i])),
+                                                float(sum(len(micro[i]) for i in idx))], dtype=torch.float64), sp_group)
             n_tok, n_seq = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
             for i in idx:
-                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature)
+                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature, sp_group)
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
                 loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high, args.dual_clip)
                 if refs is not None:
@@ -265,20 +272,21 @@ def update(args, model, tok, params, opt, micro, old, refs, stats):
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] = float(gn)
     for k in ("kl", "clip_frac", "entropy"):
-        log[k] = mr_sp.all_reduce(torch.tensor([log[k]], dtype=torch.float64)).item()
+        log[k] = mr_sp.dp_sum(torch.tensor([log[k]], dtype=torch.float64), sp_group).item()
     return log
 
 
-def no_grad_logprobs(model, tok, micro, args):
+def no_grad_logprobs(model, tok, micro, args, sp_group=None):
     """One pass over the micro-batches without gradients (old policy, reference)."""
     with torch.no_grad():
-        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature)[0] for mb in micro]
+        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
 
 
 def main(args):
-    rank, world, device = mr_sp.init_distributed()
-    if args.prompts % world:
-        raise SystemExit(f"--prompts {args.prompts} must be divisible by the number of processes ({world})")
+    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
+    dp_rank, dp = rank // args.sp, world // args.sp  # SP peers share their prompts
+    if args.prompts % dp:
+        raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({dp})")
     if args.init == ap.get_default("init") and not os.path.exists(args.init):
         raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny to start from scratch")
     ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
@@ -289,6 +297,10 @@ def main(args):
         m.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     ref = M.load(args.init, dtype=dtype, device=device)[0].requires_grad_(False) if args.kl_coef else None
+    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
+        mr_sp.use_ulysses(model, args.sp)
+        if ref is not None:
+            mr_sp.use_ulysses(ref, args.sp)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, cursor = 0, 0
     stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
@@ -304,27 +316,28 @@ def main(args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
-        print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), {world} process(es), "
-              f"G={args.G}, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+        print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), "
+              f"{world} process(es) (dp {dp} x sp {args.sp}), G={args.G}, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
             t0 = time.time()
             model.eval()
-            batch, used, t = collect(args, step, model, tok, ds, order, cursor, rank, world, reward_fn, stats)
+            batch, used, t = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats)
             cursor += used
             stats["bad_samples"] = ds.n_bad
             micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
             t1 = time.time()
-            old = no_grad_logprobs(model, tok, micro, args)
-            refs = no_grad_logprobs(ref, tok, micro, args) if ref is not None else None
+            old = no_grad_logprobs(model, tok, micro, args, sp_group)
+            refs = no_grad_logprobs(ref, tok, micro, args, sp_group) if ref is not None else None
             t2 = time.time()
             model.train()
-            log = update(args, model, tok, params, opt, micro, old, refs, stats)
+            log = update(args, model, tok, params, opt, micro, old, refs, stats, sp_group)
             t3 = time.time()
             r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
                                len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
-            r = mr_sp.all_reduce(r)
+            r = mr_sp.dp_sum(r, sp_group)
             n = max(r[4].item(), 1.0)
             rec = dict(step=step + 1, groups=round(r[4].item() / args.G), reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
                        response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],

@@ -70,6 +70,15 @@ def all_reduce(x, op="sum"):
     return x
 
 
+def dp_sum(x, sp_group=None):
+    """Sum a count or metric over data-parallel ranks, in place. SP peers hold the same rows and
+    compute the same values, so only the first rank of each SP group contributes (the others add
+    zeros): exact, unlike dividing the sum over all ranks by sp, and no data-parallel group needed."""
+    if sp_group is not None and dist.get_rank(sp_group):
+        x.zero_()
+    return all_reduce(x)
+
+
 def sync_grads(params):
     """Data parallel: sum every rank's gradients (each rank's loss is its share of the global mean).
     One all-reduce per tensor, like DDP without its buckets; parameters without a gradient join with zeros."""

@@ -2,6 +2,7 @@
 
     python sft.py                                    # tiny model from scratch, synthetic task
     torchrun --nproc_per_node 2 sft.py               # the same, data parallel
+    torchrun --nproc_per_node 2 sft.py --sp 2        # the same, each sequence split over 2 ranks (MR-SP)
     python sft.py --init /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
@@ -47,6 +48,8 @@ g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], h
 g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
+g.add_argument("--sp", type=int, default=1,
+               help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
@@ -62,24 +65,29 @@ def lr_at(step, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
 
 
-def batch_indices(step, args, n_rows, rank, world):
-    """This rank's rows of global batch `step`: a fresh permutation every epoch, a contiguous block
-    per rank (so one process with --micro-batch = batch/world runs exactly the ranks' micro-batches)."""
-    out, per = [], args.batch // world
-    for k in range(step * args.batch + rank * per, step * args.batch + (rank + 1) * per):
+def batch_indices(step, args, n_rows, dp_rank, dp):
+    """This data-parallel rank's rows of global batch `step`: a fresh permutation every epoch, a
+    contiguous block per rank (so one process with --micro-batch = batch/dp runs exactly the ranks'
+    micro-batches)."""
+    out, per = [], args.batch // dp
+    for k in range(step * args.batch + dp_rank * per, step * args.batch + (dp_rank + 1) * per):
         epoch, j = divmod(k, n_rows)
         out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))[j].item())
     return out
 
 
 def main(args):
-    rank, world, device = mr_sp.init_distributed()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the number of processes ({world})")
+    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
+    dp_rank, dp = rank // args.sp, world // args.sp  # SP peers share their rows
+    if args.batch % dp:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the data-parallel size ({dp})")
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
     model, tok = M.load(src, device=device, seed=args.seed)
-    model.model.visual.requires_grad_(args.vision == "train" or (args.vision == "auto" and args.init == "tiny"))
+    train_vision = args.vision == "train" or (args.vision == "auto" and args.init == "tiny")
+    model.model.visual.requires_grad_(train_vision)
+    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
+        mr_sp.use_ulysses(model, args.sp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
@@ -94,28 +102,34 @@ def main(args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
-        print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {world} process(es), "
+        print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), "
+              f"{world} process(es) (dp {dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=rank != 0):
             t0 = time.time()
-            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), rank, world)))
+            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), dp_rank, dp)))
             items = []
             for s in samples:
                 prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
                 target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
                 items.append((s, prompt, pos, target))
-            n_tok = mr_sp.all_reduce(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64)).item()
+            n_tok = mr_sp.dp_sum(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64),
+                                 sp_group).item()
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):
                 mb = items[m0:m0 + args.micro_batch]
                 rows_mb = []
                 for s, prompt, pos, target in mb:
-                    video = M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
+                    # A trained tower needs the graph, so every SP peer encodes the whole video with it. Its
+                    # gradient is still exact: each peer's prefill back-propagates only into its own share of
+                    # the sequence, so the peers' vision gradients sum (sync_grads) to the sp=1 gradient.
+                    video = (M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
+                             if train_vision else mr_sp.encode(model, s, sp_group))
                     rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
-                lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb)
+                lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=sp_group)
                 loss = -(lp * mask).sum() / max(n_tok, 1.0)
                 loss.backward()
                 loss_sum += loss.item()
@@ -128,7 +142,7 @@ def main(args):
             else:
                 print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
             opt.zero_grad(set_to_none=True)
-            loss = mr_sp.all_reduce(torch.tensor([loss_sum], dtype=torch.float64)).item()
+            loss = mr_sp.dp_sum(torch.tensor([loss_sum], dtype=torch.float64), sp_group).item()
             dt = time.time() - t0
             if rank == 0:
                 rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,

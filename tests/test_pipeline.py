@@ -1,5 +1,6 @@
-"""The scripts end to end, as users run them: data parallel equals one process, resume equals an
-uninterrupted run, faults are reported and survived, and a short pipeline shows signs of learning.
+"""The scripts end to end, as users run them: data parallel and sequence parallel (--sp) equal one
+process, resume equals an uninterrupted run, faults are reported and survived, and a short pipeline
+shows signs of learning.
 
     python -m pytest tests/test_pipeline.py -q"""
 import json
@@ -67,6 +68,45 @@ def test_two_processes_equal_one(task, tmp_path, script):
     if script == "grpo":  # the step did change the policy, so equality is not vacuous
         run("model.py", "save", "--out", str(tmp_path / "init"))
         assert max_diff(one, weights(tmp_path / "init")) > 1e-4
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo"])
+def test_sequence_parallel_equals_one_process(task, tmp_path, script):
+    """--sp 2 on 2 processes (one data-parallel rank, its sequences split over 2) equals 1 process:
+    the same parameters after a step, and the same counts and metrics (AdamW's first step hides the
+    gradient's scale, so a token count summed over SP peers would show only there). SFT trains the
+    tiny model's vision tower, which every SP peer encodes with gradients."""
+    # lr 1e-4, not 1e-3: unlike data parallel, SP reorders float sums, and AdamW's first step turns a
+    # gradient difference d on an element with |g| < eps = 1e-8 into about lr * d / eps (at lr 1e-3 the
+    # GRPO step measured 2e-8 on gradients, 1.9e-5 on parameters)
+    cmd = (SFT if script == "sft" else GRPO + ["--mini-batches", "1"]) + ["--data", task, "--steps", "1"]
+    cmd += ["--lr", "1e-4"]
+    run(*cmd, "--out", str(tmp_path / "one"))
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
+    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+    one, sp = metrics(tmp_path / "one")[0], metrics(tmp_path / "sp")[0]
+    keys = ["tokens", "loss", "grad_norm"] if script == "sft" else \
+        ["groups", "reward", "response_len", "kl", "clip_frac", "entropy", "grad_norm"]
+    assert {k: sp[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, rel=1e-5)
+    assert one["grad_norm"] > 0.1
+
+
+def test_sequence_parallel_not_dividing_world_fails_at_start(task, tmp_path):
+    out = run(*SFT, "--data", task, "--steps", "1", "--sp", "3", "--out", str(tmp_path / "run"), nproc=2, check=False)
+    assert out.returncode and "world size 2 is not divisible by --sp 3" in out.stderr
+
+
+def test_eval_sequence_parallel_equals_one_process(task, tmp_path):
+    """Same answers and summary; the SP peers' identical answers are gathered once."""
+    run("model.py", "save", "--out", str(tmp_path / "model"))
+    cmd = ["eval.py", "--model", str(tmp_path / "model"), "--data", task, "--frames", "8", "--limit", "4",
+           "--max-new", "8"]
+    outs = [run(*cmd, "--out", str(tmp_path / "one")), run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)]
+    one, sp = [json.loads(o.stdout.strip().splitlines()[-1]) for o in outs]
+    for s in (one, sp):
+        del s["seconds"]
+    assert one == sp and one["n_questions"] == 4
+    assert (tmp_path / "one" / "results.jsonl").read_text() == (tmp_path / "sp" / "results.jsonl").read_text()
 
 
 @pytest.mark.parametrize("script", ["sft", "grpo"])
