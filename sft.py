@@ -11,6 +11,7 @@ Writes --out (default runs/sft): model/ (a Hugging Face folder, with state.pt: o
 for --resume), args.json and metrics.jsonl.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -69,11 +70,14 @@ def batch_indices(step, args, n_rows, dp_rank, dp):
     """This data-parallel rank's rows of global batch `step`: a fresh permutation every epoch, a
     contiguous block per rank (so one process with --micro-batch = batch/dp runs exactly the ranks'
     micro-batches)."""
-    out, per = [], args.batch // dp
-    for k in range(step * args.batch + dp_rank * per, step * args.batch + (dp_rank + 1) * per):
-        epoch, j = divmod(k, n_rows)
-        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))[j].item())
-    return out
+    per = args.batch // dp
+    ks = range(step * args.batch + dp_rank * per, step * args.batch + (dp_rank + 1) * per)
+    return [epoch_order(args.seed, k // n_rows, n_rows)[k % n_rows] for k in ks]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n_rows):
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
 def main(args):
