@@ -19,6 +19,7 @@ Conventions shared by every stage:
   sampling and when scoring, so the sampler and the trainer describe the same distribution.
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -225,6 +226,7 @@ def build_prompt(tok, text, n_video):
     return tok.encode(head, add_special_tokens=False) + [pad] * n_video + tok.encode(tail, add_special_tokens=False)
 
 
+@functools.lru_cache(maxsize=8)  # per tokenizer: get_vocab() of a 150k vocabulary is not free
 def banned_ids(tok):
     """Vision special tokens: the policy must never emit them (a sampled <|video_pad|> would ask
     the next forward for a video embedding that does not exist)."""
