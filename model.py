@@ -26,7 +26,6 @@ import shutil
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
