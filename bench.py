@@ -2,6 +2,10 @@
 
     python bench.py learning                 # SFT -> GRPO on the synthetic task, 3 seeds (about an hour on 2 cores)
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10     # a quick look
+    python bench.py mrsp                     # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
+    python bench.py hour                     # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
+    python bench.py step --frames 256 [--reencode]     # one measured GRPO step (what mrsp and hour run)
+    torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2   # one measured training prefill + backward
 
 learning: for each seed, SFT on the SFT third of train, greedy eval on the held-out split (and a
 blind control: the same model with every video blanked), the SFT model's pass@8 on 200 held-out rows
@@ -10,6 +14,7 @@ GRPO on the other two thirds from that checkpoint, greedy eval again. The last l
 chance, blind_acc, sft_acc, grpo_acc (held-out means over seeds), per-seed values and seeds.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +33,31 @@ lp.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps; default
 lp.add_argument("--grpo-args", default="", help="extra grpo.py arguments, quoted")
 lp.add_argument("--sft-args", default="", help="extra sft.py arguments, quoted")
 lp.add_argument("--limit", type=int, default=0, help="held-out rows to evaluate (0 = all)")
+mp = sub.add_parser("mrsp", help="MR-SP measured: embedding cache, sp=2 memory, largest video, engine, planner")
+mp.add_argument("--frames", default="64,256,1024", help="frame counts for the cache speedup; default 64,256,1024")
+mp.add_argument("--repeats", type=int, default=3, help="steps per variant, alternating; the median counts; default 3")
+mp.add_argument("--max-new", type=int, default=32, help="response tokens per rollout; default 32")
+mp.add_argument("--long", type=int, default=4096, help="frames of the sp=1 vs sp=2 memory comparison; default 4096")
+mp.add_argument("--cap-gb", type=float, default=1.0,
+                help="memory cap of the largest-video search, GiB of training-pass peak per rank; default 1.0")
+hp = sub.add_parser("hour", help="one GRPO step on a 3,600-frame video: tiny model, sp=2 under torchrun")
+hp.add_argument("--frames", type=int, default=3600, help="frames (an hour at 1 fps); default 3600")
+hp.add_argument("--G", type=int, default=8, help="rollouts; default 8")
+hp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
+hp.add_argument("--size", type=int, default=56, help="frame side in pixels (56: 2 video tokens a frame); default 56")
+for name, what in (("step", "one GRPO step on one synthetic video, phases timed, peak memory measured"),
+                   ("prefill", "one training prefill + backward of one row (random video embeddings), peak memory")):
+    p = sub.add_parser(name, help=what)
+    p.add_argument("--config", default="small", choices=["tiny", "small"], help="model (mr_sp.SMALL); default small")
+    p.add_argument("--frames", type=int, default=256, help="frames of the video; default 256")
+    p.add_argument("--size", type=int, default=56, help="frame side in pixels; default 56 (2 video tokens a frame)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (run under torchrun when > 1)")
+    p.add_argument("--G", type=int, default=8, help="rollouts (step) or rows (prefill: 1); default 8")
+    p.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
+    p.add_argument("--variants", default="cache", help="step: comma list of cache, reencode; default cache")
+    p.add_argument("--repeats", type=int, default=1, help="steps per variant, alternating; default 1")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+sub.choices["prefill"].set_defaults(G=1, max_new=64)
 
 
 def sh(*cmd):
@@ -71,6 +101,313 @@ def learning(args):
                           minutes=round((time.time() - t0) / 60, 1))))
 
 
+# -----------------------------------------------------------------------------
+# MR-SP measured. Memory is the process's resident set (VmRSS) and its high-water mark (VmHWM) from
+# /proc/self/status; writing 5 to /proc/self/clear_refs resets the mark, so each phase gets its own peak.
+# The workers run with MALLOC_MMAP_THRESHOLD_ = 1 MiB: glibc then returns every freed large tensor to the
+# system at once, so resident memory follows live tensors (as torch.cuda.max_memory_allocated does on a
+# GPU) instead of keeping freed memory in its heap, which would hide one phase's memory from the next.
+
+def rss():
+    """(resident, peak resident since the last reset) of this process, bytes."""
+    f = dict(line.split(":") for line in open("/proc/self/status"))
+    return int(f["VmRSS"].split()[0]) * 1024, int(f["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+@contextlib.contextmanager
+def phase(name, rec, base):
+    """Time a phase and record its peak resident memory above `base` (GiB) in rec[name]."""
+    reset_peak()
+    t0 = time.perf_counter()
+    yield
+    rec[name] = dict(s=time.perf_counter() - t0, gb=(rss()[1] - base) / 2**30)
+
+
+def video_sample(frames, size, seed=0):
+    """A synthetic video of `frames` frames of size x size pixels at 1 fps, as data.VideoDataset returns one."""
+    import numpy as np
+    import data as D
+    rng = np.random.default_rng(seed)
+    sc = D.synth_scenario(rng, "temporal_order", (len(D.synth_slots(frames)) - 1) // 2)
+    pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size, min_pixels=size * size)
+    return dict(id=f"bench-{frames}", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0, question=sc["question"],
+                options=sc["options"])
+
+
+def worker_setup(a):
+    """Process group, baseline memory (imports done), the sample, and policy + reference + AdamW as grpo.py has them."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (imported before the baseline)
+    import model as M
+    import mr_sp
+    rank, world, device, group = mr_sp.init_parallel(a.sp)
+    M.tiny_tokenizer()
+    base = rss()[0]  # the Python runtime: everything the planner counts comes above it
+    kw = mr_sp.SMALL if a.config == "small" else {}
+    model, tok = M.load("tiny", **kw)
+    model.requires_grad_(False)  # RL: the vision tower frozen, the language model and lm_head trained
+    for m in (model.model.language_model, model.lm_head):
+        m.requires_grad_(True)
+    if a.sp > 1:
+        mr_sp.use_ulysses(model, a.sp)
+    return rank, group, base, model, tok, [p for p in model.parameters() if p.requires_grad]
+
+
+def grpo_step(model, ref, tok, opt, params, s, a, base, reencode=False, group=None):
+    """One GRPO step on one prompt as grpo.py runs it: encode once, G rollouts, old-policy and reference passes
+    and one update over one micro-batch of the G rows (k3 KL 0.01, clip 0.2/0.28, dual clip 3). Rewards are
+    random stand-ins (the reward is not what this measures). reencode: the baseline without the embedding cache,
+    which runs the vision tower again for every rollout and for every row of every pass (Video-R1, TRL).
+    Returns per-phase time and peak memory, and the loss (the same in both variants: the same work)."""
+    import torch
+    import data as D
+    import grpo
+    import mr_sp
+    rec, enc = {}, lambda: mr_sp.encode(model, s, group)
+    fresh = lambda rows: [dict(r, video=enc()) for r in rows] if reencode else rows  # noqa: E731
+    with phase("encode", rec, base):
+        video = enc()
+        prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+    with phase("rollout", rec, base):
+        for _ in range(a.G - 1 if reencode else 0):
+            video = enc()
+        toks, _, lens = mr_sp.rollout(model, tok, [prompt], [pos], [video], a.G, max_new=a.max_new,
+                                      generator=[mr_sp.generator(a.seed, s["id"])])
+    rows = [dict(prompt=prompt, pos=pos, video=video, response=toks[j, :lens[j]].tolist()) for j in range(a.G)]
+    adv = grpo.group_advantages(torch.randn(a.G, generator=mr_sp.generator(a.seed, "reward")), a.G)
+    with phase("old", rec, base), torch.no_grad():
+        old = mr_sp.prefill_logprobs(model, tok, fresh(rows), group=group)[0]
+    with phase("ref", rec, base), torch.no_grad():
+        refs = mr_sp.prefill_logprobs(ref, tok, fresh(rows), group=group)[0]
+    with phase("update", rec, base):
+        lp, _, mask = mr_sp.prefill_logprobs(model, tok, fresh(rows), group=group)
+        loss_tok = grpo.policy_loss(lp, old, adv, 0.2, 0.28, 3.0)[0] + 0.01 * grpo.kl_estimate(lp, refs, "k3")
+        loss = grpo.aggregate(loss_tok, mask, "token", mask.sum(), a.G)
+        loss.backward()
+        mr_sp.sync_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    rec["step"] = dict(s=sum(r["s"] for r in rec.values()), gb=max(r["gb"] for r in rec.values()))
+    return rec, loss.item(), int(lens.sum())
+
+
+def gather_max(x):
+    """The largest of x over ranks (a no-op in one process)."""
+    import torch
+    import mr_sp
+    return mr_sp.all_reduce(torch.tensor([float(x)], dtype=torch.float64), "max").item()
+
+
+def step(a):
+    """One untimed warm-up step on a 16-frame video, then steps of each --variants, alternating, --repeats times;
+    one line per step, then JSON: median times, the first measured step's peak memory per rank (above the
+    Python runtime) and its phases, and the paired time ratio of the two variants."""
+    import torch
+    import model as M
+    import mr_sp
+    import data as D
+    rank, group, base, model, tok, params = worker_setup(a)
+    ref = M.load("tiny", **(mr_sp.SMALL if a.config == "small" else {}))[0].requires_grad_(False)
+    if a.sp > 1:
+        mr_sp.use_ulysses(ref, a.sp)
+    # lr 0: every step samples the same tokens, so every step and both variants do the same work
+    opt = torch.optim.AdamW(params, lr=0.0)
+    grpo_step(model, ref, tok, opt, params, video_sample(16, a.size), a, base, False, group)  # warm-up, untimed
+    s = video_sample(a.frames, a.size)
+    res = {v: [] for v in a.variants.split(",")}
+    for i in range(a.repeats):
+        for v in list(res)[::1 if i % 2 == 0 else -1]:  # alternating order: a slow spell hits both variants
+            rec, loss, n_tok = grpo_step(model, ref, tok, opt, params, s, a, base, v == "reencode", group)
+            res[v].append(dict(rec, loss=loss, tokens=n_tok))
+            if rank == 0:
+                print(f"{v} {i} | " + " | ".join(f"{k} {r['s']:.2f}s {r['gb']:.3f}GB" for k, r in rec.items())
+                      + f" | loss {loss:.6f}", flush=True)
+    out = dict(config=a.config, frames=a.frames, size=a.size, sp=a.sp, G=a.G, max_new=a.max_new,
+               video_tokens=int(s["grid_thw"].prod()) // 4, repeats=a.repeats,
+               prompt_tokens=len(mr_sp.prompt_of(model, tok, s, D.question_text(s))[0]))
+    for v, rs in res.items():
+        out[v] = dict(step_s=statistics.median(r["step"]["s"] for r in rs),
+                      phases_s={k: round(statistics.median(r[k]["s"] for r in rs), 3) for k in rs[0] if k != "step"
+                                and isinstance(rs[0][k], dict)},
+                      first_step_gb_per_rank=gather_max(rs[0]["step"]["gb"]),
+                      phases_gb_rank0={k: round(rs[0][k]["gb"], 4) for k in rs[0] if isinstance(rs[0][k], dict)},
+                      loss=rs[0]["loss"], tokens=rs[0]["tokens"])
+    if len(res) == 2:  # paired: the median over repeats of one variant's time over the other's
+        (v0, r0), (v1, r1) = res.items()
+        out[f"{v1}_over_{v0}"] = statistics.median(y["step"]["s"] / x["step"]["s"] for x, y in zip(r0, r1))
+    out["peak_rss_gb_per_rank"] = gather_max(rss()[1]) / 2**30  # absolute, Python runtime included
+    out["runtime_gb"] = base / 2**30
+    if rank == 0:
+        print(json.dumps(out), flush=True)
+    mr_sp.shutdown()
+
+
+def prefill(a):
+    """One training prefill + backward of --G rows (default 1) of one video of --frames frames and a --max-new
+    token response: the peak memory of the pass above the memory before it (weights and inputs resident)."""
+    import torch
+    import mr_sp
+    rank, group, base, model, tok, params = worker_setup(a)
+    per = (a.size // 28) ** 2  # video tokens per 2 frames
+    s = dict(grid_thw=torch.tensor([[a.frames // 2, 2 * (a.size // 28), 2 * (a.size // 28)]]), second_per_grid=2.0)
+    prompt, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
+    g = torch.Generator().manual_seed(a.seed)
+    video = torch.randn(a.frames // 2 * per, model.config.text_config.hidden_size, generator=g)  # as if encoded
+    rows = [dict(prompt=prompt, pos=pos, video=video, response=torch.randint(20, 500, (a.max_new,), generator=g).tolist())
+            for _ in range(a.G)]
+    rec = {}
+    with phase("pass", rec, rss()[0]):
+        lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, group=group)
+        ((lp * mask).sum() / mask.sum()).backward()
+    out = dict(config=a.config, frames=a.frames, sp=a.sp, rows=a.G, tokens=len(prompt) + a.max_new,
+               video_tokens=len(video),
+               pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
+               peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
+    if rank == 0:
+        print(json.dumps(out), flush=True)
+    mr_sp.shutdown()
+
+
+def launch(cmd, sp=1, quiet=False, timing=False):
+    """Run `bench.py cmd` in a fresh process, one thread per process (under torchrun with sp processes when
+    sp > 1); its last line, parsed. Memory runs set the mmap threshold (see above); timing runs do not, it
+    costs page faults (1.5x slower rollouts measured)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
+    pre = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node", str(sp)]
+    full = pre + [os.path.abspath(__file__)] + [str(c) for c in cmd] + ["--sp", str(sp)]
+    print("$ " + " ".join(full[1:]), flush=True)
+    p = subprocess.run(full, env=env, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(full[1:])} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    if not quiet:
+        print(p.stdout, end="", flush=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
+    """Rollout tokens/s of model.generate (one prefill, KV cache copied into G rows) and of generate_naive (G rows,
+    everything recomputed per token), greedy, no EOS (both emit exactly max_new tokens a row); medians."""
+    import torch
+    import data as D
+    import model as M
+    import mr_sp
+    torch.set_num_threads(1)
+    model, tok = M.load("tiny", **mr_sp.SMALL)
+    s = video_sample(frames, 56)
+    prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+    ids, pos, mask, _ = M.layout([prompt], [pos], pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        embeds = M.splice(model, ids, mr_sp.encode(model, s))
+    res = {}
+    for i in range(repeats):
+        for name, gen in (("engine", M.generate), ("naive", M.generate_naive)):
+            t0 = time.perf_counter()
+            toks = gen(model, embeds, pos, mask, n=G, max_new=max_new, temperature=0, banned=M.banned_ids(tok))[0]
+            res.setdefault(name, []).append(toks.numel() / (time.perf_counter() - t0))
+            res.setdefault(name + "_tokens", toks)
+    return dict(engine_tok_s=statistics.median(res["engine"]), naive_tok_s=statistics.median(res["naive"]),
+                ratio=statistics.median(e / n for e, n in zip(res["engine"], res["naive"])),
+                same_tokens=bool(torch.equal(res["engine_tokens"], res["naive_tokens"])),
+                prompt_tokens=len(prompt), G=G, max_new=max_new)
+
+
+def largest_fitting(sp, cap, known, step=256):
+    """Largest frame count (a multiple of step) whose training-pass peak per rank is at most cap GiB: a line through
+    the measured points predicts it, then measurements at the guess and one step above confirm it (or move it)."""
+    pts = dict(known)
+    if len(pts) < 2:
+        f = max(step, min(pts) // 4 // step * step)
+        pts[f] = launch(["prefill", "--frames", f], sp, quiet=True)["pass_gb_per_rank"]
+    (f0, g0), (f1, g1) = sorted(pts.items())[:2]
+    f = max(step, int((f0 + (cap - g0) * (f1 - f0) / (g1 - g0)) // step * step))
+    for _ in range(6):
+        for x in (f, f + step):
+            if x not in pts:
+                pts[x] = launch(["prefill", "--frames", x], sp, quiet=True)["pass_gb_per_rank"]
+        if pts[f] <= cap < pts[f + step]:
+            return f, {k: round(v, 3) for k, v in sorted(pts.items())}
+        f = f + step if pts[f + step] <= cap else f - step
+    raise SystemExit(f"sp={sp}: no frame count found under {cap} GiB: {pts}")
+
+
+def mrsp(a):
+    """Every number below is measured in this run; workers are fresh processes with one thread each
+    (the machine is shared: two threads per process made timings several times noisier)."""
+    import mr_sp
+    t0, out = time.time(), {}
+    # 1. the embedding cache: GRPO step time without it (vision re-run per rollout and per row of every pass) over with it
+    out["cache_speedup"], out["cache_step_s"] = {}, {}
+    for f in [int(x) for x in a.frames.split(",")]:
+        r = launch(["step", "--frames", f, "--variants", "cache,reencode", "--repeats", a.repeats,
+                    "--max-new", a.max_new], timing=True)
+        out["cache_speedup"][f] = round(r["reencode_over_cache"], 3)
+        out["cache_step_s"][f] = dict(cache=round(r["cache"]["step_s"], 2), reencode=round(r["reencode"]["step_s"], 2),
+                                      cache_phases=r["cache"]["phases_s"], reencode_phases=r["reencode"]["phases_s"])
+    # 2. memory of a training prefill + backward of one row at a long sequence, sp=1 vs sp=2 (per rank)
+    long = {sp: launch(["prefill", "--frames", a.long], sp) for sp in (1, 2)}
+    out["sp2_peak_mem_ratio"] = round(long[2]["pass_gb_per_rank"] / long[1]["pass_gb_per_rank"], 3)
+    out["long_pass"] = {sp: {k: r[k] for k in ("frames", "tokens", "pass_gb_per_rank", "pass_s")} for sp, r in long.items()}
+    # 3. the largest video whose training pass fits the cap, per rank
+    for sp in (1, 2):
+        out[f"max_frames_sp{sp}"], out[f"max_frames_sp{sp}_measured_gb"] = largest_fitting(
+            sp, a.cap_gb, {a.long: long[sp]["pass_gb_per_rank"]})
+    out["cap_gb"] = a.cap_gb
+    # 4. the planner against measured peaks: whole GRPO steps (tiny, small) and the long training passes above
+    out["planner"] = {}
+    for config in ("tiny", "small"):
+        r = launch(["step", "--config", config, "--frames", 512, "--max-new", a.max_new])
+        text = r["prompt_tokens"] - r["video_tokens"]
+        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, a.max_new, 8, "float32")["peak"] / 2**30
+        got = r["cache"]["first_step_gb_per_rank"]
+        out["planner"][f"{config}_step_512f"] = dict(estimate_gb=round(est, 3), measured_gb=round(got, 3),
+                                                     ratio=round(est / got, 3))
+    for sp, r in long.items():
+        est = mr_sp.plan(mr_sp.plan_config("small"), a.long, sp, 56 * 56, r["tokens"] - r["video_tokens"] - 64, 1,
+                         64, 1, "float32")["training_pass"] / 2**30
+        out["planner"][f"small_pass_{a.long}f_sp{sp}"] = dict(estimate_gb=round(est, 3),
+                                                              measured_gb=round(r["pass_gb_per_rank"], 3),
+                                                              ratio=round(est / r["pass_gb_per_rank"], 3))
+    # 5. the rollout engine against the naive generate
+    out["engine_vs_naive"] = engine_vs_naive()
+    out["minutes"] = round((time.time() - t0) / 60, 1)
+    print(f"{'frames':>6} | {'cache s':>8} | {'re-encode s':>11} | speedup")
+    for f, x in out["cache_step_s"].items():
+        print(f"{f:>6} | {x['cache']:8.2f} | {x['reencode']:11.2f} | {out['cache_speedup'][f]:.2f}x")
+    print(f"sp=2 / sp=1 training-pass peak per rank at {a.long} frames: {out['sp2_peak_mem_ratio']:.3f}; "
+          f"largest video under {a.cap_gb} GiB: sp=1 {out['max_frames_sp1']} frames, sp=2 {out['max_frames_sp2']}")
+    for k, x in out["planner"].items():
+        print(f"planner {k}: estimate {x['estimate_gb']:.3f} GiB, measured {x['measured_gb']:.3f} GiB ({x['ratio']:.2f}x)")
+    e = out["engine_vs_naive"]
+    print(f"engine {e['engine_tok_s']:.0f} tok/s, naive {e['naive_tok_s']:.0f} tok/s ({e['ratio']:.1f}x), same tokens: "
+          f"{e['same_tokens']}")
+    print(json.dumps(out))
+
+
+def hour(a):
+    """One GRPO step on an hour-long video (3,600 frames at 1 fps), tiny model, sp=2: bench.py step under torchrun."""
+    t0 = time.time()
+    r = launch(["step", "--config", "tiny", "--frames", a.frames, "--G", a.G, "--max-new", a.max_new, "--size", a.size],
+               sp=2)
+    c = r["cache"]
+    import mr_sp
+    est = mr_sp.plan(mr_sp.plan_config("tiny"), a.frames, 2, a.size * a.size, r["prompt_tokens"] - r["video_tokens"],
+                     a.G, a.max_new, a.G, "float32")["peak"] / 2**30
+    print(f"{a.frames} frames ({r['video_tokens']:,} video tokens), G={a.G}, max_new={a.max_new}, sp=2: step "
+          f"{c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items()) +
+          f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above the runtime; the planner said {est:.2f})")
+    print(json.dumps(dict(frames=a.frames, step_s=round(c["step_s"], 2), peak_mem_gb_per_rank=round(r["peak_rss_gb_per_rank"], 3),
+                          above_runtime_gb_per_rank=round(c["first_step_gb_per_rank"], 3), planner_gb=round(est, 3),
+                          phases_s=c["phases_s"],
+                          phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"], G=a.G,
+                          max_new=a.max_new, size=a.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
+
+
 if __name__ == "__main__":
     args = ap.parse_args()
-    {"learning": learning}[args.cmd](args)
+    {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour}[args.cmd](args)

@@ -46,8 +46,9 @@ def init_parallel(sp=1):
     group k (they share their rows; data splits by rank // sp). sp_group is None when sp is 1: the
     plain data-parallel path, no extra group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if sp < 1 or world % sp:
-        raise ValueError(f"world size {world} is not divisible by --sp {sp} (dp x sp = world)")
+    if sp < 1 or world % sp:  # a one-line message at start, not a traceback (SystemExit prints only its text)
+        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs a whole number "
+                         f"of data-parallel groups, dp = {world}/{sp}")
     rank, world, device = init_distributed()
     if sp == 1:
         return rank, world, device, None
@@ -204,13 +205,23 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     return _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3), None  # (B, l, H, D)
 
 
+def check_heads(config, sp):
+    """Ulysses gives each rank H/sp query heads and, after repeating KV heads up to lcm(Hkv, sp), lcm/sp KV
+    heads; each rank's query heads must be whole groups over its KV heads. SystemExit: a one-line message."""
+    t = config.get_text_config()
+    H, K = t.num_attention_heads, t.num_key_value_heads
+    kv = K * sp // math.gcd(K, sp)
+    if H % sp or H % kv:
+        raise SystemExit(f"num_attention_heads {H} is not divisible by --sp {sp}: Ulysses gives each rank H/sp heads"
+                         if H % sp else
+                         f"num_key_value_heads {K} repeated to {kv} (a multiple of --sp {sp}) does not divide "
+                         f"num_attention_heads {H}")
+
+
 def use_ulysses(model, sp):
     """Switch the text attention to `ulysses_attention` (vision attention unchanged). Without an SP
     group it is SDPA with transformers' own masks, so rollouts on the same model are unaffected."""
-    heads = model.config.text_config.num_attention_heads
-    if heads % sp:
-        raise ValueError(f"num_attention_heads {heads} is not divisible by --sp {sp}: "
-                         "Ulysses gives each rank heads/sp heads")
+    check_heads(model.config, sp)
     if model.config.text_config._attn_implementation != "ulysses":
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
@@ -247,3 +258,128 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
         local.register_hook(lambda g: g / sp)
     full = torch.cat(dist_nn.all_gather(local, group=group), -1)  # (2, B, sp*l)
     return full[0, :, P - 1:P - 1 + T], full[1, :, P - 1:P - 1 + T]
+
+
+# -----------------------------------------------------------------------------
+# Memory planner: python mr_sp.py plan --frames F --sp N --config tiny|small|qwen2.5-vl-7b|HF_FOLDER
+
+# bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's is 0.394
+# (`model_costs`; matmul FLOPs, attention scores left out). Found by trying LM widths and depths around
+# the tiny model's vision tower until the ratio matched: a tiny-like model whose time and memory split
+# between encoding and the language model like the 7B's.
+SMALL = dict(hidden=256, layers=6, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2, vision_heads=4)
+# Qwen2.5-VL-7B-Instruct's config.json (the values that size memory), so it can be planned without a download
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+    tie_word_embeddings=False)
+
+
+def plan_config(name):
+    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b", or a local Hugging Face folder."""
+    from transformers import AutoConfig, Qwen2_5_VLConfig
+    if name in ("tiny", "small"):
+        return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
+    if name.lower() == "qwen2.5-vl-7b":
+        return Qwen2_5_VLConfig(**QWEN25_VL_7B)
+    return AutoConfig.from_pretrained(name)
+
+
+def model_costs(config):
+    """Parameters (all, trainable in RL: the language model and lm_head) and forward FLOPs per token (vision per
+    video token, LM per token) of a config, counted on a meta-device model: no memory, no download."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        m = Qwen2_5_VLForConditionalGeneration(config)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    vis, lm = m.model.visual, m.model.language_model
+    merge = config.vision_config.spatial_merge_size ** 2  # patches per video token: the merger runs once per token
+    return dict(params=n(m), trainable=n(m) - n(vis),
+                vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
+                lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
+
+
+def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1024, micro_batch=1,
+         dtype="bfloat16", ref=True, shard=1, chunk=1024):
+    """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one video prompt
+    per data-parallel rank. Returns the components and the peak.
+
+    Held for the whole step: fp32 policy weights (+ a reference copy in `dtype`), AdamW's two fp32 states,
+    the video's pixel rows (every rank holds all of them) and its cached embeddings; `shard` divides the
+    first three (FSDP/ZeRO-3 over that many ranks, what Long-RL runs; this code replicates them, shard=1).
+    Then the largest of the step's phases:
+    - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs the whole rollout);
+    - no-grad pass (old, reference): one micro-batch's largest layer intermediates;
+    - training pass: what autograd saves per token and layer, counted from the tensors our path saves
+      (torch.autograd.graph.saved_tensors_hooks on the tiny models): sp=1 4I + 8d + 2*Hkv*D + H + 2 values,
+      Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output is one more copy);
+      plus fp32 gradients, the lm_head chunk recomputed in backward (chunk x vocab logits, about 6 fp32
+      copies), one layer's backward intermediates, and at sp=1 with rows of different lengths the (B, L, L)
+      mask, whose float copy every layer's SDPA saves; Ulysses builds none for right padding.
+    Only layer-level terms: Python, the allocator's slack and small buffers are not counted."""
+    t = config.get_text_config()
+    d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                             t.num_key_value_heads, t.vocab_size)
+    D = getattr(t, "head_dim", None) or d // H
+    b = 2 if dtype == "bfloat16" else 4  # activations and the reference copy; the policy keeps fp32 weights
+    c = model_costs(config)
+    groups, per_group = frames // 2, max_pixels // (28 * 28)  # temporal groups of 2 frames, tokens per group
+    video = groups * per_group
+    P, T = video + text, max_new
+    L, B = P + T, min(micro_batch, G)
+    l = -(-L // sp)  # tokens per rank in the training passes
+    kv = K * sp // math.gcd(K, sp) if sp > 1 else K
+    saved = (4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2) * layers + 2 * D + 2 * d  # values per token
+    logits = 6 * 4 * min(chunk, B * T) * V
+    # rows of different lengths at sp=1: transformers' (B, 1, L, L) bool mask, and every layer's SDPA saves a
+    # float copy of it for backward (measured: 13 bytes per element with 3 layers); no-grad: one copy at a time
+    mask = B * L * L * (1 + 4 * layers) if sp == 1 and B > 1 else 0
+    m = dict(weights=(4 + b * ref) * c["params"] / shard, adam=8 * c["trainable"] / shard,
+             pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
+    phase = dict(
+        rollout=b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d),
+        no_grad_pass=b * B * L * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
+        training_pass=b * B * l * saved + 4 * c["trainable"] / shard + logits + b * B * l * (3 * I + 2 * d) + mask)
+    m.update(phase)
+    m["peak"] = sum(m[k] for k in ("weights", "adam", "pixels", "video_embeds")) + max(phase.values())
+    m.update(tokens=L, video_tokens=video, tokens_per_rank=l)
+    return m
+
+
+def plan_main(argv=None):
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="mr_sp.py plan", description=plan.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["plan"], help="the planner (the only command)")
+    ap.add_argument("--frames", type=int, required=True, help="frames per video")
+    ap.add_argument("--sp", type=int, default=1, help="sequence-parallel degree; default 1")
+    ap.add_argument("--config", default="qwen2.5-vl-7b",
+                    help="tiny | small | qwen2.5-vl-7b | local HF folder; default qwen2.5-vl-7b")
+    ap.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
+                    help="pixels per frame: max-pixels/784 tokens per 2 frames; default 128*28*28 (64 tokens a frame)")
+    ap.add_argument("--text", type=int, default=64, help="prompt text tokens besides the video; default 64")
+    ap.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
+    ap.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
+    ap.add_argument("--micro-batch", type=int, default=1, help="rows per training forward; default 1")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--no-ref", action="store_true", help="no reference model (--kl-coef 0)")
+    ap.add_argument("--shard", type=int, default=1,
+                    help="ranks that shard weights, gradients and AdamW (FSDP; this code: 1); default 1")
+    ap.add_argument("--gpu-gb", type=float, default=80, help="memory per rank to compare with, GiB; default 80")
+    a = ap.parse_args(argv)
+    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new, a.micro_batch, a.dtype,
+             not a.no_ref, a.shard)
+    print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, {m['tokens']:,} per row, "
+          f"{m['tokens_per_rank']:,} per rank at sp={a.sp}")
+    for k in ("weights", "adam", "pixels", "video_embeds", "rollout", "no_grad_pass", "training_pass", "peak"):
+        print(f"{k:>14} | {m[k] / 2**30:9.2f} GiB")
+    gb = {k: round(x / 2**30, 3) for k, x in m.items() if k not in ("tokens", "video_tokens", "tokens_per_rank")}
+    print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp, **{k: m[k] for k in ("tokens", "tokens_per_rank")},
+                          gib=gb, fits=m["peak"] <= a.gpu_gb * 2**30)))
+
+
+if __name__ == "__main__":
+    plan_main()

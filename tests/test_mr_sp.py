@@ -99,7 +99,7 @@ def worker(out):
     try:
         mr_sp.prefill_logprobs(model, tok, rows_of(model, tok, *CASES[2], group), group=group)
         res["heads_error"] = None
-    except ValueError as e:
+    except SystemExit as e:
         res["heads_error"] = str(e)
     if rank == 0:
         with open(out, "w") as f:
@@ -137,10 +137,30 @@ def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
 
 
 def test_bad_configs_fail_clearly(measured, monkeypatch):
+    """SystemExit with one line: the scripts print it and stop, no traceback."""
     assert measured["heads_error"].startswith("num_attention_heads 3 is not divisible by --sp 2")
+    tok = M.tiny_tokenizer()
+    with pytest.raises(SystemExit, match=r"^num_attention_heads 6 is not divisible by --sp 4: Ulysses gives each "):
+        mr_sp.check_heads(M.tiny_config(tok), 4)
+    with pytest.raises(SystemExit, match=r"^num_key_value_heads 4 repeated to 4 \(a multiple of --sp 2\) does not "
+                                         r"divide num_attention_heads 6$"):
+        mr_sp.check_heads(M.tiny_config(tok, kv_heads=4), 2)  # GQA groups that cannot split (no valid model has them)
+    mr_sp.check_heads(M.tiny_config(tok, hidden=128, heads=4, kv_heads=1), 4)  # 1 KV head repeated to 4: fine
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match=r"world size 3 is not divisible by --sp 2 \(dp x sp = world\)"):
+    with pytest.raises(SystemExit, match=r"^world size 3 is not divisible by --sp 2: world = dp x sp needs a whole "
+                                         r"number of data-parallel groups, dp = 3/2$"):
         mr_sp.init_parallel(2)
+
+
+@pytest.mark.parametrize("script", ["sft.py", "grpo.py", "eval.py"])
+def test_bad_sp_is_one_line_at_start(script):
+    """The scripts stop before loading anything, with the message alone on stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    p = subprocess.run([sys.executable, script, "--sp", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == ["world size 1 is not divisible by --sp 2: world = dp x sp needs a whole "
+                                             "number of data-parallel groups, dp = 1/2"]
 
 
 if __name__ == "__main__":
