@@ -4,7 +4,7 @@
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10     # a quick look
     python bench.py mrsp                     # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour                     # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
-    python bench.py step --frames 256 [--reencode]     # one measured GRPO step (what mrsp and hour run)
+    python bench.py step --frames 256 --variants cache,reencode --repeats 3   # measured GRPO steps (mrsp, hour)
     torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2   # one measured training prefill + backward
 
 learning: for each seed, SFT on the SFT third of train, greedy eval on the held-out split (and a
@@ -12,6 +12,17 @@ blind control: the same model with every video blanked), the SFT model's pass@8 
 (headroom for RL),
 GRPO on the other two thirds from that checkpoint, greedy eval again. The last line is JSON with
 chance, blind_acc, sft_acc, grpo_acc (held-out means over seeds), per-seed values and seeds.
+
+mrsp (model mr_sp.SMALL, whose vision/LM FLOPs ratio is Qwen2.5-VL-7B's; 56x56 frames, 2 video tokens
+a frame; G=8): cache_speedup per frame count (GRPO step time re-encoding the video for every rollout and
+every row of every pass, over encoding once; paired median of alternating steps), sp2_peak_mem_ratio
+(peak per rank of one training prefill + backward, sp=2 over sp=1), max_frames_sp1/sp2 (largest video
+whose training pass fits --cap-gb per rank), the planner against measured peaks, engine_vs_naive
+(rollout tokens/s of model.generate over generate_naive, and whether their greedy tokens are equal).
+hour: the step, its phases and peak memory per rank (resident set, Python runtime included) on a
+3,600-frame video with the tiny model, sp=2; the last line is JSON with frames, step_s, peak_mem_gb_per_rank.
+Workers run one thread each in fresh processes: the machine is shared and timings are noisy, so
+every comparison is measured side by side in one run.
 """
 import argparse
 import contextlib

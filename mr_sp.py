@@ -1,5 +1,8 @@
 """MR-SP: Multi-modal Reinforcement Sequence Parallelism, the system side of long-video RL.
 
+    python mr_sp.py plan --frames 3600 --sp 8                      # per-rank memory of a GRPO step, Qwen2.5-VL-7B
+    python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
+
 What every stage calls for its videos and its long sequences:
 - `init_distributed`: rank, world size and device, the same under `python` and `torchrun`;
   `init_parallel(sp)` adds the sequence-parallel group (world = dp x sp).
@@ -311,14 +314,25 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     first three (FSDP/ZeRO-3 over that many ranks, what Long-RL runs; this code replicates them, shard=1).
     Then the largest of the step's phases:
     - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs the whole rollout);
-    - no-grad pass (old, reference): one micro-batch's largest layer intermediates;
+    - no-grad pass (old, reference; sequence-parallel): one micro-batch's largest layer intermediates;
     - training pass: what autograd saves per token and layer, counted from the tensors our path saves
       (torch.autograd.graph.saved_tensors_hooks on the tiny models): sp=1 4I + 8d + 2*Hkv*D + H + 2 values,
       Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output is one more copy);
       plus fp32 gradients, the lm_head chunk recomputed in backward (chunk x vocab logits, about 6 fp32
       copies), one layer's backward intermediates, and at sp=1 with rows of different lengths the (B, L, L)
       mask, whose float copy every layer's SDPA saves; Ulysses builds none for right padding.
-    Only layer-level terms: Python, the allocator's slack and small buffers are not counted."""
+    Only layer-level terms: Python, the allocator's slack and small buffers are not counted. Checked by
+    `python bench.py mrsp` against peak resident memory measured on CPU (tiny and small models, whole steps
+    and single passes, sp=1 and 2).
+
+    Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8`; bf16,
+    G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per rank, peak 311 GiB per
+    rank; with FSDP over the 8 ranks (--shard 8) 196 GiB. The paper reports 3,600 frames (about 256k
+    tokens) of RL on one 8 x A100 node; this code does not fit it, by two terms: the training pass (202 GiB,
+    177 sharded: every layer's activations are kept; per-layer activation checkpointing would keep one
+    d-vector per token and layer, 28,936 x 28 x 3584 x 2 B = 5.4 GiB, plus one layer's recompute) and the rollout
+    (129 GiB: G copies of the 231k-token prompt's KV cache and its unsplit prefill on every rank, where a
+    vLLM engine shares the prompt's KV pages across the G samples and prefills in chunks)."""
     t = config.get_text_config()
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
                              t.num_key_value_heads, t.vocab_size)
@@ -340,7 +354,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
              pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
     phase = dict(
         rollout=b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d),
-        no_grad_pass=b * B * L * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
+        no_grad_pass=b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
         training_pass=b * B * l * saved + 4 * c["trainable"] / shard + logits + b * B * l * (3 * I + 2 * d) + mask)
     m.update(phase)
     m["peak"] = sum(m[k] for k in ("weights", "adam", "pixels", "video_embeds")) + max(phase.values())
