@@ -40,11 +40,11 @@ rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same 
 rp.add_argument("--model", default="tiny", help="HF folder, or 'tiny' (built in code); default tiny")
 rp.add_argument("--prompts", type=int, default=8, help="prompts per call; default 8")
 rp.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
-rp.add_argument("--max-new", type=int, default=128, help="max tokens per sample; default 128")
+rp.add_argument("--max-new", type=int, default=64, help="max tokens per sample; default 64")
 rp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
 rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t = frames/2); default 16,8,8 "
                 "(32 frames of 112x112, 256 video tokens)")
-rp.add_argument("--repeats", type=int, default=5, help="timed calls per engine; default 5")
+rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine, alternating; default 15")
 rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype; default float32")
 
 
