@@ -23,8 +23,8 @@ import model as M  # noqa: E402
 import mr_sp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GRIDS = ((8, 4, 4), (6, 8, 8), (4, 4, 6))  # temporal groups x patches; 16, 96, 24 video tokens
-SPG = (31 / 14, 2.0, 0.5)  # seconds per temporal group
+GRIDS = ((8, 4, 4), (6, 8, 8), (4, 4, 6), (1, 8, 8))  # temporal groups x patches; 32, 96, 24, 16 video tokens
+SPG = (31 / 14, 2.0, 0.5, 2.0)  # seconds per temporal group
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,14 @@ def test_greedy_tokens_equal_our_engine(setup):
 def test_sampled_logprobs_equal_trainer(setup, temperature):
     """vLLM's log-probs of the tokens it sampled (G = 4 per prompt) equal the trainer's prefill pass."""
     G = 4
-    toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3])
+    toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])
     assert not torch.isin(toks, M.banned_ids(setup["tok"])).any()
     assert len(set(map(tuple, toks.tolist()))) > len(GRIDS)  # samples of a prompt differ
     lp, mask = trainer_logprobs(setup, toks, lens, G, temperature)
     d = max_diff(lp, lp_vllm, mask)
     print(f"temperature {temperature}: {int(mask.sum())} sampled tokens, vLLM vs trainer log-prob max abs diff {d:.2e}")
     assert d <= 1e-4
-    again = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3])[0]
+    again = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])[0]
     assert torch.equal(toks, again)  # per-prompt seeds reproduce
 
 
@@ -98,10 +98,10 @@ def test_position_mismatch_would_be_caught(setup):
     """The same comparison fails when vLLM's positions are not the trainer's: vLLM told 1 s per
     temporal group (what it assumes when second_per_grid_ts is missing), and the trainer using float32
     positions for the 31/14 s video (one temporal position off on one group of 4 tokens)."""
-    toks, lp_vllm, lens = theirs(setup, G=2, spg=(1.0, 1.0, 1.0), max_new=16, temperature=1.0, seeds=[1, 2, 3])
+    toks, lp_vllm, lens = theirs(setup, G=2, spg=(1.0,) * len(GRIDS), max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
     lp, mask = trainer_logprobs(setup, toks, lens, 2)
     wrong_spg = max_diff(lp, lp_vllm, mask)
-    toks, lp_vllm, lens = theirs(setup, G=2, max_new=16, temperature=1.0, seeds=[1, 2, 3])
+    toks, lp_vllm, lens = theirs(setup, G=2, max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
     p0 = setup["pos"][0].clone()
     video = torch.tensor(setup["prompts"][0]) == setup["model"].config.video_token_id
     p0[0, video] -= (p0[0, video] - p0[0, video].min() == 31).long()  # the float32 rule's 30 instead of 31
@@ -128,7 +128,7 @@ def test_vision_special_tokens_never_sampled(setup):
     assert torch.isin(unmasked, vision).any()  # without the ban, they would be emitted
     mr_sp.vllm_sync(s["llm"], s["model"])
     greedy = theirs(s, max_new=24, temperature=0)[0]
-    sampled = theirs(s, G=8, max_new=24, temperature=1.0, seeds=[1, 2, 3])[0]
+    sampled = theirs(s, G=8, max_new=24, temperature=1.0, seeds=[1, 2, 3, 4])[0]
     mr_sp.vllm_sync(s["llm"], setup["model"])  # back to the module's weights
     assert torch.equal(greedy, ours(s, max_new=24, temperature=0)[0])
     assert not torch.isin(greedy, vision).any() and not torch.isin(sampled, vision).any()
