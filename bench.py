@@ -6,6 +6,7 @@
     python bench.py hour                     # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
     python bench.py step --frames 256 --variants cache,reencode --repeats 3   # measured GRPO steps (mrsp, hour)
     torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2   # one measured training prefill + backward
+    $(bash .ci/vllm_env | tail -1) bench.py rollout      # vLLM (CPU build) vs our engine, rollout tokens/s
 
 learning: for each seed, SFT on the SFT third of train, greedy eval on the held-out split (and a
 blind control: the same model with every video blanked), the SFT model's pass@8 on 200 held-out rows
@@ -23,6 +24,12 @@ hour: the step, its phases and peak memory per rank (resident set, Python runtim
 3,600-frame video with the tiny model, sp=2; the last line is JSON with frames, step_s, peak_mem_gb_per_rank.
 Workers run one thread each in fresh processes: the machine is shared and timings are noisy, so
 every comparison is measured side by side in one run.
+rollout: the same model, prompts and cached video embeddings through our engine (mr_sp.rollout) and
+vLLM (mr_sp.vllm_rollout), G samples per prompt, alternating, after one warm-up call each. Tokens/s
+counts the generated tokens (up to and including EOS) over the wall time of the call, and over the
+CPU time of this process (less sensitive to other jobs on a shared machine); ratios are medians of
+the per-pair ratios. Runs where vllm imports (its own environment on CPU: bash .ci/vllm_env). The
+last line is JSON with vllm_tok_s, engine_tok_s (medians over calls, wall time), ratio, cpu_ratio.
 """
 import argparse
 import contextlib
@@ -69,6 +76,16 @@ for name, what in (("step", "one GRPO step on one synthetic video, phases timed,
     p.add_argument("--repeats", type=int, default=1, help="steps per variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
+rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
+rp.add_argument("--model", default="tiny", help="HF folder, or 'tiny' (built in code); default tiny")
+rp.add_argument("--prompts", type=int, default=8, help="prompts per call; default 8")
+rp.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
+rp.add_argument("--max-new", type=int, default=64, help="max tokens per sample; default 64")
+rp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
+rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t = frames/2); default 16,8,8 "
+                "(32 frames of 112x112, 256 video tokens)")
+rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine, alternating; default 15")
+rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype; default float32")
 
 
 def sh(*cmd):
@@ -417,8 +434,64 @@ def hour(a):
                           phases_s=c["phases_s"],
                           phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"], G=a.G,
                           max_new=a.max_new, size=a.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
+def rollout(args):
+    import shutil
+    import tempfile
+
+    import torch
+
+    import model as M
+    import mr_sp
+    model, tok = M.load(args.model, dtype=getattr(torch, args.dtype))
+    grid = torch.tensor([[int(x) for x in args.grid.split(",")]])
+    pixels = M.random_video_batch(model, tok, [grid[0].tolist()])[0]
+    video = mr_sp.encode(model, dict(pixel_values=pixels, grid_thw=grid))  # one video, cached, shared by all prompts
+    prompts = [M.build_prompt(tok, f"Question {i}: what happens in this video?", M.n_video_tokens(grid))
+               for i in range(args.prompts)]
+    pos = [M.positions(p, grid, [2.0], model.config) for p in prompts]
+    path = args.model
+    if not os.path.isdir(path):  # the tiny model: written where vLLM loads it from, for this run
+        path = os.path.join(tempfile.mkdtemp(), "model")
+        M.save(model, tok, path)
+    llm = mr_sp.vllm_engine(path, args.dtype)
+    gen = dict(max_new=args.max_new, temperature=args.temperature)
+
+    def ours(k):
+        gens = [mr_sp.generator(k, i) for i in range(args.prompts)]
+        return mr_sp.rollout(model, tok, prompts, pos, [video] * args.prompts, args.G, generator=gens, **gen)[2]
+
+    def theirs(k):
+        seeds = [mr_sp.seed_of(k, i) for i in range(args.prompts)]
+        return mr_sp.vllm_rollout(llm, tok, prompts, [video] * args.prompts, [grid] * args.prompts,
+                                  [2.0] * args.prompts, args.G, seeds=seeds, **gen)[2]
+
+    res = {"engine": [], "vllm": []}
+    ours(-1), theirs(-1)  # warm-up: first calls allocate and (vLLM) compile
+    for k in range(args.repeats):
+        for name, fn in (("engine", ours), ("vllm", theirs)):
+            t0, c0 = time.time(), time.process_time()
+            n = int(fn(k).sum())
+            res[name].append((n, time.time() - t0, time.process_time() - c0))
+            _, wall, cpu = res[name][-1]
+            print(f"{name:>6} | call {k} | {n} tokens | {wall:.2f} s | {n / wall:.0f} tok/s | "
+                  f"cpu {cpu:.2f} s | {n / cpu:.0f} tok/cpu-s", flush=True)
+    tps = {k: [n / t for n, t, _ in v] for k, v in res.items()}
+    cps = {k: [n / c for n, _, c in v] for k, v in res.items()}
+    ratio = statistics.median(v / e for v, e in zip(tps["vllm"], tps["engine"]))
+    cpu_ratio = statistics.median(v / e for v, e in zip(cps["vllm"], cps["engine"]))
+    print(f"vLLM / our engine, median of {args.repeats} pairs: {ratio:.2f}x wall time, {cpu_ratio:.2f}x cpu time")
+    print(json.dumps(dict(vllm_tok_s=round(statistics.median(tps["vllm"]), 1),
+                          engine_tok_s=round(statistics.median(tps["engine"]), 1), ratio=round(ratio, 2),
+                          vllm_tok_cpu_s=round(statistics.median(cps["vllm"]), 1),
+                          engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1), cpu_ratio=round(cpu_ratio, 2),
+                          model=args.model, prompts=args.prompts, G=args.G, max_new=args.max_new,
+                          video_tokens=M.n_video_tokens(grid), threads=torch.get_num_threads(), calls=args.repeats,
+                          vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
+                          engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))
+    if path != args.model:
+        shutil.rmtree(os.path.dirname(path))
 
 
 if __name__ == "__main__":
     args = ap.parse_args()
-    {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour}[args.cmd](args)
+    {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour, "rollout": rollout}[args.cmd](args)

@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2    # each video encoded by 2 ranks
     python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
+    $(bash .ci/vllm_env | tail -1) eval.py --engine vllm   # answers from vLLM's CPU build (its own environment)
 
 Greedy by default (--n samples at --temperature otherwise; accuracy is then the mean over samples
 and pass@n is reported too). Writes --out (default <model>/../eval): results.jsonl (one line per
@@ -47,13 +48,19 @@ ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 ap.add_argument("--sp", type=int, default=1,
                 help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
 ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+ap.add_argument("--engine", default="own", choices=["own", "vllm"],
+                help="generation engine: own (model.generate) or vllm (one process; needs vllm); default own")
+ap.add_argument("--vllm-mem", type=float, default=0.7,
+                help="vllm: fraction of GPU memory for its weights and KV cache; default 0.7 (CPU: ignored)")
+ap.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
 ap.add_argument("--out", default=None, help="output folder; default <model>/../eval")
 # -----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, rows, frames, args, rank=0, world=1, sp_group=None):
+def evaluate(model, tok, rows, frames, args, rank=0, world=1, sp_group=None, llm=None):
     """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
-    video encoded by the SP group) at one frame count: a list of result dicts."""
+    video encoded by the SP group) at one frame count: a list of result dicts. llm: a vLLM engine
+    holding model's weights, to generate with instead of model.generate."""
     ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
     mine = list(range(rank // args.sp, len(rows), world // args.sp))
     out = []
@@ -70,9 +77,15 @@ def evaluate(model, tok, rows, frames, args, rank=0, world=1, sp_group=None):
             prompts.append(p)
             pos.append(pp)
         # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
-        gens = [mr_sp.generator(args.seed, s["id"], frames) for s in samples]
-        toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.n, max_new=args.max_new,
-                                      temperature=args.temperature, generator=gens)
+        if llm is None:
+            gens = [mr_sp.generator(args.seed, s["id"], frames) for s in samples]
+            toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.n, max_new=args.max_new,
+                                          temperature=args.temperature, generator=gens)
+        else:
+            toks, _, lens = mr_sp.vllm_rollout(llm, tok, prompts, videos, [s["grid_thw"] for s in samples],
+                                               [s["second_per_grid"] for s in samples], args.n, max_new=args.max_new,
+                                               temperature=args.temperature,
+                                               seeds=[mr_sp.seed_of(args.seed, s["id"], frames) for s in samples])
         for i, s in enumerate(samples):
             for j in range(args.n):
                 k = i * args.n + j
@@ -150,12 +163,19 @@ def main(args):
     rows = D.load_rows(os.path.join(args.data, f"{args.split}.jsonl"))
     rows = rows[:args.limit] if args.limit else rows
     frame_counts = [int(f) for f in str(args.frames).split(",")]
-    summaries = []
+    if args.engine == "vllm" and world > 1:
+        raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
+    summaries, llm = [], None
     for path in paths:
         model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=device)
+        if args.engine == "vllm":  # one engine; a later model of the comparison is synced into it
+            if llm is None:
+                llm = mr_sp.vllm_engine(path, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
+            else:
+                mr_sp.vllm_sync(llm, model)
         results, bad, t0 = [], [], time.time()
         for frames in frame_counts:
-            r, b = evaluate(model, tok, rows, frames, args, rank, world, sp_group)
+            r, b = evaluate(model, tok, rows, frames, args, rank, world, sp_group, llm)
             results += r
             bad += b
         if dist.is_initialized():

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 grpo.py              # the same, data parallel
     torchrun --nproc_per_node 2 grpo.py --sp 2       # the same, videos and sequences split over 2 ranks (MR-SP)
     python grpo.py --init /path/to/Qwen2.5-VL-7B-sft --data /path/to/LongVideo-Reason --dtype bfloat16
+    $(bash .ci/vllm_env | tail -1) grpo.py --engine vllm     # rollouts on vLLM's CPU build (its own environment)
 
 Writes --out (default runs/grpo): model/ (a Hugging Face folder of the policy, with state.pt:
 optimizer, step, data cursor, for --resume), args.json (the resolved config) and metrics.jsonl
@@ -16,7 +17,9 @@ The variant that runs, exactly:
    the three passes are split over the SP group's ranks.
 2. G samples per prompt at --temperature, --top-p, at most --max-new tokens; vision special
    tokens are masked out of the policy. Sampling is seeded per (seed, step, prompt), so the same
-   global batch samples the same tokens on any number of ranks.
+   global batch samples the same tokens on any number of ranks. --engine vllm sends each prompt
+   with its cached embeddings to vLLM once (n = G), seeded by the same key; after every step the
+   policy's weights are loaded into the engine in place (and on GPU it sleeps during training).
 3. Reward r = 0.9 * accuracy + 0.1 * format: format is a fullmatch of
    `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
    ground truth (letter, number or normalized text). --reward module:function replaces it.
@@ -24,7 +27,9 @@ The variant that runs, exactly:
    of a sample. --dynamic-sampling drops groups whose rewards are all equal (A = 0 carries no
    signal) and refills from the next prompts.
 5. Old log-probs: one no-grad pass of the policy before the updates (same micro-batches as the
-   update, so the first ratio is exactly 1). Reference log-probs from a frozen copy of the initial
+   update, so the first ratio is exactly 1); the rollout engine's own log-probs of its samples are
+   not used, only compared with these (rollout_logprob_gap, the max abs difference: float error
+   when engine and trainer describe the same policy). Reference log-probs from a frozen copy of the initial
    policy (not loaded at --kl-coef 0).
 6. Loss per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip
    where A < 0 (dual clip), with r = exp(logp - old_logp); plus kl_coef * KL(k1 | k2 | k3) to the
@@ -67,6 +72,11 @@ g.add_argument("--temperature", type=float, default=1.0, help="sampling temperat
 g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; default 1.0 (off)")
 g.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
 g.add_argument("--prompts", type=int, default=8, help="prompts per step, global over ranks; default 8")
+g.add_argument("--engine", default="own", choices=["own", "vllm"],
+               help="rollout engine: own (model.generate) or vllm (one process; needs vllm); default own")
+g.add_argument("--vllm-mem", type=float, default=0.5,
+               help="vllm: fraction of GPU memory for its weights and KV cache; default 0.5 (CPU: ignored)")
+g.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
 g = ap.add_argument_group("algorithm")
 g.add_argument("--reward", default=None, help="module:function(text, row) -> float or dict; default built-in")
 g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1; default 0.2")
@@ -174,11 +184,12 @@ def aggregate(x, mask, agg, n_tokens, n_seqs):
 
 # -----------------------------------------------------------------------------
 
-def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, reward_fn, stats):
+def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, reward_fn, stats, llm=None):
     """This data-parallel rank's groups for one step (rank, world: data-parallel rank and size; SP
     peers collect the same groups): a contiguous block of the step's prompts (so that one process
     with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when dynamic
     sampling refills, prompts strided over ranks after the step's block.
+    llm: a vLLM engine to roll out with instead of model.generate (same prompts and embeddings).
     Returns training rows (G per kept prompt), prompts consumed globally, and timings."""
     per = want = args.prompts // world
     k, rows, t = 0, [], {"encode": 0.0, "rollout": 0.0}
@@ -204,9 +215,14 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
         # one generator per prompt: its samples do not depend on batching or on the number of ranks.
         # SP peers run this same rollout and get the same tokens (same weights, bit-identical video
         # embeddings, same generators); splitting the G samples over the peers would go here.
-        gens = [mr_sp.generator(args.seed, step, s["id"]) for s in samples]
-        toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.G, max_new=args.max_new,
-                                      temperature=args.temperature, top_p=args.top_p, generator=gens)
+        gen = dict(max_new=args.max_new, temperature=args.temperature, top_p=args.top_p)
+        if llm is None:
+            gens = [mr_sp.generator(args.seed, step, s["id"]) for s in samples]
+            toks, lps, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.G, generator=gens, **gen)
+        else:  # the same seeds key vLLM's random streams (its tokens differ from ours: other generators)
+            toks, lps, lens = mr_sp.vllm_rollout(llm, tok, prompts, videos, [s["grid_thw"] for s in samples],
+                                               [s["second_per_grid"] for s in samples], args.G,
+                                               seeds=[mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], **gen)
         t["encode"] += t1 - t0
         t["rollout"] += time.time() - t1
         for b, s in enumerate(samples):
@@ -215,7 +231,8 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
                 for j in range(b * args.G, (b + 1) * args.G):
                     resp = toks[j, :lens[j]].tolist()
                     r = score(reward_fn, tok.decode(resp, skip_special_tokens=True), s)
-                    group.append(dict(prompt=prompts[b], pos=pos[b], video=videos[b], response=resp, reward=r))
+                    group.append(dict(prompt=prompts[b], pos=pos[b], video=videos[b], response=resp, reward=r,
+                                      rollout_lp=lps[j, :lens[j]].cpu()))
             except Exception as e:  # a broken reward function must not kill a long run
                 print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
                 stats["reward_errors"] += 1
@@ -301,6 +318,14 @@ def main(args):
         if ref is not None:
             mr_sp.use_ulysses(ref, args.sp)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    llm = None
+    if args.engine == "vllm":
+        if world > 1:  # each rank would start its own engine and vLLM's own process group: not wired
+            raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
+        if not os.path.isdir(src):  # the tiny model: write it where vLLM can load it from
+            src = os.path.join(args.out, "engine_init")
+            M.save(model, tok, src)
+        llm = mr_sp.vllm_engine(src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
     start, cursor = 0, 0
     stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
     if state:
@@ -323,28 +348,42 @@ def main(args):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
             t0 = time.time()
             model.eval()
-            batch, used, t = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats)
+            batch, used, t = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats,
+                                     llm)
+            if llm is not None:
+                mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
             cursor += used
             stats["bad_samples"] = ds.n_bad
             micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
             t1 = time.time()
             old = no_grad_logprobs(model, tok, micro, args, sp_group)
+            # the engine's log-probs of its samples against the trainer's: float error when both describe
+            # the same policy (at --top-p 1); a stale engine or other positions would show here
+            gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
+                       for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
+            gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
             refs = no_grad_logprobs(ref, tok, micro, args, sp_group) if ref is not None else None
             t2 = time.time()
             model.train()
             log = update(args, model, tok, params, opt, micro, old, refs, stats, sp_group)
             t3 = time.time()
+            if llm is not None:  # the next rollouts sample from the updated policy
+                mr_sp.vllm_sleep(llm, False)
+                mr_sp.vllm_sync(llm, model)
             r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
                                len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
             r = mr_sp.dp_sum(r, sp_group)
             n = max(r[4].item(), 1.0)
             rec = dict(step=step + 1, groups=round(r[4].item() / args.G), reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
-                       response_len=r[3].item() / n, **log, time_encode=t["encode"], time_rollout=t["rollout"],
-                       time_prefill=t2 - t1, time_update=t3 - t2, tok_per_s=r[3].item() / (t3 - t0), **stats)
+                       response_len=r[3].item() / n, rollout_logprob_gap=gap, **log,
+                       time_encode=t["encode"], time_rollout=t["rollout"],
+                       time_prefill=t2 - t1, time_update=t3 - t2, time_sync=time.time() - t3,
+                       tok_per_s=r[3].item() / (t3 - t0), **stats)
             if rank == 0:
                 M.log_step(args.out, rec, f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | "
                            f"fmt {rec['format']:.2f} | len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | "
                            f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | "
+                           f"lp gap {gap:.0e} | "
                            f"encode {t['encode']:.1f}s rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s "
                            f"update {t3 - t2:.1f}s | {rec['tok_per_s']:.0f} tok/s")
                 if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:

@@ -153,12 +153,24 @@ def save(model, tok, out, write=None):
     logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+        json.dump(processor_config(model.config), f, indent=1)
     if write is not None:
         write(tmp)
     if os.path.exists(out):
         os.replace(out, old)  # a crash from here to the next rename leaves only out.old: see `resume`
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def processor_config(config):
+    """Qwen2.5-VL's preprocessor_config.json (the values Qwen ships, sizes from the config): vLLM and
+    transformers' AutoProcessor need it to load a folder, though our videos never go through it."""
+    vc = config.vision_config
+    return dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+                min_pixels=3136, max_pixels=12845056, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                image_std=[0.26862954, 0.26130258, 0.27577711])
 
 
 def resume(out):
@@ -247,9 +259,12 @@ def splice(model, input_ids, video_embeds):
 # -----------------------------------------------------------------------------
 # M-RoPE positions, the original Qwen2.5-VL rule (what vLLM computes):
 # text advances by 1; a video of llm grid (t, h, w) starting at s gets
-# (s + int(i * second_per_grid * tokens_per_second), s + row, s + col) for temporal group i, and the
+# (s + int(i * (second_per_grid * tokens_per_second)), s + row, s + col) for temporal group i, and the
 # text after it resumes at max(all positions so far) + 1. transformers >= 5.19 resumes at
 # s + max(h, w) instead, which differs whenever t > 1 (FIELD_NOTES section 4).
+# The temporal product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
+# (i * second_per_grid) * tokens_per_second, truncate differently for some frame rates (at 31/14 s
+# per group, group 7 is 30 instead of 31), and rollout and training would disagree there.
 
 def positions(ids, grid_thw, second_per_grid, config):
     """(L,) token ids of one sequence -> (3, L) position ids. grid_thw: (n_videos, 3) in patches,
@@ -269,9 +284,9 @@ def positions(ids, grid_thw, second_per_grid, config):
             t, h, w = int(grid_thw[v][0]), int(grid_thw[v][1]) // merge, int(grid_thw[v][2]) // merge
             if j - i != t * h * w:
                 raise ValueError(f"video {v}: {j - i} <|video_pad|> tokens but grid {t}x{h}x{w} = {t * h * w}")
-            # float32 in vLLM's order of operations, so that .long() truncates identically
-            tt = torch.arange(t) * float(second_per_grid[v]) * tps if tps else torch.arange(t)
-            grid = torch.stack(torch.meshgrid(tt.long(), torch.arange(h), torch.arange(w), indexing="ij"))
+            step = float(second_per_grid[v]) * tps if tps else 1.0
+            tt = torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # Python floats are float64
+            grid = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij"))
             pos.append(grid.reshape(3, -1) + cur)
             v += 1
         cur = int(pos[-1].max()) + 1

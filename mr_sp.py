@@ -61,8 +61,9 @@ def init_parallel(sp=1):
 
 def shutdown():
     """Leave the process group together: a rank that tears gloo down while another still works
-    (rank 0 writing the checkpoint) can abort the job."""
-    if dist.is_initialized():
+    (rank 0 writing the checkpoint) can abort the job. Only the group init_distributed made: an
+    in-process vLLM engine makes its own, and tears it down itself."""
+    if dist.is_initialized() and "RANK" in os.environ:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -92,10 +93,15 @@ def sync_grads(params):
         all_reduce(p.grad)
 
 
+def seed_of(*key):
+    """An integer seed from a key such as (seed, step, sample id): the same in every process and every
+    run (Python's hash() of strings is not)."""
+    return zlib.crc32(repr(key).encode())
+
+
 def generator(*key):
-    """A torch.Generator seeded by a key such as (seed, step, sample id): the same in every process
-    and every run (Python's hash() of strings is not)."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    """A torch.Generator seeded by seed_of(*key)."""
+    return torch.Generator().manual_seed(seed_of(*key))
 
 
 def encode(model, sample, group=None):
@@ -393,6 +399,88 @@ def plan_main(argv=None):
     gb = {k: round(x / 2**30, 3) for k, x in m.items() if k not in ("tokens", "video_tokens", "tokens_per_rank")}
     print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp, **{k: m[k] for k in ("tokens", "tokens_per_rank")},
                           gib=gb, fits=m["peak"] <= a.gpu_gb * 2**30)))
+
+
+# -----------------------------------------------------------------------------
+# The vLLM rollout engine (--engine vllm), the paper's: fed the same cached video embeddings, it never
+# runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks it
+# against `rollout` and `prefill_logprobs` (in the environment .ci/vllm_env builds on CPU).
+
+def vllm_engine(path, dtype="float32", mem=0.7, tp=1, seed=0):
+    """A vLLM engine on the Hugging Face folder `path` (written by model.save), in this process (the
+    engine core is not a subprocess, so a weight sync is a call, not a copy through a socket).
+    mem: fraction of GPU memory for weights and KV cache (gpu_memory_utilization); tp: tensor-parallel
+    GPUs. On CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM drops torch to 1 thread in this process unless OMP_NUM_THREADS is set: keep training's count
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise ImportError("--engine vllm needs vLLM: `pip install vllm` on GPU; on CPU run with the python that "
+                          "`bash .ci/vllm_env` prints (its own environment with the CPU build of vLLM)") from e
+    cuda = torch.cuda.is_available()
+    return LLM(model=path, dtype=dtype, seed=seed, enforce_eager=not cuda, enable_mm_embeds=True,
+               limit_mm_per_prompt={"image": 0, "video": 1}, gpu_memory_utilization=mem,
+               tensor_parallel_size=tp, enable_sleep_mode=cuda,
+               logprobs_mode="processed_logprobs")  # after the ban and temperature: what our sampler reports
+
+
+def vllm_rollout(llm, tok, prompts, videos, grids, second_per_grid, G, max_new=64, temperature=1.0, top_p=1.0,
+                 seeds=None):
+    """`rollout` on a vLLM engine, the same return: tokens (B*G, T) padded after EOS, log-probs, lengths.
+
+    Each prompt is sent once with n = G, its video as cached embeddings with its grid and seconds per
+    temporal group: vLLM then computes model.positions' M-RoPE positions (without second_per_grid_ts it
+    assumes 1 s per group). Vision special tokens are excluded through allowed_token_ids (exact -inf).
+    The log-probs are of the distribution vLLM samples from: ours (temperature applied; greedy: at
+    temperature 1) when top_p is 1; below 1 vLLM renormalizes over the nucleus, we do not.
+    seeds: one per prompt (vLLM seeds sample j with seed + j), or None."""
+    from vllm import SamplingParams
+    pad, banned = tok.convert_tokens_to_ids("<|video_pad|>"), set(M.banned_ids(tok).tolist())
+    allowed = [i for i in range(llm.llm_engine.model_config.get_vocab_size()) if i not in banned]
+    greedy = temperature == 0  # vLLM takes n = 1 only: the G identical answers are copies
+    reqs, params = [], []
+    for b, (ids, video) in enumerate(zip(prompts, videos)):
+        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]  # vLLM expands the one pad
+        reqs.append(dict(prompt_token_ids=ids, multi_modal_data={"video": dict(
+            video_embeds=video.detach().cpu(), video_grid_thw=torch.as_tensor(grids[b]).view(-1, 3),
+            second_per_grid_ts=torch.tensor([float(second_per_grid[b])], dtype=torch.float64))}))
+        params.append(SamplingParams(n=1 if greedy else G, max_tokens=max_new, temperature=temperature, top_p=top_p,
+                                     logprobs=0, seed=None if seeds is None else seeds[b], allowed_token_ids=allowed,
+                                     stop_token_ids=eos_ids(tok)))
+    outs = [c for o in llm.generate(reqs, params, use_tqdm=False)
+            for c in (o.outputs * G if greedy else sorted(o.outputs, key=lambda c: c.index))]
+    lens = torch.tensor([len(c.token_ids) for c in outs])  # vLLM keeps the stop token, as `rollout` does
+    toks = torch.full((len(outs), int(lens.max())), tok.pad_token_id, dtype=torch.long)
+    lps = torch.zeros(toks.shape)
+    for i, c in enumerate(outs):
+        toks[i, :lens[i]] = torch.tensor(c.token_ids)
+        lps[i, :lens[i]] = torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
+    return toks, lps, lens
+
+
+def vllm_sync(llm, model):
+    """Load the policy's current language-model weights into the engine in place (Hugging Face names,
+    as in the saved folder), then drop what was computed with the old ones: prefix-cache KV blocks
+    and encoder outputs (vLLM otherwise fails with "Encoder cache miss"). The vision tower is frozen
+    and never run by the engine: not sent."""
+    weights = [(k, v.detach()) for k, v in model.state_dict().items() if not k.startswith("model.visual.")]
+    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+    llm.reset_prefix_cache()
+    llm.llm_engine.reset_encoder_cache()
+
+
+def vllm_sleep(llm, asleep):
+    """GPU: free the engine's memory for training (weights offloaded to CPU, KV cache dropped), and take
+    it back before the next rollouts. CPU: vLLM has no sleep mode, nothing to do."""
+    if not torch.cuda.is_available():
+        return
+    if asleep:
+        llm.sleep(level=1)
+    else:
+        llm.wake_up()
 
 
 if __name__ == "__main__":

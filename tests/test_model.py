@@ -90,6 +90,17 @@ def test_positions_vs_transformers(tiny_a):
         assert torch.equal(ours[:, video], theirs[:, 0, video])  # video tokens agree in both cases
 
 
+def test_positions_temporal_index_in_vllm_arithmetic(tiny_a):
+    """vLLM forms int(i * (second_per_grid * tokens_per_second)) in float64. float32, as this file
+    computed it before, gives group 7 at 31/14 s per group (tokens_per_second 2) the temporal index 30
+    instead of 31, and rollout and training disagree there (tests/test_vllm.py: log-probs off by 1.1)."""
+    model, tok = tiny_a
+    ids = M.build_prompt(tok, "?", 8)  # grid (8, 2, 2): one token per temporal group
+    t = M.positions(ids, [[8, 2, 2]], [31 / 14], model.config)[0, torch.tensor(ids) == model.config.video_token_id]
+    assert (t - t[0]).tolist() == [0, 4, 8, 13, 17, 22, 26, 31]
+    assert (torch.arange(8) * (31 / 14) * 2).long().tolist()[-1] == 30
+
+
 def test_positions_reject_mismatched_grid(tiny_a):
     model, tok = tiny_a
     ids = M.build_prompt(tok, "?", 6)

@@ -165,3 +165,14 @@ def test_short_pipeline_learns(task, tmp_path):
         "--prompts", "8", "--G", "4", "--max-new", "96", "--micro-batch", "16", "--lr", "1e-4", "--out", str(g))
     rewards = [m["reward"] for m in metrics(g)]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4
+
+
+def test_engine_vllm_without_vllm_says_how_to_get_it(task, tmp_path):
+    """Where vllm is not installed (the main environment), --engine vllm fails at start with how to get it."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: tests/test_vllm.py runs it")
+    run("model.py", "save", "--out", str(tmp_path / "model"))
+    out = run("eval.py", "--model", str(tmp_path / "model"), "--data", task, "--limit", "1", "--engine", "vllm",
+              check=False)
+    assert out.returncode and "bash .ci/vllm_env" in out.stderr and "pip install vllm" in out.stderr

@@ -15,3 +15,8 @@ def boom(text, row):
 def half_constant(text, row):
     """Equal rewards for every sample of even-numbered rows: dynamic sampling must drop those groups."""
     return 0.5 if int(row["id"][-1]) % 2 == 0 else length(text, row)
+
+
+def letter_e(text, row):
+    """A reward a random tiny policy climbs within a few GRPO steps: the share of "e" in its text."""
+    return text.count("e") / max(len(text), 1)

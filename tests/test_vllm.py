@@ -1,0 +1,209 @@
+"""The vLLM rollout engine (mr_sp.vllm_*) against ours, on the CPU build of vLLM: same greedy tokens,
+vLLM's log-probs of sampled tokens equal the trainer's (fp32), vision special tokens never sampled,
+weight sync without reloading or stale caches, eval.py and a short GRPO run with --engine vllm.
+Skipped where vllm does not import (the main environment).
+
+    $(bash .ci/vllm_env | tail -1) -m pytest tests/test_vllm.py -q
+
+Videos have several temporal groups and unequal seconds per group, one of them 31/14 s, where
+float32 arithmetic puts the last group one temporal position off (model.positions): a position
+mismatch between vLLM and the trainer shows in the log-probs, and the tests check that it would."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm is not installed here: run in the environment `bash .ci/vllm_env` builds")
+
+import model as M  # noqa: E402
+import mr_sp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ((8, 4, 4), (6, 8, 8), (4, 4, 6), (1, 8, 8))  # temporal groups x patches; 32, 96, 24, 16 video tokens
+SPG = (31 / 14, 2.0, 0.5, 2.0)  # seconds per temporal group
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny model (head_dim 32, which vLLM's CPU attention supports), its saved folder, an engine
+    on it, and prompts with cached video embeddings."""
+    model, tok = M.load("tiny")
+    assert model.config.text_config.hidden_size // model.config.text_config.num_attention_heads == 32
+    path = tmp_path_factory.mktemp("vllm") / "model"
+    M.save(model, tok, str(path))
+    llm = mr_sp.vllm_engine(str(path))
+    pixels, grid, _, _ = M.random_video_batch(model, tok, GRIDS)
+    videos, prompts, pos, off = [], [], [], 0
+    for i, g in enumerate(grid):
+        n = int(g.prod())
+        videos.append(mr_sp.encode(model, dict(pixel_values=pixels[off:off + n], grid_thw=g[None])))
+        off += n
+        prompts.append(M.build_prompt(tok, f"Question {i}: which color flashes first?", M.n_video_tokens(g[None])))
+        pos.append(M.positions(prompts[-1], g[None], [SPG[i]], model.config))
+    return dict(model=model, tok=tok, llm=llm, grid=grid, videos=videos, prompts=prompts, pos=pos)
+
+
+def ours(s, G=1, **gen):
+    return mr_sp.rollout(s["model"], s["tok"], s["prompts"], s["pos"], s["videos"], G, **gen)
+
+
+def theirs(s, G=1, spg=SPG, **gen):
+    return mr_sp.vllm_rollout(s["llm"], s["tok"], s["prompts"], s["videos"], s["grid"], spg, G, **gen)
+
+
+def trainer_logprobs(s, toks, lens, G, temperature=1.0):
+    """prefill_logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
+    rows = [dict(prompt=s["prompts"][i // G], pos=s["pos"][i // G], video=s["videos"][i // G],
+                 response=toks[i, :lens[i]].tolist()) for i in range(len(toks))]
+    with torch.no_grad():
+        lp, _, mask = mr_sp.prefill_logprobs(s["model"], s["tok"], rows, temperature=temperature)
+    return lp, mask
+
+
+def max_diff(a, b, mask):
+    return ((a - b).abs() * mask).max().item()
+
+
+def test_greedy_tokens_equal_our_engine(setup):
+    t_ours, lp_ours, n_ours = ours(setup, G=2, max_new=24, temperature=0)
+    t_vllm, lp_vllm, n_vllm = theirs(setup, G=2, max_new=24, temperature=0)
+    assert torch.equal(n_ours, n_vllm) and torch.equal(t_ours, t_vllm)
+    assert len(set(map(tuple, t_ours.tolist()))) == len(GRIDS)  # prompts answer differently: not vacuous
+    mask = (torch.arange(t_ours.shape[1]) < n_ours[:, None]).float()
+    d = max_diff(lp_ours, lp_vllm, mask)
+    print(f"greedy: {int(n_ours.sum())} tokens equal; log-prob max abs diff vs our engine {d:.2e}")
+    assert d <= 1e-4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_trainer(setup, temperature):
+    """vLLM's log-probs of the tokens it sampled (G = 4 per prompt) equal the trainer's prefill pass."""
+    G = 4
+    toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])
+    assert not torch.isin(toks, M.banned_ids(setup["tok"])).any()
+    assert len(set(map(tuple, toks.tolist()))) > len(GRIDS)  # samples of a prompt differ
+    lp, mask = trainer_logprobs(setup, toks, lens, G, temperature)
+    d = max_diff(lp, lp_vllm, mask)
+    print(f"temperature {temperature}: {int(mask.sum())} sampled tokens, vLLM vs trainer log-prob max abs diff {d:.2e}")
+    assert d <= 1e-4
+    again = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])[0]
+    assert torch.equal(toks, again)  # per-prompt seeds reproduce
+
+
+def test_position_mismatch_would_be_caught(setup):
+    """The same comparison fails when vLLM's positions are not the trainer's: vLLM told 1 s per
+    temporal group (what it assumes when second_per_grid_ts is missing), and the trainer using float32
+    positions for the 31/14 s video (one temporal position off on one group of 4 tokens)."""
+    toks, lp_vllm, lens = theirs(setup, G=2, spg=(1.0,) * len(GRIDS), max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
+    lp, mask = trainer_logprobs(setup, toks, lens, 2)
+    wrong_spg = max_diff(lp, lp_vllm, mask)
+    toks, lp_vllm, lens = theirs(setup, G=2, max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
+    p0 = setup["pos"][0].clone()
+    video = torch.tensor(setup["prompts"][0]) == setup["model"].config.video_token_id
+    p0[0, video] -= (p0[0, video] - p0[0, video].min() == 31).long()  # the float32 rule's 30 instead of 31
+    lp, mask = trainer_logprobs(dict(setup, pos=[p0] + setup["pos"][1:]), toks, lens, 2)
+    off_by_one = max_diff(lp[:2], lp_vllm[:2], mask[:2])
+    print(f"log-prob max abs diff with vLLM at 1 s per group: {wrong_spg:.2e}; float32 positions: {off_by_one:.2e}")
+    assert wrong_spg > 1e-2 and off_by_one > 1e-4
+
+
+def test_vision_special_tokens_never_sampled(setup):
+    """Make vision special tokens the likeliest answers (their tied embedding rows 3x the row of a
+    prompt's first greedy token): unmasked greedy emits them, vLLM (allowed_token_ids) does not and
+    still equals our engine, and sampling at temperature 1 never draws them either."""
+    s, tok = dict(setup, model=M.load("tiny")[0]), setup["tok"]
+    vision = M.banned_ids(tok)
+    first = ours(s, max_new=1, temperature=0)[0][0, 0]
+    with torch.no_grad():
+        emb = s["model"].get_input_embeddings().weight
+        for t in ("<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"):
+            emb[tok.convert_tokens_to_ids(t)] = 3 * emb[first]
+        ids, pos, mask, _ = M.layout(s["prompts"], s["pos"], pad_id=tok.pad_token_id)
+        unmasked = M.generate(s["model"], M.splice(s["model"], ids, torch.cat(s["videos"])), pos, mask, max_new=24,
+                              temperature=0, eos_ids=mr_sp.eos_ids(tok), pad_id=tok.pad_token_id)[0]
+    assert torch.isin(unmasked, vision).any()  # without the ban, they would be emitted
+    mr_sp.vllm_sync(s["llm"], s["model"])
+    greedy = theirs(s, max_new=24, temperature=0)[0]
+    sampled = theirs(s, G=8, max_new=24, temperature=1.0, seeds=[1, 2, 3, 4])[0]
+    mr_sp.vllm_sync(s["llm"], setup["model"])  # back to the module's weights
+    assert torch.equal(greedy, ours(s, max_new=24, temperature=0)[0])
+    assert not torch.isin(greedy, vision).any() and not torch.isin(sampled, vision).any()
+
+
+def test_weight_sync_changes_generation_without_stale_cache(setup):
+    """Perturb the policy, sync: vLLM's greedy tokens change and equal our engine's with the new
+    weights, for the very prompts it has cached (prefix caching is on), and its log-probs equal the
+    trainer's again."""
+    s = dict(setup, model=M.load("tiny")[0])  # a copy: the module's model stays as the engine started
+    assert s["llm"].llm_engine.vllm_config.cache_config.enable_prefix_caching
+    before = theirs(s, max_new=24, temperature=0)[0]
+    assert torch.equal(before, ours(s, max_new=24, temperature=0)[0])
+    with torch.no_grad():
+        for p in s["model"].model.language_model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    expect, _, n = ours(s, max_new=24, temperature=0)
+    assert not torch.equal(expect, before)  # the change is visible in our engine
+    # the check sees a stale cache: new weights without the prefix-cache reset reuse the prompts' KV
+    # blocks computed with the old ones, and answer neither as before nor as expected
+    weights = [(k, v) for k, v in s["model"].state_dict().items() if not k.startswith("model.visual.")]
+    s["llm"].collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
+    s["llm"].llm_engine.reset_encoder_cache()
+    assert not torch.equal(theirs(s, max_new=24, temperature=0)[0], expect)
+    mr_sp.vllm_sync(s["llm"], s["model"])
+    after, lp_vllm, n_vllm = theirs(s, max_new=24, temperature=0)
+    assert torch.equal(after, expect) and torch.equal(n, n_vllm)
+    lp, mask = trainer_logprobs(s, after, n_vllm, 1)
+    d = max_diff(lp, lp_vllm, mask)
+    print(f"after sync: tokens equal our engine's with the new weights; log-prob max abs diff {d:.2e}")
+    assert d <= 1e-4
+    mr_sp.vllm_sync(s["llm"], setup["model"])  # back to the module's weights
+    assert torch.equal(theirs(s, max_new=24, temperature=0)[0], before)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    import data as D
+    d = tmp_path_factory.mktemp("task")
+    D.synth(d, n=40, n_frames=16, seed=0, n_test=8)  # 8 of 16 frames at 8 fps: 0.5 s per temporal group
+    return str(d)
+
+
+def run(*args):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_eval_engine_vllm_equals_own(task, tmp_path):
+    """eval.py --engine vllm gives the own engine's greedy answers, through the real video path."""
+    run("model.py", "save", "--out", str(tmp_path / "model"))
+    cmd = ["eval.py", "--model", str(tmp_path / "model"), "--data", task, "--frames", "8", "--limit", "6",
+           "--max-new", "24"]
+    run(*cmd, "--out", str(tmp_path / "own"))
+    run(*cmd, "--out", str(tmp_path / "vllm"), "--engine", "vllm")
+    own, vllm = [(tmp_path / e / "results.jsonl").read_text() for e in ("own", "vllm")]
+    assert own == vllm and len(own.splitlines()) == 6
+
+
+def test_grpo_engine_vllm_tracks_own_engine(task, tmp_path):
+    """A short GRPO run with --engine vllm completes, its rewards climb as the own engine's do (same
+    model, data, reward and seeds; the sampled tokens differ: vLLM has its own random streams), and at
+    every step vLLM's log-probs of its samples equal the trainer's old-policy pass (the weights were
+    synced). The reward, the share of "e" in the text, is one a random tiny policy learns in a few steps."""
+    cmd = ["grpo.py", "--init", "tiny", "--data", task, "--frames", "8", "--prompts", "4", "--G", "4",
+           "--max-new", "12", "--micro-batch", "16", "--part", "all", "--lr", "3e-3", "--kl-coef", "0",
+           "--reward", "toy_rewards:letter_e", "--steps", "12", "--save-every", "0"]
+    rewards, gaps = {}, {}
+    for engine in ("own", "vllm"):
+        run(*cmd, "--engine", engine, "--out", str(tmp_path / engine))
+        m = [json.loads(line) for line in open(tmp_path / engine / "metrics.jsonl")]
+        rewards[engine], gaps[engine] = [x["reward"] for x in m], max(x["rollout_logprob_gap"] for x in m)
+    print(json.dumps({"rewards": {k: [round(r, 3) for r in v] for k, v in rewards.items()}, "max_logprob_gap": gaps}))
+    for engine, r in rewards.items():
+        assert len(r) == 12 and sum(r[-4:]) / 4 > 1.5 * sum(r[:4]) / 4
+        assert gaps[engine] <= 1e-4  # every step's rollouts came from the current policy: the sync worked
