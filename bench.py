@@ -32,6 +32,7 @@ the per-pair ratios. Runs where vllm imports (its own environment on CPU: bash .
 last line is JSON with vllm_tok_s, engine_tok_s (medians over calls, wall time), ratio, cpu_ratio.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -47,10 +48,11 @@ lp.add_argument("--seeds", default="0,1,2", help="comma list of training seeds; 
 lp.add_argument("--data", default="data/synth", help="task folder (written if absent); default data/synth")
 lp.add_argument("--out", default="runs/bench_learning", help="runs go to OUT/seed<k>/{sft,grpo}")
 lp.add_argument("--sft-steps", type=int, default=300, help="SFT steps; default 300")
-lp.add_argument("--grpo-steps", type=int, default=100, help="GRPO steps; default 100")
+lp.add_argument("--grpo-steps", type=int, default=200, help="GRPO steps; default 200")
 lp.add_argument("--grpo-args", default="", help="extra grpo.py arguments, quoted")
 lp.add_argument("--sft-args", default="", help="extra sft.py arguments, quoted")
 lp.add_argument("--limit", type=int, default=0, help="held-out rows to evaluate (0 = all)")
+lp.add_argument("--jobs", type=int, default=1, help="seeds run side by side (logs in OUT/seed<k>/log.txt); default 1")
 mp = sub.add_parser("mrsp", help="MR-SP measured: embedding cache, sp=2 memory, largest video, engine, planner")
 mp.add_argument("--frames", default="64,256,1024", help="frame counts for the cache speedup; default 64,256,1024")
 mp.add_argument("--repeats", type=int, default=3, help="steps per variant, alternating; the median counts; default 3")
@@ -88,44 +90,62 @@ rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine,
 rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype; default float32")
 
 
-def sh(*cmd):
-    """Run a stage, streaming its output; its last line (JSON) is returned parsed."""
-    print("$ " + " ".join(cmd), flush=True)
+def sh(*cmd, log=sys.stdout, env=None):
+    """Run a stage, streaming its output to log; its last line (JSON) is returned parsed."""
+    print("$ " + " ".join(cmd), file=log, flush=True)
     lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if log is sys.stdout else log, text=True,
+                          env=env) as p:
         for line in p.stdout:
-            print(line, end="", flush=True)
+            print(line, end="", file=log, flush=True)
             lines.append(line)
     if p.returncode:
-        raise SystemExit(f"{cmd[1]} failed with exit code {p.returncode}")
+        raise SystemExit(f"{cmd[1]} failed with exit code {p.returncode}" + ("" if log is sys.stdout else
+                                                                              f" (see {log.name})"))
     return json.loads(lines[-1])
 
 
+def learning_seed(seed, args, jobs):
+    """SFT, evals, GRPO, eval for one seed. With --jobs > 1 the seeds run side by side, each stage's output
+    going to OUT/seed<k>/log.txt and the cores shared out (threads beyond the cores slow every job down)."""
+    py, d = sys.executable, os.path.join(args.out, f"seed{seed}")
+    os.makedirs(d, exist_ok=True)
+    log = sys.stdout if jobs == 1 else open(os.path.join(d, "log.txt"), "w")
+    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    run = lambda *cmd: sh(py, *cmd, log=log, env=env)  # noqa: E731
+    ev = ["eval.py", "--data", args.data] + (["--limit", str(args.limit)] if args.limit else [])
+    run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps), "--out", f"{d}/sft",
+        *args.sft_args.split())
+    sft = run(*ev, "--model", f"{d}/sft/model", "--out", f"{d}/eval_sft")
+    blind = run(*ev, "--model", f"{d}/sft/model", "--blind", "--out", f"{d}/eval_blind")
+    pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", f"{d}/sft/model", "--n", "8",
+                "--temperature", "1.0", "--out", f"{d}/eval_pass8")  # headroom; 200 rows keep it cheap
+    run("grpo.py", "--init", f"{d}/sft/model", "--data", args.data, "--seed", str(seed),
+        "--steps", str(args.grpo_steps), "--out", f"{d}/grpo", *args.grpo_args.split())
+    grpo = run(*ev, "--model", f"{d}/grpo/model", "--out", f"{d}/eval_grpo")
+    res = dict(sft_acc=sft["accuracy"], blind_acc=blind["accuracy"], grpo_acc=grpo["accuracy"],
+               sft_sampled_acc=pass8["accuracy"], sft_pass8=pass8["pass@8"], n_test=sft["n_questions"],
+               sft_by_category=sft["by_category"], grpo_by_category=grpo["by_category"])
+    print(json.dumps({"seed": seed, **res}), flush=True)
+    return res
+
+
 def learning(args):
-    py, res, t0 = sys.executable, {}, time.time()
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        d = os.path.join(args.out, f"seed{seed}")
-        ev = [py, "eval.py", "--data", args.data] + (["--limit", str(args.limit)] if args.limit else [])
-        sh(py, "sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps),
-           "--out", f"{d}/sft", *args.sft_args.split())
-        sft = sh(*ev, "--model", f"{d}/sft/model", "--out", f"{d}/eval_sft")
-        blind = sh(*ev, "--model", f"{d}/sft/model", "--blind", "--out", f"{d}/eval_blind")
-        pass8 = sh(py, "eval.py", "--data", args.data, "--limit", "200", "--model", f"{d}/sft/model", "--n", "8",
-                   "--temperature", "1.0", "--out", f"{d}/eval_pass8")  # headroom; 200 rows keep it cheap
-        sh(py, "grpo.py", "--init", f"{d}/sft/model", "--data", args.data, "--seed", str(seed),
-           "--steps", str(args.grpo_steps), "--out", f"{d}/grpo", *args.grpo_args.split())
-        grpo = sh(*ev, "--model", f"{d}/grpo/model", "--out", f"{d}/eval_grpo")
-        res[seed] = dict(sft_acc=sft["accuracy"], blind_acc=blind["accuracy"], grpo_acc=grpo["accuracy"],
-                         sft_sampled_acc=pass8["accuracy"], sft_pass8=pass8["pass@8"],
-                         sft_by_category=sft["by_category"], grpo_by_category=grpo["by_category"])
-        print(json.dumps({"seed": seed, **res[seed]}), flush=True)
+    t0, seeds = time.time(), [int(s) for s in args.seeds.split(",")]
+    if args.jobs > 1:
+        import data as D
+        D.prepare_task(args.data)  # once, before parallel runs would each start writing the default task
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            res = dict(zip(seeds, pool.map(lambda s: learning_seed(s, args, args.jobs), seeds)))
+    else:
+        res = {s: learning_seed(s, args, 1) for s in seeds}
     mean = lambda k: statistics.mean(r[k] for r in res.values())  # noqa: E731
     print(f"{'seed':>4} | {'blind':>6} | {'sft':>6} | {'grpo':>6} | {'sft pass@8':>10}")
     for s, r in res.items():
         print(f"{s:>4} | {r['blind_acc']:6.3f} | {r['sft_acc']:6.3f} | {r['grpo_acc']:6.3f} | {r['sft_pass8']:10.3f}")
     print(json.dumps(dict(chance=0.25, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"), grpo_acc=mean("grpo_acc"),
                           grpo_minus_sft=mean("grpo_acc") - mean("sft_acc"), sft_pass8=mean("sft_pass8"),
-                          n_test=sft["n_questions"], seeds=list(res), per_seed=res,
+                          n_test=mean("n_test"), seeds=seeds, per_seed=res,
                           minutes=round((time.time() - t0) / 60, 1))))
 
 

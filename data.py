@@ -292,6 +292,9 @@ def _normalize(row, where, root, default_id):
 
 
 DEFAULT_TASK = "data/synth"
+# The embedded default models the paper's situation: auto-written reasoning traces are imperfect (30% reason to
+# a wrong answer here) while RL is rewarded by the ground truth; clean traces leave GRPO little to add.
+DEFAULT_NOISE = 0.3
 
 
 def prepare_task(folder, rank=0):
@@ -301,8 +304,8 @@ def prepare_task(folder, rank=0):
     if not os.path.exists(path) and os.path.normpath(folder) == DEFAULT_TASK:
         if rank == 0:
             print(f"{path} not found: writing the synthetic task (python data.py synth --out {folder} "
-                  "--n 3000 --frames 256 --seed 0)", flush=True)
-            synth(folder, n=3000, n_frames=256, seed=0, n_test=750)
+                  f"--n 3000 --frames 256 --seed 0 --n-test 750 --noise {DEFAULT_NOISE})", flush=True)
+            synth(folder, n=3000, n_frames=256, seed=0, n_test=750, noise=DEFAULT_NOISE)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     if not os.path.exists(path):
@@ -538,9 +541,9 @@ def main(argv=None):
     s.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4; default 8")
     s.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl; default 0.2")
     s.add_argument("--n-test", type=int, default=None, help="number of test videos (overrides --test-frac)")
-    s.add_argument("--noise", type=float, default=0.0,
+    s.add_argument("--noise", type=float, default=DEFAULT_NOISE,
                    help="fraction of train traces by a careless annotator: wrong reasoning and trace_answer, "
-                        "answer stays true; default 0")
+                        f"answer stays true; default {DEFAULT_NOISE}")
     args = p.parse_args(argv)
     if args.cmd == "probe":
         return probe(args)

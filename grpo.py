@@ -24,8 +24,8 @@ The variant that runs, exactly:
    `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
    ground truth (letter, number or normalized text). --reward module:function replaces it.
 4. Advantage A = (r - mean(group)) / (std(group) + 1e-6), unbiased std, the same for every token
-   of a sample. --dynamic-sampling drops groups whose rewards are all equal (A = 0 carries no
-   signal) and refills from the next prompts.
+   of a sample. Dynamic sampling (on unless --no-dynamic-sampling) drops groups whose rewards are
+   all equal (A = 0 carries no signal) and refills from the next prompts.
 5. Old log-probs: one no-grad pass of the policy before the updates (same micro-batches as the
    update, so the first ratio is exactly 1); the rollout engine's own log-probs of its samples are
    not used, only compared with these (rollout_logprob_gap, the max abs difference: float error
@@ -88,12 +88,13 @@ g.add_argument("--agg", default="token", choices=["token", "seq"], help="loss ag
 g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
 g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
 g.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward; default 16")
-g.add_argument("--dynamic-sampling", action="store_true", help="drop all-equal-reward groups and refill")
-g.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate; default 2e-5")
+g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True,
+               help="drop all-equal-reward groups (no signal) and refill from the next prompts; default on")
+g.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate; default 3e-5")
 g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
-g.add_argument("--steps", type=int, default=100, help="training steps; default 100")
+g.add_argument("--steps", type=int, default=200, help="training steps; default 200")
 g.add_argument("--sp", type=int, default=1,
                help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
 g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
@@ -190,9 +191,11 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
     with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when dynamic
     sampling refills, prompts strided over ranks after the step's block.
     llm: a vLLM engine to roll out with instead of model.generate (same prompts and embeddings).
-    Returns training rows (G per kept prompt), prompts consumed globally, and timings."""
+    Returns training rows (G per kept prompt), prompts consumed globally, timings, and (reward,
+    accuracy, format, length) of every scored sample, dropped groups included: the policy's own numbers
+    (the kept groups are biased towards mixed rewards)."""
     per = want = args.prompts // world
-    k, rows, t = 0, [], {"encode": 0.0, "rollout": 0.0}
+    k, rows, scored, t = 0, [], [], {"encode": 0.0, "rollout": 0.0}
     while want > 0:
         at = [cursor + rank * per + j if k == 0 else cursor + per * world + rank + (k - per + j) * world
               for j in range(want)]
@@ -237,6 +240,8 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
                 print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
                 stats["reward_errors"] += 1
                 continue
+            scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
+                        len(x["response"])] for x in group]
             rs = torch.tensor([x["reward"]["overall"] for x in group])
             if args.dynamic_sampling and bool((rs == rs[0]).all()):
                 stats["dropped_groups"] += 1
@@ -248,9 +253,10 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
         if not args.dynamic_sampling:
             break
         if k > 20 * args.prompts + len(order):
-            raise RuntimeError("dynamic sampling: no group with unequal rewards in many prompts")
+            raise RuntimeError(f"dynamic sampling: every group's rewards were all equal over {k} prompts (a reward "
+                               "that cannot tell samples apart?); --no-dynamic-sampling trains on them anyway")
     consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max"))  # the furthest any rank read
-    return rows, per * world + (consumed - per) * world, t
+    return rows, per * world + (consumed - per) * world, t, scored
 
 
 def update(args, model, tok, params, opt, micro, old, refs, stats, sp_group=None):
@@ -348,7 +354,7 @@ def main(args):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
             t0 = time.time()
             model.eval()
-            batch, used, t = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats,
+            batch, used, t, scored = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats,
                                      llm)
             if llm is not None:
                 mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
@@ -370,12 +376,11 @@ def main(args):
             if llm is not None:  # the next rollouts sample from the updated policy
                 mr_sp.vllm_sleep(llm, False)
                 mr_sp.vllm_sync(llm, model)
-            r = torch.tensor([[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
-                               len(x["response"]), 1.0] for x in batch], dtype=torch.float64).reshape(-1, 5).sum(0)
-            r = mr_sp.dp_sum(r, sp_group)
+            r = torch.tensor([x + [1.0] for x in scored], dtype=torch.float64).reshape(-1, 5).sum(0)
+            r = mr_sp.dp_sum(torch.cat([r, torch.tensor([len(batch) / args.G], dtype=torch.float64)]), sp_group)
             n = max(r[4].item(), 1.0)
-            rec = dict(step=step + 1, groups=round(r[4].item() / args.G), reward=r[0].item() / n, accuracy=r[1].item() / n, format=r[2].item() / n,
-                       response_len=r[3].item() / n, rollout_logprob_gap=gap, **log,
+            rec = dict(step=step + 1, groups=round(r[5].item()), reward=r[0].item() / n, accuracy=r[1].item() / n,
+                       format=r[2].item() / n, response_len=r[3].item() / n, rollout_logprob_gap=gap, **log,
                        time_encode=t["encode"], time_rollout=t["rollout"],
                        time_prefill=t2 - t1, time_update=t3 - t2, time_sync=time.time() - t3,
                        tok_per_s=r[3].item() / (t3 - t0), **stats)
