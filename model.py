@@ -142,8 +142,9 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def save(model, tok, out, write=None):
-    """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state).
+def save(model, tok, out, write=None, state_dict=None):
+    """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state);
+    state_dict replaces the model's own (a sharded model's, gathered: mr_sp.full_state).
     Atomic: written under a temp name, then renamed, so a crash mid-write never leaves a half
     checkpoint under the final name."""
     out = out.rstrip("/")
@@ -151,7 +152,7 @@ def save(model, tok, out, write=None):
     shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging
     logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)
     with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
         json.dump(processor_config(model.config), f, indent=1)

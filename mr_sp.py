@@ -12,6 +12,8 @@ What every stage calls for its videos and its long sequences:
   into G rows that decode together (model.generate); tokens and their log-probs come back.
 - `prefill_logprobs`: the training-side pass over [prompt | response] rows (old policy,
   reference, policy), log-probs of the response tokens only.
+- `shard` (sft.py --fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`;
+  `full_state` and `load_optimizer` write and restore its checkpoints in the replicated format.
 
 With an SP group (`group=`), the two MR-SP stages (paper section 4; tests/test_mr_sp.py checks both
 against the single-process path):
@@ -91,6 +93,78 @@ def sync_grads(params):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         all_reduce(p.grad)
+
+
+class _Root(torch.nn.Module):
+    """FSDP's root unit, a call-through forward around the model: FSDP gathers a unit's weights in hooks
+    around its forward, and our passes call the model's parts (visual, language_model, lm_head), never
+    model.forward. root(fn, *args) runs a pass with the weights no layer holds gathered."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kw):
+        return fn(*args, **kw)
+
+
+def shard(model):
+    """FSDP2 (`fully_shard`) over all ranks, the alternative to sync_grads for a model that does not fit
+    replicated. Every trainable decoder layer and vision block is a unit, gathered in its own forward and
+    again in backward; the rest (embeddings, lm_head, final norms, vision patch embedding and merger) is
+    the root unit, gathered for the whole of a pass. Frozen parameters stay replicated: without gradients
+    or optimizer state there is little to shard, and a frozen tower's MR-SP encode (uneven shares, no
+    forward on some ranks) must not wait on a gather. Returns run(fn, *args): call every training
+    forward pass through it. Each rank must run as many passes as the others (every unit forward is
+    collective), and the optimizer must be made after this call (it replaces the parameters).
+
+    Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each rank's
+    share of the global mean, where FSDP would average. A divide factor of 1 alone reduces with PREMUL_SUM,
+    which gloo rejects; forcing SUM collectives makes it a plain sum."""
+    from torch.distributed.fsdp import fully_shard
+    frozen = {p for p in model.parameters() if not p.requires_grad}
+    blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
+    units = [fully_shard(b) for b in blocks if any(p.requires_grad for p in b.parameters())]
+    root = fully_shard(_Root(model), ignored_params=frozen)
+    for u in units + [root]:
+        u.set_gradient_divide_factor(1.0)
+        u.set_force_sum_reduction_for_comms(True)
+    return root
+
+
+def _param_names(model, opt):
+    """The optimizer's parameters by name, in its order: torch.distributed.checkpoint keys optimizer state by
+    name, Optimizer.state_dict() by position."""
+    name = {p: n for n, p in model.named_parameters()}
+    return [name[p] for g in opt.param_groups for p in g["params"]]
+
+
+def _rekey(osd, key):
+    return {"state": {key(k): s for k, s in osd["state"].items()},
+            "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in osd["param_groups"]]}
+
+
+def full_state(model, opt):
+    """(model state dict, optimizer state dict) of a sharded model, whole and on CPU on rank 0 (empty
+    elsewhere); every rank must call it (the shards are gathered). The optimizer's is keyed by position
+    like Optimizer.state_dict(), so state.pt is the same with and without FSDP."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd, osd = dcp.get_model_state_dict(model, options=o), dcp.get_optimizer_state_dict(model, opt, options=o)
+    # a tied weight (the tiny model's lm_head is its embedding) is gathered under each of its names, as two
+    # tensors; keep its first name only, as save_pretrained keeps of the model's own
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    sd = {k: v for k, v in sd.items() if k not in aliases}
+    ids = {n: i for i, n in enumerate(_param_names(model, opt))}
+    return sd, _rekey(osd, ids.__getitem__) if osd else osd
+
+
+def load_optimizer(model, opt, osd):
+    """Optimizer.load_state_dict for a sharded model: every rank passes the whole state (as full_state
+    returns it) and keeps its shards."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    dcp.set_optimizer_state_dict(model, opt, _rekey(osd, _param_names(model, opt).__getitem__),
+                                 options=dcp.StateDictOptions(full_state_dict=True))
 
 
 def seed_of(*key):

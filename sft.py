@@ -3,12 +3,13 @@
     python sft.py                                    # tiny model from scratch, synthetic task
     torchrun --nproc_per_node 2 sft.py               # the same, data parallel
     torchrun --nproc_per_node 2 sft.py --sp 2        # the same, each sequence split over 2 ranks (MR-SP)
+    torchrun --nproc_per_node 2 sft.py --fsdp        # the same, weights, gradients and AdamW sharded (FSDP2)
     python sft.py --init /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the video and the question; the mean is over all target tokens of the global batch.
 Writes --out (default runs/sft): model/ (a Hugging Face folder, with state.pt: optimizer, step,
-for --resume), args.json and metrics.jsonl.
+for --resume), args.json and metrics.jsonl. With --fsdp the same files: rank 0 writes the gathered state.
 """
 import argparse
 import functools
@@ -50,6 +51,9 @@ g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad nor
 g = ap.add_argument_group("run")
 g.add_argument("--sp", type=int, default=1,
                help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true",
+               help="shard weights, gradients and AdamW state over all ranks (FSDP2 fully_shard) instead of "
+                    "replicating them; the same updates; a no-op in one process")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
@@ -91,11 +95,16 @@ def main(args):
     model.model.visual.requires_grad_(train_vision)
     if args.sp > 1:  # fails here when the heads do not split over the SP ranks
         mr_sp.use_ulysses(model, args.sp)
+    fsdp = args.fsdp and world > 1  # one process holds everything either way
+    run = mr_sp.shard(model) if fsdp else (lambda fn, *a: fn(*a))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if state:
-        opt.load_state_dict(state["opt"])
+        if fsdp:
+            mr_sp.load_optimizer(model, opt, state["opt"])
+        else:
+            opt.load_state_dict(state["opt"])
         start = state["step"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, rank)), args.part)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
@@ -109,6 +118,20 @@ def main(args):
               f"{world} process(es) (dp {dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
+
+    def micro_loss(mb, n_tok):  # one micro-batch's share of the global mean; a call, so FSDP can wrap it (run)
+        rows_mb = []
+        for s, prompt, pos, target, _ in mb:
+            # A trained tower needs the graph, so every SP peer encodes the whole video with it. Its
+            # gradient is still exact: each peer's prefill back-propagates only into its own share of
+            # the sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 gradient.
+            video = (M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
+                     if train_vision else mr_sp.encode(model, s, sp_group))
+            rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
+        lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=sp_group)
+        weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
+        return -(lp * mask * weight).sum() / max(n_tok, 1.0)
+
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=rank != 0):
@@ -118,25 +141,19 @@ def main(args):
             for s in samples:
                 prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
                 target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
-                items.append((s, prompt, pos, target))
-            n_tok = mr_sp.dp_sum(torch.tensor([float(sum(len(x[3]) for x in items))], dtype=torch.float64),
+                items.append((s, prompt, pos, target, 1.0))
+            if fsdp:  # every rank must run as many passes (FSDP gathers in each): a skipped bad video's place
+                # goes to a weight-0 copy of a good sample (a rank left with none fails: nothing to copy)
+                items += [items[0][:4] + (0.0,)] * (args.batch // dp - len(items))
+            n_tok = mr_sp.dp_sum(torch.tensor([float(sum(len(x[3]) * x[4] for x in items))], dtype=torch.float64),
                                  sp_group).item()
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):
-                mb = items[m0:m0 + args.micro_batch]
-                rows_mb = []
-                for s, prompt, pos, target in mb:
-                    # A trained tower needs the graph, so every SP peer encodes the whole video with it. Its
-                    # gradient is still exact: each peer's prefill back-propagates only into its own share of
-                    # the sequence, so the peers' vision gradients sum (sync_grads) to the sp=1 gradient.
-                    video = (M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
-                             if train_vision else mr_sp.encode(model, s, sp_group))
-                    rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
-                lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=sp_group)
-                loss = -(lp * mask).sum() / max(n_tok, 1.0)
+                loss = run(micro_loss, items[m0:m0 + args.micro_batch], n_tok)
                 loss.backward()
                 loss_sum += loss.item()
-            mr_sp.sync_grads(params)
+            if not fsdp:  # FSDP has summed them already
+                mr_sp.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)
@@ -152,9 +169,12 @@ def main(args):
                            seconds=dt, bad_samples=ds.n_bad)
                 M.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
                            f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
-                if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                    state = {"opt": opt.state_dict(), "step": step + 1}
-                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # every rank gathers
+                if rank == 0:
+                    state = {"opt": osd, "step": step + 1}
+                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
+                           state_dict=sd)
     if rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad}))
     mr_sp.shutdown()

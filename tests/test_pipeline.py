@@ -1,6 +1,6 @@
-"""The scripts end to end, as users run them: data parallel and sequence parallel (--sp) equal one
-process, resume equals an uninterrupted run, faults are reported and survived, and a short pipeline
-shows signs of learning.
+"""The scripts end to end, as users run them: data parallel (replicated or sft.py --fsdp) and sequence
+parallel (--sp) equal one process, resume equals an uninterrupted run, faults are reported and survived,
+and a short pipeline shows signs of learning.
 
     python -m pytest tests/test_pipeline.py -q"""
 import json
@@ -127,6 +127,36 @@ def test_resume_after_kill_equals_uninterrupted(task, tmp_path, script):
     assert [m["step"] for m in metrics(killed)] == [1, 2, 3, 4]  # steps after the checkpoint logged once
     full, resumed = weights(tmp_path / "full" / "model"), weights(killed / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise: same data, seeds, optimizer state
+
+
+def test_fsdp_equals_one_process_and_resumes(task, tmp_path):
+    """sft.py --fsdp on 2 processes, data parallel and --sp 2, gives one process's parameters and metrics after
+    two steps, with a bad video in rank 1's share of step 1 (that rank runs a weight-0 copy in its place: FSDP
+    needs as many passes on every rank); and a --fsdp run stopped after a checkpoint and resumed ends bitwise
+    equal to the uninterrupted one."""
+    data = tmp_path / "data"
+    shutil.copytree(task, data)
+    (data / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    rows = (data / "train.jsonl").read_text().splitlines()
+    bad = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[3].item()  # sft.epoch_order(0, 0, n)
+    rows[bad] = json.dumps(json.loads(rows[bad]) | {"video": "videos/broken.mp4"})
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    # lr 1e-4 and a constant schedule: see the SP test on the lr; a run of --steps 1 is then the first step of 2
+    cmd = SFT + ["--data", str(data), "--lr", "1e-4", "--schedule", "constant"]
+    run(*cmd, "--steps", "2", "--out", str(tmp_path / "one"))
+    one = metrics(tmp_path / "one")
+    assert one[0]["bad_samples"] == 1 and one[0]["grad_norm"] > 0.1
+    keys = ["tokens", "loss", "grad_norm"]
+    for name, extra in (("fsdp", []), ("sp", ["--sp", "2"])):
+        run(*cmd, "--steps", "2", "--fsdp", *extra, "--out", str(tmp_path / name), nproc=2)
+        assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / name / "model")) <= 1e-5
+        assert [{k: m[k] for k in keys} for m in metrics(tmp_path / name)] == \
+            [pytest.approx({k: m[k] for k in keys}, rel=1e-5) for m in one]
+    run(*cmd, "--steps", "1", "--fsdp", "--out", str(tmp_path / "resumed"), nproc=2)
+    run(*cmd, "--steps", "2", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"), nproc=2)
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [1, 2]
+    full, resumed = weights(tmp_path / "fsdp" / "model"), weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_faults_are_reported_and_survived(task, tmp_path):
