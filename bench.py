@@ -1,6 +1,6 @@
 """Benchmarks: long runs that measure, never part of the tests.
 
-    python bench.py learning                 # SFT -> GRPO on the synthetic task, 3 seeds (about an hour on 2 cores)
+    python bench.py learning --jobs 3        # SFT -> GRPO on the synthetic task, 3 seeds side by side (~1 h, 2 cores)
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10     # a quick look
     python bench.py mrsp                     # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour                     # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
