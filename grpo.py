@@ -354,8 +354,8 @@ def main(args):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
             t0 = time.time()
             model.eval()
-            batch, used, t, scored = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group, reward_fn, stats,
-                                     llm)
+            batch, used, t, scored = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group,
+                                             reward_fn, stats, llm)
             if llm is not None:
                 mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
             cursor += used
