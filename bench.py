@@ -105,14 +105,18 @@ def sh(*cmd, log=sys.stdout, env=None):
     return json.loads(lines[-1])
 
 
-def learning_seed(seed, args, jobs):
+def learning_seed(seed, args):
     """SFT, evals, GRPO, eval for one seed. With --jobs > 1 the seeds run side by side, each stage's output
     going to OUT/seed<k>/log.txt and the cores shared out (threads beyond the cores slow every job down)."""
-    py, d = sys.executable, os.path.join(args.out, f"seed{seed}")
+    d = os.path.join(args.out, f"seed{seed}")
     os.makedirs(d, exist_ok=True)
-    log = sys.stdout if jobs == 1 else open(os.path.join(d, "log.txt"), "w")
-    env = None if jobs == 1 else {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
-    run = lambda *cmd: sh(py, *cmd, log=log, env=env)  # noqa: E731
+    side = args.jobs > 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))} if side else None
+    with open(os.path.join(d, "log.txt"), "w") if side else contextlib.nullcontext(sys.stdout) as log:
+        return learning_stages(seed, args, d, lambda *cmd: sh(sys.executable, *cmd, log=log, env=env))
+
+
+def learning_stages(seed, args, d, run):
     ev = ["eval.py", "--data", args.data] + (["--limit", str(args.limit)] if args.limit else [])
     run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps), "--out", f"{d}/sft",
         *args.sft_args.split())
@@ -131,14 +135,11 @@ def learning_seed(seed, args, jobs):
 
 
 def learning(args):
+    import data as D
     t0, seeds = time.time(), [int(s) for s in args.seeds.split(",")]
-    if args.jobs > 1:
-        import data as D
-        D.prepare_task(args.data)  # once, before parallel runs would each start writing the default task
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            res = dict(zip(seeds, pool.map(lambda s: learning_seed(s, args, args.jobs), seeds)))
-    else:
-        res = {s: learning_seed(s, args, 1) for s in seeds}
+    D.prepare_task(args.data)  # once, before seeds running side by side would each start writing the default task
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        res = dict(zip(seeds, pool.map(lambda s: learning_seed(s, args), seeds)))
     mean = lambda k: statistics.mean(r[k] for r in res.values())  # noqa: E731
     print(f"{'seed':>4} | {'blind':>6} | {'sft':>6} | {'grpo':>6} | {'sft pass@8':>10}")
     for s, r in res.items():

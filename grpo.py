@@ -252,9 +252,10 @@ def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, re
             want -= args.dynamic_sampling
         if not args.dynamic_sampling:
             break
-        if k > 20 * args.prompts + len(order):
-            raise RuntimeError(f"dynamic sampling: every group's rewards were all equal over {k} prompts (a reward "
-                               "that cannot tell samples apart?); --no-dynamic-sampling trains on them anyway")
+        if k > 8 * per:  # a policy that never formats (from scratch) would otherwise roll out the whole dataset
+            raise RuntimeError(f"dynamic sampling: the rewards of almost every group were all equal ({k} prompts "
+                               "for one step: a policy that never answers, or a reward that cannot tell samples "
+                               "apart?); --no-dynamic-sampling trains on them anyway")
     consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max"))  # the furthest any rank read
     return rows, per * world + (consumed - per) * world, t, scored
 
@@ -310,7 +311,8 @@ def main(args):
     if args.prompts % dp:
         raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({dp})")
     if args.init == ap.get_default("init") and not os.path.exists(args.init):
-        raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny to start from scratch")
+        raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny "
+                         "--no-dynamic-sampling to start from scratch")
     ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
     model, tok = M.load(src, device=device)
