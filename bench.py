@@ -24,14 +24,15 @@ hour: the step, its phases and peak memory per rank (resident set, Python runtim
 3,600-frame video with the tiny model, sp=2; the last line is JSON with frames, step_s, peak_mem_gb_per_rank.
 Workers run one thread each in fresh processes: the machine is shared and timings are noisy, so
 every comparison is measured side by side in one run.
-rollout: the same model, prompts and cached video embeddings through our engine (mr_sp.rollout) and
-vLLM (mr_sp.vllm_rollout), G samples per prompt, alternating, after one warm-up call each. Tokens/s
+rollout: the same model, prompts and cached video embeddings through mr_sp.rollout, with our engine
+and with vLLM, G samples per prompt, alternating, after one warm-up call each. Tokens/s
 counts the generated tokens (up to and including EOS) over the wall time of the call, and over the
 CPU time of this process (less sensitive to other jobs on a shared machine); ratios are medians of
 the per-pair ratios. Runs where vllm imports (its own environment on CPU: bash .ci/vllm_env). The
 last line is JSON with vllm_tok_s, engine_tok_s (medians over calls, wall time), ratio, cpu_ratio.
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -40,6 +41,16 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
+
+import numpy as np
+import torch
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (imported before a worker's baseline memory)
+
+import data as D
+import grpo
+import model as M
+import mr_sp
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 sub = ap.add_subparsers(dest="cmd", required=True)
@@ -135,7 +146,6 @@ def learning_stages(seed, args, d, run):
 
 
 def learning(args):
-    import data as D
     t0, seeds = time.time(), [int(s) for s in args.seeds.split(",")]
     D.prepare_task(args.data)  # once, before seeds running side by side would each start writing the default task
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -169,155 +179,130 @@ def reset_peak():
 
 
 @contextlib.contextmanager
-def phase(name, rec, base):
-    """Time a phase and record its peak resident memory above `base` (GiB) in rec[name]."""
+def measured(rec, name, base):
+    """Time a phase and its peak resident memory above `base` (GiB) into rec[name]: a phase entered
+    more than once adds up its times and keeps its largest peak."""
     reset_peak()
     t0 = time.perf_counter()
     yield
-    rec[name] = dict(s=time.perf_counter() - t0, gb=(rss()[1] - base) / 2**30)
+    r = rec.setdefault(name, dict(s=0.0, gb=0.0))
+    r["s"], r["gb"] = r["s"] + time.perf_counter() - t0, max(r["gb"], (rss()[1] - base) / 2**30)
 
 
 def video_sample(frames, size, seed=0):
-    """A synthetic video of `frames` frames of size x size pixels at 1 fps, as data.VideoDataset returns one."""
-    import numpy as np
-    import data as D
+    """A synthetic video of `frames` frames of size x size pixels at 1 fps, as data.VideoDataset
+    returns one."""
     rng = np.random.default_rng(seed)
-    sc = D.synth_scenario(rng, "temporal_order", (len(D.synth_slots(frames)) - 1) // 2)
-    pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size, min_pixels=size * size)
-    return dict(id=f"bench-{frames}", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0, question=sc["question"],
-                options=sc["options"])
+    sc = D.synth_scenario(rng, "absent", (len(D.synth_slots(frames)) - 1) // 2)
+    pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size,
+                                min_pixels=size * size)
+    return dict(id=f"bench-{frames}", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0,
+                question=sc["question"], options=sc["options"])
 
 
-def worker_setup(a):
-    """Process group, baseline memory (imports done), the sample, and policy + reference + AdamW as grpo.py has them."""
-    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (imported before the baseline)
-    import model as M
-    import mr_sp
-    rank, world, device, group = mr_sp.init_parallel(a.sp)
+def worker_setup(args):
+    """Process groups, baseline memory (imports done), and the policy as grpo.py trains it."""
+    par = mr_sp.init_parallel(args.sp)
     M.tiny_tokenizer()
     base = rss()[0]  # the Python runtime: everything the planner counts comes above it
-    kw = mr_sp.SMALL if a.config == "small" else {}
-    model, tok = M.load("tiny", **kw)
-    model.requires_grad_(False)  # RL: the vision tower frozen, the language model and lm_head trained
-    for m in (model.model.language_model, model.lm_head):
-        m.requires_grad_(True)
-    if a.sp > 1:
-        mr_sp.use_ulysses(model, a.sp)
-    return rank, group, base, model, tok, [p for p in model.parameters() if p.requires_grad]
-
-
-def grpo_step(model, ref, tok, opt, params, s, a, base, reencode=False, group=None):
-    """One GRPO step on one prompt as grpo.py runs it: encode once, G rollouts, old-policy and reference passes
-    and one update over one micro-batch of the G rows (k3 KL 0.01, clip 0.2/0.28, dual clip 3). Rewards are
-    random stand-ins (the reward is not what this measures). reencode: the baseline without the embedding cache,
-    which runs the vision tower again for every rollout and for every row of every pass (Video-R1, TRL).
-    Returns per-phase time and peak memory, and the loss (the same in both variants: the same work)."""
-    import torch
-    import data as D
-    import grpo
-    import mr_sp
-    rec, enc = {}, lambda: mr_sp.encode(model, s, group)
-    fresh = lambda rows: [dict(r, video=enc()) for r in rows] if reencode else rows  # noqa: E731
-    with phase("encode", rec, base):
-        video = enc()
-        prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
-    with phase("rollout", rec, base):
-        for _ in range(a.G - 1 if reencode else 0):
-            video = enc()
-        toks, _, lens = mr_sp.rollout(model, tok, [prompt], [pos], [video], a.G, max_new=a.max_new,
-                                      generator=[mr_sp.generator(a.seed, s["id"])])
-    rows = [dict(prompt=prompt, pos=pos, video=video, response=toks[j, :lens[j]].tolist()) for j in range(a.G)]
-    adv = grpo.group_advantages(torch.randn(a.G, generator=mr_sp.generator(a.seed, "reward")), a.G)
-    with phase("old", rec, base), torch.no_grad():
-        old = mr_sp.prefill_logprobs(model, tok, fresh(rows), group=group)[0]
-    with phase("ref", rec, base), torch.no_grad():
-        refs = mr_sp.prefill_logprobs(ref, tok, fresh(rows), group=group)[0]
-    with phase("update", rec, base):
-        lp, _, mask = mr_sp.prefill_logprobs(model, tok, fresh(rows), group=group)
-        loss_tok = grpo.policy_loss(lp, old, adv, 0.2, 0.28, 3.0)[0] + 0.01 * grpo.kl_estimate(lp, refs, "k3")
-        loss = grpo.aggregate(loss_tok, mask, "token", mask.sum(), a.G)
-        loss.backward()
-        mr_sp.sync_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    rec["step"] = dict(s=sum(r["s"] for r in rec.values()), gb=max(r["gb"] for r in rec.values()))
-    return rec, loss.item(), int(lens.sum())
+    model, tok = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))
+    params = grpo.rl_params(model)
+    if args.sp > 1:
+        mr_sp.use_ulysses(model, args.sp)
+    return par, base, model, tok, params
 
 
 def gather_max(x):
     """The largest of x over ranks (a no-op in one process)."""
-    import torch
-    import mr_sp
     return mr_sp.all_reduce(torch.tensor([float(x)], dtype=torch.float64), "max").item()
 
 
-def step(a):
-    """One untimed warm-up step on a 16-frame video, then steps of each --variants, alternating, --repeats times;
-    one line per step, then JSON: median times, the first measured step's peak memory per rank (above the
-    Python runtime) and its phases, and the paired time ratio of the two variants."""
-    import torch
-    import model as M
-    import mr_sp
-    import data as D
-    rank, group, base, model, tok, params = worker_setup(a)
-    ref = M.load("tiny", **(mr_sp.SMALL if a.config == "small" else {}))[0].requires_grad_(False)
-    if a.sp > 1:
-        mr_sp.use_ulysses(ref, a.sp)
-    # lr 0: every step samples the same tokens, so every step and both variants do the same work
-    opt = torch.optim.AdamW(params, lr=0.0)
-    grpo_step(model, ref, tok, opt, params, video_sample(16, a.size), a, base, False, group)  # warm-up, untimed
-    s = video_sample(a.frames, a.size)
-    res = {v: [] for v in a.variants.split(",")}
-    for i in range(a.repeats):
+def step(args):
+    """grpo.py's step (grpo.step) on one prompt: G rollouts, old-policy and reference passes, one
+    update over one micro-batch of the G rows; every algorithm setting is grpo.py's default. Rewards
+    are a stand-in hash of the text (the reward is not what this measures). One untimed warm-up step
+    on a 16-frame video, then steps of each --variants, alternating, --repeats times. Variant
+    reencode is the baseline without the embedding cache (Video-R1, TRL): the same step with the
+    vision tower run again for every rollout but the first and for every row of every pass, inside
+    those phases. One line per step, then JSON: median times, the first measured step's peak memory
+    per rank (above the Python runtime) and its phases, and the paired time ratio of the variants."""
+    par, base, model, tok, params = worker_setup(args)
+    ref = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))[0].requires_grad_(False)
+    if args.sp > 1:
+        mr_sp.use_ulysses(ref, args.sp)
+    gargs = grpo.ap.parse_args(["--prompts", "1", "--G", str(args.G), "--max-new", str(args.max_new),
+                                "--micro-batch", str(args.G), "--epochs", "1", "--mini-batches", "1",
+                                "--sp", str(args.sp), "--seed", str(args.seed)])
+    opt = torch.optim.AdamW(params, lr=gargs.lr, weight_decay=gargs.weight_decay)
+    policy, stats = grpo.Policy(model, tok, params, opt, ref), collections.Counter()
+    reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G)
+
+    def run(i, s, variant):
+        rec = {}
+
+        @contextlib.contextmanager
+        def phase(name):
+            with measured(rec, name, base):
+                for _ in range(reencodes.get(name, 0) if variant == "reencode" else 0):
+                    mr_sp.encode(model, s, par.group)
+                yield
+
+        out = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
+                        lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, stats, phase)[0]
+        rec["step"] = dict(s=sum(r["s"] for r in rec.values()), gb=max(r["gb"] for r in rec.values()))
+        return rec, out["response_len"] * args.G
+
+    run(0, video_sample(16, args.size), "cache")  # warm-up, untimed
+    s = video_sample(args.frames, args.size)
+    res = {v: [] for v in args.variants.split(",")}
+    for i in range(args.repeats):
         for v in list(res)[::1 if i % 2 == 0 else -1]:  # alternating order: a slow spell hits both variants
-            rec, loss, n_tok = grpo_step(model, ref, tok, opt, params, s, a, base, v == "reencode", group)
-            res[v].append(dict(rec, loss=loss, tokens=n_tok))
-            if rank == 0:
-                print(f"{v} {i} | " + " | ".join(f"{k} {r['s']:.2f}s {r['gb']:.3f}GB" for k, r in rec.items())
-                      + f" | loss {loss:.6f}", flush=True)
-    out = dict(config=a.config, frames=a.frames, size=a.size, sp=a.sp, G=a.G, max_new=a.max_new,
-               video_tokens=int(s["grid_thw"].prod()) // 4, repeats=a.repeats,
+            rec, n_tok = run(i, s, v)
+            res[v].append(dict(rec, tokens=n_tok))
+            if par.rank == 0:
+                print(f"{v} {i} | " + " | ".join(f"{k} {r['s']:.2f}s {r['gb']:.3f}GB" for k, r in rec.items()),
+                      flush=True)
+    out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
+               max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
                prompt_tokens=len(mr_sp.prompt_of(model, tok, s, D.question_text(s))[0]))
     for v, rs in res.items():
+        phases = [k for k in rs[0] if k not in ("step", "tokens")]
         out[v] = dict(step_s=statistics.median(r["step"]["s"] for r in rs),
-                      phases_s={k: round(statistics.median(r[k]["s"] for r in rs), 3) for k in rs[0] if k != "step"
-                                and isinstance(rs[0][k], dict)},
+                      phases_s={k: round(statistics.median(r[k]["s"] for r in rs), 3) for k in phases},
                       first_step_gb_per_rank=gather_max(rs[0]["step"]["gb"]),
-                      phases_gb_rank0={k: round(rs[0][k]["gb"], 4) for k in rs[0] if isinstance(rs[0][k], dict)},
-                      loss=rs[0]["loss"], tokens=rs[0]["tokens"])
+                      phases_gb_rank0={k: round(rs[0][k]["gb"], 4) for k in phases + ["step"]},
+                      tokens=rs[0]["tokens"])
     if len(res) == 2:  # paired: the median over repeats of one variant's time over the other's
         (v0, r0), (v1, r1) = res.items()
         out[f"{v1}_over_{v0}"] = statistics.median(y["step"]["s"] / x["step"]["s"] for x, y in zip(r0, r1))
     out["peak_rss_gb_per_rank"] = gather_max(rss()[1]) / 2**30  # absolute, Python runtime included
     out["runtime_gb"] = base / 2**30
-    if rank == 0:
+    if par.rank == 0:
         print(json.dumps(out), flush=True)
     mr_sp.shutdown()
 
 
-def prefill(a):
-    """One training prefill + backward of --G rows (default 1) of one video of --frames frames and a --max-new
-    token response: the peak memory of the pass above the memory before it (weights and inputs resident)."""
-    import torch
-    import mr_sp
-    rank, group, base, model, tok, params = worker_setup(a)
-    per = (a.size // 28) ** 2  # video tokens per 2 frames
-    s = dict(grid_thw=torch.tensor([[a.frames // 2, 2 * (a.size // 28), 2 * (a.size // 28)]]), second_per_grid=2.0)
+def prefill(args):
+    """One training prefill + backward of --G rows (default 1) of one video of --frames frames and a
+    --max-new token response: the peak memory of the pass above the memory before it (weights and
+    inputs resident)."""
+    par, base, model, tok, params = worker_setup(args)
+    side = args.size // 28
+    s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
     prompt, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
-    g = torch.Generator().manual_seed(a.seed)
-    video = torch.randn(a.frames // 2 * per, model.config.text_config.hidden_size, generator=g)  # as if encoded
-    rows = [dict(prompt=prompt, pos=pos, video=video, response=torch.randint(20, 500, (a.max_new,), generator=g).tolist())
-            for _ in range(a.G)]
+    g = torch.Generator().manual_seed(args.seed)
+    hidden = model.config.text_config.hidden_size
+    video = torch.randn(args.frames // 2 * side ** 2, hidden, generator=g)  # as if encoded
+    rows = [dict(prompt=prompt, pos=pos, video=video,
+                 response=torch.randint(20, 500, (args.max_new,), generator=g).tolist()) for _ in range(args.G)]
     rec = {}
-    with phase("pass", rec, rss()[0]):
-        lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, group=group)
+    with measured(rec, "pass", rss()[0]):
+        lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, group=par.group)
         ((lp * mask).sum() / mask.sum()).backward()
-    out = dict(config=a.config, frames=a.frames, sp=a.sp, rows=a.G, tokens=len(prompt) + a.max_new,
-               video_tokens=len(video),
-               pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
-               peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
-    if rank == 0:
+    out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G, tokens=len(prompt) + args.max_new,
+               video_tokens=len(video), pass_s=gather_max(rec["pass"]["s"]),
+               pass_gb_per_rank=gather_max(rec["pass"]["gb"]), peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
+    if par.rank == 0:
         print(json.dumps(out), flush=True)
     mr_sp.shutdown()
 
@@ -342,10 +327,6 @@ def launch(cmd, sp=1, quiet=False, timing=False):
 def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
     """Rollout tokens/s of model.generate (one prefill, KV cache copied into G rows) and of generate_naive (G rows,
     everything recomputed per token), greedy, no EOS (both emit exactly max_new tokens a row); medians."""
-    import torch
-    import data as D
-    import model as M
-    import mr_sp
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
     s = video_sample(frames, 56)
@@ -385,41 +366,40 @@ def largest_fitting(sp, cap, known, step=256):
     raise SystemExit(f"sp={sp}: no frame count found under {cap} GiB: {pts}")
 
 
-def mrsp(a):
+def mrsp(args):
     """Every number below is measured in this run; workers are fresh processes with one thread each
     (the machine is shared: two threads per process made timings several times noisier)."""
-    import mr_sp
     t0, out = time.time(), {}
     # 1. the embedding cache: GRPO step time without it (vision re-run per rollout and per row of every pass) over with it
     out["cache_speedup"], out["cache_step_s"] = {}, {}
-    for f in [int(x) for x in a.frames.split(",")]:
-        r = launch(["step", "--frames", f, "--variants", "cache,reencode", "--repeats", a.repeats,
-                    "--max-new", a.max_new], timing=True)
+    for f in [int(x) for x in args.frames.split(",")]:
+        r = launch(["step", "--frames", f, "--variants", "cache,reencode", "--repeats", args.repeats,
+                    "--max-new", args.max_new], timing=True)
         out["cache_speedup"][f] = round(r["reencode_over_cache"], 3)
         out["cache_step_s"][f] = dict(cache=round(r["cache"]["step_s"], 2), reencode=round(r["reencode"]["step_s"], 2),
                                       cache_phases=r["cache"]["phases_s"], reencode_phases=r["reencode"]["phases_s"])
     # 2. memory of a training prefill + backward of one row at a long sequence, sp=1 vs sp=2 (per rank)
-    long = {sp: launch(["prefill", "--frames", a.long], sp) for sp in (1, 2)}
+    long = {sp: launch(["prefill", "--frames", args.long], sp) for sp in (1, 2)}
     out["sp2_peak_mem_ratio"] = round(long[2]["pass_gb_per_rank"] / long[1]["pass_gb_per_rank"], 3)
     out["long_pass"] = {sp: {k: r[k] for k in ("frames", "tokens", "pass_gb_per_rank", "pass_s")} for sp, r in long.items()}
     # 3. the largest video whose training pass fits the cap, per rank
     for sp in (1, 2):
         out[f"max_frames_sp{sp}"], out[f"max_frames_sp{sp}_measured_gb"] = largest_fitting(
-            sp, a.cap_gb, {a.long: long[sp]["pass_gb_per_rank"]})
-    out["cap_gb"] = a.cap_gb
+            sp, args.cap_gb, {args.long: long[sp]["pass_gb_per_rank"]})
+    out["cap_gb"] = args.cap_gb
     # 4. the planner against measured peaks: whole GRPO steps (tiny, small) and the long training passes above
     out["planner"] = {}
     for config in ("tiny", "small"):
-        r = launch(["step", "--config", config, "--frames", 512, "--max-new", a.max_new])
+        r = launch(["step", "--config", config, "--frames", 512, "--max-new", args.max_new])
         text = r["prompt_tokens"] - r["video_tokens"]
-        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, a.max_new, 8, "float32")["peak"] / 2**30
+        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, args.max_new, 8, "float32")["peak"] / 2**30
         got = r["cache"]["first_step_gb_per_rank"]
         out["planner"][f"{config}_step_512f"] = dict(estimate_gb=round(est, 3), measured_gb=round(got, 3),
                                                      ratio=round(est / got, 3))
     for sp, r in long.items():
-        est = mr_sp.plan(mr_sp.plan_config("small"), a.long, sp, 56 * 56, r["tokens"] - r["video_tokens"] - 64, 1,
+        est = mr_sp.plan(mr_sp.plan_config("small"), args.long, sp, 56 * 56, r["tokens"] - r["video_tokens"] - 64, 1,
                          64, 1, "float32")["training_pass"] / 2**30
-        out["planner"][f"small_pass_{a.long}f_sp{sp}"] = dict(estimate_gb=round(est, 3),
+        out["planner"][f"small_pass_{args.long}f_sp{sp}"] = dict(estimate_gb=round(est, 3),
                                                               measured_gb=round(r["pass_gb_per_rank"], 3),
                                                               ratio=round(est / r["pass_gb_per_rank"], 3))
     # 5. the rollout engine against the naive generate
@@ -428,8 +408,8 @@ def mrsp(a):
     print(f"{'frames':>6} | {'cache s':>8} | {'re-encode s':>11} | speedup")
     for f, x in out["cache_step_s"].items():
         print(f"{f:>6} | {x['cache']:8.2f} | {x['reencode']:11.2f} | {out['cache_speedup'][f]:.2f}x")
-    print(f"sp=2 / sp=1 training-pass peak per rank at {a.long} frames: {out['sp2_peak_mem_ratio']:.3f}; "
-          f"largest video under {a.cap_gb} GiB: sp=1 {out['max_frames_sp1']} frames, sp=2 {out['max_frames_sp2']}")
+    print(f"sp=2 / sp=1 training-pass peak per rank at {args.long} frames: {out['sp2_peak_mem_ratio']:.3f}; "
+          f"largest video under {args.cap_gb} GiB: sp=1 {out['max_frames_sp1']} frames, sp=2 {out['max_frames_sp2']}")
     for k, x in out["planner"].items():
         print(f"planner {k}: estimate {x['estimate_gb']:.3f} GiB, measured {x['measured_gb']:.3f} GiB ({x['ratio']:.2f}x)")
     e = out["engine_vs_naive"]
@@ -438,60 +418,40 @@ def mrsp(a):
     print(json.dumps(out))
 
 
-def hour(a):
+def hour(args):
     """One GRPO step on an hour-long video (3,600 frames at 1 fps), tiny model, sp=2: bench.py step under torchrun."""
     t0 = time.time()
-    r = launch(["step", "--config", "tiny", "--frames", a.frames, "--G", a.G, "--max-new", a.max_new, "--size", a.size],
+    r = launch(["step", "--config", "tiny", "--frames", args.frames, "--G", args.G, "--max-new", args.max_new, "--size", args.size],
                sp=2)
     c = r["cache"]
-    import mr_sp
-    est = mr_sp.plan(mr_sp.plan_config("tiny"), a.frames, 2, a.size * a.size, r["prompt_tokens"] - r["video_tokens"],
-                     a.G, a.max_new, a.G, "float32")["peak"] / 2**30
-    print(f"{a.frames} frames ({r['video_tokens']:,} video tokens), G={a.G}, max_new={a.max_new}, sp=2: step "
+    est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size, r["prompt_tokens"] - r["video_tokens"],
+                     args.G, args.max_new, args.G, "float32")["peak"] / 2**30
+    print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, sp=2: step "
           f"{c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items()) +
           f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above the runtime; the planner said {est:.2f})")
-    print(json.dumps(dict(frames=a.frames, step_s=round(c["step_s"], 2), peak_mem_gb_per_rank=round(r["peak_rss_gb_per_rank"], 3),
+    print(json.dumps(dict(frames=args.frames, step_s=round(c["step_s"], 2), peak_mem_gb_per_rank=round(r["peak_rss_gb_per_rank"], 3),
                           above_runtime_gb_per_rank=round(c["first_step_gb_per_rank"], 3), planner_gb=round(est, 3),
                           phases_s=c["phases_s"],
-                          phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"], G=a.G,
-                          max_new=a.max_new, size=a.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
+                          phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"], G=args.G,
+                          max_new=args.max_new, size=args.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
 def rollout(args):
-    import shutil
-    import tempfile
-
-    import torch
-
-    import model as M
-    import mr_sp
     model, tok = M.load(args.model, dtype=getattr(torch, args.dtype))
     grid = torch.tensor([[int(x) for x in args.grid.split(",")]])
-    pixels = M.random_video_batch(model, tok, [grid[0].tolist()])[0]
-    video = mr_sp.encode(model, dict(pixel_values=pixels, grid_thw=grid))  # one video, cached, shared by all prompts
-    prompts = [M.build_prompt(tok, f"Question {i}: what happens in this video?", M.n_video_tokens(grid))
-               for i in range(args.prompts)]
-    pos = [M.positions(p, grid, [2.0], model.config) for p in prompts]
-    path = args.model
-    if not os.path.isdir(path):  # the tiny model: written where vLLM loads it from, for this run
-        path = os.path.join(tempfile.mkdtemp(), "model")
-        M.save(model, tok, path)
-    llm = mr_sp.vllm_engine(path, args.dtype)
-    gen = dict(max_new=args.max_new, temperature=args.temperature)
+    s = dict(pixel_values=M.random_video_batch(model, tok, [grid[0].tolist()])[0], grid_thw=grid, second_per_grid=2.0)
+    prompts = [mr_sp.prepare(model, tok, s, f"Question {i}: what happens in this video?") for i in range(args.prompts)]
+    engines = dict(engine=None, vllm=mr_sp.vllm_engine(model, tok, args.model, args.dtype))
 
-    def ours(k):
-        gens = [mr_sp.generator(k, i) for i in range(args.prompts)]
-        return mr_sp.rollout(model, tok, prompts, pos, [video] * args.prompts, args.G, generator=gens, **gen)[2]
-
-    def theirs(k):
+    def call(name, k):  # tokens generated by one rollout call
         seeds = [mr_sp.seed_of(k, i) for i in range(args.prompts)]
-        return mr_sp.vllm_rollout(llm, tok, prompts, [video] * args.prompts, [grid] * args.prompts,
-                                  [2.0] * args.prompts, args.G, seeds=seeds, **gen)[2]
+        return int(mr_sp.rollout(model, tok, prompts, args.G, seeds, engines[name], max_new=args.max_new,
+                                 temperature=args.temperature)[2].sum())
 
     res = {"engine": [], "vllm": []}
-    ours(-1), theirs(-1)  # warm-up: first calls allocate and (vLLM) compile
+    call("engine", -1), call("vllm", -1)  # warm-up: first calls allocate and (vLLM) compile
     for k in range(args.repeats):
-        for name, fn in (("engine", ours), ("vllm", theirs)):
+        for name in res:
             t0, c0 = time.time(), time.process_time()
-            n = int(fn(k).sum())
+            n = call(name, k)
             res[name].append((n, time.time() - t0, time.process_time() - c0))
             _, wall, cpu = res[name][-1]
             print(f"{name:>6} | call {k} | {n} tokens | {wall:.2f} s | {n / wall:.0f} tok/s | "
@@ -509,8 +469,6 @@ def rollout(args):
                           video_tokens=M.n_video_tokens(grid), threads=torch.get_num_threads(), calls=args.repeats,
                           vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
                           engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))
-    if path != args.model:
-        shutil.rmtree(os.path.dirname(path))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -327,6 +328,34 @@ def target_text(row):
     return f"<think>{row['reasoning']}</think><answer>{row.get('trace_answer', row['answer'])}</answer>"
 
 
+# The reward parses the format question_text asks for (Long-RL's r1v reward, the answer graded by type).
+FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def normalize(s):
+    return re.sub(r"\s+", "", s).strip(".()[]:").lower()
+
+
+def grade(pred, truth):
+    """1.0 when the answer equals the truth as a choice letter, a number or normalized text."""
+    p, t = normalize(pred), normalize(truth)
+    if p == t:
+        return 1.0
+    try:
+        return float(math.isclose(float(p), float(t), rel_tol=1e-6))
+    except ValueError:
+        return 0.0
+
+
+def reward(text, row):
+    """0.9 * accuracy + 0.1 * format: format is a fullmatch of FORMAT, accuracy grades the answer span."""
+    fmt = float(FORMAT.fullmatch(text.strip()) is not None)
+    m = ANSWER.search(text)
+    acc = grade(m.group(1), row["answer"]) if m else 0.0
+    return {"overall": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
+
+
 class VideoDataset:
     """Rows plus their videos. ds[i] raises VideoError; iter_samples skips bad videos and records them."""
 
@@ -407,6 +436,8 @@ def synth_scenario(rng, category, n_pos):
         cols = [c for c, m in zip(OPTION_COLORS, counts) for _ in range(m)]
         return dict(events=sorted(zip(pos(len(cols)), rng.permutation(cols).tolist())), options=OPTION_COLORS,
                     answer=top, question="The screen flashes several colors. Which color flashes most often?")
+    if category != "absent":
+        raise ValueError(f"unknown synthetic-task category {category!r}: one of {CATEGORIES}")
     gone = int(rng.integers(4))
     cols = [c for j, c in enumerate(OPTION_COLORS) if j != gone]
     twice = rng.choice(3, min(int(rng.integers(0, 3)), n_pos - 3), replace=False)  # some flash twice

@@ -28,7 +28,6 @@ from tqdm import tqdm
 import data as D
 import model as M
 import mr_sp
-from grpo import reward
 
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,40 +56,30 @@ ap.add_argument("--out", default=None, help="output folder; default <model>/../e
 # -----------------------------------------------------------------------------
 
 
-def evaluate(model, tok, rows, frames, args, rank=0, world=1, sp_group=None, llm=None):
-    """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
-    video encoded by the SP group) at one frame count: a list of result dicts. llm: a vLLM engine
-    holding model's weights, to generate with instead of model.generate."""
+def evaluate(model, tok, rows, frames, args, par, llm=None):
+    """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each video
+    encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
+    llm: a vLLM engine holding model's weights, to generate with instead of ours."""
     ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
-    mine = list(range(rank // args.sp, len(rows), world // args.sp))
+    mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
-    for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames", disable=rank != 0, file=sys.stderr):
+    for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames", disable=par.rank != 0,
+                  file=sys.stderr):
         samples = list(ds.iter_samples(mine[b:b + args.batch]))
+        for s in samples if args.blind else ():
+            s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # zero after normalization = mean gray
         if not samples:
             continue
-        prompts, pos, videos = [], [], []
-        for s in samples:
-            if args.blind:
-                s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # zero after normalization = mean gray
-            videos.append(mr_sp.encode(model, s, sp_group))
-            p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
-            prompts.append(p)
-            pos.append(pp)
+        prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
         # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
-        if llm is None:
-            gens = [mr_sp.generator(args.seed, s["id"], frames) for s in samples]
-            toks, _, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.n, max_new=args.max_new,
-                                          temperature=args.temperature, generator=gens)
-        else:
-            toks, _, lens = mr_sp.vllm_rollout(llm, tok, prompts, videos, [s["grid_thw"] for s in samples],
-                                               [s["second_per_grid"] for s in samples], args.n, max_new=args.max_new,
-                                               temperature=args.temperature,
-                                               seeds=[mr_sp.seed_of(args.seed, s["id"], frames) for s in samples])
+        toks, _, lens = mr_sp.rollout(model, tok, prompts, args.n, [mr_sp.seed_of(args.seed, s["id"], frames)
+                                                                   for s in samples], llm,
+                                      max_new=args.max_new, temperature=args.temperature)
         for i, s in enumerate(samples):
             for j in range(args.n):
                 k = i * args.n + j
                 text = tok.decode(toks[k, :lens[k]].tolist(), skip_special_tokens=True)
-                r = reward(text, s)
+                r = D.reward(text, s)
                 out.append(dict(id=s["id"], video=s["video"], category=s["category"], frames=frames, sample=j,
                                 answer=s["answer"], response=text, correct=r["accuracy"], format=r["format"]))
     return out, ds.bad
@@ -152,40 +141,38 @@ def report(path, results, bad, frame_counts, args, seconds):
 
 
 def main(args):
-    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
+    par = mr_sp.init_parallel(args.sp)
     paths = args.model.split(",") if args.model else \
         [next((p for p in ("runs/grpo/model", "runs/sft/model") if os.path.exists(p)), None)]
     if None in paths:
         raise SystemExit("no model: pass --model DIR, or train one first (python sft.py)")
     if args.out and len(paths) > 1:
         raise SystemExit("--out takes one model; with several, each writes to <model>/../eval")
-    D.prepare_task(args.data, rank)
+    D.prepare_task(args.data, par.rank)
     rows = D.load_rows(os.path.join(args.data, f"{args.split}.jsonl"))
     rows = rows[:args.limit] if args.limit else rows
     frame_counts = [int(f) for f in str(args.frames).split(",")]
-    if args.engine == "vllm" and world > 1:
-        raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
     summaries, llm = [], None
     for path in paths:
-        model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=device)
+        model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=par.device)
         if args.engine == "vllm":  # one engine; a later model of the comparison is synced into it
             if llm is None:
-                llm = mr_sp.vllm_engine(path, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
+                llm = mr_sp.vllm_engine(model, tok, path, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
             else:
                 mr_sp.vllm_sync(llm, model)
         results, bad, t0 = [], [], time.time()
         for frames in frame_counts:
-            r, b = evaluate(model, tok, rows, frames, args, rank, world, sp_group, llm)
+            r, b = evaluate(model, tok, rows, frames, args, par, llm)
             results += r
             bad += b
         if dist.is_initialized():
-            gathered = [None] * world
+            gathered = [None] * par.world
             # SP peers hold the same answers: only the first rank of each SP group contributes
-            dist.all_gather_object(gathered, (results, bad) if rank % args.sp == 0 else ([], []))
+            dist.all_gather_object(gathered, (results, bad) if par.rank % par.sp == 0 else ([], []))
             results, bad = [r for g in gathered for r in g[0]], [b for g in gathered for b in g[1]]
-        if rank == 0:
+        if par.rank == 0:
             summaries.append(report(path, results, bad, frame_counts, args, time.time() - t0))
-    if rank == 0:
+    if par.rank == 0:
         cats = sorted({c for s in summaries for f in frame_counts for c in s["sweep"][f]["by_category"]})
         width = max(len(p) for p in paths)
         print(f"{'model':<{width}} | {'frames':>6} | {'acc':>6} | {'format':>6} | "

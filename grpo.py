@@ -40,11 +40,13 @@ The variant that runs, exactly:
    one all-reduce per tensor per update, so the loss is the global mean whatever the world size.
 """
 import argparse
+import collections
+import contextlib
+import dataclasses
 import importlib
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -104,36 +106,10 @@ g.add_argument("--resume", action="store_true", help="continue from --out's chec
 # -----------------------------------------------------------------------------
 
 
-# Rewards (Long-RL's r1v reward, with the answer graded by type).
-FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
-ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def normalize(s):
-    return re.sub(r"\s+", "", s).strip(".()[]:").lower()
-
-
-def grade(pred, truth):
-    """1.0 when the answer equals the truth as a choice letter, a number or normalized text."""
-    p, t = normalize(pred), normalize(truth)
-    if p == t:
-        return 1.0
-    try:
-        return float(math.isclose(float(p), float(t), rel_tol=1e-6))
-    except ValueError:
-        return 0.0
-
-
-def reward(text, row):
-    fmt = float(FORMAT.fullmatch(text.strip()) is not None)
-    m = ANSWER.search(text)
-    acc = grade(m.group(1), row["answer"]) if m else 0.0
-    return {"overall": 0.9 * acc + 0.1 * fmt, "accuracy": acc, "format": fmt}
-
-
 def load_reward(spec):
+    """The reward function: data.reward, or module:function from --reward."""
     if spec is None:
-        return reward
+        return D.reward
     mod, _, fn = spec.partition(":")
     return getattr(importlib.import_module(mod), fn)
 
@@ -184,84 +160,118 @@ def aggregate(x, mask, agg, n_tokens, n_seqs):
 
 
 # -----------------------------------------------------------------------------
+# One step: collect groups of rollouts, score them with the old policy and the reference, update.
 
-def collect(args, step, model, tok, ds, order, cursor, rank, world, sp_group, reward_fn, stats, llm=None):
-    """This data-parallel rank's groups for one step (rank, world: data-parallel rank and size; SP
-    peers collect the same groups): a contiguous block of the step's prompts (so that one process
-    with --micro-batch = rows per rank runs exactly the ranks' micro-batches), then, when dynamic
-    sampling refills, prompts strided over ranks after the step's block.
-    llm: a vLLM engine to roll out with instead of model.generate (same prompts and embeddings).
-    Returns training rows (G per kept prompt), prompts consumed globally, timings, and (reward,
-    accuracy, format, length) of every scored sample, dropped groups included: the policy's own numbers
-    (the kept groups are biased towards mixed rewards)."""
-    per = want = args.prompts // world
-    k, rows, scored, t = 0, [], [], {"encode": 0.0, "rollout": 0.0}
-    while want > 0:
-        at = [cursor + rank * per + j if k == 0 else cursor + per * world + rank + (k - per + j) * world
-              for j in range(want)]
-        chunk = [order[a % len(order)] for a in at]
-        k += want
-        samples, prompts, pos, videos = [], [], [], []
-        t0 = time.time()
-        for i in chunk:
-            for s in ds.iter_samples([i]):  # nothing when the video is bad (counted in ds.bad)
-                samples.append(s)
-                videos.append(mr_sp.encode(model, s, sp_group))
-                p, pp = mr_sp.prompt_of(model, tok, s, D.question_text(s))
-                prompts.append(p)
-                pos.append(pp)
-        t1 = time.time()
-        if not samples:
-            if not args.dynamic_sampling:
-                break
+@dataclasses.dataclass
+class Policy:
+    """What a GRPO step samples from and trains."""
+    model: torch.nn.Module
+    tok: object
+    params: list  # the trained parameters: language model and lm_head (the vision tower is frozen)
+    opt: torch.optim.Optimizer
+    ref: torch.nn.Module = None  # the frozen initial policy of the KL term; None at --kl-coef 0
+    llm: object = None  # a vLLM engine to roll out with; None: ours (mr_sp.rollout chooses)
+
+
+def rl_params(model):
+    """The parameters RL trains, the language model and lm_head; the vision tower is frozen."""
+    model.requires_grad_(False)
+    for m in (model.model.language_model, model.lm_head):
+        m.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+SCORES = ("reward", "accuracy", "format", "response_len", "samples")  # summed over scored samples
+
+
+def prompt_positions(cursor, rank, world, per, start, n):
+    """Positions in the data order of prompts start .. start+n-1 of data-parallel rank `rank` in a
+    step that starts at `cursor` with `per` prompts per rank. The step's first per*world prompts go
+    in contiguous blocks of per, one per rank (so one process, its micro-batch one rank's rows, runs
+    exactly the ranks' batches); prompts that dynamic sampling reads after them stride over ranks.
+
+    Example, cursor 100, 2 ranks, per 3: rank 0 reads 100 101 102, then 106 108 110 ...; rank 1 reads
+    103 104 105, then 107 109 111 ... When the most prompts any rank read is 5, the step consumed
+    5 * 2 = 10 and the next one starts at 110."""
+    return [cursor + rank * per + k if k < per else cursor + per * world + rank + (k - per) * world
+            for k in range(start, start + n)]
+
+
+def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
+    """Reward the G rollouts of each prompt. Returns the training rows of the groups kept (G per
+    prompt, with their advantages) and a SCORES list for every scored sample, dropped groups included
+    (kept groups lean towards mixed rewards: the policy's own numbers are over all). Dynamic sampling
+    drops groups whose rewards are all equal (A = 0 carries no signal); a raising reward function
+    costs its group, counted in stats."""
+    toks, lps, lens = out
+    rows, scored = [], []
+    for b, (s, p) in enumerate(zip(samples, prompts)):
+        group = []
+        try:
+            for j in range(b * args.G, (b + 1) * args.G):
+                resp = toks[j, :lens[j]].tolist()
+                r = score(reward_fn, tok.decode(resp, skip_special_tokens=True), s)
+                group.append(dict(p, response=resp, reward=r, rollout_lp=lps[j, :lens[j]].cpu()))
+        except Exception as e:  # a broken reward function must not kill a long run
+            print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
+            stats["reward_errors"] += 1
             continue
-        # one generator per prompt: its samples do not depend on batching or on the number of ranks.
-        # SP peers run this same rollout and get the same tokens (same weights, bit-identical video
-        # embeddings, same generators); splitting the G samples over the peers would go here.
-        gen = dict(max_new=args.max_new, temperature=args.temperature, top_p=args.top_p)
-        if llm is None:
-            gens = [mr_sp.generator(args.seed, step, s["id"]) for s in samples]
-            toks, lps, lens = mr_sp.rollout(model, tok, prompts, pos, videos, args.G, generator=gens, **gen)
-        else:  # the same seeds key vLLM's random streams (its tokens differ from ours: other generators)
-            toks, lps, lens = mr_sp.vllm_rollout(llm, tok, prompts, videos, [s["grid_thw"] for s in samples],
-                                               [s["second_per_grid"] for s in samples], args.G,
-                                               seeds=[mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], **gen)
-        t["encode"] += t1 - t0
-        t["rollout"] += time.time() - t1
-        for b, s in enumerate(samples):
-            group = []
-            try:
-                for j in range(b * args.G, (b + 1) * args.G):
-                    resp = toks[j, :lens[j]].tolist()
-                    r = score(reward_fn, tok.decode(resp, skip_special_tokens=True), s)
-                    group.append(dict(prompt=prompts[b], pos=pos[b], video=videos[b], response=resp, reward=r,
-                                      rollout_lp=lps[j, :lens[j]].cpu()))
-            except Exception as e:  # a broken reward function must not kill a long run
-                print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
-                stats["reward_errors"] += 1
-                continue
-            scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
-                        len(x["response"])] for x in group]
-            rs = torch.tensor([x["reward"]["overall"] for x in group])
-            if args.dynamic_sampling and bool((rs == rs[0]).all()):
-                stats["dropped_groups"] += 1
-                continue
-            for x, a in zip(group, group_advantages(rs, args.G).tolist()):
-                x["adv"] = a
-            rows += group
-            want -= args.dynamic_sampling
+        scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
+                    len(x["response"]), 1.0] for x in group]
+        rs = torch.tensor([x["reward"]["overall"] for x in group])
+        if args.dynamic_sampling and bool((rs == rs[0]).all()):
+            stats["dropped_groups"] += 1
+            continue
+        for x, a in zip(group, group_advantages(rs, args.G).tolist()):
+            x["adv"] = a
+        rows += group
+    return rows, scored
+
+
+Collected = collections.namedtuple("Collected", "rows consumed sums")
+
+
+def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
+    """This data-parallel rank's groups for one step (SP peers collect the same ones): Collected rows
+    (G per kept prompt), prompts consumed over all ranks, and SCORES sums over every scored sample.
+    read(positions): the samples at those positions of the data order, without the bad videos."""
+    per = want = args.prompts // par.dp
+    k, rows, scored = 0, [], []
+    while want > 0:
+        at = prompt_positions(cursor, par.dp_rank, par.dp, per, k, want)
+        k += want
+        with timed("encode"):
+            samples = read(at)
+            prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group) for s in samples]
+        if samples:
+            # SP peers run this same rollout and get the same tokens (same weights, bit-identical video
+            # embeddings, same seeds); splitting the G samples over the peers would go here.
+            with timed("rollout"):
+                out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
+                                    [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
+                                    max_new=args.max_new, temperature=args.temperature, top_p=args.top_p)
+            kept, s = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
+            rows, scored, want = rows + kept, scored + s, want - len(kept) // args.G
         if not args.dynamic_sampling:
             break
-        if k > 8 * per:  # a policy that never formats (from scratch) would otherwise roll out the whole dataset
-            raise RuntimeError(f"dynamic sampling: the rewards of almost every group were all equal ({k} prompts "
-                               "for one step: a policy that never answers, or a reward that cannot tell samples "
-                               "apart?); --no-dynamic-sampling trains on them anyway")
-    consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max"))  # the furthest any rank read
-    return rows, per * world + (consumed - per) * world, t, scored
+        if k > 8 * per:  # a policy that never formats (from scratch) would otherwise read the whole dataset
+            raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and still short of groups whose "
+                               "rewards differ (a policy that never answers, a reward that cannot tell samples "
+                               "apart, or unreadable videos?); --no-dynamic-sampling trains on them anyway")
+    consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max")) * par.dp  # the furthest any rank read
+    sums = torch.tensor(scored, dtype=torch.float64).reshape(-1, len(SCORES)).sum(0)
+    return Collected(rows, consumed, dict(zip(SCORES, sums.tolist())))
 
 
-def update(args, model, tok, params, opt, micro, old, refs, stats, sp_group=None):
+def no_grad_logprobs(model, tok, micro, args, sp_group=None):
+    """One pass over the micro-batches without gradients (old policy, reference)."""
+    with torch.no_grad():
+        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
+
+
+def update(args, policy, micro, old, refs, stats, sp_group=None):
     """--epochs passes of --mini-batches optimizer steps over the micro-batches. Returns metrics."""
+    model, tok, params, opt = policy.model, policy.tok, policy.params, policy.opt
     log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
     per = max(1, math.ceil(len(micro) / args.mini_batches))
     groups = [list(range(i, min(i + per, len(micro)))) for i in range(0, len(micro), per)] or [[]]
@@ -271,9 +281,9 @@ def update(args, model, tok, params, opt, micro, old, refs, stats, sp_group=None
     for _ in range(args.epochs):
         for idx in groups:
             # global token and sequence counts of this mini-batch: the loss is their global mean
-            counts = mr_sp.dp_sum(torch.tensor([float(sum(len(x["response"]) for i in idx for x in micro[i])),
-                                                float(sum(len(micro[i]) for i in idx))], dtype=torch.float64), sp_group)
-            n_tok, n_seq = max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+            n = mr_sp.dp_sum(dict(tokens=float(sum(len(x["response"]) for i in idx for x in micro[i])),
+                                  seqs=float(sum(len(micro[i]) for i in idx))), sp_group)
+            n_tok, n_seq = max(n["tokens"], 1.0), max(n["seqs"], 1.0)
             for i in idx:
                 lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature, sp_group)
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
@@ -294,33 +304,69 @@ def update(args, model, tok, params, opt, micro, old, refs, stats, sp_group=None
                 stats["skipped_updates"] += 1
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] = float(gn)
-    for k in ("kl", "clip_frac", "entropy"):
-        log[k] = mr_sp.dp_sum(torch.tensor([log[k]], dtype=torch.float64), sp_group).item()
+    log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac", "entropy")}, sp_group))
     return log
 
 
-def no_grad_logprobs(model, tok, micro, args, sp_group=None):
-    """One pass over the micro-batches without gradients (old policy, reference)."""
-    with torch.no_grad():
-        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
+def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name: contextlib.nullcontext()):
+    """GRPO step i (from 0): collect this rank's groups, the old-policy and reference passes, the
+    updates, and for --engine vllm the weight sync. Returns the step's metrics record (stats, the
+    run's counters, are the caller's to add) and the prompts consumed over all ranks. The step times
+    its phases (encode, rollout, old, ref, update, sync); phase(name) is a context manager entered
+    around each of them, for a benchmark to measure them too."""
+    times = collections.defaultdict(float)
+
+    @contextlib.contextmanager
+    def timed(name):
+        t0 = time.perf_counter()
+        with phase(name):
+            yield
+        times[name] += time.perf_counter() - t0
+
+    model, tok, llm = policy.model, policy.tok, policy.llm
+    model.eval()
+    batch = collect(args, i, policy, read, cursor, par, reward_fn, stats, timed)
+    if llm is not None:
+        mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
+    micro = [batch.rows[j:j + args.micro_batch] for j in range(0, len(batch.rows), args.micro_batch)]
+    with timed("old"):
+        old = no_grad_logprobs(model, tok, micro, args, par.group)
+    # the engine's log-probs of its samples against the trainer's: float error when both describe the
+    # same policy (at --top-p 1); a stale engine or other positions would show here
+    gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
+               for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
+    gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
+    with timed("ref"):
+        refs = no_grad_logprobs(policy.ref, tok, micro, args, par.group) if policy.ref is not None else None
+    model.train()
+    with timed("update"):
+        log = update(args, policy, micro, old, refs, stats, par.group)
+    with timed("sync"):
+        if llm is not None:  # the next rollouts sample from the updated policy
+            mr_sp.vllm_sleep(llm, False)
+            mr_sp.vllm_sync(llm, model)
+    s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.group)
+    n = max(s["samples"], 1.0)
+    busy = sum(times[k] for k in ("encode", "rollout", "old", "ref", "update"))
+    rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
+               format=s["format"] / n, response_len=s["response_len"] / n, rollout_logprob_gap=gap, **log,
+               time_encode=times["encode"], time_rollout=times["rollout"], time_prefill=times["old"] + times["ref"],
+               time_update=times["update"], time_sync=times["sync"], tok_per_s=s["response_len"] / busy)
+    return rec, batch.consumed
 
 
 def main(args):
-    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
-    dp_rank, dp = rank // args.sp, world // args.sp  # SP peers share their prompts
-    if args.prompts % dp:
-        raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({dp})")
+    par = mr_sp.init_parallel(args.sp)
+    if args.prompts % par.dp:
+        raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({par.dp})")
     if args.init == ap.get_default("init") and not os.path.exists(args.init):
         raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny "
                          "--no-dynamic-sampling to start from scratch")
     ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
-    model, tok = M.load(src, device=device)
-    model.requires_grad_(False)  # the vision tower stays frozen in RL
-    for m in (model.model.language_model, model.lm_head):
-        m.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ref = M.load(args.init, dtype=dtype, device=device)[0].requires_grad_(False) if args.kl_coef else None
+    model, tok = M.load(src, device=par.device)
+    params = rl_params(model)
+    ref = M.load(args.init, dtype=dtype, device=par.device)[0].requires_grad_(False) if args.kl_coef else None
     if args.sp > 1:  # fails here when the heads do not split over the SP ranks
         mr_sp.use_ulysses(model, args.sp)
         if ref is not None:
@@ -328,75 +374,46 @@ def main(args):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     llm = None
     if args.engine == "vllm":
-        if world > 1:  # each rank would start its own engine and vLLM's own process group: not wired
-            raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
-        if not os.path.isdir(src):  # the tiny model: write it where vLLM can load it from
-            src = os.path.join(args.out, "engine_init")
-            M.save(model, tok, src)
-        llm = mr_sp.vllm_engine(src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
+        llm = mr_sp.vllm_engine(model, tok, src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
+    policy = Policy(model, tok, params, opt, ref, llm)
     start, cursor = 0, 0
     stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
     if state:
         opt.load_state_dict(state["opt"])
         start, cursor, stats = state["step"], state["cursor"], state["stats"]
-    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, rank)), args.part)
+    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     reward_fn = load_reward(args.reward)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+    if par.rank == 0:
+        mr_sp.open_log(args, start)
         print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), "
-              f"{world} process(es) (dp {dp} x sp {args.sp}), G={args.G}, "
+              f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), G={args.G}, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+
+    def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
+        return list(ds.iter_samples([order[a % len(order)] for a in positions]))
+
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=rank != 0):
-            t0 = time.time()
-            model.eval()
-            batch, used, t, scored = collect(args, step, model, tok, ds, order, cursor, dp_rank, dp, sp_group,
-                                             reward_fn, stats, llm)
-            if llm is not None:
-                mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
+    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=par.rank != 0):
+            rec, used = step(args, i, policy, read, cursor, par, reward_fn, stats)
             cursor += used
             stats["bad_samples"] = ds.n_bad
-            micro = [batch[i:i + args.micro_batch] for i in range(0, len(batch), args.micro_batch)]
-            t1 = time.time()
-            old = no_grad_logprobs(model, tok, micro, args, sp_group)
-            # the engine's log-probs of its samples against the trainer's: float error when both describe
-            # the same policy (at --top-p 1); a stale engine or other positions would show here
-            gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
-                       for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
-            gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
-            refs = no_grad_logprobs(ref, tok, micro, args, sp_group) if ref is not None else None
-            t2 = time.time()
-            model.train()
-            log = update(args, model, tok, params, opt, micro, old, refs, stats, sp_group)
-            t3 = time.time()
-            if llm is not None:  # the next rollouts sample from the updated policy
-                mr_sp.vllm_sleep(llm, False)
-                mr_sp.vllm_sync(llm, model)
-            r = torch.tensor([x + [1.0] for x in scored], dtype=torch.float64).reshape(-1, 5).sum(0)
-            r = mr_sp.dp_sum(torch.cat([r, torch.tensor([len(batch) / args.G], dtype=torch.float64)]), sp_group)
-            n = max(r[4].item(), 1.0)
-            rec = dict(step=step + 1, groups=round(r[5].item()), reward=r[0].item() / n, accuracy=r[1].item() / n,
-                       format=r[2].item() / n, response_len=r[3].item() / n, rollout_logprob_gap=gap, **log,
-                       time_encode=t["encode"], time_rollout=t["rollout"],
-                       time_prefill=t2 - t1, time_update=t3 - t2, time_sync=time.time() - t3,
-                       tok_per_s=r[3].item() / (t3 - t0), **stats)
-            if rank == 0:
-                M.log_step(args.out, rec, f"step {step + 1} | reward {rec['reward']:.3f} | acc {rec['accuracy']:.3f} | "
-                           f"fmt {rec['format']:.2f} | len {rec['response_len']:.0f} | kl {rec['kl']:.4f} | "
-                           f"clip {rec['clip_frac']:.3f} | ent {rec['entropy']:.2f} | gnorm {rec['grad_norm']:.2f} | "
-                           f"lp gap {gap:.0e} | "
-                           f"encode {t['encode']:.1f}s rollout {t['rollout']:.1f}s prefill {t2 - t1:.1f}s "
-                           f"update {t3 - t2:.1f}s | {rec['tok_per_s']:.0f} tok/s")
-                if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                    state = {"opt": opt.state_dict(), "step": step + 1, "cursor": cursor, "stats": stats}
+            rec.update(stats)
+            if par.rank == 0:
+                mr_sp.log_step(args.out, rec, " | ".join([
+                    f"step {i + 1}", f"reward {rec['reward']:.3f}", f"acc {rec['accuracy']:.3f}",
+                    f"fmt {rec['format']:.2f}", f"len {rec['response_len']:.0f}", f"kl {rec['kl']:.4f}",
+                    f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}", f"gnorm {rec['grad_norm']:.2f}",
+                    f"lp gap {rec['rollout_logprob_gap']:.0e}",
+                    f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "
+                    f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
+                    f"{rec['tok_per_s']:.0f} tok/s"]))
+                if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
+                    state = {"opt": opt.state_dict(), "step": i + 1, "cursor": cursor, "stats": stats}
                     M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
-    if rank == 0:
+    if par.rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, **stats}))
     mr_sp.shutdown()
 

@@ -183,37 +183,6 @@ def resume(out):
     raise FileNotFoundError(f"{out}: no checkpoint to resume from (no state.pt)")
 
 
-_writers = {}
-
-
-def log_step(out, rec, line):
-    """One step: its line on the console (above the progress bar), its record appended to
-    out/metrics.jsonl, and its numbers in TensorBoard when tensorboard is installed."""
-    from tqdm import tqdm
-    tqdm.write(line)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    if out not in _writers:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            _writers[out] = SummaryWriter(out)
-        except ImportError:
-            _writers[out] = None
-    for k, v in rec.items() if _writers[out] else ():
-        if isinstance(v, (int, float)):
-            _writers[out].add_scalar(k, v, rec["step"])
-
-
-def trim_metrics(path, step):
-    """Drop metric lines after `step`: a run killed after its last checkpoint logged steps that the
-    resumed run will log again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(keep)
-
-
 # -----------------------------------------------------------------------------
 # Video in, embeddings out; text in, token ids out.
 

@@ -22,14 +22,20 @@ against the single-process path):
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
    the sequence split for a head split, attention runs over the full sequence, and back.
 """
+import atexit
+import dataclasses
+import json
 import math
 import os
+import shutil
+import tempfile
 import zlib
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import model as M
 
@@ -46,19 +52,29 @@ def init_distributed():
     return rank, world, torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
 
 
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Where this process sits, world = dp x sp: ranks [k*sp, (k+1)*sp) form sequence-parallel group k
+    and share their samples (each video and sequence split over them); the data splits over the dp
+    groups. Checked once, in init_parallel."""
+    rank: int  # this process, 0 .. world-1
+    world: int  # processes, dp * sp
+    dp_rank: int  # which share of the data: rank // sp
+    dp: int  # data-parallel size: world // sp
+    sp: int  # sequence-parallel degree
+    group: object  # this rank's SP process group; None when sp is 1 (the plain data-parallel path)
+    device: torch.device
+
+
 def init_parallel(sp=1):
-    """(rank, world, device, sp_group), world = dp x sp: ranks [k*sp, (k+1)*sp) form sequence-parallel
-    group k (they share their rows; data splits by rank // sp). sp_group is None when sp is 1: the
-    plain data-parallel path, no extra group."""
+    """The Parallel layout of this process, its process groups made (every rank makes every group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if sp < 1 or world % sp:  # a one-line message at start, not a traceback (SystemExit prints only its text)
-        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs a whole number "
-                         f"of data-parallel groups, dp = {world}/{sp}")
+        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs a whole "
+                         f"number of data-parallel groups, dp = {world}/{sp}")
     rank, world, device = init_distributed()
-    if sp == 1:
-        return rank, world, device, None
-    groups = [dist.new_group(list(range(k * sp, (k + 1) * sp))) for k in range(world // sp)]  # all ranks create all
-    return rank, world, device, groups[rank // sp]
+    groups = [dist.new_group(list(range(k * sp, (k + 1) * sp))) for k in range(world // sp)] if sp > 1 else None
+    return Parallel(rank, world, rank // sp, world // sp, sp, groups and groups[rank // sp], device)
 
 
 def shutdown():
@@ -77,13 +93,14 @@ def all_reduce(x, op="sum"):
     return x
 
 
-def dp_sum(x, sp_group=None):
-    """Sum a count or metric over data-parallel ranks, in place. SP peers hold the same rows and
-    compute the same values, so only the first rank of each SP group contributes (the others add
-    zeros): exact, unlike dividing the sum over all ranks by sp, and no data-parallel group needed."""
-    if sp_group is not None and dist.get_rank(sp_group):
+def dp_sum(values, group=None):
+    """{name: number} summed over data-parallel ranks in one all-reduce, as floats (float64 sums). SP
+    peers hold the same rows and compute the same values, so only the first rank of each SP group
+    contributes (the others add zeros): exact, unlike dividing a sum over all ranks by sp."""
+    x = torch.tensor(list(values.values()), dtype=torch.float64)
+    if group is not None and dist.get_rank(group):
         x.zero_()
-    return all_reduce(x)
+    return dict(zip(values, all_reduce(x).tolist()))
 
 
 def sync_grads(params):
@@ -167,15 +184,45 @@ def load_optimizer(model, opt, osd):
                                  options=dcp.StateDictOptions(full_state_dict=True))
 
 
+def open_log(args, start):
+    """Rank 0, at the start of a run: --out made, the resolved config in args.json, and the metric lines
+    after step `start` dropped (a run killed after its last checkpoint logged steps that the resumed
+    run logs again)."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    path = os.path.join(args.out, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= start]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+_writers = {}
+
+
+def log_step(out, rec, line):
+    """One step: its line on the console (above the progress bar), its record appended to
+    out/metrics.jsonl, and its numbers in TensorBoard when tensorboard is installed."""
+    tqdm.write(line)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    if out not in _writers:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            _writers[out] = SummaryWriter(out)
+        except ImportError:
+            _writers[out] = None
+    for k, v in rec.items() if _writers[out] else ():
+        if isinstance(v, (int, float)):
+            _writers[out].add_scalar(k, v, rec["step"])
+
+
 def seed_of(*key):
     """An integer seed from a key such as (seed, step, sample id): the same in every process and every
     run (Python's hash() of strings is not)."""
     return zlib.crc32(repr(key).encode())
-
-
-def generator(*key):
-    """A torch.Generator seeded by seed_of(*key)."""
-    return torch.Generator().manual_seed(seed_of(*key))
 
 
 def encode(model, sample, group=None):
@@ -214,14 +261,35 @@ def prompt_of(model, tok, sample, text):
     return ids, M.positions(ids, sample["grid_thw"], [sample["second_per_grid"]], model.config)
 
 
-def rollout(model, tok, prompts, prompt_pos, videos, G, **gen):
-    """G samples per prompt from cached video embeddings: tokens (B*G, T), log-probs, lengths."""
-    dev = videos[0].device
-    ids, pos, mask, _ = M.layout(prompts, prompt_pos, pad_id=tok.pad_token_id)
+def prepare(model, tok, sample, text, group=None):
+    """A sample as its rollouts and every pass of its step use it: prompt ids, their (3, P) positions
+    and the video's embeddings, encoded once (over the SP group: `encode`); the grid and seconds per
+    temporal group go along for vLLM, which places the embeddings itself."""
+    ids, pos = prompt_of(model, tok, sample, text)
+    return dict(prompt=ids, pos=pos, video=encode(model, sample, group), grid_thw=sample["grid_thw"],
+                second_per_grid=sample["second_per_grid"])
+
+
+def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0):
+    """G samples per prompt from the configured engine: ours (model.generate: each prompt prefilled
+    once, its KV cache copied into G rows), or the vLLM engine `llm` fed the same cached embeddings.
+    Returns tokens (B*G, T) padded after EOS, their log-probs and lengths (EOS included); the G rows
+    of a prompt are adjacent.
+
+    prompts: dicts from `prepare`. seeds: one int per prompt (seed_of a key such as (seed, step, id)),
+    so what a prompt samples depends neither on its batch nor on the number of ranks. The engines draw
+    from different random streams: the same seeds give them different tokens."""
+    gen = dict(max_new=max_new, temperature=temperature, top_p=top_p)
+    if llm is not None:
+        return vllm_rollout(llm, tok, prompts, G, seeds, **gen)
+    dev = prompts[0]["video"].device
+    ids, pos, mask, _ = M.layout([p["prompt"] for p in prompts], [p["pos"] for p in prompts],
+                                 pad_id=tok.pad_token_id)
     with torch.no_grad():
-        embeds = M.splice(model, ids.to(dev), torch.cat(videos))
+        embeds = M.splice(model, ids.to(dev), torch.cat([p["video"] for p in prompts]))
+    gens = None if seeds is None else [torch.Generator(dev).manual_seed(x) for x in seeds]
     return M.generate(model, embeds, pos.to(dev), mask.to(dev), n=G, eos_ids=eos_ids(tok),
-                      banned=M.banned_ids(tok), pad_id=tok.pad_token_id, **gen)
+                      banned=M.banned_ids(tok), pad_id=tok.pad_token_id, generator=gens, **gen)
 
 
 def eos_ids(tok):
@@ -480,11 +548,18 @@ def plan_main(argv=None):
 # runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks it
 # against `rollout` and `prefill_logprobs` (in the environment .ci/vllm_env builds on CPU).
 
-def vllm_engine(path, dtype="float32", mem=0.7, tp=1, seed=0):
-    """A vLLM engine on the Hugging Face folder `path` (written by model.save), in this process (the
-    engine core is not a subprocess, so a weight sync is a call, not a copy through a socket).
-    mem: fraction of GPU memory for weights and KV cache (gpu_memory_utilization); tp: tensor-parallel
-    GPUs. On CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
+def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
+    """A vLLM engine on model's Hugging Face folder `path` (the tiny model, which has none, is written to
+    a temporary one), in this process (the engine core is not a subprocess, so a weight sync is a
+    call, not a copy through a socket). mem: fraction of GPU memory for weights and KV cache
+    (gpu_memory_utilization); tp: tensor-parallel GPUs. On CPU the KV cache takes
+    VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start an engine and vLLM's own group
+        raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
+    if not os.path.isdir(path):
+        path = tempfile.mkdtemp(prefix="longrl-engine-")
+        atexit.register(shutil.rmtree, path, True)
+        M.save(model, tok, path)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM drops torch to 1 thread in this process unless OMP_NUM_THREADS is set: keep training's count
@@ -501,26 +576,26 @@ def vllm_engine(path, dtype="float32", mem=0.7, tp=1, seed=0):
                logprobs_mode="processed_logprobs")  # after the ban and temperature: what our sampler reports
 
 
-def vllm_rollout(llm, tok, prompts, videos, grids, second_per_grid, G, max_new=64, temperature=1.0, top_p=1.0,
-                 seeds=None):
-    """`rollout` on a vLLM engine, the same return: tokens (B*G, T) padded after EOS, log-probs, lengths.
+def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, top_p=1.0):
+    """`rollout` on a vLLM engine (call `rollout` with llm=): the same arguments and return.
 
     Each prompt is sent once with n = G, its video as cached embeddings with its grid and seconds per
-    temporal group: vLLM then computes model.positions' M-RoPE positions (without second_per_grid_ts it
-    assumes 1 s per group). Vision special tokens are excluded through allowed_token_ids (exact -inf).
-    The log-probs are of the distribution vLLM samples from: ours (temperature applied; greedy: at
-    temperature 1) when top_p is 1; below 1 vLLM renormalizes over the nucleus, we do not.
-    seeds: one per prompt (vLLM seeds sample j with seed + j), or None."""
+    temporal group: vLLM then computes model.positions' M-RoPE positions (without second_per_grid_ts
+    it assumes 1 s per group). Vision special tokens are excluded through allowed_token_ids (exact
+    -inf). The log-probs are of the distribution vLLM samples from: ours (temperature applied;
+    greedy: at temperature 1) when top_p is 1; below 1 vLLM renormalizes over the nucleus, we do not.
+    vLLM seeds sample j of a prompt with its seed + j."""
     from vllm import SamplingParams
     pad, banned = tok.convert_tokens_to_ids("<|video_pad|>"), set(M.banned_ids(tok).tolist())
     allowed = [i for i in range(llm.llm_engine.model_config.get_vocab_size()) if i not in banned]
     greedy = temperature == 0  # vLLM takes n = 1 only: the G identical answers are copies
     reqs, params = [], []
-    for b, (ids, video) in enumerate(zip(prompts, videos)):
-        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]  # vLLM expands the one pad
+    for b, p in enumerate(prompts):
+        ids = p["prompt"]
+        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]  # vLLM expands one pad
         reqs.append(dict(prompt_token_ids=ids, multi_modal_data={"video": dict(
-            video_embeds=video.detach().cpu(), video_grid_thw=torch.as_tensor(grids[b]).view(-1, 3),
-            second_per_grid_ts=torch.tensor([float(second_per_grid[b])], dtype=torch.float64))}))
+            video_embeds=p["video"].detach().cpu(), video_grid_thw=torch.as_tensor(p["grid_thw"]).view(-1, 3),
+            second_per_grid_ts=torch.tensor([float(p["second_per_grid"])], dtype=torch.float64))}))
         params.append(SamplingParams(n=1 if greedy else G, max_tokens=max_new, temperature=temperature, top_p=top_p,
                                      logprobs=0, seed=None if seeds is None else seeds[b], allowed_token_ids=allowed,
                                      stop_token_ids=eos_ids(tok)))

@@ -84,18 +84,17 @@ def epoch_order(seed, epoch, n_rows):
 
 
 def main(args):
-    rank, world, device, sp_group = mr_sp.init_parallel(args.sp)
-    dp_rank, dp = rank // args.sp, world // args.sp  # SP peers share their rows
-    if args.batch % dp:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the data-parallel size ({dp})")
+    par = mr_sp.init_parallel(args.sp)
+    if args.batch % par.dp:
+        raise SystemExit(f"--batch {args.batch} must be divisible by the data-parallel size ({par.dp})")
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
-    model, tok = M.load(src, device=device, seed=args.seed)
+    model, tok = M.load(src, device=par.device, seed=args.seed)
     train_vision = args.vision == "train" or (args.vision == "auto" and args.init == "tiny")
     model.model.visual.requires_grad_(train_vision)
     if args.sp > 1:  # fails here when the heads do not split over the SP ranks
         mr_sp.use_ulysses(model, args.sp)
-    fsdp = args.fsdp and world > 1  # one process holds everything either way
+    fsdp = args.fsdp and par.world > 1  # one process holds everything either way
     run = mr_sp.shard(model) if fsdp else (lambda fn, *a: fn(*a))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -106,16 +105,13 @@ def main(args):
         else:
             opt.load_state_dict(state["opt"])
         start = state["step"]
-    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, rank)), args.part)
+    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-        M.trim_metrics(os.path.join(args.out, "metrics.jsonl"), start)
+    if par.rank == 0:
+        mr_sp.open_log(args, start)
         print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), "
-              f"{world} process(es) (dp {dp} x sp {args.sp}), "
+              f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
 
@@ -125,18 +121,18 @@ def main(args):
             # A trained tower needs the graph, so every SP peer encodes the whole video with it. Its
             # gradient is still exact: each peer's prefill back-propagates only into its own share of
             # the sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 gradient.
-            video = (M.encode_video(model, s["pixel_values"].to(device), s["grid_thw"].to(device))
-                     if train_vision else mr_sp.encode(model, s, sp_group))
+            video = (M.encode_video(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
+                     if train_vision else mr_sp.encode(model, s, par.group))
             rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
-        lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=sp_group)
+        lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=par.group)
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
 
     # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=rank != 0):
+    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=par.rank != 0):
             t0 = time.time()
-            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), dp_rank, dp)))
+            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
             items = []
             for s in samples:
                 prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
@@ -144,9 +140,8 @@ def main(args):
                 items.append((s, prompt, pos, target, 1.0))
             if fsdp:  # every rank must run as many passes (FSDP gathers in each): a skipped bad video's place
                 # goes to a weight-0 copy of a good sample (a rank left with none fails: nothing to copy)
-                items += [items[0][:4] + (0.0,)] * (args.batch // dp - len(items))
-            n_tok = mr_sp.dp_sum(torch.tensor([float(sum(len(x[3]) * x[4] for x in items))], dtype=torch.float64),
-                                 sp_group).item()
+                items += [items[0][:4] + (0.0,)] * (args.batch // par.dp - len(items))
+            n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.group)["n"]
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):
                 loss = run(micro_loss, items[m0:m0 + args.micro_batch], n_tok)
@@ -162,20 +157,20 @@ def main(args):
             else:
                 print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
             opt.zero_grad(set_to_none=True)
-            loss = mr_sp.dp_sum(torch.tensor([loss_sum], dtype=torch.float64), sp_group).item()
+            loss = mr_sp.dp_sum(dict(loss=loss_sum), par.group)["loss"]
             dt = time.time() - t0
-            if rank == 0:
+            if par.rank == 0:
                 rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
                            seconds=dt, bad_samples=ds.n_bad)
-                M.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
+                mr_sp.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
                            f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                 sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # every rank gathers
-                if rank == 0:
+                if par.rank == 0:
                     state = {"opt": osd, "step": step + 1}
                     M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
                            state_dict=sd)
-    if rank == 0:
+    if par.rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad}))
     mr_sp.shutdown()
 

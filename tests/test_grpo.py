@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import data as D
 import grpo
 import model as M
 import mr_sp
@@ -64,14 +65,14 @@ def test_loss_aggregations_hand_computed():
     ("", 0.0, 0.0),
 ])
 def test_reward_letters(text, acc, fmt):
-    r = grpo.reward(text, {"answer": "B"})
+    r = D.reward(text, {"answer": "B"})
     assert (r["accuracy"], r["format"]) == (acc, fmt)
     assert r["overall"] == pytest.approx(0.9 * acc + 0.1 * fmt)
 
 
 def test_grade_numbers_and_text():
-    assert grpo.grade("3.0", "3") == 1.0 and grpo.grade("3.5", "3") == 0.0
-    assert grpo.grade(" Top Left ", "top left") == 1.0 and grpo.grade("top", "top left") == 0.0
+    assert D.grade("3.0", "3") == 1.0 and D.grade("3.5", "3") == 0.0
+    assert D.grade(" Top Left ", "top left") == 1.0 and D.grade("top", "top left") == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +83,9 @@ def rollout_batch():
     videos = [video[:64], video[64:]]
     pos = [M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config) for i, p in enumerate(prompts)]
     G = 4
-    toks, lps, lens = mr_sp.rollout(model, tok, prompts, pos, videos, G, max_new=24, temperature=1.0,
-                                    generator=[mr_sp.generator(0, i) for i in range(2)])
+    batch = [dict(prompt=prompts[i], pos=pos[i], video=videos[i]) for i in range(2)]
+    toks, lps, lens = mr_sp.rollout(model, tok, batch, G, [mr_sp.seed_of(0, i) for i in range(2)], max_new=24,
+                                    temperature=1.0)
     rows = [dict(prompt=prompts[j // G], pos=pos[j // G], video=videos[j // G],
                  response=toks[j, :lens[j]].tolist(), adv=1.0 - (j % 2)) for j in range(2 * G)]
     return model, tok, rows, lps, lens
@@ -125,14 +127,14 @@ def test_update_moves_weights_and_nan_loss_skips_the_update(rollout_batch, capsy
     old = grpo.no_grad_logprobs(model, tok, micro, args)
     old[1] = old[1].clone()
     old[1][0, 0] = float("nan")  # a NaN reaches the loss
-    grpo.update(args, model, tok, params, opt, micro, old, None, stats)
+    grpo.update(args, grpo.Policy(model, tok, params, opt), micro, old, None, stats)
     assert stats["skipped_updates"] == 1 and "update skipped" in capsys.readouterr().err
     assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
     old = grpo.no_grad_logprobs(model, tok, micro, args)
     with torch.no_grad():
         ents = [mr_sp.prefill_logprobs(model, tok, mb)[1:] for mb in micro]
     mean_entropy = sum(float((e * m).sum()) for e, m in ents) / sum(float(m.sum()) for _, m in ents)
-    log = grpo.update(args, model, tok, params, opt, micro, old, None, stats)
+    log = grpo.update(args, grpo.Policy(model, tok, params, opt), micro, old, None, stats)
     assert stats["skipped_updates"] == 1 and log["clip_frac"] == 0.0  # ratio 1: nothing clipped
     assert log["entropy"] == pytest.approx(mean_entropy, rel=1e-5)  # a token mean over the whole batch
     assert any(not torch.equal(a, p) for a, p in zip(before, params))

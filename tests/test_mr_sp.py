@@ -63,13 +63,13 @@ def sp1_outputs(model, tok):
     rows = rows_of(model, tok, *CASES[0], None)
     with torch.no_grad():
         lp = mr_sp.prefill_logprobs(model, tok, rows)[0]
-    toks = mr_sp.rollout(model, tok, [x["prompt"] for x in rows], [x["pos"] for x in rows],
-                         [x["video"] for x in rows], 1, max_new=8, temperature=0)[0]
+    toks = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)[0]
     return lp, toks
 
 
 def worker(out):
-    rank, _, _, group = mr_sp.init_parallel(2)
+    par = mr_sp.init_parallel(2)
+    rank, group = par.rank, par.group
     res = {}
     for name, cfg in CONFIGS.items():
         model, tok = M.load("tiny", **cfg)

@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     assert model.config.text_config.hidden_size // model.config.text_config.num_attention_heads == 32
     path = tmp_path_factory.mktemp("vllm") / "model"
     M.save(model, tok, str(path))
-    llm = mr_sp.vllm_engine(str(path))
+    llm = mr_sp.vllm_engine(model, tok, str(path))
     pixels, grid, _, _ = M.random_video_batch(model, tok, GRIDS)
     videos, prompts, pos, off = [], [], [], 0
     for i, g in enumerate(grid):
@@ -47,12 +47,18 @@ def setup(tmp_path_factory):
     return dict(model=model, tok=tok, llm=llm, grid=grid, videos=videos, prompts=prompts, pos=pos)
 
 
+def batch(s, spg=SPG):
+    """The prompts as mr_sp.prepare returns them."""
+    return [dict(prompt=p, pos=q, video=v, grid_thw=g[None], second_per_grid=x)
+            for p, q, v, g, x in zip(s["prompts"], s["pos"], s["videos"], s["grid"], spg)]
+
+
 def ours(s, G=1, **gen):
-    return mr_sp.rollout(s["model"], s["tok"], s["prompts"], s["pos"], s["videos"], G, **gen)
+    return mr_sp.rollout(s["model"], s["tok"], batch(s), G, **gen)
 
 
 def theirs(s, G=1, spg=SPG, **gen):
-    return mr_sp.vllm_rollout(s["llm"], s["tok"], s["prompts"], s["videos"], s["grid"], spg, G, **gen)
+    return mr_sp.rollout(s["model"], s["tok"], batch(s, spg), G, llm=s["llm"], **gen)
 
 
 def trainer_logprobs(s, toks, lens, G, temperature=1.0):
