@@ -4,16 +4,18 @@
     python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
 
 What every stage calls for its videos and its long sequences:
-- `init_distributed`: rank, world size and device, the same under `python` and `torchrun`;
-  `init_parallel(sp)` adds the sequence-parallel group (world = dp x sp).
-- `encode`: a video's embeddings through the (frozen) vision tower, computed once per prompt;
-  rollouts and every prefill pass of that step reuse the tensor instead of re-encoding.
-- `rollout`: the engine. Each prompt (video + question) is prefilled once and its KV cache copied
-  into G rows that decode together (model.generate); tokens and their log-probs come back.
+- `init_parallel(sp)`: the `Parallel` layout (rank, world = dp x sp, the SP group, device), the
+  same under `python` and `torchrun`; `dp_sum` reduces named metrics over data-parallel ranks.
+- `prepare`: a sample's prompt and its video's embeddings through the (frozen) vision tower
+  (`encode`), computed once per prompt; rollouts and every prefill pass of the step reuse them.
+- `rollout`: the one entry to the engines, ours (each prompt prefilled once, its KV cache copied
+  into G rows that decode together: model.generate) or vLLM's (`vllm_engine`, fed the cached
+  embeddings); tokens and their log-probs come back.
 - `prefill_logprobs`: the training-side pass over [prompt | response] rows (old policy,
   reference, policy), log-probs of the response tokens only.
 - `shard` (sft.py --fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`;
   `full_state` and `load_optimizer` write and restore its checkpoints in the replicated format.
+- `open_log`, `log_step`: a run's args.json and metrics.jsonl.
 
 With an SP group (`group=`), the two MR-SP stages (paper section 4; tests/test_mr_sp.py checks both
 against the single-process path):

@@ -435,3 +435,10 @@ def test_probe_fails_on_corrupted(tmp_path):
     assert path in r.stderr.strip().splitlines()[-1]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert path in res["error"]
+
+
+def test_synth_unknown_category_raises():
+    """A category that does not exist is an error, not silently another category's scenario."""
+    with pytest.raises(ValueError, match="unknown synthetic-task category 'temporal_order'"):
+        data.synth_scenario(np.random.default_rng(0), "temporal_order", 8)
+    assert data.synth_scenario(np.random.default_rng(0), "absent", 8)["options"] == data.OPTION_COLORS

@@ -55,6 +55,15 @@ def test_loss_aggregations_hand_computed():
     assert halves.item() == pytest.approx(10 / 4)
 
 
+def test_prompt_positions_worked_example():
+    """The docstring's example: contiguous blocks per rank first, then dynamic-sampling refills strided."""
+    assert grpo.prompt_positions(100, 0, 2, 3, 0, 5) == [100, 101, 102, 106, 108]
+    assert grpo.prompt_positions(100, 1, 2, 3, 0, 3) + grpo.prompt_positions(100, 1, 2, 3, 3, 2) == \
+        [103, 104, 105, 107, 109]
+    # one process reading both ranks' blocks in order gets the same prompts as the two ranks
+    assert grpo.prompt_positions(100, 0, 1, 6, 0, 6) == list(range(100, 106))
+
+
 @pytest.mark.parametrize("text,acc,fmt", [
     ("<think>red first</think><answer>B</answer>", 1.0, 1.0),
     ("<think>x</think>\n <answer> (b) </answer>", 1.0, 1.0),

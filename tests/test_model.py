@@ -120,7 +120,11 @@ def test_our_path_equals_transformers_forward_from_pixels(tiny, grids):
         offs, toffs = [0] + grid.prod(-1).cumsum(0).tolist(), [0] + (grid.prod(-1) // 4).cumsum(0).tolist()
         for i, ids in enumerate(prompts):
             ids_t, p = torch.tensor([ids]), pos[i][:, None]
-            ours = model.lm_head(M.forward(model, M.splice(model, ids_t, video[toffs[i]:toffs[i + 1]]), p))
+            # each video encoded alone, as transformers encodes it below and as the stages do (one per sample):
+            # encoded beside another, its embeddings differ in float rounding, 1.1e-5 in the logits on some CPUs
+            own = M.encode_video(model, pixels[offs[i]:offs[i + 1]], grid[i:i + 1])
+            assert (own - video[toffs[i]:toffs[i + 1]]).abs().max() <= 1e-5
+            ours = model.lm_head(M.forward(model, M.splice(model, ids_t, own), p))
             ref = model(input_ids=ids_t, pixel_values_videos=pixels[offs[i]:offs[i + 1]],
                         video_grid_thw=grid[i:i + 1], position_ids=p).logits
             assert (ours - ref).abs().max() <= 1e-5
