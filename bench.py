@@ -1,36 +1,30 @@
 """Benchmarks: long runs that measure, never part of the tests.
 
-    python bench.py learning --jobs 3        # SFT -> GRPO on the synthetic task, 3 seeds side by side (~1 h, 2 cores)
-    python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10     # a quick look
-    python bench.py mrsp                     # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
-    python bench.py hour                     # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
-    python bench.py step --frames 256 --variants cache,reencode --repeats 3   # measured GRPO steps (mrsp, hour)
-    torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2   # one measured training prefill + backward
-    $(bash .ci/vllm_env | tail -1) bench.py rollout      # vLLM (CPU build) vs our engine, rollout tokens/s
+    python bench.py learning --jobs 3  # SFT -> GRPO, synth task, 3 seeds at once (~1 h, 2 cores)
+    python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10  # a quick look
+    python bench.py mrsp  # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
+    python bench.py hour  # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
+    python bench.py step --frames 256 --variants cache,reencode --repeats 3  # mrsp/hour's GRPO step
+    torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training prefill + backward
+    $(bash .ci/vllm_env | tail -1) bench.py rollout  # vLLM (CPU build) vs our engine, tokens/s
 
-learning: for each seed, SFT on the SFT third of train, greedy eval on the held-out split (and a
-blind control: the same model with every video blanked), the SFT model's pass@8 on 200 held-out rows
-(headroom for RL),
-GRPO on the other two thirds from that checkpoint, greedy eval again. The last line is JSON with
-chance, blind_acc, sft_acc, grpo_acc (held-out means over seeds), per-seed values and seeds.
-
-mrsp (model mr_sp.SMALL, whose vision/LM FLOPs ratio is Qwen2.5-VL-7B's; 56x56 frames, 2 video tokens
-a frame; G=8): cache_speedup per frame count (GRPO step time re-encoding the video for every rollout and
-every row of every pass, over encoding once; paired median of alternating steps), sp2_peak_mem_ratio
-(peak per rank of one training prefill + backward, sp=2 over sp=1), max_frames_sp1/sp2 (largest video
-whose training pass fits --cap-gb per rank), the planner against measured peaks, engine_vs_naive
-(rollout tokens/s of model.generate over generate_naive, and whether their greedy tokens are equal).
-hour: the step, its phases and peak memory per rank (resident set, Python runtime included) on a
-3,600-frame video with the tiny model, sp=2; the last line is JSON with frames, step_s, peak_mem_gb_per_rank.
-Workers run one thread each in fresh processes: the machine is shared and timings are noisy, so
-every comparison is measured side by side in one run.
-rollout: the same model, prompts and cached video embeddings through mr_sp.rollout, with our engine
-and with vLLM, G samples per prompt, alternating, after one warm-up call each. Tokens/s
-counts the generated tokens (up to and including EOS) over the wall time of the call, and over the
-CPU time of this process (less sensitive to other jobs on a shared machine); ratios are medians of
-the per-pair ratios. Runs where vllm imports (its own environment on CPU: bash .ci/vllm_env). The
-last line is JSON with vllm_tok_s, engine_tok_s (medians over calls, wall time), ratio, cpu_ratio.
-"""
+learning: per seed, SFT on the SFT third of train; greedy eval on the held-out split, with a blind
+control (same model, every video blanked); the SFT model's pass@8 on 200 held-out rows (headroom for
+RL); GRPO from that checkpoint on the other two thirds; greedy eval again. Last line: JSON with
+chance, blind_acc, sft_acc, grpo_acc (held-out means over seeds), per_seed, seeds.
+mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
+frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
+alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training prefill +
+backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
+measured peaks, engine_vs_naive (model.generate over generate_naive tokens/s; equal greedy tokens?).
+hour: step time, phases, peak memory per rank (resident set, Python runtime included), 3,600-frame
+video, tiny model, sp=2; last line JSON: frames, step_s, peak_mem_gb_per_rank. Workers: fresh
+one-thread processes (shared machine, noisy timings: every comparison is side by side in one run).
+rollout: one model, prompts and cached video embeddings through mr_sp.rollout, our engine vs vLLM, G
+samples per prompt, alternating, one warm-up call each. Tokens/s: generated tokens (EOS included)
+over the call's wall time, and over this process's CPU time (less sensitive to other jobs on a
+shared machine); ratios: medians of per-pair ratios. Needs vllm (own CPU env: bash .ci/vllm_env).
+Last line JSON: vllm_tok_s, engine_tok_s (medians over calls, wall time), ratio, cpu_ratio."""
 import argparse
 import collections
 import concurrent.futures
@@ -45,7 +39,7 @@ import zlib
 
 import numpy as np
 import torch
-import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (imported before a worker's baseline memory)
+import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401  (before baseline memory)
 
 import data as D
 import grpo
@@ -63,62 +57,63 @@ lp.add_argument("--grpo-steps", type=int, default=200, help="GRPO steps; default
 lp.add_argument("--grpo-args", default="", help="extra grpo.py arguments, quoted")
 lp.add_argument("--sft-args", default="", help="extra sft.py arguments, quoted")
 lp.add_argument("--limit", type=int, default=0, help="held-out rows to evaluate (0 = all)")
-lp.add_argument("--jobs", type=int, default=1, help="seeds run side by side (logs in OUT/seed<k>/log.txt); default 1")
-mp = sub.add_parser("mrsp", help="MR-SP measured: embedding cache, sp=2 memory, largest video, engine, planner")
-mp.add_argument("--frames", default="64,256,1024", help="frame counts for the cache speedup; default 64,256,1024")
-mp.add_argument("--repeats", type=int, default=3, help="steps per variant, alternating; the median counts; default 3")
+lp.add_argument("--jobs", type=int, default=1, help="seeds at once (logs: OUT/seed<k>/log.txt); default 1")
+mp = sub.add_parser("mrsp", help="embedding cache, sp=2 memory, largest video, engine, planner")
+mp.add_argument("--frames", default="64,256,1024", help="cache speedup frame counts; default 64,256,1024")
+mp.add_argument("--repeats", type=int, default=3, help="steps per variant, alternating (median); default 3")
 mp.add_argument("--max-new", type=int, default=32, help="response tokens per rollout; default 32")
-mp.add_argument("--long", type=int, default=4096, help="frames of the sp=1 vs sp=2 memory comparison; default 4096")
-mp.add_argument("--cap-gb", type=float, default=1.0,
-                help="memory cap of the largest-video search, GiB of training-pass peak per rank; default 1.0")
-hp = sub.add_parser("hour", help="one GRPO step on a 3,600-frame video: tiny model, sp=2 under torchrun")
+mp.add_argument("--long", type=int, default=4096, help="frames, sp=1 vs sp=2 memory; default 4096")
+mp.add_argument("--cap-gb", type=float, default=1.0, help="training-pass peak cap per rank, GiB; default 1.0")
+hp = sub.add_parser("hour", help="one GRPO step, 3,600-frame video, tiny model, sp=2 (torchrun)")
 hp.add_argument("--frames", type=int, default=3600, help="frames (an hour at 1 fps); default 3600")
 hp.add_argument("--G", type=int, default=8, help="rollouts; default 8")
 hp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
-hp.add_argument("--size", type=int, default=56, help="frame side in pixels (56: 2 video tokens a frame); default 56")
-for name, what in (("step", "one GRPO step on one synthetic video, phases timed, peak memory measured"),
-                   ("prefill", "one training prefill + backward of one row (random video embeddings), peak memory")):
+hp.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
+for name, what in (("step", "one GRPO step on one synthetic video: phase times, peak memory"),
+                   ("prefill", "training prefill + backward of one row (random video embeds), peak memory")):
     p = sub.add_parser(name, help=what)
-    p.add_argument("--config", default="small", choices=["tiny", "small"], help="model (mr_sp.SMALL); default small")
+    p.add_argument("--config", default="small", choices=["tiny", "small"],
+                   help="model (mr_sp.SMALL); default small")
     p.add_argument("--frames", type=int, default=256, help="frames of the video; default 256")
-    p.add_argument("--size", type=int, default=56, help="frame side in pixels; default 56 (2 video tokens a frame)")
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (run under torchrun when > 1)")
-    p.add_argument("--G", type=int, default=8, help="rollouts (step) or rows (prefill: 1); default 8")
+    p.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (torchrun when > 1)")
+    p.add_argument("--G", type=int, default=8, help="rollouts (step), rows (prefill: 1); default 8")
     p.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
     p.add_argument("--variants", default="cache", help="step: comma list of cache, reencode; default cache")
-    p.add_argument("--repeats", type=int, default=1, help="steps per variant, alternating; default 1")
+    p.add_argument("--repeats", type=int, default=1, help="steps/variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
 rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
-rp.add_argument("--model", default="tiny", help="HF folder, or 'tiny' (built in code); default tiny")
+rp.add_argument("--model", default="tiny", help="HF folder or 'tiny' (built in code); default tiny")
 rp.add_argument("--prompts", type=int, default=8, help="prompts per call; default 8")
 rp.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
 rp.add_argument("--max-new", type=int, default=64, help="max tokens per sample; default 64")
 rp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
-rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t = frames/2); default 16,8,8 "
-                "(32 frames of 112x112, 256 video tokens)")
+rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t = frames/2); "
+                "default 16,8,8 (32 frames of 112x112, 256 video tokens)")
 rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine, alternating; default 15")
-rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype; default float32")
+rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                help="weights dtype; default float32")
 
 
 def sh(*cmd, log=sys.stdout, env=None):
     """Run a stage, streaming its output to log; its last line (JSON) is returned parsed."""
     print("$ " + " ".join(cmd), file=log, flush=True)
     lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if log is sys.stdout else log, text=True,
-                          env=env) as p:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if log is sys.stdout else log,
+                          text=True, env=env) as p:
         for line in p.stdout:
             print(line, end="", file=log, flush=True)
             lines.append(line)
     if p.returncode:
-        raise SystemExit(f"{cmd[1]} failed with exit code {p.returncode}" + ("" if log is sys.stdout else
-                                                                              f" (see {log.name})"))
+        raise SystemExit(f"{cmd[1]} failed with exit code {p.returncode}"
+                         + ("" if log is sys.stdout else f" (see {log.name})"))
     return json.loads(lines[-1])
 
 
 def learning_seed(seed, args):
-    """SFT, evals, GRPO, eval for one seed. With --jobs > 1 the seeds run side by side, each stage's output
-    going to OUT/seed<k>/log.txt and the cores shared out (threads beyond the cores slow every job down)."""
+    """SFT, evals, GRPO, eval for one seed. With --jobs > 1 seeds run side by side, each stage's
+    output in OUT/seed<k>/log.txt, cores shared out (threads beyond the cores slow every job)."""
     d = os.path.join(args.out, f"seed{seed}")
     os.makedirs(d, exist_ok=True)
     side = args.jobs > 1
@@ -129,12 +124,12 @@ def learning_seed(seed, args):
 
 def learning_stages(seed, args, d, run):
     ev = ["eval.py", "--data", args.data] + (["--limit", str(args.limit)] if args.limit else [])
-    run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps), "--out", f"{d}/sft",
-        *args.sft_args.split())
+    run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps),
+        "--out", f"{d}/sft", *args.sft_args.split())
     sft = run(*ev, "--model", f"{d}/sft/model", "--out", f"{d}/eval_sft")
     blind = run(*ev, "--model", f"{d}/sft/model", "--blind", "--out", f"{d}/eval_blind")
-    pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", f"{d}/sft/model", "--n", "8",
-                "--temperature", "1.0", "--out", f"{d}/eval_pass8")  # headroom; 200 rows keep it cheap
+    pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", f"{d}/sft/model",
+                "--n", "8", "--temperature", "1.0", "--out", f"{d}/eval_pass8")  # headroom, cheap
     run("grpo.py", "--init", f"{d}/sft/model", "--data", args.data, "--seed", str(seed),
         "--steps", str(args.grpo_steps), "--out", f"{d}/grpo", *args.grpo_args.split())
     grpo = run(*ev, "--model", f"{d}/grpo/model", "--out", f"{d}/eval_grpo")
@@ -147,25 +142,26 @@ def learning_stages(seed, args, d, run):
 
 def learning(args):
     t0, seeds = time.time(), [int(s) for s in args.seeds.split(",")]
-    D.prepare_task(args.data)  # once, before seeds running side by side would each start writing the default task
+    D.prepare_task(args.data)  # once: seeds running side by side would each start writing it
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         res = dict(zip(seeds, pool.map(lambda s: learning_seed(s, args), seeds)))
     mean = lambda k: statistics.mean(r[k] for r in res.values())  # noqa: E731
     print(f"{'seed':>4} | {'blind':>6} | {'sft':>6} | {'grpo':>6} | {'sft pass@8':>10}")
     for s, r in res.items():
-        print(f"{s:>4} | {r['blind_acc']:6.3f} | {r['sft_acc']:6.3f} | {r['grpo_acc']:6.3f} | {r['sft_pass8']:10.3f}")
-    print(json.dumps(dict(chance=0.25, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"), grpo_acc=mean("grpo_acc"),
-                          grpo_minus_sft=mean("grpo_acc") - mean("sft_acc"), sft_pass8=mean("sft_pass8"),
-                          n_test=mean("n_test"), seeds=seeds, per_seed=res,
-                          minutes=round((time.time() - t0) / 60, 1))))
+        print(f"{s:>4} | {r['blind_acc']:6.3f} | {r['sft_acc']:6.3f} | {r['grpo_acc']:6.3f} | "
+              f"{r['sft_pass8']:10.3f}")
+    print(json.dumps(dict(chance=0.25, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"),
+                          grpo_acc=mean("grpo_acc"), grpo_minus_sft=mean("grpo_acc") - mean("sft_acc"),
+                          sft_pass8=mean("sft_pass8"), n_test=mean("n_test"), seeds=seeds,
+                          per_seed=res, minutes=round((time.time() - t0) / 60, 1))))
 
 
 # -----------------------------------------------------------------------------
 # MR-SP measured. Memory is the process's resident set (VmRSS) and its high-water mark (VmHWM) from
-# /proc/self/status; writing 5 to /proc/self/clear_refs resets the mark, so each phase gets its own peak.
-# The workers run with MALLOC_MMAP_THRESHOLD_ = 1 MiB: glibc then returns every freed large tensor to the
-# system at once, so resident memory follows live tensors (as torch.cuda.max_memory_allocated does on a
-# GPU) instead of keeping freed memory in its heap, which would hide one phase's memory from the next.
+# /proc/self/status; writing 5 to /proc/self/clear_refs resets the mark, so each phase gets its own
+# peak. Workers run with MALLOC_MMAP_THRESHOLD_ = 1 MiB: glibc returns each freed large tensor to
+# the system at once, so resident memory follows live tensors (like torch.cuda.max_memory_allocated
+# on a GPU) instead of keeping freed memory in its heap, hiding one phase's memory from the next.
 
 def rss():
     """(resident, peak resident since the last reset) of this process, bytes."""
@@ -173,16 +169,12 @@ def rss():
     return int(f["VmRSS"].split()[0]) * 1024, int(f["VmHWM"].split()[0]) * 1024
 
 
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 @contextlib.contextmanager
 def measured(rec, name, base):
     """Time a phase and its peak resident memory above `base` (GiB) into rec[name]: a phase entered
     more than once adds up its times and keeps its largest peak."""
-    reset_peak()
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak
+        f.write("5")
     t0 = time.perf_counter()
     yield
     r = rec.setdefault(name, dict(s=0.0, gb=0.0))
@@ -190,8 +182,7 @@ def measured(rec, name, base):
 
 
 def video_sample(frames, size, seed=0):
-    """A synthetic video of `frames` frames of size x size pixels at 1 fps, as data.VideoDataset
-    returns one."""
+    """Synthetic video as data.VideoDataset gives it: `frames` frames at 1 fps, size x size px."""
     rng = np.random.default_rng(seed)
     sc = D.synth_scenario(rng, "absent", (len(D.synth_slots(frames)) - 1) // 2)
     pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size,
@@ -218,14 +209,13 @@ def gather_max(x):
 
 
 def step(args):
-    """grpo.py's step (grpo.step) on one prompt: G rollouts, old-policy and reference passes, one
-    update over one micro-batch of the G rows; every algorithm setting is grpo.py's default. Rewards
-    are a stand-in hash of the text (the reward is not what this measures). One untimed warm-up step
-    on a 16-frame video, then steps of each --variants, alternating, --repeats times. Variant
-    reencode is the baseline without the embedding cache (Video-R1, TRL): the same step with the
-    vision tower run again for every rollout but the first and for every row of every pass, inside
-    those phases. One line per step, then JSON: median times, the first measured step's peak memory
-    per rank (above the Python runtime) and its phases, and the paired time ratio of the variants."""
+    """grpo.step on one prompt, grpo.py's default settings: G rollouts, old-policy and reference
+    passes, one update on one micro-batch of the G rows; rewards: a stand-in text hash (not what is
+    measured). An untimed warm-up step (16 frames), then --repeats rounds of --variants,
+    alternating. Variant reencode is the baseline without the embedding cache (Video-R1, TRL): the
+    vision tower reruns inside those phases for every rollout but the first and every row of every
+    pass. One line per step, then JSON: median times, the first measured step's peak memory per rank
+    above the Python runtime (and per phase), the variants' paired time ratio."""
     par, base, model, tok, params = worker_setup(args)
     ref = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))[0].requires_grad_(False)
     if args.sp > 1:
@@ -256,12 +246,12 @@ def step(args):
     s = video_sample(args.frames, args.size)
     res = {v: [] for v in args.variants.split(",")}
     for i in range(args.repeats):
-        for v in list(res)[::1 if i % 2 == 0 else -1]:  # alternating order: a slow spell hits both variants
+        for v in list(res)[::1 if i % 2 == 0 else -1]:  # alternating, so a slow spell hits both
             rec, n_tok = run(i, s, v)
             res[v].append(dict(rec, tokens=n_tok))
             if par.rank == 0:
-                print(f"{v} {i} | " + " | ".join(f"{k} {r['s']:.2f}s {r['gb']:.3f}GB" for k, r in rec.items()),
-                      flush=True)
+                print(f"{v} {i} | " + " | ".join(f"{k} {r['s']:.2f}s {r['gb']:.3f}GB"
+                                                  for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
                prompt_tokens=len(mr_sp.prompt_of(model, tok, s, D.question_text(s))[0]))
@@ -283,9 +273,8 @@ def step(args):
 
 
 def prefill(args):
-    """One training prefill + backward of --G rows (default 1) of one video of --frames frames and a
-    --max-new token response: the peak memory of the pass above the memory before it (weights and
-    inputs resident)."""
+    """One training prefill + backward of --G rows (default 1), a --frames video and --max-new token
+    response: the pass's peak memory above that before it (weights, inputs resident)."""
     par, base, model, tok, params = worker_setup(args)
     side = args.size // 28
     s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
@@ -294,26 +283,28 @@ def prefill(args):
     hidden = model.config.text_config.hidden_size
     video = torch.randn(args.frames // 2 * side ** 2, hidden, generator=g)  # as if encoded
     rows = [dict(prompt=prompt, pos=pos, video=video,
-                 response=torch.randint(20, 500, (args.max_new,), generator=g).tolist()) for _ in range(args.G)]
+                 response=torch.randint(20, 500, (args.max_new,), generator=g).tolist())
+            for _ in range(args.G)]
     rec = {}
     with measured(rec, "pass", rss()[0]):
         lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, group=par.group)
         ((lp * mask).sum() / mask.sum()).backward()
-    out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G, tokens=len(prompt) + args.max_new,
-               video_tokens=len(video), pass_s=gather_max(rec["pass"]["s"]),
-               pass_gb_per_rank=gather_max(rec["pass"]["gb"]), peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
+    out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
+               tokens=len(prompt) + args.max_new, video_tokens=len(video),
+               pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
+               peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
     if par.rank == 0:
         print(json.dumps(out), flush=True)
     mr_sp.shutdown()
 
 
 def launch(cmd, sp=1, quiet=False, timing=False):
-    """Run `bench.py cmd` in a fresh process, one thread per process (under torchrun with sp processes when
-    sp > 1); its last line, parsed. Memory runs set the mmap threshold (see above); timing runs do not, it
-    costs page faults (1.5x slower rollouts measured)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
-    pre = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node", str(sp)]
+    """Run `bench.py cmd` fresh, 1 thread a process (sp of them under torchrun); last line parsed.
+    Memory runs set mmap threshold (above); timing runs don't: page faults slow rollouts 1.5x."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
+    pre = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                            "--standalone", "--nproc_per_node", str(sp)]
     full = pre + [os.path.abspath(__file__)] + [str(c) for c in cmd] + ["--sp", str(sp)]
     print("$ " + " ".join(full[1:]), flush=True)
     p = subprocess.run(full, env=env, capture_output=True, text=True)
@@ -325,8 +316,8 @@ def launch(cmd, sp=1, quiet=False, timing=False):
 
 
 def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
-    """Rollout tokens/s of model.generate (one prefill, KV cache copied into G rows) and of generate_naive (G rows,
-    everything recomputed per token), greedy, no EOS (both emit exactly max_new tokens a row); medians."""
+    """Rollout tokens/s, model.generate (one prefill, KV cache copied into G rows) vs generate_naive
+    (G rows, all recomputed per token): greedy, no EOS (max_new tokens a row), medians."""
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
     s = video_sample(frames, 56)
@@ -338,7 +329,8 @@ def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
     for i in range(repeats):
         for name, gen in (("engine", M.generate), ("naive", M.generate_naive)):
             t0 = time.perf_counter()
-            toks = gen(model, embeds, pos, mask, n=G, max_new=max_new, temperature=0, banned=M.banned_ids(tok))[0]
+            toks = gen(model, embeds, pos, mask, n=G, max_new=max_new, temperature=0,
+                       banned=M.banned_ids(tok))[0]
             res.setdefault(name, []).append(toks.numel() / (time.perf_counter() - t0))
             res.setdefault(name + "_tokens", toks)
     return dict(engine_tok_s=statistics.median(res["engine"]), naive_tok_s=statistics.median(res["naive"]),
@@ -348,8 +340,8 @@ def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
 
 
 def largest_fitting(sp, cap, known, step=256):
-    """Largest frame count (a multiple of step) whose training-pass peak per rank is at most cap GiB: a line through
-    the measured points predicts it, then measurements at the guess and one step above confirm it (or move it)."""
+    """Largest multiple of step frames with training-pass peak per rank <= cap GiB: a line through
+    the measured points predicts it; measuring it and one step up confirms (or moves) it."""
     pts = dict(known)
     if len(pts) < 2:
         f = max(step, min(pts) // 4 // step * step)
@@ -367,41 +359,43 @@ def largest_fitting(sp, cap, known, step=256):
 
 
 def mrsp(args):
-    """Every number below is measured in this run; workers are fresh processes with one thread each
-    (the machine is shared: two threads per process made timings several times noisier)."""
+    """All measured in this run (one thread per worker: two made timings several times noisier)."""
     t0, out = time.time(), {}
-    # 1. the embedding cache: GRPO step time without it (vision re-run per rollout and per row of every pass) over with it
+    # 1. embedding cache: step time without it (vision rerun per rollout, per row per pass) / with it
     out["cache_speedup"], out["cache_step_s"] = {}, {}
     for f in [int(x) for x in args.frames.split(",")]:
-        r = launch(["step", "--frames", f, "--variants", "cache,reencode", "--repeats", args.repeats,
-                    "--max-new", args.max_new], timing=True)
+        r = launch(["step", "--frames", f, "--variants", "cache,reencode",
+                    "--repeats", args.repeats, "--max-new", args.max_new], timing=True)
         out["cache_speedup"][f] = round(r["reencode_over_cache"], 3)
-        out["cache_step_s"][f] = dict(cache=round(r["cache"]["step_s"], 2), reencode=round(r["reencode"]["step_s"], 2),
-                                      cache_phases=r["cache"]["phases_s"], reencode_phases=r["reencode"]["phases_s"])
-    # 2. memory of a training prefill + backward of one row at a long sequence, sp=1 vs sp=2 (per rank)
+        out["cache_step_s"][f] = dict(
+            cache=round(r["cache"]["step_s"], 2), reencode=round(r["reencode"]["step_s"], 2),
+            cache_phases=r["cache"]["phases_s"], reencode_phases=r["reencode"]["phases_s"])
+    # 2. peak per rank of a training prefill + backward of one row at a long sequence, sp=1 vs sp=2
     long = {sp: launch(["prefill", "--frames", args.long], sp) for sp in (1, 2)}
     out["sp2_peak_mem_ratio"] = round(long[2]["pass_gb_per_rank"] / long[1]["pass_gb_per_rank"], 3)
-    out["long_pass"] = {sp: {k: r[k] for k in ("frames", "tokens", "pass_gb_per_rank", "pass_s")} for sp, r in long.items()}
+    out["long_pass"] = {sp: {k: r[k] for k in ("frames", "tokens", "pass_gb_per_rank", "pass_s")}
+                        for sp, r in long.items()}
     # 3. the largest video whose training pass fits the cap, per rank
     for sp in (1, 2):
         out[f"max_frames_sp{sp}"], out[f"max_frames_sp{sp}_measured_gb"] = largest_fitting(
             sp, args.cap_gb, {args.long: long[sp]["pass_gb_per_rank"]})
     out["cap_gb"] = args.cap_gb
-    # 4. the planner against measured peaks: whole GRPO steps (tiny, small) and the long training passes above
+    # 4. the planner vs measured peaks: GRPO steps (tiny, small) and the long training passes above
     out["planner"] = {}
     for config in ("tiny", "small"):
         r = launch(["step", "--config", config, "--frames", 512, "--max-new", args.max_new])
         text = r["prompt_tokens"] - r["video_tokens"]
-        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, args.max_new, 8, "float32")["peak"] / 2**30
+        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, args.max_new, 8,
+                         "float32")["peak"] / 2**30
         got = r["cache"]["first_step_gb_per_rank"]
-        out["planner"][f"{config}_step_512f"] = dict(estimate_gb=round(est, 3), measured_gb=round(got, 3),
-                                                     ratio=round(est / got, 3))
+        out["planner"][f"{config}_step_512f"] = dict(
+            estimate_gb=round(est, 3), measured_gb=round(got, 3), ratio=round(est / got, 3))
     for sp, r in long.items():
-        est = mr_sp.plan(mr_sp.plan_config("small"), args.long, sp, 56 * 56, r["tokens"] - r["video_tokens"] - 64, 1,
-                         64, 1, "float32")["training_pass"] / 2**30
-        out["planner"][f"small_pass_{args.long}f_sp{sp}"] = dict(estimate_gb=round(est, 3),
-                                                              measured_gb=round(r["pass_gb_per_rank"], 3),
-                                                              ratio=round(est / r["pass_gb_per_rank"], 3))
+        est = mr_sp.plan(mr_sp.plan_config("small"), args.long, sp, 56 * 56,
+                         r["tokens"] - r["video_tokens"] - 64, 1, 64, 1, "float32")["training_pass"] / 2**30
+        out["planner"][f"small_pass_{args.long}f_sp{sp}"] = dict(
+            estimate_gb=round(est, 3), measured_gb=round(r["pass_gb_per_rank"], 3),
+            ratio=round(est / r["pass_gb_per_rank"], 3))
     # 5. the rollout engine against the naive generate
     out["engine_vs_naive"] = engine_vs_naive()
     out["minutes"] = round((time.time() - t0) / 60, 1)
@@ -409,42 +403,50 @@ def mrsp(args):
     for f, x in out["cache_step_s"].items():
         print(f"{f:>6} | {x['cache']:8.2f} | {x['reencode']:11.2f} | {out['cache_speedup'][f]:.2f}x")
     print(f"sp=2 / sp=1 training-pass peak per rank at {args.long} frames: {out['sp2_peak_mem_ratio']:.3f}; "
-          f"largest video under {args.cap_gb} GiB: sp=1 {out['max_frames_sp1']} frames, sp=2 {out['max_frames_sp2']}")
+          f"most frames under {args.cap_gb} GiB: sp=1 {out['max_frames_sp1']}, sp=2 {out['max_frames_sp2']}")
     for k, x in out["planner"].items():
-        print(f"planner {k}: estimate {x['estimate_gb']:.3f} GiB, measured {x['measured_gb']:.3f} GiB ({x['ratio']:.2f}x)")
+        print(f"planner {k}: estimate {x['estimate_gb']:.3f} GiB, "
+              f"measured {x['measured_gb']:.3f} GiB ({x['ratio']:.2f}x)")
     e = out["engine_vs_naive"]
-    print(f"engine {e['engine_tok_s']:.0f} tok/s, naive {e['naive_tok_s']:.0f} tok/s ({e['ratio']:.1f}x), same tokens: "
-          f"{e['same_tokens']}")
+    print(f"engine {e['engine_tok_s']:.0f} tok/s, naive {e['naive_tok_s']:.0f} tok/s "
+          f"({e['ratio']:.1f}x), same tokens: {e['same_tokens']}")
     print(json.dumps(out))
 
 
 def hour(args):
-    """One GRPO step on an hour-long video (3,600 frames at 1 fps), tiny model, sp=2: bench.py step under torchrun."""
+    """One GRPO step on 3,600 frames (an hour at 1 fps), tiny model, sp=2: step under torchrun."""
     t0 = time.time()
-    r = launch(["step", "--config", "tiny", "--frames", args.frames, "--G", args.G, "--max-new", args.max_new, "--size", args.size],
-               sp=2)
+    r = launch(["step", "--config", "tiny", "--frames", args.frames, "--G", args.G,
+                "--max-new", args.max_new, "--size", args.size], sp=2)
     c = r["cache"]
-    est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size, r["prompt_tokens"] - r["video_tokens"],
-                     args.G, args.max_new, args.G, "float32")["peak"] / 2**30
-    print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, sp=2: step "
-          f"{c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items()) +
-          f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above the runtime; the planner said {est:.2f})")
-    print(json.dumps(dict(frames=args.frames, step_s=round(c["step_s"], 2), peak_mem_gb_per_rank=round(r["peak_rss_gb_per_rank"], 3),
-                          above_runtime_gb_per_rank=round(c["first_step_gb_per_rank"], 3), planner_gb=round(est, 3),
-                          phases_s=c["phases_s"],
-                          phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"], G=args.G,
-                          max_new=args.max_new, size=args.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
+    est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size,
+                     r["prompt_tokens"] - r["video_tokens"], args.G, args.max_new, args.G,
+                     "float32")["peak"] / 2**30
+    print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, "
+          f"sp=2: step {c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items())
+          + f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above "
+          f"the runtime; the planner said {est:.2f})")
+    print(json.dumps(dict(
+        frames=args.frames, step_s=round(c["step_s"], 2),
+        peak_mem_gb_per_rank=round(r["peak_rss_gb_per_rank"], 3),
+        above_runtime_gb_per_rank=round(c["first_step_gb_per_rank"], 3), planner_gb=round(est, 3),
+        phases_s=c["phases_s"], phases_gb_rank0=c["phases_gb_rank0"], video_tokens=r["video_tokens"],
+        G=args.G, max_new=args.max_new, size=args.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
+
+
 def rollout(args):
     model, tok = M.load(args.model, dtype=getattr(torch, args.dtype))
     grid = torch.tensor([[int(x) for x in args.grid.split(",")]])
-    s = dict(pixel_values=M.random_video_batch(model, tok, [grid[0].tolist()])[0], grid_thw=grid, second_per_grid=2.0)
-    prompts = [mr_sp.prepare(model, tok, s, f"Question {i}: what happens in this video?") for i in range(args.prompts)]
+    s = dict(pixel_values=M.random_video_batch(model, tok, [grid[0].tolist()])[0], grid_thw=grid,
+             second_per_grid=2.0)
+    prompts = [mr_sp.prepare(model, tok, s, f"Question {i}: what happens in this video?")
+               for i in range(args.prompts)]
     engines = dict(engine=None, vllm=mr_sp.vllm_engine(model, tok, args.model, args.dtype))
 
     def call(name, k):  # tokens generated by one rollout call
         seeds = [mr_sp.seed_of(k, i) for i in range(args.prompts)]
-        return int(mr_sp.rollout(model, tok, prompts, args.G, seeds, engines[name], max_new=args.max_new,
-                                 temperature=args.temperature)[2].sum())
+        return int(mr_sp.rollout(model, tok, prompts, args.G, seeds, engines[name],
+                                 max_new=args.max_new, temperature=args.temperature)[2].sum())
 
     res = {"engine": [], "vllm": []}
     call("engine", -1), call("vllm", -1)  # warm-up: first calls allocate and (vLLM) compile
@@ -460,17 +462,19 @@ def rollout(args):
     cps = {k: [n / c for n, _, c in v] for k, v in res.items()}
     ratio = statistics.median(v / e for v, e in zip(tps["vllm"], tps["engine"]))
     cpu_ratio = statistics.median(v / e for v, e in zip(cps["vllm"], cps["engine"]))
-    print(f"vLLM / our engine, median of {args.repeats} pairs: {ratio:.2f}x wall time, {cpu_ratio:.2f}x cpu time")
+    print(f"vLLM / our engine, median of {args.repeats} pairs: {ratio:.2f}x wall, {cpu_ratio:.2f}x cpu time")
     print(json.dumps(dict(vllm_tok_s=round(statistics.median(tps["vllm"]), 1),
                           engine_tok_s=round(statistics.median(tps["engine"]), 1), ratio=round(ratio, 2),
                           vllm_tok_cpu_s=round(statistics.median(cps["vllm"]), 1),
-                          engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1), cpu_ratio=round(cpu_ratio, 2),
-                          model=args.model, prompts=args.prompts, G=args.G, max_new=args.max_new,
-                          video_tokens=M.n_video_tokens(grid), threads=torch.get_num_threads(), calls=args.repeats,
+                          engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1),
+                          cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts, G=args.G,
+                          max_new=args.max_new, video_tokens=M.n_video_tokens(grid),
+                          threads=torch.get_num_threads(), calls=args.repeats,
                           vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
                           engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))
 
 
 if __name__ == "__main__":
     args = ap.parse_args()
-    {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour, "rollout": rollout}[args.cmd](args)
+    {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour,
+     "rollout": rollout}[args.cmd](args)

@@ -1,35 +1,32 @@
 """Video data for longrl: decode, sample, preprocess (Qwen2.5-VL layout), QA rows, a synthetic task.
 
-    python data.py probe VIDEO --frames 32                  # decode + preprocess one video; last line is JSON
+    python data.py probe VIDEO --frames 32   # decode + preprocess one video; last line is JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
-    python data.py synth --out data/synth --n 1000 --frames 256 --seed 0   # videos/*.mp4, train.jsonl, test.jsonl
+    python data.py synth --out data/synth --n 1000 --frames 256 --seed 0  # videos/*.mp4, {train,test}.jsonl
     python -m pytest tests/test_data.py -q
 
 In Python (what model.py and the training scripts use):
-    frames, info = read_video(path, nframes=32)        # uint8 (T, H, W, 3), T even, upright
-    pixel_values, grid_thw = preprocess(frames)         # (T/2 * H/14 * W/14, 3*2*14*14) float32, [[T/2, H/14, W/14]]
-    x = video_inputs(path, nframes=32)                  # dict(pixel_values, grid_thw, second_per_grid, info)
-    rows = load_rows("data/synth/train.jsonl")          # normalized rows (see load_rows)
-    ds = VideoDataset(rows, nframes=32)                 # ds.iter_samples(range(rank, len(ds), world)) skips bad videos
+    frames, info = read_video(path, nframes=32)  # uint8 (T, H, W, 3), T even, upright
+    pixel_values, grid_thw = preprocess(frames)  # (T/2*H/14*W/14, 3*2*14*14) float32, [[T/2, H/14, W/14]]
+    x = video_inputs(path, nframes=32)           # dict(pixel_values, grid_thw, second_per_grid, info)
+    rows = load_rows("data/synth/train.jsonl")   # normalized rows (see load_rows)
+    ds = VideoDataset(rows, nframes=32)          # iter_samples(range(rank, len(ds), world)) skips bad videos
 
-Sampling follows Long-RL / qwen-vl-utils: n frames rounded to an even number, indices
-linspace(0, total-1, n).round(); second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions.
-decord reads first; PyAV takes over when decord is missing or refuses a file (WebM without a frame
-count, for one). A file neither can read raises VideoError naming it; a dataset skips it and counts
-it, and never substitutes another video.
+Sampling as in Long-RL / qwen-vl-utils: n rounded to even, indices linspace(0, total-1, n).round();
+second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. decord reads first; PyAV takes
+over when decord is missing or refuses a file (e.g. WebM without a frame count). A file neither can
+read raises VideoError naming it; a dataset skips and counts it, never substituting another video.
 
-Synthetic task (`synth`): a mildly textured gray background; the timeline is cut into 16 equal
-slots (one frame each when F < 16) and events fill whole odd slots, so every event and every gap
-lasts at least floor(F/16) frames. A uniform sample of n frames sees each event and each gap
-when n >= 1 + (F-1)/floor(F/16): 18 frames whenever F is a multiple of 16 (18 of 1024, 18 of 64),
-all frames when F <= 16. Fewer frames miss events. Categories, 4 options each, answers uniform:
+Synthetic task (`synth`): mildly textured gray background; time is cut into 16 equal slots (one
+frame each when F < 16), events fill whole odd slots, so each event and gap lasts >= floor(F/16)
+frames. n uniform frames see them all when n >= 1 + (F-1)/floor(F/16): 18 when 16 divides F (18 of
+1024, 18 of 64), all when F <= 16; fewer miss events. Categories (4 fixed options, answers uniform):
   order           red, green, blue and yellow flash once each; which came first / last
   counting        how many times the screen flashed a color (1-4), among flashes of other colors
   majority        which of red, green, blue, yellow flashed most often
   absent          three of red, green, blue, yellow flash; which never did
-The options are fixed per category, so the answer letter follows from what was seen; every question
-needs events spread over the whole video. (A 2.6M-parameter model learns full-screen colour events;
-where in the frame something happens, or when in seconds, it does not learn in minutes on a CPU.)
+The letter follows from what was seen; questions need events from the whole video. In CPU minutes a
+2.6M-parameter model learns full-screen colour events, not where in the frame or when in seconds.
 """
 import argparse
 import json
@@ -49,7 +46,7 @@ PATCH, MERGE, TEMPORAL = 14, 2, 2
 FACTOR = PATCH * MERGE  # frame sides are multiples of 28 so 2x2 patches merge into one token
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_PIXELS, MIN_PIXELS = 128 * 28 * 28, 4 * 28 * 28  # Long-RL's video scripts use 128*28*28 per frame
+MAX_PIXELS, MIN_PIXELS = 128 * 28 * 28, 4 * 28 * 28  # per frame; Long-RL's video runs use 128*28*28
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -62,12 +59,11 @@ class VideoError(Exception):
 
 
 class TooFewFrames(VideoError):
-    """Asked for more frames than the video has: the other reader would say the same, so no fallback."""
+    """More frames asked for than the video has; the other reader would agree, so no fallback."""
 
 
 def _short(e):
-    # decord's messages carry a C++ backtrace; the first line says what went wrong
-    lines = str(e).strip().splitlines()
+    lines = str(e).strip().splitlines()  # decord appends a C++ backtrace: keep the first line
     return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
@@ -110,7 +106,7 @@ def read_video_decord(path, nframes=None, fps=None, min_frames=4, max_frames=768
 
 
 def read_video_pyav(path, nframes=None, fps=None, min_frames=4, max_frames=768):
-    """Decode with PyAV: one sequential pass keeping the wanted frames (seeking per frame is 4-20x slower)."""
+    """Decode with PyAV in one pass, keeping the wanted frames (seeking each is 4-20x slower)."""
     import av
     try:
         with av.open(str(path)) as c:
@@ -118,24 +114,24 @@ def read_video_pyav(path, nframes=None, fps=None, min_frames=4, max_frames=768):
                 raise VideoError(path, "no video stream")
             s = c.streams.video[0]
             total = s.frames
-            if not total:  # WebM and others leave the count at 0: count packets, which is cheap (no decoding)
+            if not total:  # WebM and others leave it at 0: counting packets is cheap (no decoding)
                 total = sum(1 for p in c.demux(s) if p.size)
             rate = s.average_rate or s.guessed_rate
             video_fps = float(rate) if rate else 0.0
         if total <= 0:
             raise VideoError(path, "no frames")
         idx, sampled_fps = sample_indices(path, total, video_fps, nframes, fps, min_frames, max_frames)
-        want = {i: pos for pos, i in enumerate(idx.tolist())}  # indices are distinct when n <= total
+        want = {i: pos for pos, i in enumerate(idx.tolist())}  # n <= total, so indices are distinct
         out, last, i = [None] * len(idx), int(idx[-1]), -1
-        # one reformatter for all frames: frame.to_ndarray(format=) builds a new swscale context per frame,
-        # which costs 2 ms even at 56x56 (50x the decoding)
+        # one reformatter for all frames: frame.to_ndarray(format=) builds a new swscale context
+        # per frame, which costs 2 ms even at 56x56 (50x the decoding)
         rgb = av.video.reformatter.VideoReformatter()
         with av.open(str(path)) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
             for i, frame in enumerate(c.decode(s)):
                 if i in want:
-                    # PyAV gives raw frames plus the display rotation (degrees counter-clockwise; -90 on phones)
+                    # raw frame + display rotation (degrees counter-clockwise; -90 on phones)
                     a = rgb.reformat(frame, format="rgb24").to_ndarray()
                     out[want[i]] = np.rot90(a, k=round(getattr(frame, "rotation", 0) / 90) % 4)
                 if i >= last:
@@ -156,11 +152,9 @@ def _info(reader, total, video_fps, idx, sampled_fps, frames):
 
 
 def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reader=None):
-    """Sampled frames, uint8 (T, H, W, 3) upright with T even, and an info dict.
-
-    Exactly one of nframes (rounded to even) or fps (frames per second of video, clamped to
-    [min_frames, max_frames] and to the frame count). reader: None (decord, then PyAV), "decord", "pyav".
-    """
+    """Sampled frames, uint8 (T, H, W, 3) upright with T even, and an info dict. Give exactly one
+    of nframes (rounded to even) or fps (frames per second of video, clamped to [min_frames,
+    max_frames] and to the frame count). reader: None (decord, then PyAV), "decord", "pyav"."""
     if not os.path.isfile(path):
         raise VideoError(path, "no such file")
     args = (path, nframes, fps, min_frames, max_frames)
@@ -197,11 +191,9 @@ def smart_resize(height, width, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, fa
 
 
 def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32):
-    """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/14 * w/14, 3*2*14*14) float32, grid_thw [[T/2, h/14, w/14]].
-
-    Each row is one 2x14x14 spatio-temporal patch laid out (C, T, 14, 14), rows ordered so the 4
-    patches of each 2x2 merge group are consecutive: what Qwen2.5-VL's vision tower expects.
-    """
+    """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/14 * w/14, 3*2*14*14) float32, grid_thw
+    [[T/2, h/14, w/14]]. Each row is one 2x14x14 spatio-temporal patch laid out (C, T, 14, 14); the
+    4 patches of each 2x2 merge group are consecutive rows, as Qwen2.5-VL's vision tower expects."""
     T, H, W, _ = frames.shape
     h, w = smart_resize(H, W, min_pixels, max_pixels)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
@@ -215,8 +207,7 @@ def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32):
         if (h, w) != (H, W):
             c = F.interpolate(c.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
             c = c.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
-        # float32 x/255 equals HF's float64 rescale for every uint8 value: pixel_values are bit-identical
-        out[i:i + chunk] = (c.float() / 255 - mean) / std
+        out[i:i + chunk] = (c.float() / 255 - mean) / std  # bit-identical to HF's float64 rescale
     gt, gh, gw = T // TEMPORAL, h // PATCH, w // PATCH
     x = out.reshape(gt, TEMPORAL, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/2, gw/2, 2, 2, C, T, 14, 14)
@@ -227,20 +218,17 @@ def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels
     """Everything the model needs from one video: pixel_values, grid_thw, second_per_grid, info."""
     frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader)
     pixel_values, grid_thw = preprocess(frames, max_pixels=max_pixels, min_pixels=min_pixels)
-    return dict(pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=TEMPORAL / info["sampled_fps"],
-                info=info)
+    return dict(pixel_values=pixel_values, grid_thw=grid_thw,
+                second_per_grid=TEMPORAL / info["sampled_fps"], info=info)
 
 
 # -----------------------------------------------------------------------------
 # QA rows
 
 def load_rows(path, video_root=None):
-    """Rows of a jsonl file, normalized to id, video (absolute), question, options, answer, reasoning, category.
-
-    Accepts our fields (video, question, options, answer, reasoning, category, id) and Long-RL's
-    (problem with the options embedded, answer, videos: a path or a one-element list). Relative
-    video paths resolve against video_root, else the jsonl's folder. Other fields are kept.
-    """
+    """jsonl rows, normalized to id, video (absolute), question, options, answer, reasoning,
+    category; other fields kept. Long-RL's fields work too (problem with the options in it, answer,
+    videos: a path or [path]). Relative video paths start at video_root, else the jsonl's folder."""
     path = Path(path)
     root = Path(video_root) if video_root is not None else path.resolve().parent
     rows, seen = [], {}
@@ -255,7 +243,7 @@ def load_rows(path, video_root=None):
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: expected a JSON object")
         row = _normalize(dict(raw), where, root, f"{path.name}:{line_no}")
-        if row["id"] in seen:  # answers are keyed by id: two rows with one id would overwrite each other
+        if row["id"] in seen:  # answers are keyed by id: a repeat would overwrite
             raise ValueError(f"{where}: duplicate id {row['id']!r} (first at line {seen[row['id']]})")
         seen[row["id"]] = line_no
         rows.append(row)
@@ -263,7 +251,7 @@ def load_rows(path, video_root=None):
 
 
 def split_rows(rows, part):
-    """The paper trains SFT on 1/3 of train and RL on the other 2/3: part "sft" (rows 0, 3, 6, ...), "rl", "all"."""
+    """The paper's split of train: part "sft" (1/3: rows 0, 3, 6, ...), "rl" (other 2/3), "all"."""
     if part not in ("sft", "rl", "all"):
         raise ValueError(f"part must be sft, rl or all, got {part!r}")
     return rows if part == "all" else [r for i, r in enumerate(rows) if (i % 3 == 0) == (part == "sft")]
@@ -284,17 +272,18 @@ def _normalize(row, where, root, default_id):
         raise ValueError(f"{where}: options must be a list of at least 2 strings")
     answer = str(row["answer"]).strip()
     if options and answer not in LETTERS[:len(options)]:
-        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {LETTERS[:len(options)]}")
+        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters "
+                         f"{LETTERS[:len(options)]}")
     rid = row.get("id")
     row.update(id=default_id if rid is None or rid == "" else str(rid), video=os.path.abspath(root / video),
-               question=str(question), options=options, answer=answer, reasoning=str(row.get("reasoning") or ""),
-               category=str(row.get("category") or ""))
+               question=str(question), options=options, answer=answer,
+               reasoning=str(row.get("reasoning") or ""), category=str(row.get("category") or ""))
     return row
 
 
 DEFAULT_TASK = "data/synth"
-# The embedded default models the paper's situation: auto-written reasoning traces are imperfect (30% reason to
-# a wrong answer here) while RL is rewarded by the ground truth; clean traces leave GRPO little to add.
+# The default models the paper's situation: auto-written reasoning traces are imperfect (30% reason
+# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little to add.
 DEFAULT_NOISE = 0.3
 
 
@@ -310,7 +299,8 @@ def prepare_task(folder, rank=0):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file (write a task with python data.py synth --out {folder})")
+        raise FileNotFoundError(f"{path}: no such file "
+                                f"(write a task with python data.py synth --out {folder})")
     return path
 
 
@@ -324,11 +314,11 @@ def question_text(row):
 
 
 def target_text(row):
-    """The SFT target. A noisy synthetic trace carries its own (wrong) trace_answer, kept consistent with it."""
+    """The SFT target; a noisy trace's <answer> is its (wrong) trace_answer, matching the trace."""
     return f"<think>{row['reasoning']}</think><answer>{row.get('trace_answer', row['answer'])}</answer>"
 
 
-# The reward parses the format question_text asks for (Long-RL's r1v reward, the answer graded by type).
+# The reward parses the format question_text asks for (Long-RL's r1v reward; answer graded by type).
 FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -349,7 +339,7 @@ def grade(pred, truth):
 
 
 def reward(text, row):
-    """0.9 * accuracy + 0.1 * format: format is a fullmatch of FORMAT, accuracy grades the answer span."""
+    """0.9 * accuracy + 0.1 * format (a FORMAT fullmatch); accuracy grades the answer span."""
     fmt = float(FORMAT.fullmatch(text.strip()) is not None)
     m = ANSWER.search(text)
     acc = grade(m.group(1), row["answer"]) if m else 0.0
@@ -357,7 +347,7 @@ def reward(text, row):
 
 
 class VideoDataset:
-    """Rows plus their videos. ds[i] raises VideoError; iter_samples skips bad videos and records them."""
+    """Rows plus videos. ds[i] raises VideoError; iter_samples skips bad videos and records them."""
 
     def __init__(self, rows, nframes=32, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
                  skip_bad=True, reader=None):
@@ -402,24 +392,25 @@ class VideoDataset:
 
 COLORS = {"red": (210, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220),
           "yellow": (230, 210, 40), "purple": (150, 60, 200), "cyan": (40, 200, 210)}
-OPTION_COLORS = ["red", "green", "blue", "yellow"]  # fixed options: the answer is perception, not a letter lookup
+OPTION_COLORS = ["red", "green", "blue", "yellow"]  # fixed: the letter follows from the color seen
 CATEGORIES = ["order", "counting", "majority", "absent"]
 
 
 def synth_slots(n_frames):
-    """Start frame of each slot (16 slots, or one per frame below 16) and the end; events use odd slots."""
+    """Start frames of the 16 slots (one per frame below 16) and the end; events use odd slots."""
     k = min(16, n_frames)
     return np.round(np.arange(k + 1) * n_frames / k).astype(int)
 
 
 def synth_scenario(rng, category, n_pos):
-    """Flash events (position, color) in time order, question, options and answer index for one video."""
+    """One video's flash events (position, color) in time order, question, options, answer index."""
     pos = lambda n: sorted(rng.choice(n_pos, n, replace=False).tolist())  # noqa: E731
     if category == "order":
         cols, which = [OPTION_COLORS[j] for j in rng.permutation(4)], ["first", "last"][rng.integers(2)]
         return dict(events=list(zip(pos(4), cols)), which=which, options=OPTION_COLORS,
                     answer=OPTION_COLORS.index(cols[0 if which == "first" else -1]),
-                    question=f"The screen flashes red, green, blue and yellow, once each. Which color flashes {which}?")
+                    question="The screen flashes red, green, blue and yellow, once each. "
+                             f"Which color flashes {which}?")
     if category == "counting":
         target, k = list(COLORS)[rng.integers(len(COLORS))], int(rng.integers(1, 5))
         d = int(rng.integers(1, min(3, n_pos - k) + 1)) if n_pos > k else 0
@@ -429,7 +420,7 @@ def synth_scenario(rng, category, n_pos):
                     options=["1", "2", "3", "4"], answer=k - 1,
                     question=f"How many times does the whole screen flash {target}?")
     if category == "majority":
-        top, k = int(rng.integers(4)), int(rng.integers(2, 4))  # the top color flashes k times, each other < k
+        top, k = int(rng.integers(4)), int(rng.integers(2, 4))  # top flashes k times, others < k
         counts = [k if j == top else int(rng.integers(0, k)) for j in range(4)]
         while sum(counts) > n_pos:  # short videos have few slots: drop flashes of the others
             counts[max((j for j in range(4) if j != top), key=counts.__getitem__)] -= 1
@@ -440,7 +431,7 @@ def synth_scenario(rng, category, n_pos):
         raise ValueError(f"unknown synthetic-task category {category!r}: one of {CATEGORIES}")
     gone = int(rng.integers(4))
     cols = [c for j, c in enumerate(OPTION_COLORS) if j != gone]
-    twice = rng.choice(3, min(int(rng.integers(0, 3)), n_pos - 3), replace=False)  # some flash twice
+    twice = rng.choice(3, min(int(rng.integers(0, 3)), n_pos - 3), replace=False)  # some flash 2x
     cols += [cols[j] for j in twice]
     return dict(events=sorted(zip(pos(len(cols)), rng.permutation(cols).tolist())), options=OPTION_COLORS,
                 answer=gone, question="Three of red, green, blue and yellow flash on the screen. "
@@ -448,13 +439,14 @@ def synth_scenario(rng, category, n_pos):
 
 
 def synth_trace(sc, category, claim):
-    """Reasoning that ends in option `claim`: the evidence for the asked item, then the option it implies.
-    When claim is wrong, the evidence is what a careless annotator saw."""
+    """Reasoning ending in option `claim`: the evidence for the asked item, then the option it
+    implies. When claim is wrong, the evidence is what a careless annotator saw."""
     said, letter = sc["options"][claim], LETTERS[claim]
     if category == "order":
         return f"The {sc['which']} flash is {said}, so the answer is {letter}."
     if category == "counting":
-        return f"The screen flashes {sc['target']} {said} time{'s' * (said != '1')}, so the answer is {letter}."
+        return (f"The screen flashes {sc['target']} {said} time{'s' * (said != '1')}, "
+                f"so the answer is {letter}.")
     if category == "majority":
         return f"{said.capitalize()} flashes more often than any other color, so the answer is {letter}."
     a, b, c = [c for c in OPTION_COLORS if c != said]
@@ -462,10 +454,10 @@ def synth_trace(sc, category, claim):
 
 
 def synth_frames(sc, n_frames, size, rng):
-    """uint8 (F, size, size, 3): textured gray background with a slow brightness drift, then the flashes."""
+    """uint8 (F, size, size, 3): textured gray background, slow brightness drift, then flashes."""
     starts = synth_slots(n_frames)
     coarse = rng.normal(0, 10, (size // 4 + 1, size // 4 + 1))
-    tex = np.kron(coarse, np.ones((4, 4)))[:size, :size, None]  # 4x4-pixel blocks survive yuv420 and resizing
+    tex = np.kron(coarse, np.ones((4, 4)))[:size, :size, None]  # 4x4 blocks survive yuv420/resizing
     t = np.arange(n_frames)
     drift = 6 * np.sin(2 * np.pi * t / n_frames * rng.uniform(1, 3) + rng.uniform(0, 2 * np.pi))
     video = np.empty((n_frames, size, size, 3), np.float32)
@@ -491,7 +483,7 @@ def write_mp4(path, frames, fps):
 
 
 def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0):
-    """Write out/videos/*.mp4, out/train.jsonl, out/test.jsonl. Video i depends only on (seed, i)."""
+    """Write out/videos/*.mp4, out/{train,test}.jsonl. Video i depends only on (seed, i)."""
     from tqdm import tqdm
     if n_frames < 8 or size < 16 or size % 2:
         raise ValueError("need --frames >= 8 and an even --size >= 16")
@@ -508,11 +500,11 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
         video = f"videos/{i:06d}.mp4"
         write_mp4(out / video, synth_frames(sc, n_frames, size, rng), fps)
         split = "test" if i >= n - n_test else "train"
-        claim, noisy = sc["answer"], np.random.default_rng([seed, i, 1])  # separate stream: noise leaves videos alone
-        if split == "train" and noisy.random() < noise:
+        claim, noisy = sc["answer"], np.random.default_rng([seed, i, 1])
+        if split == "train" and noisy.random() < noise:  # own stream: noise leaves videos alone
             claim = int(noisy.choice([j for j in range(4) if j != sc["answer"]]))
-        row = dict(id=f"synth{seed}-{i:06d}", video=video, question=sc["question"], options=sc["options"],
-                   answer=LETTERS[sc["answer"]], category=category,
+        row = dict(id=f"synth{seed}-{i:06d}", video=video, question=sc["question"],
+                   options=sc["options"], answer=LETTERS[sc["answer"]], category=category,
                    reasoning=synth_trace(sc, category, claim),
                    trace_correct=claim == sc["answer"], frames=n_frames, fps=fps)
         if claim != sc["answer"]:
@@ -529,8 +521,8 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
 def probe(args):
     t0 = time.time()
     try:
-        frames, info = read_video(args.video, nframes=args.frames if args.fps is None else None, fps=args.fps,
-                                  reader=args.reader)
+        frames, info = read_video(args.video, nframes=args.frames if args.fps is None else None,
+                                  fps=args.fps, reader=args.reader)
     except VideoError as e:
         print(f"probe: {e}", file=sys.stderr)
         print(json.dumps({"video": args.video, "error": str(e)}))
@@ -545,8 +537,8 @@ def probe(args):
                second_per_grid=round(TEMPORAL / info["sampled_fps"], 4), seconds=round(seconds, 3))
     print(f"{args.video}: {info['total_frames']} frames at {info['video_fps']:.2f} fps "
           f"({info['total_frames'] / max(info['video_fps'], 1e-9):.1f} s), read with {info['reader']}")
-    print(f"sampled {len(frames)} frames (indices {info['indices'][:3]} ... {info['indices'][-1]}), "
-          f"{info['sampled_fps']:.3f} fps, decoded in {seconds:.2f} s")
+    print(f"sampled {len(frames)} frames (indices {info['indices'][:3]} ... "
+          f"{info['indices'][-1]}), {info['sampled_fps']:.3f} fps, decoded in {seconds:.2f} s")
     print(f"frames {info['height']}x{info['width']} -> {gh * PATCH}x{gw * PATCH}, grid {res['grid_thw']}, "
           f"pixel_values {tuple(pixel_values.shape)}, {res['video_tokens']} video tokens")
     print(json.dumps(res))
@@ -554,33 +546,32 @@ def probe(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="longrl video data: probe a video, or write the synthetic task")
+    p = argparse.ArgumentParser(description="longrl: probe a video, or write the synthetic task")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("probe", help="decode + preprocess one video, print sizes, tokens, time (last line JSON)")
+    q = sub.add_parser("probe", help="decode + preprocess: sizes, tokens, time; last line JSON")
     q.add_argument("video", help="path to a video file")
-    q.add_argument("--frames", type=int, default=32, help="frames sampled uniformly (rounded to even); default 32")
-    q.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead of --frames")
-    q.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="max pixels per resized frame; default 128*28*28")
-    q.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="min pixels per resized frame; default 4*28*28")
-    q.add_argument("--reader", choices=["decord", "pyav"], help="force a reader; default decord then PyAV")
-    s = sub.add_parser("synth", help="write the synthetic long-video QA task (mp4 + train/test jsonl)")
+    q.add_argument("--frames", type=int, default=32, help="uniform frames, made even; default 32")
+    q.add_argument("--fps", type=float, default=None, help="frames per second; replaces --frames")
+    q.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="max pixels/frame; default 128*28*28")
+    q.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="min pixels/frame; default 4*28*28")
+    q.add_argument("--reader", choices=["decord", "pyav"], help="default: decord, then PyAV")
+    s = sub.add_parser("synth", help="write the synthetic long-video QA (mp4 + train/test jsonl)")
     s.add_argument("--out", required=True, help="output folder (videos/, train.jsonl, test.jsonl)")
-    s.add_argument("--n", type=int, default=1000, help="number of videos, one question each; default 1000")
+    s.add_argument("--n", type=int, default=1000, help="videos, one question each; default 1000")
     s.add_argument("--frames", type=int, default=256, help="frames per video, >= 8; default 256")
-    s.add_argument("--seed", type=int, default=0, help="random seed; same arguments give identical files; default 0")
+    s.add_argument("--seed", type=int, default=0, help="seed (same args, same files); default 0")
     s.add_argument("--size", type=int, default=56, help="frame side in pixels, even; default 56")
     s.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4; default 8")
-    s.add_argument("--test-frac", type=float, default=0.2, help="fraction of videos in test.jsonl; default 0.2")
-    s.add_argument("--n-test", type=int, default=None, help="number of test videos (overrides --test-frac)")
-    s.add_argument("--noise", type=float, default=DEFAULT_NOISE,
-                   help="fraction of train traces by a careless annotator: wrong reasoning and trace_answer, "
-                        f"answer stays true; default {DEFAULT_NOISE}")
+    s.add_argument("--test-frac", type=float, default=0.2, help="test.jsonl fraction; default 0.2")
+    s.add_argument("--n-test", type=int, default=None, help="test videos (overrides --test-frac)")
+    s.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="fraction of train traces "
+                   f"reasoning to a wrong trace_answer (true answer kept); default {DEFAULT_NOISE}")
     args = p.parse_args(argv)
     if args.cmd == "probe":
         return probe(args)
     t0 = time.time()
-    counts = synth(args.out, args.n, args.frames, args.seed, args.size, args.fps, args.n_test, args.test_frac,
-                   args.noise)
+    counts = synth(args.out, args.n, args.frames, args.seed, args.size, args.fps, args.n_test,
+                   args.test_frac, args.noise)
     print(json.dumps(dict(out=args.out, **counts, frames=args.frames, seconds=round(time.time() - t0, 2))))
     return 0
 

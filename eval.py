@@ -1,19 +1,17 @@
 """Evaluate a policy on a QA split: accuracy overall, by category and by frame count.
 
-    python eval.py                                   # newest of runs/grpo/model, runs/sft/model on the synthetic test split
+    python eval.py  # runs/grpo/model (else runs/sft/model) on the synthetic test split
     python eval.py --model runs/sft/model --frames 16,32,64
     python eval.py --model runs/sft/model,runs/grpo/model    # the before/after table
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model
-    torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2    # each video encoded by 2 ranks
+    torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2  # 2 ranks encode each video
     python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
-    $(bash .ci/vllm_env | tail -1) eval.py --engine vllm   # answers from vLLM's CPU build (its own environment)
+    $(bash .ci/vllm_env | tail -1) eval.py --engine vllm   # on vLLM's CPU build (own environment)
 
-Greedy by default (--n samples at --temperature otherwise; accuracy is then the mean over samples
-and pass@n is reported too). Writes --out (default <model>/../eval): results.jsonl (one line per
-question, sample and frame count, keyed by the row id, so questions sharing a video never collide),
-summary.json, and frames.png for a sweep when matplotlib is installed. The last printed line is
-the JSON summary.
-"""
+Greedy by default (else --n samples at --temperature: accuracy is the mean over samples, plus
+pass@n). Writes --out (default <model>/../eval): results.jsonl (one line per question, sample and
+frame count, keyed by row id, so questions sharing a video never collide), summary.json, and
+frames.png for a sweep if matplotlib is installed. The last printed line is the JSON summary."""
 import argparse
 import json
 import os
@@ -32,56 +30,56 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--model", default=None,
-                help="HF folder, or a comma list to compare (before/after); default runs/grpo/model, else runs/sft/model")
-ap.add_argument("--data", default="data/synth", help="folder with <split>.jsonl; default data/synth")
+                help="HF folder, or a comma list to compare; default runs/grpo/model, else runs/sft/model")
+ap.add_argument("--data", default="data/synth", help="folder of <split>.jsonl; default data/synth")
 ap.add_argument("--split", default="test", help="jsonl name in --data; default test")
-ap.add_argument("--frames", default="32", help="frames per video, or a comma list for a sweep; default 32")
-ap.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+ap.add_argument("--frames", default="32", help="frames per video or comma list (sweep); default 32")
+ap.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame; default 128*28*28")
 ap.add_argument("--n", type=int, default=1, help="samples per question; default 1")
 ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 ap.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
 ap.add_argument("--batch", type=int, default=16, help="questions per generate call; default 16")
 ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0 = all)")
-ap.add_argument("--blind", action="store_true", help="control: replace every video with mid-gray frames")
+ap.add_argument("--blind", action="store_true", help="control: replace videos with mid-gray frames")
 ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
-ap.add_argument("--sp", type=int, default=1,
-                help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
+ap.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
 ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
 ap.add_argument("--engine", default="own", choices=["own", "vllm"],
-                help="generation engine: own (model.generate) or vllm (one process; needs vllm); default own")
+                help="own (model.generate) or vllm (one process; needs vllm); default own")
 ap.add_argument("--vllm-mem", type=float, default=0.7,
-                help="vllm: fraction of GPU memory for its weights and KV cache; default 0.7 (CPU: ignored)")
+                help="vllm: GPU memory share for weights and KV cache; default 0.7 (CPU: ignored)")
 ap.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
 ap.add_argument("--out", default=None, help="output folder; default <model>/../eval")
 # -----------------------------------------------------------------------------
 
 
 def evaluate(model, tok, rows, frames, args, par, llm=None):
-    """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each video
-    encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
+    """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
+    video encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
     llm: a vLLM engine holding model's weights, to generate with instead of ours."""
     ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
     mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
-    for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames", disable=par.rank != 0,
-                  file=sys.stderr):
+    for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames",
+                  disable=par.rank != 0, file=sys.stderr):
         samples = list(ds.iter_samples(mine[b:b + args.batch]))
         for s in samples if args.blind else ():
-            s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # zero after normalization = mean gray
+            s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # normalized 0 = mean gray
         if not samples:
             continue
         prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
         # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
-        toks, _, lens = mr_sp.rollout(model, tok, prompts, args.n, [mr_sp.seed_of(args.seed, s["id"], frames)
-                                                                   for s in samples], llm,
-                                      max_new=args.max_new, temperature=args.temperature)
+        toks, _, lens = mr_sp.rollout(model, tok, prompts, args.n,
+                                      [mr_sp.seed_of(args.seed, s["id"], frames) for s in samples],
+                                      llm, max_new=args.max_new, temperature=args.temperature)
         for i, s in enumerate(samples):
             for j in range(args.n):
                 k = i * args.n + j
                 text = tok.decode(toks[k, :lens[k]].tolist(), skip_special_tokens=True)
                 r = D.reward(text, s)
-                out.append(dict(id=s["id"], video=s["video"], category=s["category"], frames=frames, sample=j,
-                                answer=s["answer"], response=text, correct=r["accuracy"], format=r["format"]))
+                out.append(dict(id=s["id"], video=s["video"], category=s["category"], frames=frames,
+                                sample=j, answer=s["answer"], response=text, correct=r["accuracy"],
+                                format=r["format"]))
     return out, ds.bad
 
 

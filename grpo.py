@@ -2,43 +2,35 @@
 
     python grpo.py                                   # tiny model from runs/sft, synthetic task
     torchrun --nproc_per_node 2 grpo.py              # the same, data parallel
-    torchrun --nproc_per_node 2 grpo.py --sp 2       # the same, videos and sequences split over 2 ranks (MR-SP)
+    torchrun --nproc_per_node 2 grpo.py --sp 2       # videos, sequences split over 2 ranks (MR-SP)
     python grpo.py --init /path/to/Qwen2.5-VL-7B-sft --data /path/to/LongVideo-Reason --dtype bfloat16
-    $(bash .ci/vllm_env | tail -1) grpo.py --engine vllm     # rollouts on vLLM's CPU build (its own environment)
+    $(bash .ci/vllm_env | tail -1) grpo.py --engine vllm  # rollouts on vLLM's CPU build (own venv)
 
-Writes --out (default runs/grpo): model/ (a Hugging Face folder of the policy, with state.pt:
-optimizer, step, data cursor, for --resume), args.json (the resolved config) and metrics.jsonl
-(one line per step).
-
+Writes --out (default runs/grpo): model/ (the policy as a Hugging Face folder, with state.pt:
+optimizer, step, data cursor, for --resume), args.json (resolved config), metrics.jsonl (per step).
 The variant that runs, exactly:
-1. Each step takes --prompts prompts (split in contiguous blocks over data-parallel ranks). A
-   prompt's video is encoded once through the frozen vision tower; the embeddings serve its G
-   rollouts and the old-policy, reference and policy passes (mr_sp.py). With --sp, the encode and
-   the three passes are split over the SP group's ranks.
-2. G samples per prompt at --temperature, --top-p, at most --max-new tokens; vision special
-   tokens are masked out of the policy. Sampling is seeded per (seed, step, prompt), so the same
-   global batch samples the same tokens on any number of ranks. --engine vllm sends each prompt
-   with its cached embeddings to vLLM once (n = G), seeded by the same key; after every step the
-   policy's weights are loaded into the engine in place (and on GPU it sleeps during training).
+1. Each step takes --prompts prompts (in contiguous blocks over data-parallel ranks). The frozen
+   vision tower encodes a prompt's video once, for its G rollouts and the old-policy, reference and
+   policy passes (mr_sp.py); --sp splits the encode and the three passes over the SP group's ranks.
+2. G samples per prompt at --temperature, --top-p, up to --max-new tokens; vision special tokens
+   masked out of the policy. Seeded per (seed, step, prompt): a global batch samples the same tokens
+   on any number of ranks. --engine vllm: vLLM gets each prompt with its cached embeddings once
+   (n = G, same seed key), and the weights in place after each step (on GPU it sleeps in training).
 3. Reward r = 0.9 * accuracy + 0.1 * format: format is a fullmatch of
    `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
    ground truth (letter, number or normalized text). --reward module:function replaces it.
 4. Advantage A = (r - mean(group)) / (std(group) + 1e-6), unbiased std, the same for every token
    of a sample. Dynamic sampling (on unless --no-dynamic-sampling) drops groups whose rewards are
    all equal (A = 0 carries no signal) and refills from the next prompts.
-5. Old log-probs: one no-grad pass of the policy before the updates (same micro-batches as the
-   update, so the first ratio is exactly 1); the rollout engine's own log-probs of its samples are
-   not used, only compared with these (rollout_logprob_gap, the max abs difference: float error
-   when engine and trainer describe the same policy). Reference log-probs from a frozen copy of the initial
-   policy (not loaded at --kl-coef 0).
+5. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1);
+   the engine's log-probs are only compared with them (rollout_logprob_gap, max abs difference:
+   float error if both describe one policy). Reference: frozen initial policy (none at --kl-coef 0).
 6. Loss per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip
-   where A < 0 (dual clip), with r = exp(logp - old_logp); plus kl_coef * KL(k1 | k2 | k3) to the
-   reference. Aggregated as the mean over all response tokens of the global mini-batch (token) or
-   the mean over sequences of their token means (seq).
+   where A < 0 (dual clip), r = exp(logp - old_logp); plus kl_coef * KL(k1|k2|k3) to the reference.
+   Mean over the global mini-batch's response tokens (token) or its sequences' token means (seq).
 7. --epochs passes over the rollout batch in --mini-batches updates each (mini-batch m is the m-th
    slice of every rank's rows); AdamW with gradient clipping; data-parallel gradients summed with
-   one all-reduce per tensor per update, so the loss is the global mean whatever the world size.
-"""
+   one all-reduce per tensor per update, so the loss is the global mean whatever the world size."""
 import argparse
 import collections
 import contextlib
@@ -60,12 +52,12 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="runs/sft/model", help="policy to start from: HF folder or 'tiny'; default runs/sft/model")
-g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task written here if absent)")
+g.add_argument("--init", default="runs/sft/model", help="policy: HF folder or 'tiny'; default runs/sft/model")
+g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task made if absent)")
 g.add_argument("--part", default="rl", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default rl")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
-g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g = ap.add_argument_group("rollout")
@@ -73,35 +65,34 @@ g.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
 g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; default 1.0 (off)")
 g.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
-g.add_argument("--prompts", type=int, default=8, help="prompts per step, global over ranks; default 8")
+g.add_argument("--prompts", type=int, default=8, help="prompts per step over all ranks; default 8")
 g.add_argument("--engine", default="own", choices=["own", "vllm"],
-               help="rollout engine: own (model.generate) or vllm (one process; needs vllm); default own")
+               help="own (model.generate) or vllm (one process; needs vllm); default own")
 g.add_argument("--vllm-mem", type=float, default=0.5,
-               help="vllm: fraction of GPU memory for its weights and KV cache; default 0.5 (CPU: ignored)")
+               help="vllm: GPU memory share for weights and KV cache; default 0.5 (CPU: ignored)")
 g.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
 g = ap.add_argument_group("algorithm")
 g.add_argument("--reward", default=None, help="module:function(text, row) -> float or dict; default built-in")
 g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1; default 0.2")
 g.add_argument("--clip-high", type=float, default=0.28, help="ratio clip above 1; default 0.28")
-g.add_argument("--dual-clip", type=float, default=3.0, help="bound on -A*ratio for A < 0 (0 = off); default 3")
+g.add_argument("--dual-clip", type=float, default=3.0, help="max -A*ratio for A < 0 (0 = off); default 3")
 g.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator; default k3")
-g.add_argument("--kl-coef", type=float, default=1e-2, help="KL loss weight (0 = no reference model); default 1e-2")
+g.add_argument("--kl-coef", type=float, default=1e-2, help="KL weight (0 = no reference model); default 1e-2")
 g.add_argument("--agg", default="token", choices=["token", "seq"], help="loss aggregation; default token")
 g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
 g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
 g.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward; default 16")
 g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True,
-               help="drop all-equal-reward groups (no signal) and refill from the next prompts; default on")
+               help="drop equal-reward groups (no signal), refill from next prompts; default on")
 g.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate; default 3e-5")
 g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
 g.add_argument("--steps", type=int, default=200, help="training steps; default 200")
-g.add_argument("--sp", type=int, default=1,
-               help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
+g.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
 g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
 g.add_argument("--out", default="runs/grpo", help="output folder; default runs/grpo")
-g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = only at the end)")
+g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = end only)")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 # -----------------------------------------------------------------------------
 
@@ -126,13 +117,13 @@ def score(fn, text, row):
 # GRPO math, each piece small enough to test against hand-computed values.
 
 def group_advantages(r, G, eps=1e-6):
-    """(N,) rewards of N/G consecutive groups -> (N,) advantages (r - mean) / (std + eps), unbiased std."""
+    """(N,) rewards, G per consecutive group -> (N,) (r - mean) / (std + eps), unbiased std."""
     r = r.view(-1, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
 
 def kl_estimate(logp, ref, kind):
-    """Per-token KL(policy || reference) estimators, Schulman, "Approximating KL divergence" (2020)."""
+    """Per-token KL(policy || ref) estimators, Schulman, "Approximating KL divergence" (2020)."""
     d = ref - logp
     if kind == "k1":
         return -d
@@ -185,24 +176,21 @@ SCORES = ("reward", "accuracy", "format", "response_len", "samples")  # summed o
 
 
 def prompt_positions(cursor, rank, world, per, start, n):
-    """Positions in the data order of prompts start .. start+n-1 of data-parallel rank `rank` in a
-    step that starts at `cursor` with `per` prompts per rank. The step's first per*world prompts go
-    in contiguous blocks of per, one per rank (so one process, its micro-batch one rank's rows, runs
-    exactly the ranks' batches); prompts that dynamic sampling reads after them stride over ranks.
-
-    Example, cursor 100, 2 ranks, per 3: rank 0 reads 100 101 102, then 106 108 110 ...; rank 1 reads
-    103 104 105, then 107 109 111 ... When the most prompts any rank read is 5, the step consumed
-    5 * 2 = 10 and the next one starts at 110."""
+    """Data-order positions of data-parallel rank `rank`'s prompts start .. start+n-1 in a step from
+    `cursor` with `per` prompts per rank. The first per*world go in contiguous blocks of per, one
+    per rank (one process whose micro-batch is one rank's rows runs exactly the ranks' batches);
+    those dynamic sampling reads later stride over ranks. E.g. cursor 100, 2 ranks, per 3: rank 0
+    reads 100 101 102, then 106 108 110 ...; rank 1 reads 103 104 105, then 107 109 111 ... If the
+    most any rank read is 5, the step consumed 5 * 2 = 10; the next starts at 110."""
     return [cursor + rank * per + k if k < per else cursor + per * world + rank + (k - per) * world
             for k in range(start, start + n)]
 
 
 def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
-    """Reward the G rollouts of each prompt. Returns the training rows of the groups kept (G per
-    prompt, with their advantages) and a SCORES list for every scored sample, dropped groups included
-    (kept groups lean towards mixed rewards: the policy's own numbers are over all). Dynamic sampling
-    drops groups whose rewards are all equal (A = 0 carries no signal); a raising reward function
-    costs its group, counted in stats."""
+    """Reward each prompt's G rollouts. Returns the kept groups' training rows (G per prompt, with
+    advantages) and a SCORES list per scored sample, dropped groups included (kept groups lean to
+    mixed rewards: the policy's numbers are over all). Dynamic sampling drops groups of all-equal
+    rewards (A = 0: no signal); a raising reward function costs its group (counted in stats)."""
     toks, lps, lens = out
     rows, scored = [], []
     for b, (s, p) in enumerate(zip(samples, prompts)):
@@ -216,8 +204,8 @@ def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
             print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
             stats["reward_errors"] += 1
             continue
-        scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0), x["reward"].get("format", 0.0),
-                    len(x["response"]), 1.0] for x in group]
+        scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0),
+                    x["reward"].get("format", 0.0), len(x["response"]), 1.0] for x in group]
         rs = torch.tensor([x["reward"]["overall"] for x in group])
         if args.dynamic_sampling and bool((rs == rs[0]).all()):
             stats["dropped_groups"] += 1
@@ -232,9 +220,9 @@ Collected = collections.namedtuple("Collected", "rows consumed sums")
 
 
 def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
-    """This data-parallel rank's groups for one step (SP peers collect the same ones): Collected rows
-    (G per kept prompt), prompts consumed over all ranks, and SCORES sums over every scored sample.
-    read(positions): the samples at those positions of the data order, without the bad videos."""
+    """This data-parallel rank's groups for one step (SP peers collect the same): Collected rows (G
+    per kept prompt), prompts consumed over all ranks, and SCORES sums over all scored samples.
+    read(positions): the samples at those data-order positions, minus bad videos."""
     per = want = args.prompts // par.dp
     k, rows, scored = 0, [], []
     while want > 0:
@@ -242,23 +230,25 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
         k += want
         with timed("encode"):
             samples = read(at)
-            prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group) for s in samples]
+            prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group)
+                       for s in samples]
         if samples:
-            # SP peers run this same rollout and get the same tokens (same weights, bit-identical video
-            # embeddings, same seeds); splitting the G samples over the peers would go here.
+            # SP peers run this same rollout and get the same tokens (same weights, bit-identical
+            # video embeddings, same seeds); splitting the G samples over the peers would go here.
             with timed("rollout"):
                 out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
                                     [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
                                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p)
-            kept, s = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
-            rows, scored, want = rows + kept, scored + s, want - len(kept) // args.G
+            kept, sc = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
+            rows, scored, want = rows + kept, scored + sc, want - len(kept) // args.G
         if not args.dynamic_sampling:
             break
-        if k > 8 * per:  # a policy that never formats (from scratch) would otherwise read the whole dataset
-            raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and still short of groups whose "
-                               "rewards differ (a policy that never answers, a reward that cannot tell samples "
-                               "apart, or unreadable videos?); --no-dynamic-sampling trains on them anyway")
-    consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max")) * par.dp  # the furthest any rank read
+        if k > 8 * per:  # else a never-formatting policy (from scratch) reads the whole dataset
+            raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and still short "
+                               "of groups whose rewards differ (a policy that never answers, a "
+                               "reward that cannot tell samples apart, or unreadable videos?); "
+                               "--no-dynamic-sampling trains on them anyway")
+    consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max")) * par.dp  # furthest any rank read
     sums = torch.tensor(scored, dtype=torch.float64).reshape(-1, len(SCORES)).sum(0)
     return Collected(rows, consumed, dict(zip(SCORES, sums.tolist())))
 
@@ -287,7 +277,8 @@ def update(args, policy, micro, old, refs, stats, sp_group=None):
             for i in idx:
                 lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature, sp_group)
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
-                loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high, args.dual_clip)
+                loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high,
+                                                args.dual_clip)
                 if refs is not None:
                     kl = kl_estimate(lp, refs[i], args.kl)
                     loss_tok = loss_tok + args.kl_coef * kl
@@ -300,7 +291,8 @@ def update(args, policy, micro, old, refs, stats, sp_group=None):
             if torch.isfinite(gn):  # identical on every rank after the all-reduce
                 opt.step()
             else:
-                print(f"non-finite gradient norm ({float(gn)}): update skipped, weights unchanged", file=sys.stderr)
+                print(f"non-finite gradient norm ({float(gn)}): update skipped, weights unchanged",
+                      file=sys.stderr)
                 stats["skipped_updates"] += 1
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] = float(gn)
@@ -309,11 +301,10 @@ def update(args, policy, micro, old, refs, stats, sp_group=None):
 
 
 def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name: contextlib.nullcontext()):
-    """GRPO step i (from 0): collect this rank's groups, the old-policy and reference passes, the
-    updates, and for --engine vllm the weight sync. Returns the step's metrics record (stats, the
-    run's counters, are the caller's to add) and the prompts consumed over all ranks. The step times
-    its phases (encode, rollout, old, ref, update, sync); phase(name) is a context manager entered
-    around each of them, for a benchmark to measure them too."""
+    """GRPO step i (from 0): collect this rank's groups, old-policy and reference passes, updates,
+    and for --engine vllm the weight sync. Returns the metrics record (the caller adds stats, the
+    run's counters) and the prompts consumed over all ranks. Times its phases encode, rollout, old,
+    ref, update, sync; phase(name), a context manager around each, lets benchmarks time them too."""
     times = collections.defaultdict(float)
 
     @contextlib.contextmanager
@@ -331,8 +322,8 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     micro = [batch.rows[j:j + args.micro_batch] for j in range(0, len(batch.rows), args.micro_batch)]
     with timed("old"):
         old = no_grad_logprobs(model, tok, micro, args, par.group)
-    # the engine's log-probs of its samples against the trainer's: float error when both describe the
-    # same policy (at --top-p 1); a stale engine or other positions would show here
+    # the engine's log-probs of its samples against the trainer's: float error when both describe
+    # the same policy (at --top-p 1); a stale engine or other positions would show here
     gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
                for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
     gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
@@ -350,8 +341,9 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     busy = sum(times[k] for k in ("encode", "rollout", "old", "ref", "update"))
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n, rollout_logprob_gap=gap, **log,
-               time_encode=times["encode"], time_rollout=times["rollout"], time_prefill=times["old"] + times["ref"],
-               time_update=times["update"], time_sync=times["sync"], tok_per_s=s["response_len"] / busy)
+               time_encode=times["encode"], time_rollout=times["rollout"],
+               time_prefill=times["old"] + times["ref"], time_update=times["update"],
+               time_sync=times["sync"], tok_per_s=s["response_len"] / busy)
     return rec, batch.consumed
 
 
@@ -394,9 +386,10 @@ def main(args):
     def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
         return list(ds.iter_samples([order[a % len(order)] for a in positions]))
 
-    # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
+    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo", disable=par.rank != 0):
+        for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo",
+                      disable=par.rank != 0):
             rec, used = step(args, i, policy, read, cursor, par, reward_fn, stats)
             cursor += used
             stats["bad_samples"] = ds.n_bad
@@ -405,8 +398,8 @@ def main(args):
                 mr_sp.log_step(args.out, rec, " | ".join([
                     f"step {i + 1}", f"reward {rec['reward']:.3f}", f"acc {rec['accuracy']:.3f}",
                     f"fmt {rec['format']:.2f}", f"len {rec['response_len']:.0f}", f"kl {rec['kl']:.4f}",
-                    f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}", f"gnorm {rec['grad_norm']:.2f}",
-                    f"lp gap {rec['rollout_logprob_gap']:.0e}",
+                    f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}",
+                    f"gnorm {rec['grad_norm']:.2f}", f"lp gap {rec['rollout_logprob_gap']:.0e}",
                     f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "
                     f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
                     f"{rec['tok_per_s']:.0f} tok/s"]))

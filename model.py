@@ -4,20 +4,17 @@
     python model.py check --hf tiny    # the same on the built-in tiny model
     python model.py save --out DIR     # write the tiny model as a Hugging Face folder
 
-Read top to bottom: the tiny model built in code (tokenizer, config), load/save, encode video,
-splice, our M-RoPE positions, batch layout, forward, per-token log-probs, and generation (a
-KV-cache generate and the naive recompute-everything generate it is tested against).
+In order: the tiny model (tokenizer, config), load/save, encode video, splice, our M-RoPE positions,
+batch layout, forward, per-token log-probs, KV-cache generate and its naive no-cache reference.
 
 Conventions shared by every stage:
 - A video enters as (pixel_values, grid_thw, second_per_grid) from data.py; `encode_video` turns
   it into the embeddings that RL caches and reuses.
-- Position ids are always ours (`positions`, the original Qwen2.5-VL / vLLM rule) and always
-  passed explicitly; transformers never computes them.
+- Position ids are always ours (`positions`, original Qwen2.5-VL / vLLM rule), passed explicitly.
 - A batch row is [left padding | prompt | response | right padding]; response token j sits at
   position max(prompt positions) + 1 + j in rollout and in training alike.
 - The policy never emits vision special tokens: `banned_ids` are masked to -inf both when
-  sampling and when scoring, so the sampler and the trainer describe the same distribution.
-"""
+  sampling and when scoring, so the sampler and the trainer describe the same distribution."""
 import argparse
 import functools
 import json
@@ -33,18 +30,17 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<
 VISION_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen2.5-VL's chat template, reduced to text and video parts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Text the tiny tokenizer's merges are learned from; any text still encodes (byte-level BPE).
 CORPUS = """You are a helpful assistant. Watch the video and answer the question.
-Think step by step inside <think> </think>, then give the letter of the correct option inside <answer> </answer>.
+Think step by step inside <think> </think>, then give the letter of the correct option inside \
+<answer> </answer>.
 Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>.
 The screen flashes four different colors, one at a time. Which color flashes first? Which color flashes last?
 The screen flashes green at 0.5 s, then purple at 4.5 s, then blue at 6.5 s, then yellow at 7.5 s.
@@ -54,10 +50,13 @@ Red appears 1 time, so the answer is A. Blue appears 2 times. Cyan appears 3 tim
 Large squares appear one at a time in different corners of the screen. Where does the blue square appear?
 I see a blue square in the top left at 0.5 s, then a green square in the bottom right at 1.5 s, then a red
 square in the top right at 6.5 s. The blue square is in the top left, so the answer is A.
-A large yellow square moves steadily across the screen during the whole video. In which direction does it move?
+A large yellow square moves steadily across the screen during the whole video. In which direction \
+does it move?
 At the start the yellow square is at the bottom of the screen; by the end it is at the top.
-It moves bottom to top, so the answer is D. It moves left to right. It moves right to left. It moves top to bottom.
-A. green B. blue C. purple D. yellow A. 1 B. 2 C. 3 D. 4 A. top left B. top right C. bottom left D. bottom right
+It moves bottom to top, so the answer is D. It moves left to right. It moves right to left. \
+It moves top to bottom.
+A. green B. blue C. purple D. yellow A. 1 B. 2 C. 3 D. 4 A. top left B. top right C. bottom left \
+D. bottom right
 red green blue yellow white black purple orange cyan magenta gray. first second third fourth last.
 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 30 40 50 60 70 80 90 100.
 What happens in this video? Describe the video. The person in the video moves the object to the left.
@@ -68,8 +67,8 @@ What happens in this video? Describe the video. The person in the video moves th
 # The tiny model, built in code: no download, varied outputs from a random init.
 
 def tiny_tokenizer(vocab_size=1024):
-    """Byte-level BPE trained in-process on CORPUS (at most vocab_size ids; CORPUS yields ~580), with
-    Qwen's special tokens and chat template."""
+    """Byte-level BPE trained in-process on CORPUS (at most vocab_size ids; CORPUS yields ~580),
+    with Qwen's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
@@ -84,11 +83,10 @@ def tiny_tokenizer(vocab_size=1024):
 
 def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128, vision_depth=2,
                 vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1):
-    """A small Qwen2.5-VL config (FIELD_NOTES section 6's probe model by default).
-
-    init_std 0.1 because the library's 0.02 makes a random tiny model repeat one token, which would
-    make every "same tokens" test pass vacuously; 0.3 varies too, but its large logits cost fp32
-    exactness (KV-cache vs recompute log-probs differ by 4e-5 instead of 5e-6)."""
+    """A small Qwen2.5-VL config (FIELD_NOTES section 6's probe model by default). init_std 0.1: the
+    library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
+    pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
+    log-probs differ by 4e-5 instead of 5e-6)."""
     from transformers import Qwen2_5_VLConfig
     head_dim = hidden // heads
     t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24
@@ -97,13 +95,14 @@ def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=12
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=65536, initializer_range=init_std,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                              mrope_section=[t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]),
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[
+                             t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                            num_heads=vision_heads, out_hidden_size=hidden, window_size=window,
-                           fullatt_block_indexes=list(fullatt), tokens_per_second=2, initializer_range=init_std),
+                           fullatt_block_indexes=list(fullatt), tokens_per_second=2,
+                           initializer_range=init_std),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -144,9 +143,8 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
 
 def save(model, tok, out, write=None, state_dict=None):
     """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state);
-    state_dict replaces the model's own (a sharded model's, gathered: mr_sp.full_state).
-    Atomic: written under a temp name, then renamed, so a crash mid-write never leaves a half
-    checkpoint under the final name."""
+    state_dict replaces the model's own (a sharded model's, gathered: mr_sp.full_state). Atomic
+    (temp name, then rename): a crash mid-write leaves no half checkpoint under the final name."""
     out = out.rstrip("/")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,18 +157,19 @@ def save(model, tok, out, write=None, state_dict=None):
     if write is not None:
         write(tmp)
     if os.path.exists(out):
-        os.replace(out, old)  # a crash from here to the next rename leaves only out.old: see `resume`
+        os.replace(out, old)  # a crash until the next rename leaves only out.old: see `resume`
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
 def processor_config(config):
-    """Qwen2.5-VL's preprocessor_config.json (the values Qwen ships, sizes from the config): vLLM and
-    transformers' AutoProcessor need it to load a folder, though our videos never go through it."""
+    """Qwen2.5-VL's preprocessor_config.json (the values Qwen ships, sizes from the config): vLLM
+    and transformers' AutoProcessor need it to load a folder, though our videos never use it."""
     vc = config.vision_config
     return dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
-                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
-                min_pixels=3136, max_pixels=12845056, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                merge_size=vc.spatial_merge_size, min_pixels=3136, max_pixels=12845056,
+                image_mean=[0.48145466, 0.4578275, 0.40821073],
                 image_std=[0.26862954, 0.26130258, 0.27577711])
 
 
@@ -187,8 +186,8 @@ def resume(out):
 # Video in, embeddings out; text in, token ids out.
 
 def encode_video(model, pixel_values, grid_thw):
-    """(patches, 3*2*14*14) pixels + (n_videos, 3) grid -> (n_tokens, hidden): the vision tower alone.
-    This tensor is what RL caches: computed once per prompt, reused by every rollout and pass."""
+    """(patches, 3*2*14*14) pixels + (n_videos, 3) grid -> (n_tokens, hidden): the vision tower
+    alone. What RL caches: computed once per prompt, reused by every rollout and pass."""
     visual = model.model.visual
     return visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output
 
@@ -204,7 +203,8 @@ def build_prompt(tok, text, n_video):
     s = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     head, tail = s.split("<|video_pad|>")
     pad = tok.convert_tokens_to_ids("<|video_pad|>")
-    return tok.encode(head, add_special_tokens=False) + [pad] * n_video + tok.encode(tail, add_special_tokens=False)
+    return (tok.encode(head, add_special_tokens=False) + [pad] * n_video
+            + tok.encode(tail, add_special_tokens=False))
 
 
 @functools.lru_cache(maxsize=8)  # per tokenizer: get_vocab() of a 150k vocabulary is not free
@@ -215,7 +215,7 @@ def banned_ids(tok):
 
 
 def splice(model, input_ids, video_embeds):
-    """Token embeddings with the video embeddings placed, in order, at the <|video_pad|> positions."""
+    """Token embeddings with the video embeddings placed, in order, at <|video_pad|> positions."""
     x = model.get_input_embeddings()(input_ids)
     slots = input_ids == model.config.video_token_id
     if int(slots.sum()) != (0 if video_embeds is None else video_embeds.shape[0]):
@@ -227,11 +227,10 @@ def splice(model, input_ids, video_embeds):
 
 
 # -----------------------------------------------------------------------------
-# M-RoPE positions, the original Qwen2.5-VL rule (what vLLM computes):
-# text advances by 1; a video of llm grid (t, h, w) starting at s gets
-# (s + int(i * (second_per_grid * tokens_per_second)), s + row, s + col) for temporal group i, and the
-# text after it resumes at max(all positions so far) + 1. transformers >= 5.19 resumes at
-# s + max(h, w) instead, which differs whenever t > 1 (FIELD_NOTES section 4).
+# M-RoPE positions, the original Qwen2.5-VL rule (what vLLM computes): text advances by 1; a video
+# of llm grid (t, h, w) starting at s gets (s + int(i * (second_per_grid * tokens_per_second)),
+# s + row, s + col) for temporal group i; the text after it resumes at max(all positions so far) + 1
+# (transformers >= 5.19 resumes at s + max(h, w), differing whenever t > 1; FIELD_NOTES section 4).
 # The temporal product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
 # (i * second_per_grid) * tokens_per_second, truncate differently for some frame rates (at 31/14 s
 # per group, group 7 is 30 instead of 31), and rollout and training would disagree there.
@@ -253,9 +252,10 @@ def positions(ids, grid_thw, second_per_grid, config):
                 raise ValueError(f"more <|video_pad|> runs than videos ({len(grid_thw)})")
             t, h, w = int(grid_thw[v][0]), int(grid_thw[v][1]) // merge, int(grid_thw[v][2]) // merge
             if j - i != t * h * w:
-                raise ValueError(f"video {v}: {j - i} <|video_pad|> tokens but grid {t}x{h}x{w} = {t * h * w}")
+                raise ValueError(f"video {v}: {j - i} <|video_pad|> tokens but grid "
+                                 f"{t}x{h}x{w} = {t * h * w}")
             step = float(second_per_grid[v]) * tps if tps else 1.0
-            tt = torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # Python floats are float64
+            tt = torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # float64 math
             grid = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij"))
             pos.append(grid.reshape(3, -1) + cur)
             v += 1
@@ -266,12 +266,10 @@ def positions(ids, grid_thw, second_per_grid, config):
 
 
 def layout(prompts, prompt_pos, responses=None, pad_id=0):
-    """Batch rows as [left padding | prompt | response | right padding].
-
-    prompts: list of id lists; prompt_pos: list of (3, P_i) from `positions`; responses: list of id
-    lists or None. Returns ids (B, L), pos (3, B, L), mask (B, L) and P (prompt width, so the
-    response of every row starts at column P). Response token j is at max(prompt pos) + 1 + j,
-    exactly where generate puts it."""
+    """Batch rows as [left padding | prompt | response | right padding]. prompts: list of id lists;
+    prompt_pos: list of (3, P_i) from `positions`; responses: list of id lists or None. Returns ids
+    (B, L), pos (3, B, L), mask (B, L) and P (prompt width: every row's response starts at column
+    P). Response token j is at max(prompt pos) + 1 + j, exactly where generate puts it."""
     B, P = len(prompts), max(len(p) for p in prompts)
     T = max((len(r) for r in responses), default=0) if responses else 0
     ids = torch.full((B, P + T), pad_id, dtype=torch.long)
@@ -294,7 +292,7 @@ def layout(prompts, prompt_pos, responses=None, pad_id=0):
 # Forward and per-token log-probs.
 
 def forward(model, embeds, pos, mask=None, cache=None):
-    """The language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden)."""
+    """Language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden)."""
     out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
                                       past_key_values=cache, use_cache=cache is not None)
     return out.last_hidden_state
@@ -310,11 +308,9 @@ def _head_logprobs(lm_head, h, y, temperature, banned):
 
 
 def token_logprobs(model, hidden, targets, temperature=1.0, banned=None, chunk=1024):
-    """log p(targets) and entropy from hidden states (B, T, H) that predict targets (B, T).
-
-    The lm_head runs on `chunk` tokens at a time and, under autograd, is recomputed in backward
-    (activation checkpointing), so at most chunk x vocab logits exist at once: a 150k vocabulary
-    times thousands of response tokens would otherwise be gigabytes."""
+    """log p(targets) and entropy from hidden states (B, T, H) predicting targets (B, T). lm_head
+    runs on `chunk` tokens at a time, recomputed in backward under autograd (activation
+    checkpointing): at most chunk x vocab logits at once, not GBs (150k vocab x 1000s of tokens)."""
     B, T, H = hidden.shape
     h, y = hidden.reshape(B * T, H), targets.reshape(B * T)
     lps, ents = [], []
@@ -339,11 +335,10 @@ def response_logprobs(model, embeds, pos, mask, P, targets, **kw):
 # Generation: a KV-cache generate, and the naive one it must equal.
 
 def sample(logits, temperature, top_p, generator=None):
-    """One token per row from logits (B, V) -> (token, its log-prob). The log-prob is that of the
-    temperature-scaled distribution before top-p truncation (what the trainer scores); greedy when
-    temperature is 0 (log-prob at temperature 1). generator: one torch.Generator, or a list of them
-    that split the rows into equal consecutive groups (one per prompt), so that what a prompt
-    samples does not depend on which other prompts share its batch."""
+    """One token per row from logits (B, V) -> (token, its log-prob under the temperature-scaled
+    distribution before top-p, which the trainer scores); greedy at temperature 0 (log-prob at
+    temperature 1). generator: one torch.Generator, or a list splitting the rows into equal
+    consecutive groups (one per prompt), so a prompt samples the same whatever shares its batch."""
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -376,13 +371,12 @@ def _finish(toks, lps, eos, pad_id):
 
 
 @torch.no_grad()
-def generate(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
-             pad_id=0, generator=None):
-    """Sample n responses of up to max_new tokens for each row of a left-padded prompt batch.
-
-    embeds (B, P, H), pos (3, B, P), mask (B, P). Each prompt is prefilled once and its KV cache
-    copied into n rows, which decode together. Returns tokens (B*n, T) (padding after EOS), their
-    log-probs (B*n, T) and lengths (B*n,) including the EOS token; rows of one prompt are adjacent."""
+def generate(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
+             banned=None, pad_id=0, generator=None):
+    """Sample n responses of up to max_new tokens for each row of a left-padded prompt batch: embeds
+    (B, P, H), pos (3, B, P), mask (B, P). Each prompt is prefilled once and its KV cache copied
+    into n rows, which decode together. Returns tokens (B*n, T) (padding after EOS), their log-probs
+    (B*n, T) and lengths (B*n,) including EOS; rows of one prompt are adjacent."""
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config.get_text_config())
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
@@ -405,12 +399,12 @@ def generate(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1
 
 
 @torch.no_grad()
-def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(), banned=None,
-                   pad_id=0, generator=None):
-    """The reference for `generate`: every prompt row repeated n times, the whole sequence re-run
-    for every new token, no cache."""
+def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
+                   banned=None, pad_id=0, generator=None):
+    """The reference for `generate`: rows repeated n times, all re-run per new token, no cache."""
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
-    embeds, pos, mask = embeds.repeat_interleave(n, 0), pos.repeat_interleave(n, 1), mask.repeat_interleave(n, 0)
+    embeds, pos, mask = (embeds.repeat_interleave(n, 0), pos.repeat_interleave(n, 1),
+                         mask.repeat_interleave(n, 0))
     nxt = pos.amax(dim=(0, 2)) + 1
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
     for i in range(max_new):
@@ -455,14 +449,13 @@ def check(path, dtype=torch.float32):
         ref_video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
         out["video_embeds_max_abs_diff"] = (video - ref_video).abs().max().item()
         diffs = []
-        tok_offsets = [0] + (grid.prod(-1) // 4).cumsum(0).tolist()
         for i, ids in enumerate(prompts):
-            ids_t = torch.tensor([ids])
-            pos = positions(ids, grid[i:i + 1], spg[i:i + 1], model.config)[:, None]
-            emb = splice(model, ids_t, video[tok_offsets[i]:tok_offsets[i + 1]])
-            ours = model.lm_head(forward(model, emb, pos))
-            ref = model(input_ids=ids_t, pixel_values_videos=pixels[offsets[i]:offsets[i + 1]],
-                        video_grid_thw=grid[i:i + 1], position_ids=pos).logits
+            ids_t, px, g = torch.tensor([ids]), pixels[offsets[i]:offsets[i + 1]], grid[i:i + 1]
+            pos = positions(ids, g, spg[i:i + 1], model.config)[:, None]
+            # each video encoded alone, as transformers does here and the stages do (one per sample):
+            # beside another video its embeddings round differently on some CPUs (1e-5 in the logits)
+            ours = model.lm_head(forward(model, splice(model, ids_t, encode_video(model, px, g)), pos))
+            ref = model(input_ids=ids_t, pixel_values_videos=px, video_grid_thw=g, position_ids=pos).logits
             diffs.append((ours - ref).abs().max().item())
         out["logits_max_abs_diff"] = max(diffs)
     return out
@@ -472,7 +465,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare our path with transformers' full forward")
-    c.add_argument("--hf", default="tiny", help="local Hugging Face Qwen2.5-VL folder, or 'tiny' (default)")
+    c.add_argument("--hf", default="tiny", help="local HF Qwen2.5-VL folder, or 'tiny' (default)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")
     s.add_argument("--out", required=True, help="output folder")

@@ -1,6 +1,6 @@
 """MR-SP: Multi-modal Reinforcement Sequence Parallelism, the system side of long-video RL.
 
-    python mr_sp.py plan --frames 3600 --sp 8                      # per-rank memory of a GRPO step, Qwen2.5-VL-7B
+    python mr_sp.py plan --frames 3600 --sp 8  # per-rank memory of a GRPO step, Qwen2.5-VL-7B
     python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
 
 What every stage calls for its videos and its long sequences:
@@ -8,17 +8,14 @@ What every stage calls for its videos and its long sequences:
   same under `python` and `torchrun`; `dp_sum` reduces named metrics over data-parallel ranks.
 - `prepare`: a sample's prompt and its video's embeddings through the (frozen) vision tower
   (`encode`), computed once per prompt; rollouts and every prefill pass of the step reuse them.
-- `rollout`: the one entry to the engines, ours (each prompt prefilled once, its KV cache copied
-  into G rows that decode together: model.generate) or vLLM's (`vllm_engine`, fed the cached
-  embeddings); tokens and their log-probs come back.
-- `prefill_logprobs`: the training-side pass over [prompt | response] rows (old policy,
-  reference, policy), log-probs of the response tokens only.
+- `rollout`: tokens and log-probs from the one engine entry: ours (model.generate: prompt prefilled
+  once, KV cache copied into G rows decoding together) or vLLM's (`vllm_engine`, cached embeddings).
+- `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy).
 - `shard` (sft.py --fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`;
   `full_state` and `load_optimizer` write and restore its checkpoints in the replicated format.
 - `open_log`, `log_step`: a run's args.json and metrics.jsonl.
 
-With an SP group (`group=`), the two MR-SP stages (paper section 4; tests/test_mr_sp.py checks both
-against the single-process path):
+With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
 1. `encode` splits a video's temporal patch groups over the ranks and all-gathers the embeddings.
 2. `prefill_logprobs` splits the sequence over the ranks; text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
@@ -56,9 +53,8 @@ def init_distributed():
 
 @dataclasses.dataclass(frozen=True)
 class Parallel:
-    """Where this process sits, world = dp x sp: ranks [k*sp, (k+1)*sp) form sequence-parallel group k
-    and share their samples (each video and sequence split over them); the data splits over the dp
-    groups. Checked once, in init_parallel."""
+    """Where this process sits in world = dp x sp (checked in init_parallel): ranks [k*sp, (k+1)*sp)
+    form SP group k and split its samples' videos and sequences; data splits over dp groups."""
     rank: int  # this process, 0 .. world-1
     world: int  # processes, dp * sp
     dp_rank: int  # which share of the data: rank // sp
@@ -69,20 +65,20 @@ class Parallel:
 
 
 def init_parallel(sp=1):
-    """The Parallel layout of this process, its process groups made (every rank makes every group)."""
+    """This process's Parallel layout, its process groups made (every rank makes every group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if sp < 1 or world % sp:  # a one-line message at start, not a traceback (SystemExit prints only its text)
-        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs a whole "
-                         f"number of data-parallel groups, dp = {world}/{sp}")
+    if sp < 1 or world % sp:  # SystemExit prints its text only: one line at start, no traceback
+        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs "
+                         f"a whole number of data-parallel groups, dp = {world}/{sp}")
     rank, world, device = init_distributed()
-    groups = [dist.new_group(list(range(k * sp, (k + 1) * sp))) for k in range(world // sp)] if sp > 1 else None
+    groups = [dist.new_group(list(range(k * sp, (k + 1) * sp)))
+              for k in range(world // sp)] if sp > 1 else None
     return Parallel(rank, world, rank // sp, world // sp, sp, groups and groups[rank // sp], device)
 
 
 def shutdown():
-    """Leave the process group together: a rank that tears gloo down while another still works
-    (rank 0 writing the checkpoint) can abort the job. Only the group init_distributed made: an
-    in-process vLLM engine makes its own, and tears it down itself."""
+    """Leave the process group together: a rank tearing gloo down while another works (rank 0 on
+    the checkpoint) can abort the job. Only init_distributed's: in-process vLLM ends its own."""
     if dist.is_initialized() and "RANK" in os.environ:
         dist.barrier()
         dist.destroy_process_group()
@@ -96,9 +92,9 @@ def all_reduce(x, op="sum"):
 
 
 def dp_sum(values, group=None):
-    """{name: number} summed over data-parallel ranks in one all-reduce, as floats (float64 sums). SP
-    peers hold the same rows and compute the same values, so only the first rank of each SP group
-    contributes (the others add zeros): exact, unlike dividing a sum over all ranks by sp."""
+    """{name: number} summed over data-parallel ranks in one all-reduce, as floats (float64 sums).
+    SP peers hold the same rows and compute the same values, so only the first rank of each SP
+    group contributes (the others add zeros): exact, unlike dividing a sum over all ranks by sp."""
     x = torch.tensor(list(values.values()), dtype=torch.float64)
     if group is not None and dist.get_rank(group):
         x.zero_()
@@ -107,7 +103,7 @@ def dp_sum(values, group=None):
 
 def sync_grads(params):
     """Data parallel: sum every rank's gradients (each rank's loss is its share of the global mean).
-    One all-reduce per tensor, like DDP without its buckets; parameters without a gradient join with zeros."""
+    One all-reduce per tensor (DDP without buckets); a parameter without a gradient adds zeros."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -115,9 +111,9 @@ def sync_grads(params):
 
 
 class _Root(torch.nn.Module):
-    """FSDP's root unit, a call-through forward around the model: FSDP gathers a unit's weights in hooks
-    around its forward, and our passes call the model's parts (visual, language_model, lm_head), never
-    model.forward. root(fn, *args) runs a pass with the weights no layer holds gathered."""
+    """FSDP's root unit, a call-through forward around the model: FSDP gathers a unit's weights in
+    hooks around its forward, and our passes call the model's parts (visual, language_model,
+    lm_head), never model.forward. root(fn, *args) runs a pass with the root's weights gathered."""
 
     def __init__(self, model):
         super().__init__()
@@ -128,18 +124,17 @@ class _Root(torch.nn.Module):
 
 
 def shard(model):
-    """FSDP2 (`fully_shard`) over all ranks, the alternative to sync_grads for a model that does not fit
-    replicated. Every trainable decoder layer and vision block is a unit, gathered in its own forward and
-    again in backward; the rest (embeddings, lm_head, final norms, vision patch embedding and merger) is
-    the root unit, gathered for the whole of a pass. Frozen parameters stay replicated: without gradients
-    or optimizer state there is little to shard, and a frozen tower's MR-SP encode (uneven shares, no
-    forward on some ranks) must not wait on a gather. Returns run(fn, *args): call every training
-    forward pass through it. Each rank must run as many passes as the others (every unit forward is
-    collective), and the optimizer must be made after this call (it replaces the parameters).
+    """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
+    Units: each trainable decoder layer and vision block, gathered in its forward and backward, and
+    the root (embeddings, lm_head, final norms, vision patch embedding and merger), gathered for a
+    whole pass. Frozen parameters stay replicated: without gradients or optimizer state, little to
+    shard, and a frozen tower's MR-SP encode (uneven shares, no forward on some ranks) must not wait
+    on a gather. Returns run(fn, *args) for every training forward; ranks must run equally many
+    passes (unit forwards are collective). Make the optimizer after (it replaces parameters).
 
-    Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each rank's
-    share of the global mean, where FSDP would average. A divide factor of 1 alone reduces with PREMUL_SUM,
-    which gloo rejects; forcing SUM collectives makes it a plain sum."""
+    Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each
+    rank's share of the global mean, where FSDP would average. A divide factor of 1 alone reduces
+    with PREMUL_SUM, which gloo rejects; forcing SUM collectives makes it a plain sum."""
     from torch.distributed.fsdp import fully_shard
     frozen = {p for p in model.parameters() if not p.requires_grad}
     blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
@@ -152,8 +147,8 @@ def shard(model):
 
 
 def _param_names(model, opt):
-    """The optimizer's parameters by name, in its order: torch.distributed.checkpoint keys optimizer state by
-    name, Optimizer.state_dict() by position."""
+    """The optimizer's parameters by name, in its order: torch.distributed.checkpoint keys optimizer
+    state by name, Optimizer.state_dict() by position."""
     name = {p: n for n, p in model.named_parameters()}
     return [name[p] for g in opt.param_groups for p in g["params"]]
 
@@ -164,32 +159,32 @@ def _rekey(osd, key):
 
 
 def full_state(model, opt):
-    """(model state dict, optimizer state dict) of a sharded model, whole and on CPU on rank 0 (empty
-    elsewhere); every rank must call it (the shards are gathered). The optimizer's is keyed by position
-    like Optimizer.state_dict(), so state.pt is the same with and without FSDP."""
+    """(model state dict, optimizer state dict) of a sharded model, whole and on CPU on rank 0
+    (empty elsewhere); every rank must call it (the shards are gathered). The optimizer's is keyed
+    by position like Optimizer.state_dict(), so state.pt is the same with and without FSDP."""
     import torch.distributed.checkpoint.state_dict as dcp
     o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd, osd = dcp.get_model_state_dict(model, options=o), dcp.get_optimizer_state_dict(model, opt, options=o)
-    # a tied weight (the tiny model's lm_head is its embedding) is gathered under each of its names, as two
-    # tensors; keep its first name only, as save_pretrained keeps of the model's own
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    # a tied weight (the tiny model's lm_head is its embedding) is gathered under each of its names,
+    # as two tensors; keep its first name only, as save_pretrained keeps of the model's own
+    aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+               - dict(model.named_parameters()).keys())
     sd = {k: v for k, v in sd.items() if k not in aliases}
     ids = {n: i for i, n in enumerate(_param_names(model, opt))}
     return sd, _rekey(osd, ids.__getitem__) if osd else osd
 
 
 def load_optimizer(model, opt, osd):
-    """Optimizer.load_state_dict for a sharded model: every rank passes the whole state (as full_state
-    returns it) and keeps its shards."""
+    """Optimizer.load_state_dict for a sharded model: every rank passes the whole state (as
+    full_state returns it) and keeps its shards."""
     import torch.distributed.checkpoint.state_dict as dcp
     dcp.set_optimizer_state_dict(model, opt, _rekey(osd, _param_names(model, opt).__getitem__),
                                  options=dcp.StateDictOptions(full_state_dict=True))
 
 
 def open_log(args, start):
-    """Rank 0, at the start of a run: --out made, the resolved config in args.json, and the metric lines
-    after step `start` dropped (a run killed after its last checkpoint logged steps that the resumed
-    run logs again)."""
+    """Rank 0, at a run's start: --out made, the resolved config in args.json, metric lines after
+    step `start` dropped (a run killed after its last checkpoint logged steps the resume redoes)."""
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
@@ -222,18 +217,17 @@ def log_step(out, rec, line):
 
 
 def seed_of(*key):
-    """An integer seed from a key such as (seed, step, sample id): the same in every process and every
-    run (Python's hash() of strings is not)."""
+    """An integer seed from a key such as (seed, step, sample id): the same in every process and
+    every run (Python's hash() of strings is not)."""
     return zlib.crc32(repr(key).encode())
 
 
 def encode(model, sample, group=None):
-    """Video embeddings (n_tokens, hidden) of one sample, detached: the vision tower is frozen in RL.
+    """A sample's video embeddings (n_tokens, hidden), detached: the vision tower is frozen in RL.
 
-    With a sequence-parallel group (MR-SP stage 1) each rank encodes a contiguous share of the
-    video's temporal patch groups and the shares are all-gathered. Qwen2.5-VL's vision attention
-    (window and full blocks alike) never crosses a temporal group, so this equals one rank encoding
-    the whole video."""
+    With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
+    patch groups, all-gathered after. Qwen2.5-VL's vision attention (window and full blocks alike)
+    never crosses a temporal group, so this equals one rank encoding the whole video."""
     dev = next(model.parameters()).device
     pixels, grid = sample["pixel_values"].to(dev), sample["grid_thw"].to(dev)
     with torch.no_grad():
@@ -243,8 +237,8 @@ def encode(model, sample, group=None):
             raise ValueError(f"sharded encode takes one video per sample, got grid_thw {grid.tolist()}")
         sp, r = dist.get_world_size(group), dist.get_rank(group)
         t, h, w = grid[0].tolist()
-        counts = [t // sp + (i < t % sp) for i in range(sp)]  # temporal groups per rank, as even as possible
-        per = h * w // model.config.vision_config.spatial_merge_size ** 2  # tokens per temporal group
+        counts = [t // sp + (i < t % sp) for i in range(sp)]  # temporal groups per rank, near-even
+        per = h * w // model.config.vision_config.spatial_merge_size ** 2  # tokens a temporal group
         start = sum(counts[:r]) * h * w  # pixel rows are group-major: h*w rows per temporal group
         # all_gather takes equal sizes: every share is padded to the largest, and trimmed after
         buf = torch.zeros(max(counts) * per, model.config.vision_config.out_hidden_size,
@@ -264,23 +258,22 @@ def prompt_of(model, tok, sample, text):
 
 
 def prepare(model, tok, sample, text, group=None):
-    """A sample as its rollouts and every pass of its step use it: prompt ids, their (3, P) positions
-    and the video's embeddings, encoded once (over the SP group: `encode`); the grid and seconds per
-    temporal group go along for vLLM, which places the embeddings itself."""
+    """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, the video's
+    embeddings encoded once (over the SP group: `encode`), and for vLLM, which places the
+    embeddings itself, the grid and seconds per temporal group."""
     ids, pos = prompt_of(model, tok, sample, text)
-    return dict(prompt=ids, pos=pos, video=encode(model, sample, group), grid_thw=sample["grid_thw"],
-                second_per_grid=sample["second_per_grid"])
+    return dict(prompt=ids, pos=pos, video=encode(model, sample, group),
+                grid_thw=sample["grid_thw"], second_per_grid=sample["second_per_grid"])
 
 
 def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0):
-    """G samples per prompt from the configured engine: ours (model.generate: each prompt prefilled
-    once, its KV cache copied into G rows), or the vLLM engine `llm` fed the same cached embeddings.
-    Returns tokens (B*G, T) padded after EOS, their log-probs and lengths (EOS included); the G rows
-    of a prompt are adjacent.
+    """G samples per prompt from our engine (model.generate: each prompt prefilled once, its KV
+    cache copied into G rows) or, given `llm`, vLLM fed the same cached embeddings. Returns tokens
+    (B*G, T) padded after EOS, log-probs and lengths (EOS included); a prompt's G rows are adjacent.
 
-    prompts: dicts from `prepare`. seeds: one int per prompt (seed_of a key such as (seed, step, id)),
-    so what a prompt samples depends neither on its batch nor on the number of ranks. The engines draw
-    from different random streams: the same seeds give them different tokens."""
+    prompts: dicts from `prepare`. seeds: one int per prompt (seed_of a key such as (seed, step,
+    id)), so what a prompt samples depends neither on its batch nor on the number of ranks. The
+    engines draw from different random streams: the same seeds give them different tokens."""
     gen = dict(max_new=max_new, temperature=temperature, top_p=top_p)
     if llm is not None:
         return vllm_rollout(llm, tok, prompts, G, seeds, **gen)
@@ -325,50 +318,48 @@ def _all_to_all(x, group):
     return dist_nn.all_to_all_single(torch.empty_like(x), x, group=group)
 
 
-def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, sp_group=None, sp_mask=None,
-                      **kw):
+def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, sp_group=None,
+                      sp_mask=None, **kw):
     """Text attention for transformers' registry (name "ulysses"). q (B, H, l, D) after rotary,
     k, v (B, Hkv, l, D): this rank's block of l = L/sp tokens. Returns (B, l, H, D).
 
     Without sp_group (rollout, or sp=1) it is transformers' SDPA. With it: an all-to-all scatters
-    heads and gathers the sequence, so each rank attends with H/sp heads over all L tokens, and the
-    inverse all-to-all brings this rank's tokens back with all heads. The mask is built here from
-    sp_mask (B, L), the padding mask of the full sequence: the one transformers hands each layer
-    covers only the local block."""
+    heads and gathers the sequence, each rank attends with H/sp heads over all L tokens, and the
+    inverse all-to-all returns this rank's tokens with all heads. The mask is built from sp_mask
+    (B, L), the full sequence's padding mask: transformers' per-layer one covers only this block."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if sp_group is None:
         return sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kw)
     sp = dist.get_world_size(sp_group)
     H, l = q.shape[1], q.shape[2]
-    rep = sp // math.gcd(k.shape[1], sp)  # KV heads repeated until sp divides them: each rank gets whole groups
+    rep = sp // math.gcd(k.shape[1], sp)  # KV heads x rep = lcm(Hkv, sp): whole groups per rank
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     hq, hk = H // sp, k.shape[1] // sp
     x = torch.cat([t.unflatten(1, (sp, -1)) for t in (q, k, v)], 2).transpose(0, 1)  # (sp, B, hq+2hk, l, D)
     x = _all_to_all(x, sp_group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, hq+2hk, L, D)
     q, k, v = x.split([hq, hk, hk], 1)
     L = x.shape[2]
-    if bool((sp_mask[:, 1:] <= sp_mask[:, :-1]).all()):  # padding only at the ends of rows: causal alone is exact
+    if bool((sp_mask[:, 1:] <= sp_mask[:, :-1]).all()):  # right padding only: causal alone is exact
         mask = None
-    else:  # left padding: causal and real keys; a padding query sees itself (a fully masked row gives NaN)
+    else:  # left padding: (B, 1, L, L) causal, real keys, and the diagonal (all-masked rows: NaN)
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         mask = (causal & sp_mask.bool()[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=hk != hq)  # (B, hq, L, D); mask (B, 1, L, L)
-    y = out.unflatten(2, (sp, l)).permute(2, 0, 1, 3, 4)  # (sp, B, hq, l, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                         dropout_p=dropout, scale=scaling, enable_gqa=hk != hq)
+    y = out.unflatten(2, (sp, l)).permute(2, 0, 1, 3, 4)  # (B, hq, L, D) -> (sp, B, hq, l, D)
     return _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3), None  # (B, l, H, D)
 
 
 def check_heads(config, sp):
-    """Ulysses gives each rank H/sp query heads and, after repeating KV heads up to lcm(Hkv, sp), lcm/sp KV
-    heads; each rank's query heads must be whole groups over its KV heads. SystemExit: a one-line message."""
+    """Ulysses gives each rank H/sp query heads and lcm(Hkv, sp)/sp KV heads (repeated up to the
+    lcm); its query heads must be whole groups over its KV heads. SystemExit: a one-line message."""
     t = config.get_text_config()
     H, K = t.num_attention_heads, t.num_key_value_heads
     kv = K * sp // math.gcd(K, sp)
     if H % sp or H % kv:
-        raise SystemExit(f"num_attention_heads {H} is not divisible by --sp {sp}: Ulysses gives each rank H/sp heads"
-                         if H % sp else
-                         f"num_key_value_heads {K} repeated to {kv} (a multiple of --sp {sp}) does not divide "
-                         f"num_attention_heads {H}")
+        raise SystemExit(f"num_attention_heads {H} is not divisible by --sp {sp}: Ulysses gives each "
+                         f"rank H/sp heads" if H % sp else f"num_key_value_heads {K} repeated to {kv} "
+                         f"(a multiple of --sp {sp}) does not divide num_attention_heads {H}")
 
 
 def use_ulysses(model, sp):
@@ -384,28 +375,27 @@ def use_ulysses(model, sp):
 
 
 def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
-    """M.response_logprobs with the sequence split over the ranks of group; the same (B, T) results
-    on every rank.
+    """M.response_logprobs with the sequence split over group; the same (B, T) results on each rank.
 
-    Gradients: callers compute the same loss from these gathered tensors on every rank. The
-    gather's backward sums those sp identical gradients, a hook divides by sp, so each rank's
-    parameter gradients are its share and their sum over the group is exactly the sp=1 gradient
-    (sync_grads sums them, over dp too)."""
+    Gradients: callers compute the same loss from these gathered tensors on every rank. The gather's
+    backward sums those sp identical gradients, a hook divides by sp: each rank's gradients are its
+    share, and their group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
     sp, r = dist.get_world_size(group), dist.get_rank(group)
     use_ulysses(model, sp)
     B, T = targets.shape
     n = P + T - 1  # columns run through the model: the last token predicts nothing
     l = -(-n // sp)  # tokens per rank; the sequence is padded to sp*l with masked columns
-    embeds, pos, mask = (F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n)),
-                         F.pad(mask[:, :n], (0, sp * l - n)))
+    embeds, pos, mask = (F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)),
+                         F.pad(pos[..., :n], (0, sp * l - n)), F.pad(mask[:, :n], (0, sp * l - n)))
     mine = slice(r * l, (r + 1) * l)
     hidden = model.model.language_model(inputs_embeds=embeds[:, mine], position_ids=pos[..., mine],
                                         sp_group=group, sp_mask=mask).last_hidden_state  # (B, l, hidden)
-    a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's columns that predict response tokens
+    a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
     if b > a:  # column P-1+j predicts response token j
-        lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l], targets[:, a - P + 1:b - P + 1], **kw)
+        lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
+                                   targets[:, a - P + 1:b - P + 1], **kw)
         local = F.pad(torch.stack([lp, ent]), (a - r * l, (r + 1) * l - b))  # (2, B, l)
-    else:  # still tied to hidden: every rank must run the backward of every all-to-all (collectives)
+    else:  # still tied to hidden: every rank must run every all-to-all's backward (collectives)
         local = hidden.new_zeros(2, B, l, dtype=torch.float32) + 0.0 * hidden.sum()
     if local.requires_grad:
         local.register_hook(lambda g: g / sp)
@@ -416,12 +406,11 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
 # -----------------------------------------------------------------------------
 # Memory planner: python mr_sp.py plan --frames F --sp N --config tiny|small|qwen2.5-vl-7b|HF_FOLDER
 
-# bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's is 0.394
-# (`model_costs`; matmul FLOPs, attention scores left out). Found by trying LM widths and depths around
-# the tiny model's vision tower until the ratio matched: a tiny-like model whose time and memory split
-# between encoding and the language model like the 7B's.
+# bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's 0.394
+# (`model_costs`; matmul FLOPs, no attention scores), found by trying LM widths and depths around
+# the tiny model's vision tower until it matched: vision and LM split time and memory as in the 7B.
 SMALL = dict(hidden=256, layers=6, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2, vision_heads=4)
-# Qwen2.5-VL-7B-Instruct's config.json (the values that size memory), so it can be planned without a download
+# Qwen2.5-VL-7B-Instruct's config.json (the values that size memory): planned without a download
 QWEN25_VL_7B = dict(
     text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4),
@@ -431,7 +420,7 @@ QWEN25_VL_7B = dict(
 
 
 def plan_config(name):
-    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b", or a local Hugging Face folder."""
+    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b", or a local HF folder."""
     from transformers import AutoConfig, Qwen2_5_VLConfig
     if name in ("tiny", "small"):
         return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
@@ -441,14 +430,14 @@ def plan_config(name):
 
 
 def model_costs(config):
-    """Parameters (all, trainable in RL: the language model and lm_head) and forward FLOPs per token (vision per
-    video token, LM per token) of a config, counted on a meta-device model: no memory, no download."""
+    """Parameters (all; trainable in RL: LM and lm_head) and forward FLOPs per token (vision per
+    video token, LM per token) of a config, on a meta-device model: no memory, no download."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     with torch.device("meta"):
         m = Qwen2_5_VLForConditionalGeneration(config)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     vis, lm = m.model.visual, m.model.language_model
-    merge = config.vision_config.spatial_merge_size ** 2  # patches per video token: the merger runs once per token
+    merge = config.vision_config.spatial_merge_size ** 2  # patches per video token; merger: once a token
     return dict(params=n(m), trainable=n(m) - n(vis),
                 vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
                 lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
@@ -456,56 +445,54 @@ def model_costs(config):
 
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1024, micro_batch=1,
          dtype="bfloat16", ref=True, shard=1, chunk=1024):
-    """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one video prompt
-    per data-parallel rank. Returns the components and the peak.
+    """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one
+    video prompt per data-parallel rank: the components and the peak.
 
-    Held for the whole step: fp32 policy weights (+ a reference copy in `dtype`), AdamW's two fp32 states,
-    the video's pixel rows (every rank holds all of them) and its cached embeddings; `shard` divides the
-    first three (FSDP/ZeRO-3 over that many ranks, what Long-RL runs; this code replicates them, shard=1).
-    Then the largest of the step's phases:
-    - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs the whole rollout);
-    - no-grad pass (old, reference; sequence-parallel): one micro-batch's largest layer intermediates;
-    - training pass: what autograd saves per token and layer, counted from the tensors our path saves
-      (torch.autograd.graph.saved_tensors_hooks on the tiny models): sp=1 4I + 8d + 2*Hkv*D + H + 2 values,
-      Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output is one more copy);
-      plus fp32 gradients, the lm_head chunk recomputed in backward (chunk x vocab logits, about 6 fp32
-      copies), one layer's backward intermediates, and at sp=1 with rows of different lengths the (B, L, L)
-      mask, whose float copy every layer's SDPA saves; Ulysses builds none for right padding.
-    Only layer-level terms: Python, the allocator's slack and small buffers are not counted. Checked by
-    `python bench.py mrsp` against peak resident memory measured on CPU (tiny and small models, whole steps
-    and single passes, sp=1 and 2).
+    Held all step: fp32 policy weights (+ a `dtype` reference copy), AdamW's two fp32 states, the
+    video's pixel rows (all on every rank) and cached embeddings; `shard` divides the first three
+    (FSDP/ZeRO-3 over that many ranks, as Long-RL; this code replicates: 1). Plus the largest phase:
+    - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs all of it);
+    - no-grad pass (old, reference; sequence-parallel): a micro-batch's largest layer intermediates;
+    - training pass: autograd's saved values per token and layer, counted on our path with
+      torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
+      Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output: one more
+      copy); plus fp32 gradients, the lm_head chunk recomputed in backward (chunk x vocab logits,
+      about 6 fp32 copies), one layer's backward intermediates, and at sp=1 with ragged rows the
+      (B, L, L) mask, a float copy saved by every layer's SDPA (Ulysses: none for right padding).
+    Layer-level terms (no Python, allocator slack, small buffers). `python bench.py mrsp` checks it
+    against peak RSS on CPU (tiny and small models, whole steps and single passes, sp=1 and 2).
 
-    Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8`; bf16,
-    G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per rank, peak 311 GiB per
-    rank; with FSDP over the 8 ranks (--shard 8) 196 GiB. The paper reports 3,600 frames (about 256k
-    tokens) of RL on one 8 x A100 node; this code does not fit it, by two terms: the training pass (202 GiB,
-    177 sharded: every layer's activations are kept; per-layer activation checkpointing would keep one
-    d-vector per token and layer, 28,936 x 28 x 3584 x 2 B = 5.4 GiB, plus one layer's recompute) and the rollout
-    (129 GiB: G copies of the 231k-token prompt's KV cache and its unsplit prefill on every rank, where a
-    vLLM engine shares the prompt's KV pages across the G samples and prefills in chunks)."""
+    Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8`;
+    bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per rank, peak
+    311 GiB per rank; 196 GiB with FSDP over the 8 ranks (--shard 8). The paper reports 3,600 frames
+    (about 256k tokens) of RL on one 8 x A100 node; this code misses it by two terms: the training
+    pass (202 GiB, 177 sharded: all activations are kept; per-layer checkpointing would keep one
+    d-vector per token and layer, 28,936 x 28 x 3584 x 2 B = 5.4 GiB, plus one layer's recompute)
+    and the rollout (129 GiB: G copies of the 231k-token prompt's KV cache and its unsplit prefill
+    on every rank, where vLLM shares the prompt's KV pages over G samples, prefilling in chunks)."""
     t = config.get_text_config()
-    d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
-                             t.num_key_value_heads, t.vocab_size)
+    d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
+                             t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
     D = getattr(t, "head_dim", None) or d // H
-    b = 2 if dtype == "bfloat16" else 4  # activations and the reference copy; the policy keeps fp32 weights
+    b = 2 if dtype == "bfloat16" else 4  # activations and reference copy; policy weights stay fp32
     c = model_costs(config)
-    groups, per_group = frames // 2, max_pixels // (28 * 28)  # temporal groups of 2 frames, tokens per group
+    groups, per_group = frames // 2, max_pixels // (28 * 28)  # groups of 2 frames, tokens a group
     video = groups * per_group
     P, T = video + text, max_new
     L, B = P + T, min(micro_batch, G)
     l = -(-L // sp)  # tokens per rank in the training passes
     kv = K * sp // math.gcd(K, sp) if sp > 1 else K
-    saved = (4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2) * layers + 2 * D + 2 * d  # values per token
+    saved = (4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2) * layers + 2 * D + 2 * d  # values/token
     logits = 6 * 4 * min(chunk, B * T) * V
-    # rows of different lengths at sp=1: transformers' (B, 1, L, L) bool mask, and every layer's SDPA saves a
-    # float copy of it for backward (measured: 13 bytes per element with 3 layers); no-grad: one copy at a time
+    # rows of different lengths at sp=1: transformers' (B, 1, L, L) bool mask, plus a float copy
+    # saved by every layer's SDPA (measured: 13 B per element with 3 layers); no-grad: one at a time
     mask = B * L * L * (1 + 4 * layers) if sp == 1 and B > 1 else 0
     m = dict(weights=(4 + b * ref) * c["params"] / shard, adam=8 * c["trainable"] / shard,
              pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
-    phase = dict(
-        rollout=b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d),
-        no_grad_pass=b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
-        training_pass=b * B * l * saved + 4 * c["trainable"] / shard + logits + b * B * l * (3 * I + 2 * d) + mask)
+    phase = dict(rollout=b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d),
+                 no_grad_pass=b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
+                 training_pass=(b * B * l * saved + 4 * c["trainable"] / shard + logits
+                                + b * B * l * (3 * I + 2 * d) + mask))
     m.update(phase)
     m["peak"] = sum(m[k] for k in ("weights", "adam", "pixels", "video_embeds")) + max(phase.values())
     m.update(tokens=L, video_tokens=video, tokens_per_rank=l)
@@ -523,40 +510,42 @@ def plan_main(argv=None):
     ap.add_argument("--config", default="qwen2.5-vl-7b",
                     help="tiny | small | qwen2.5-vl-7b | local HF folder; default qwen2.5-vl-7b")
     ap.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
-                    help="pixels per frame: max-pixels/784 tokens per 2 frames; default 128*28*28 (64 tokens a frame)")
-    ap.add_argument("--text", type=int, default=64, help="prompt text tokens besides the video; default 64")
+                    help="pixels per frame, /784 = tokens per 2 frames; default 128*28*28 (64 tokens/frame)")
+    ap.add_argument("--text", type=int, default=64, help="prompt text tokens besides video; default 64")
     ap.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
     ap.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
     ap.add_argument("--micro-batch", type=int, default=1, help="rows per training forward; default 1")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--no-ref", action="store_true", help="no reference model (--kl-coef 0)")
     ap.add_argument("--shard", type=int, default=1,
-                    help="ranks that shard weights, gradients and AdamW (FSDP; this code: 1); default 1")
-    ap.add_argument("--gpu-gb", type=float, default=80, help="memory per rank to compare with, GiB; default 80")
+                    help="ranks sharding weights, gradients and AdamW (FSDP; this code: 1); default 1")
+    ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per rank to compare with; default 80")
     a = ap.parse_args(argv)
-    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new, a.micro_batch, a.dtype,
-             not a.no_ref, a.shard)
-    print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, {m['tokens']:,} per row, "
-          f"{m['tokens_per_rank']:,} per rank at sp={a.sp}")
-    for k in ("weights", "adam", "pixels", "video_embeds", "rollout", "no_grad_pass", "training_pass", "peak"):
+    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new,
+             a.micro_batch, a.dtype, not a.no_ref, a.shard)
+    print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, "
+          f"{m['tokens']:,} per row, {m['tokens_per_rank']:,} per rank at sp={a.sp}")
+    for k in ("weights", "adam", "pixels", "video_embeds", "rollout", "no_grad_pass",
+              "training_pass", "peak"):
         print(f"{k:>14} | {m[k] / 2**30:9.2f} GiB")
-    gb = {k: round(x / 2**30, 3) for k, x in m.items() if k not in ("tokens", "video_tokens", "tokens_per_rank")}
-    print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp, **{k: m[k] for k in ("tokens", "tokens_per_rank")},
-                          gib=gb, fits=m["peak"] <= a.gpu_gb * 2**30)))
+    gb = {k: round(x / 2**30, 3) for k, x in m.items()
+          if k not in ("tokens", "video_tokens", "tokens_per_rank")}
+    print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp,
+                          **{k: m[k] for k in ("tokens", "tokens_per_rank")}, gib=gb,
+                          fits=m["peak"] <= a.gpu_gb * 2**30)))
 
 
 # -----------------------------------------------------------------------------
-# The vLLM rollout engine (--engine vllm), the paper's: fed the same cached video embeddings, it never
-# runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks it
-# against `rollout` and `prefill_logprobs` (in the environment .ci/vllm_env builds on CPU).
+# The vLLM rollout engine (--engine vllm), the paper's: fed the same cached video embeddings, it
+# never runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks
+# it against `rollout` and `prefill_logprobs` (in the environment .ci/vllm_env builds on CPU).
 
 def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
-    """A vLLM engine on model's Hugging Face folder `path` (the tiny model, which has none, is written to
-    a temporary one), in this process (the engine core is not a subprocess, so a weight sync is a
-    call, not a copy through a socket). mem: fraction of GPU memory for weights and KV cache
-    (gpu_memory_utilization); tp: tensor-parallel GPUs. On CPU the KV cache takes
-    VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start an engine and vLLM's own group
+    """A vLLM engine in this process on model's HF folder `path` (a temporary one for the tiny
+    model, which has none); no engine-core subprocess, so a weight sync is a call, not a socket
+    copy. mem: fraction of GPU memory for weights and KV cache (gpu_memory_utilization); tp:
+    tensor-parallel GPUs; on CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start an engine and vLLM group
         raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
     if not os.path.isdir(path):
         path = tempfile.mkdtemp(prefix="longrl-engine-")
@@ -564,46 +553,45 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
         M.save(model, tok, path)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM drops torch to 1 thread in this process unless OMP_NUM_THREADS is set: keep training's count
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM: 1 thread
     try:
         from vllm import LLM
     except ImportError as e:
-        raise ImportError("--engine vllm needs vLLM: `pip install vllm` on GPU; on CPU run with the python that "
-                          "`bash .ci/vllm_env` prints (its own environment with the CPU build of vLLM)") from e
+        raise ImportError("--engine vllm needs vLLM: `pip install vllm` on GPU; on CPU run with "
+                          "the python that `bash .ci/vllm_env` prints (its own environment with "
+                          "the CPU build of vLLM)") from e
     cuda = torch.cuda.is_available()
     return LLM(model=path, dtype=dtype, seed=seed, enforce_eager=not cuda, enable_mm_embeds=True,
                limit_mm_per_prompt={"image": 0, "video": 1}, gpu_memory_utilization=mem,
                tensor_parallel_size=tp, enable_sleep_mode=cuda,
-               logprobs_mode="processed_logprobs")  # after the ban and temperature: what our sampler reports
+               logprobs_mode="processed_logprobs")  # after ban and temperature, as our sampler
 
 
 def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, top_p=1.0):
     """`rollout` on a vLLM engine (call `rollout` with llm=): the same arguments and return.
 
-    Each prompt is sent once with n = G, its video as cached embeddings with its grid and seconds per
-    temporal group: vLLM then computes model.positions' M-RoPE positions (without second_per_grid_ts
-    it assumes 1 s per group). Vision special tokens are excluded through allowed_token_ids (exact
-    -inf). The log-probs are of the distribution vLLM samples from: ours (temperature applied;
-    greedy: at temperature 1) when top_p is 1; below 1 vLLM renormalizes over the nucleus, we do not.
-    vLLM seeds sample j of a prompt with its seed + j."""
+    Each prompt goes once with n = G, its video as cached embeddings with grid and seconds per
+    temporal group, from which vLLM computes model.positions' M-RoPE positions (1 s per group if no
+    second_per_grid_ts). allowed_token_ids bans vision special tokens (exact -inf). Log-probs are of
+    vLLM's sampling distribution: ours (temperature applied; greedy: at temperature 1) at top_p 1;
+    below, vLLM renormalizes over the nucleus, we do not. vLLM gives sample j seed + j."""
     from vllm import SamplingParams
     pad, banned = tok.convert_tokens_to_ids("<|video_pad|>"), set(M.banned_ids(tok).tolist())
     allowed = [i for i in range(llm.llm_engine.model_config.get_vocab_size()) if i not in banned]
     greedy = temperature == 0  # vLLM takes n = 1 only: the G identical answers are copies
     reqs, params = [], []
     for b, p in enumerate(prompts):
-        ids = p["prompt"]
-        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]  # vLLM expands one pad
+        ids = p["prompt"]  # vLLM expands one pad per video itself: each run of pads becomes one
+        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]
         reqs.append(dict(prompt_token_ids=ids, multi_modal_data={"video": dict(
             video_embeds=p["video"].detach().cpu(), video_grid_thw=torch.as_tensor(p["grid_thw"]).view(-1, 3),
             second_per_grid_ts=torch.tensor([float(p["second_per_grid"])], dtype=torch.float64))}))
-        params.append(SamplingParams(n=1 if greedy else G, max_tokens=max_new, temperature=temperature, top_p=top_p,
-                                     logprobs=0, seed=None if seeds is None else seeds[b], allowed_token_ids=allowed,
-                                     stop_token_ids=eos_ids(tok)))
+        params.append(SamplingParams(n=1 if greedy else G, max_tokens=max_new, temperature=temperature,
+                                     top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[b],
+                                     allowed_token_ids=allowed, stop_token_ids=eos_ids(tok)))
     outs = [c for o in llm.generate(reqs, params, use_tqdm=False)
             for c in (o.outputs * G if greedy else sorted(o.outputs, key=lambda c: c.index))]
-    lens = torch.tensor([len(c.token_ids) for c in outs])  # vLLM keeps the stop token, as `rollout` does
+    lens = torch.tensor([len(c.token_ids) for c in outs])  # vLLM keeps the stop token, as `rollout`
     toks = torch.full((len(outs), int(lens.max())), tok.pad_token_id, dtype=torch.long)
     lps = torch.zeros(toks.shape)
     for i, c in enumerate(outs):
@@ -613,10 +601,9 @@ def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, 
 
 
 def vllm_sync(llm, model):
-    """Load the policy's current language-model weights into the engine in place (Hugging Face names,
-    as in the saved folder), then drop what was computed with the old ones: prefix-cache KV blocks
-    and encoder outputs (vLLM otherwise fails with "Encoder cache miss"). The vision tower is frozen
-    and never run by the engine: not sent."""
+    """Load the policy's language-model weights into the engine in place (HF names, as saved), then
+    drop what the old ones computed: prefix-cache KV blocks and encoder outputs (else vLLM fails
+    with "Encoder cache miss"). The frozen vision tower, never run by vLLM, is not sent."""
     weights = [(k, v.detach()) for k, v in model.state_dict().items() if not k.startswith("model.visual.")]
     llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
     llm.reset_prefix_cache()
@@ -624,8 +611,8 @@ def vllm_sync(llm, model):
 
 
 def vllm_sleep(llm, asleep):
-    """GPU: free the engine's memory for training (weights offloaded to CPU, KV cache dropped), and take
-    it back before the next rollouts. CPU: vLLM has no sleep mode, nothing to do."""
+    """GPU: free the engine's memory for training (weights offloaded to CPU, KV cache dropped), and
+    take it back before the next rollouts. CPU: vLLM has no sleep mode, nothing to do."""
     if not torch.cuda.is_available():
         return
     if asleep:

@@ -1,15 +1,14 @@
 """Chain-of-thought SFT on video QA: the first stage, before grpo.py.
 
-    python sft.py                                    # tiny model from scratch, synthetic task
-    torchrun --nproc_per_node 2 sft.py               # the same, data parallel
-    torchrun --nproc_per_node 2 sft.py --sp 2        # the same, each sequence split over 2 ranks (MR-SP)
-    torchrun --nproc_per_node 2 sft.py --fsdp        # the same, weights, gradients and AdamW sharded (FSDP2)
-    python sft.py --init /path/to/Qwen2.5-VL-7B-Instruct --data /path/to/LongVideo-Reason --dtype bfloat16 --lr 1e-5
+    python sft.py                               # tiny model from scratch, synthetic task
+    torchrun --nproc_per_node 2 sft.py          # the same, data parallel
+    torchrun --nproc_per_node 2 sft.py --sp 2   # the same, each sequence split over 2 ranks (MR-SP)
+    torchrun --nproc_per_node 2 sft.py --fsdp   # the same, FSDP2: weights, gradients, AdamW sharded
+    python sft.py --init /ckpt/Qwen2.5-VL-7B-Instruct --data /data/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
-given the video and the question; the mean is over all target tokens of the global batch.
-Writes --out (default runs/sft): model/ (a Hugging Face folder, with state.pt: optimizer, step,
-for --resume), args.json and metrics.jsonl. With --fsdp the same files: rank 0 writes the gathered state.
+given video and question, averaged over the global batch's target tokens. Writes --out: model/ (HF
+folder; state.pt: optimizer, step, for --resume), args.json, metrics.jsonl; the same with --fsdp.
 """
 import argparse
 import functools
@@ -29,34 +28,33 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="tiny", help="HF folder to start from, or 'tiny' (built in code); default tiny")
-g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task written here if absent)")
+g.add_argument("--init", default="tiny", help="HF folder, or 'tiny' (built in code); default tiny")
+g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task if absent)")
 g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
-g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="pixel budget per frame; default 128*28*28")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels/frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
-               help="vision tower: auto trains it for tiny (random init) and freezes a loaded checkpoint's")
+               help="vision tower: auto trains tiny's (random init), freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
 g.add_argument("--steps", type=int, default=300, help="optimizer steps; default 300")
-g.add_argument("--batch", type=int, default=16, help="samples per optimizer step, global over ranks; default 16")
-g.add_argument("--micro-batch", type=int, default=16, help="samples per forward/backward (accumulated); default 16")
-g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate; default 2e-3 (tiny model)")
+g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
+g.add_argument("--micro-batch", type=int, default=16, help="samples per pass (accumulated); default 16")
+g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW lr; default 2e-3 (tiny model)")
 g.add_argument("--warmup", type=int, default=20, help="linear warmup steps; default 20")
-g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="after warmup; default cosine")
+g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
+               help="lr after warmup; default cosine")
 g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
-g.add_argument("--sp", type=int, default=1,
-               help="sequence-parallel degree: ranks per SP group, world = dp x sp; default 1")
-g.add_argument("--fsdp", action="store_true",
-               help="shard weights, gradients and AdamW state over all ranks (FSDP2 fully_shard) instead of "
-                    "replicating them; the same updates; a no-op in one process")
+g.add_argument("--sp", type=int, default=1, help="ranks per SP group; world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state over "
+               "all ranks (FSDP2 fully_shard), not replicate; same updates; no-op in one process")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
-g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = only at the end)")
+g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 # -----------------------------------------------------------------------------
 
@@ -70,9 +68,8 @@ def lr_at(step, args):
 
 
 def batch_indices(step, args, n_rows, dp_rank, dp):
-    """This data-parallel rank's rows of global batch `step`: a fresh permutation every epoch, a
-    contiguous block per rank (so one process with --micro-batch = batch/dp runs exactly the ranks'
-    micro-batches)."""
+    """This DP rank's rows of global batch `step`: a new permutation per epoch, a contiguous block
+    per rank (so one process at --micro-batch batch/dp runs exactly the ranks' micro-batches)."""
     per = args.batch // dp
     ks = range(step * args.batch + dp_rank * per, step * args.batch + (dp_rank + 1) * per)
     return [epoch_order(args.seed, k // n_rows, n_rows)[k % n_rows] for k in ks]
@@ -115,12 +112,12 @@ def main(args):
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
 
-    def micro_loss(mb, n_tok):  # one micro-batch's share of the global mean; a call, so FSDP can wrap it (run)
+    def micro_loss(mb, n_tok):  # share of the global mean; a call, so run() can wrap it (FSDP)
         rows_mb = []
         for s, prompt, pos, target, _ in mb:
-            # A trained tower needs the graph, so every SP peer encodes the whole video with it. Its
-            # gradient is still exact: each peer's prefill back-propagates only into its own share of
-            # the sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 gradient.
+            # A trained tower needs the graph, so every SP peer encodes the whole video with it. The
+            # gradient stays exact: each peer's prefill back-propagates only into its share of the
+            # sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 one.
             video = (M.encode_video(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
                      if train_vision else mr_sp.encode(model, s, par.group))
             rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
@@ -128,9 +125,10 @@ def main(args):
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
 
-    # bf16: autocast compute over fp32 master weights (AdamW on bf16 weights would lose small updates)
+    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates)
     with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft", disable=par.rank != 0):
+        for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft",
+                         disable=par.rank != 0):
             t0 = time.time()
             samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
             items = []
@@ -138,8 +136,8 @@ def main(args):
                 prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
                 target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
                 items.append((s, prompt, pos, target, 1.0))
-            if fsdp:  # every rank must run as many passes (FSDP gathers in each): a skipped bad video's place
-                # goes to a weight-0 copy of a good sample (a rank left with none fails: nothing to copy)
+            if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's
+                # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
                 items += [items[0][:4] + (0.0,)] * (args.batch // par.dp - len(items))
             n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.group)["n"]
             loss_sum = 0.0
@@ -160,12 +158,12 @@ def main(args):
             loss = mr_sp.dp_sum(dict(loss=loss_sum), par.group)["loss"]
             dt = time.time() - t0
             if par.rank == 0:
-                rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn), tokens=n_tok,
-                           seconds=dt, bad_samples=ds.n_bad)
+                rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn),
+                           tokens=n_tok, seconds=dt, bad_samples=ds.n_bad)
                 mr_sp.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
                            f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # every rank gathers
+                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
                 if par.rank == 0:
                     state = {"opt": osd, "step": step + 1}
                     M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
