@@ -209,23 +209,22 @@ def gather_max(x):
 
 
 def step(args):
-    """grpo.step on one prompt, grpo.py's default settings: G rollouts, old-policy and reference
-    passes, one update on one micro-batch of the G rows; rewards: a stand-in text hash (not what is
-    measured). An untimed warm-up step (16 frames), then --repeats rounds of --variants,
-    alternating. Variant reencode is the baseline without the embedding cache (Video-R1, TRL): the
-    vision tower reruns inside those phases for every rollout but the first and every row of every
-    pass. One line per step, then JSON: median times, the first measured step's peak memory per rank
-    above the Python runtime (and per phase), the variants' paired time ratio."""
+    """grpo.step on one prompt, every algorithm setting grpo.py's default: G rollouts, old-policy and
+    reference passes, the updates (--epochs passes over one micro-batch of the G rows); rewards: a
+    stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
+    rounds of --variants, alternating. Variant reencode is the baseline without the embedding cache
+    (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
+    every row of every pass. One line per step, then JSON: median times, the first measured step's
+    peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
     par, base, model, tok, params = worker_setup(args)
     ref = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))[0].requires_grad_(False)
     if args.sp > 1:
         mr_sp.use_ulysses(ref, args.sp)
     gargs = grpo.ap.parse_args(["--prompts", "1", "--G", str(args.G), "--max-new", str(args.max_new),
-                                "--micro-batch", str(args.G), "--epochs", "1", "--mini-batches", "1",
-                                "--sp", str(args.sp), "--seed", str(args.seed)])
+                                "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed)])
     opt = torch.optim.AdamW(params, lr=gargs.lr, weight_decay=gargs.weight_decay)
     policy, stats = grpo.Policy(model, tok, params, opt, ref), collections.Counter()
-    reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G)
+    reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G * gargs.epochs)
 
     def run(i, s, variant):
         rec = {}
