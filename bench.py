@@ -264,7 +264,8 @@ def step(args):
     if len(res) == 2:  # paired: the median over repeats of one variant's time over the other's
         (v0, r0), (v1, r1) = res.items()
         out[f"{v1}_over_{v0}"] = statistics.median(y["step"]["s"] / x["step"]["s"] for x, y in zip(r0, r1))
-    out["peak_rss_gb_per_rank"] = gather_max(rss()[1]) / 2**30  # absolute, Python runtime included
+    peak = max(r["step"]["gb"] for rs in res.values() for r in rs)  # phases reset the high-water mark
+    out["peak_rss_gb_per_rank"] = gather_max(base / 2**30 + peak)  # absolute, Python runtime included
     out["runtime_gb"] = base / 2**30
     if par.rank == 0:
         print(json.dumps(out), flush=True)

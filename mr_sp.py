@@ -547,10 +547,6 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
     tensor-parallel GPUs; on CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start an engine and vLLM group
         raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
-    if not os.path.isdir(path):
-        path = tempfile.mkdtemp(prefix="longrl-engine-")
-        atexit.register(shutil.rmtree, path, True)
-        M.save(model, tok, path)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM: 1 thread
@@ -560,6 +556,10 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
         raise ImportError("--engine vllm needs vLLM: `pip install vllm` on GPU; on CPU run with "
                           "the python that `bash .ci/vllm_env` prints (its own environment with "
                           "the CPU build of vLLM)") from e
+    if not os.path.isdir(path):
+        path = tempfile.mkdtemp(prefix="longrl-engine-")
+        atexit.register(shutil.rmtree, path, True)
+        M.save(model, tok, path)
     cuda = torch.cuda.is_available()
     return LLM(model=path, dtype=dtype, seed=seed, enforce_eager=not cuda, enable_mm_embeds=True,
                limit_mm_per_prompt={"image": 0, "video": 1}, gpu_memory_utilization=mem,
