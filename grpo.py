@@ -317,8 +317,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     model, tok, llm = policy.model, policy.tok, policy.llm
     model.eval()
     batch = collect(args, i, policy, read, cursor, par, reward_fn, stats, timed)
-    if llm is not None:
-        mr_sp.vllm_sleep(llm, True)  # GPU: its memory goes to the training passes
+    mr_sp.vllm_sleep(llm, True)  # GPU: a vLLM engine's memory goes to the training passes
     micro = [batch.rows[j:j + args.micro_batch] for j in range(0, len(batch.rows), args.micro_batch)]
     with timed("old"):
         old = no_grad_logprobs(model, tok, micro, args, par.group)
@@ -332,10 +331,9 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     model.train()
     with timed("update"):
         log = update(args, policy, micro, old, refs, stats, par.group)
-    with timed("sync"):
-        if llm is not None:  # the next rollouts sample from the updated policy
-            mr_sp.vllm_sleep(llm, False)
-            mr_sp.vllm_sync(llm, model)
+    with timed("sync"):  # the next rollouts sample from the updated policy
+        mr_sp.vllm_sleep(llm, False)
+        mr_sp.vllm_sync(llm, model)
     s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.group)
     n = max(s["samples"], 1.0)
     busy = sum(times[k] for k in ("encode", "rollout", "old", "ref", "update"))

@@ -175,10 +175,11 @@ def processor_config(config):
 
 def resume(out):
     """(folder, training state) of the checkpoint save() last completed at out: out itself, or
-    out.old when a crash fell between save()'s two renames."""
+    out.old when a crash fell between save()'s two renames. weights_only: state.pt holds tensors,
+    numbers, lists and dicts only, and a checkpoint from elsewhere must not run code when loaded."""
     for path in (out.rstrip("/"), out.rstrip("/") + ".old"):
         if os.path.isfile(os.path.join(path, "state.pt")):
-            return path, torch.load(os.path.join(path, "state.pt"), weights_only=False)
+            return path, torch.load(os.path.join(path, "state.pt"), weights_only=True)
     raise FileNotFoundError(f"{out}: no checkpoint to resume from (no state.pt)")
 
 

@@ -603,7 +603,10 @@ def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, 
 def vllm_sync(llm, model):
     """Load the policy's language-model weights into the engine in place (HF names, as saved), then
     drop what the old ones computed: prefix-cache KV blocks and encoder outputs (else vLLM fails
-    with "Encoder cache miss"). The frozen vision tower, never run by vLLM, is not sent."""
+    with "Encoder cache miss"). The frozen vision tower, never run by vLLM, is not sent. No engine
+    (llm None): ours samples from the policy itself, nothing to do."""
+    if llm is None:
+        return
     weights = [(k, v.detach()) for k, v in model.state_dict().items() if not k.startswith("model.visual.")]
     llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
     llm.reset_prefix_cache()
@@ -612,8 +615,8 @@ def vllm_sync(llm, model):
 
 def vllm_sleep(llm, asleep):
     """GPU: free the engine's memory for training (weights offloaded to CPU, KV cache dropped), and
-    take it back before the next rollouts. CPU: vLLM has no sleep mode, nothing to do."""
-    if not torch.cuda.is_available():
+    take it back before the next rollouts. CPU (no sleep mode) or no engine: nothing to do."""
+    if llm is None or not torch.cuda.is_available():
         return
     if asleep:
         llm.sleep(level=1)

@@ -170,3 +170,26 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     os.replace(out, out + ".old")  # killed between save()'s two renames
     path, state = M.resume(out)
     assert path == out + ".old" and state["step"] == 1
+
+
+class _Exploit:
+    def __reduce__(self):  # unpickling this would run a shell command
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_resume_loads_state_without_running_code(tmp_path):
+    """state.pt loads with weights_only: a pickled object that would run code is refused."""
+    model, tok = M.load("tiny")
+    out = str(tmp_path / "model")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    state = {"opt": opt.state_dict(), "step": 3, "cursor": 24, "stats": {"bad_samples": 1}}
+    M.save(model, tok, out, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+    _, loaded = M.resume(out)
+    assert loaded["step"] == 3 and loaded["stats"] == {"bad_samples": 1}
+    k = next(iter(state["opt"]["state"]))
+    assert torch.equal(loaded["opt"]["state"][k]["exp_avg"], state["opt"]["state"][k]["exp_avg"])
+    torch.save({"step": _Exploit()}, os.path.join(out, "state.pt"))
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        M.resume(out)
