@@ -82,6 +82,8 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--variants", default="cache", help="step: comma list of cache, reencode; default cache")
     p.add_argument("--repeats", type=int, default=1, help="steps/variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+    p.add_argument("--fsdp", action="store_true", help="grpo.py --fsdp (sharded over the ranks)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="grpo.py's flag")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
 rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
 rp.add_argument("--model", default="tiny", help="HF folder or 'tiny' (built in code); default tiny")
@@ -191,16 +193,19 @@ def video_sample(frames, size, seed=0):
                 question=sc["question"], options=sc["options"])
 
 
-def worker_setup(args):
-    """Process groups, baseline memory (imports done), and the policy as grpo.py trains it."""
+def worker_setup(args, ref=True):
+    """Process groups, baseline memory (imports done), grpo.py's arguments for this workload (every
+    algorithm setting its default), and the policy (and reference) as grpo.py builds them."""
     par = mr_sp.init_parallel(args.sp)
     M.tiny_tokenizer()
     base = rss()[0]  # the Python runtime: everything the planner counts comes above it
-    model, tok = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))
-    params = grpo.rl_params(model)
-    if args.sp > 1:
-        mr_sp.use_ulysses(model, args.sp)
-    return par, base, model, tok, params
+    gargs = grpo.ap.parse_args(
+        ["--init", "tiny", "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),
+         "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed)]
+        + ["--fsdp"] * args.fsdp + ["--activation-checkpointing"] * args.activation_checkpointing
+        + ([] if ref else ["--kl-coef", "0"]))
+    policy = grpo.build_policy(gargs, par, "tiny", **(mr_sp.SMALL if args.config == "small" else {}))
+    return par, base, gargs, policy
 
 
 def gather_max(x):
@@ -216,14 +221,8 @@ def step(args):
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
     every row of every pass. One line per step, then JSON: median times, the first measured step's
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
-    par, base, model, tok, params = worker_setup(args)
-    ref = M.load("tiny", **(mr_sp.SMALL if args.config == "small" else {}))[0].requires_grad_(False)
-    if args.sp > 1:
-        mr_sp.use_ulysses(ref, args.sp)
-    gargs = grpo.ap.parse_args(["--prompts", "1", "--G", str(args.G), "--max-new", str(args.max_new),
-                                "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed)])
-    opt = torch.optim.AdamW(params, lr=gargs.lr, weight_decay=gargs.weight_decay)
-    policy, stats = grpo.Policy(model, tok, params, opt, ref), collections.Counter()
+    par, base, gargs, policy = worker_setup(args)
+    model, tok, stats = policy.model, policy.tok, collections.Counter()
     reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G * gargs.epochs)
 
     def run(i, s, variant):
@@ -275,7 +274,8 @@ def step(args):
 def prefill(args):
     """One training prefill + backward of --G rows (default 1), a --frames video and --max-new token
     response: the pass's peak memory above that before it (weights, inputs resident)."""
-    par, base, model, tok, params = worker_setup(args)
+    par, base, gargs, policy = worker_setup(args, ref=False)
+    model, tok = policy.model.train(), policy.tok
     side = args.size // 28
     s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
     prompt, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
@@ -287,7 +287,7 @@ def prefill(args):
             for _ in range(args.G)]
     rec = {}
     with measured(rec, "pass", rss()[0]):
-        lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, group=par.group)
+        lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, rows, 1.0, par.group)
         ((lp * mask).sum() / mask.sum()).backward()
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
                tokens=len(prompt) + args.max_new, video_tokens=len(video),
@@ -298,13 +298,15 @@ def prefill(args):
     mr_sp.shutdown()
 
 
-def launch(cmd, sp=1, quiet=False, timing=False):
-    """Run `bench.py cmd` fresh, 1 thread a process (sp of them under torchrun); last line parsed.
+def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
+    """Run `bench.py cmd` fresh, 1 thread a process (nproc, default sp, under torchrun when more than
+    one); last line parsed.
     Memory runs set mmap threshold (above); timing runs don't: page faults slow rollouts 1.5x."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
-    pre = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                            "--standalone", "--nproc_per_node", str(sp)]
+    nproc = nproc or sp
+    pre = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                               "--standalone", "--nproc_per_node", str(nproc)]
     full = pre + [os.path.abspath(__file__)] + [str(c) for c in cmd] + ["--sp", str(sp)]
     print("$ " + " ".join(full[1:]), flush=True)
     p = subprocess.run(full, env=env, capture_output=True, text=True)

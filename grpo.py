@@ -90,6 +90,10 @@ g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad nor
 g = ap.add_argument_group("run")
 g.add_argument("--steps", type=int, default=200, help="training steps; default 200")
 g.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard policy and reference over all ranks (FSDP2); "
+               "gathered once a step for the rollouts; same updates; no-op in one process")
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+               help="keep each decoder layer's input only, recompute it in backward; default off")
 g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
 g.add_argument("--out", default="runs/grpo", help="output folder; default runs/grpo")
 g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = end only)")
@@ -162,6 +166,40 @@ class Policy:
     opt: torch.optim.Optimizer
     ref: torch.nn.Module = None  # the frozen initial policy of the KL term; None at --kl-coef 0
     llm: object = None  # a vLLM engine to roll out with; None: ours (mr_sp.rollout chooses)
+    run: object = mr_sp.call  # run(fn, *args): a pass on model (--fsdp: its root, which gathers)
+    run_ref: object = mr_sp.call  # the same for ref
+
+
+def load_ref(path, device, **tiny_kwargs):
+    """The KL term's reference: the initial policy, stored and run as the policy is (fp32 weights;
+    under --dtype bfloat16 the same autocast), so at step 0 both give the same log-probs. Without
+    the vision tower: it never runs, the policy's frozen tower encodes each video for both."""
+    ref = M.load(path, device=device, **tiny_kwargs)[0].requires_grad_(False)
+    ref.model.visual = None
+    return ref
+
+
+def build_policy(args, par, src, **tiny_kwargs):
+    """The policy from src (a folder, or "tiny" built with tiny_kwargs), the reference from --init,
+    and AdamW, laid out as args ask: --activation-checkpointing, --sp (Ulysses), --fsdp (sharded
+    over all ranks when there are several; run and run_ref then gather)."""
+    model, tok = M.load(src, device=par.device, **tiny_kwargs)
+    params = rl_params(model)
+    ref = load_ref(args.init, par.device, **tiny_kwargs) if args.kl_coef else None
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
+        for m in (model, ref) if ref is not None else (model,):
+            mr_sp.use_ulysses(m, args.sp)
+    run, run_ref = mr_sp.call, mr_sp.call
+    if args.fsdp and par.world > 1:  # one process holds everything either way
+        # the frozen tower too: it runs only in the step's collect, where `unsharded` gathers all
+        run = mr_sp.shard(model, model.parameters())
+        params = [p for p in model.parameters() if p.requires_grad]  # now sharded
+        if ref is not None:
+            run_ref = mr_sp.shard(ref, ref.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return Policy(model, tok, params, opt, ref, run=run, run_ref=run_ref)
 
 
 def rl_params(model):
@@ -253,10 +291,10 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
     return Collected(rows, consumed, dict(zip(SCORES, sums.tolist())))
 
 
-def no_grad_logprobs(model, tok, micro, args, sp_group=None):
+def no_grad_logprobs(run, model, tok, micro, args, sp_group=None):
     """One pass over the micro-batches without gradients (old policy, reference)."""
     with torch.no_grad():
-        return [mr_sp.prefill_logprobs(model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
+        return [run(mr_sp.prefill_logprobs, model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
 
 
 def update(args, policy, micro, old, refs, stats, sp_group=None):
@@ -271,11 +309,14 @@ def update(args, policy, micro, old, refs, stats, sp_group=None):
     for _ in range(args.epochs):
         for idx in groups:
             # global token and sequence counts of this mini-batch: the loss is their global mean
-            n = mr_sp.dp_sum(dict(tokens=float(sum(len(x["response"]) for i in idx for x in micro[i])),
-                                  seqs=float(sum(len(micro[i]) for i in idx))), sp_group)
+            n = mr_sp.dp_sum(dict(tokens=float(sum(len(x["response"]) * x.get("keep", 1.0)
+                                                   for i in idx for x in micro[i])),
+                                  seqs=float(sum(x.get("keep", 1.0) for i in idx for x in micro[i]))), sp_group)
             n_tok, n_seq = max(n["tokens"], 1.0), max(n["seqs"], 1.0)
             for i in idx:
-                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, micro[i], args.temperature, sp_group)
+                lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, micro[i], args.temperature,
+                                           sp_group)
+                mask = mask * torch.tensor([x.get("keep", 1.0) for x in micro[i]], device=mask.device)[:, None]
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
                 loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high,
                                                 args.dual_clip)
@@ -316,18 +357,26 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
 
     model, tok, llm = policy.model, policy.tok, policy.llm
     model.eval()
-    batch = collect(args, i, policy, read, cursor, par, reward_fn, stats, timed)
+    # --fsdp: the policy's weights gathered once for all of this step's rollouts, released after
+    batch = mr_sp.unsharded(policy.run, collect, args, i, policy, read, cursor, par, reward_fn, stats, timed)
     mr_sp.vllm_sleep(llm, True)  # GPU: a vLLM engine's memory goes to the training passes
     micro = [batch.rows[j:j + args.micro_batch] for j in range(0, len(batch.rows), args.micro_batch)]
+    if policy.run is not mr_sp.call:  # sharded: each pass gathers, so every rank runs as many
+        n = int(mr_sp.all_reduce(torch.tensor([len(micro)]), "max"))
+        if len(micro) < n and not micro:
+            raise RuntimeError(f"rank {par.rank} has no rollouts this step (unreadable videos or "
+                               "failing rewards) for the passes the others run; --fsdp needs some")
+        micro += [[dict(x, keep=0.0) for x in micro[0]]] * (n - len(micro))  # weight-0 copies
     with timed("old"):
-        old = no_grad_logprobs(model, tok, micro, args, par.group)
+        old = no_grad_logprobs(policy.run, model, tok, micro, args, par.group)
     # the engine's log-probs of its samples against the trainer's: float error when both describe
     # the same policy (at --top-p 1); a stale engine or other positions would show here
     gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
                for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
     gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
     with timed("ref"):
-        refs = no_grad_logprobs(policy.ref, tok, micro, args, par.group) if policy.ref is not None else None
+        refs = (no_grad_logprobs(policy.run_ref, policy.ref, tok, micro, args, par.group)
+                if policy.ref is not None else None)
     model.train()
     with timed("update"):
         log = update(args, policy, micro, old, refs, stats, par.group)
@@ -352,24 +401,19 @@ def main(args):
     if args.init == ap.get_default("init") and not os.path.exists(args.init):
         raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny "
                          "--no-dynamic-sampling to start from scratch")
-    ckpt, dtype = os.path.join(args.out, "model"), getattr(torch, args.dtype)
+    ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
-    model, tok = M.load(src, device=par.device)
-    params = rl_params(model)
-    ref = M.load(args.init, dtype=dtype, device=par.device)[0].requires_grad_(False) if args.kl_coef else None
-    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
-        mr_sp.use_ulysses(model, args.sp)
-        if ref is not None:
-            mr_sp.use_ulysses(ref, args.sp)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    llm = None
+    policy = build_policy(args, par, src)
+    model, tok, opt, fsdp = policy.model, policy.tok, policy.opt, policy.run is not mr_sp.call
     if args.engine == "vllm":
-        llm = mr_sp.vllm_engine(model, tok, src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
-    policy = Policy(model, tok, params, opt, ref, llm)
+        policy.llm = mr_sp.vllm_engine(model, tok, src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
     start, cursor = 0, 0
     stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
     if state:
-        opt.load_state_dict(state["opt"])
+        if fsdp:
+            mr_sp.load_optimizer(model, opt, state["opt"])
+        else:
+            opt.load_state_dict(state["opt"])
         start, cursor, stats = state["step"], state["cursor"], state["stats"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
@@ -379,7 +423,8 @@ def main(args):
         mr_sp.open_log(args, start)
         print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), "
               f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), G={args.G}, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
+              f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
+              f"parameters{' (sharded)' if fsdp else ''}")
 
     def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
         return list(ds.iter_samples([order[a % len(order)] for a in positions]))
@@ -401,9 +446,12 @@ def main(args):
                     f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "
                     f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
                     f"{rec['tok_per_s']:.0f} tok/s"]))
-                if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
-                    state = {"opt": opt.state_dict(), "step": i + 1, "cursor": cursor, "stats": stats}
-                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+            if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
+                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
+                if par.rank == 0:
+                    state = {"opt": osd, "step": i + 1, "cursor": cursor, "stats": stats}
+                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
+                           state_dict=sd)
     if par.rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, **stats}))
     mr_sp.shutdown()

@@ -82,7 +82,7 @@ def tiny_tokenizer(vocab_size=1024):
 
 
 def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128, vision_depth=2,
-                vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1):
+                vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True):
     """A small Qwen2.5-VL config (FIELD_NOTES section 6's probe model by default). init_std 0.1: the
     library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
     pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
@@ -105,7 +105,7 @@ def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=12
                            initializer_range=init_std),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=tie)
 
 
 # -----------------------------------------------------------------------------

@@ -103,11 +103,20 @@ def dp_sum(values, group=None):
 
 def sync_grads(params):
     """Data parallel: sum every rank's gradients (each rank's loss is its share of the global mean).
-    One all-reduce per tensor (DDP without buckets); a parameter without a gradient adds zeros."""
+    One all-reduce per tensor (DDP without buckets); a parameter without a gradient adds zeros.
+    Sharded (FSDP) parameters are skipped: their gradients were reduce-scattered in backward."""
+    from torch.distributed.tensor import DTensor
     for p in params:
+        if isinstance(p, DTensor):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         all_reduce(p.grad)
+
+
+def call(fn, *args, **kw):
+    """A pass on a replicated model: what `shard`'s root does, minus the gathering."""
+    return fn(*args, **kw)
 
 
 class _Root(torch.nn.Module):
@@ -123,27 +132,56 @@ class _Root(torch.nn.Module):
         return fn(*args, **kw)
 
 
-def shard(model):
+def shard(model, params=None):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
-    Units: each trainable decoder layer and vision block, gathered in its forward and backward, and
-    the root (embeddings, lm_head, final norms, vision patch embedding and merger), gathered for a
-    whole pass. Frozen parameters stay replicated: without gradients or optimizer state, little to
-    shard, and a frozen tower's MR-SP encode (uneven shares, no forward on some ranks) must not wait
-    on a gather. Returns run(fn, *args) for every training forward; ranks must run equally many
-    passes (unit forwards are collective). Make the optimizer after (it replaces parameters).
+    Units: each decoder layer and vision block holding `params` (default: the trainable ones), and
+    the input embeddings and lm_head unless tied, gathered in their forward and backward; the root
+    (final norms, vision patch embedding and merger; tied embeddings), gathered for a whole pass: at
+    Qwen2.5-VL-7B's 152k vocabulary each of embeddings and lm_head is 2 GiB in fp32, which a root
+    would hold through every layer's forward and backward. Other parameters stay replicated: a
+    frozen tower has no gradients or optimizer state, and its MR-SP encode (uneven shares, no
+    forward on some ranks) must not wait on a gather. Returns run(fn, *args) for every forward
+    (`call`'s signature); ranks must run equally many passes (unit forwards are collective), and a
+    rollout runs in `unsharded`. Make the optimizer after (it replaces parameters).
 
     Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each
     rank's share of the global mean, where FSDP would average. A divide factor of 1 alone reduces
     with PREMUL_SUM, which gloo rejects; forcing SUM collectives makes it a plain sum."""
     from torch.distributed.fsdp import fully_shard
-    frozen = {p for p in model.parameters() if not p.requires_grad}
-    blocks = list(model.model.language_model.layers) + list(model.model.visual.blocks)
-    units = [fully_shard(b) for b in blocks if any(p.requires_grad for p in b.parameters())]
-    root = fully_shard(_Root(model), ignored_params=frozen)
+    params = {p for p in model.parameters() if p.requires_grad} if params is None else set(params)
+    blocks = list(model.model.language_model.layers) + list(getattr(model.model.visual, "blocks", []))
+    if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
+        blocks += [model.get_input_embeddings(), model.lm_head]
+    units = [fully_shard(b) for b in blocks if any(p in params for p in b.parameters())]
+    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params)
     for u in units + [root]:
         u.set_gradient_divide_factor(1.0)
         u.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def unsharded(run, fn, *args, **kw):
+    """run(fn, *args) with every unit of a sharded model gathered once up front (one all-gather a
+    unit, on every rank) and kept until fn returns: the rollout then decodes as many steps as its
+    rank needs with no collective, where per-layer gathers would need every rank at every step.
+    Replicated (run is `call`): fn(*args)."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(run, FSDPModule):
+        return run(fn, *args, **kw)
+    units = [m for m in run.modules() if isinstance(m, FSDPModule)]
+
+    def gathered():
+        for u in units:
+            u.unshard()
+        return fn(*args, **kw)
+
+    run.set_reshard_after_forward(False)  # every unit: forward hooks keep the gathered weights
+    try:
+        return run(gathered)
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(u is not run, recurse=False)  # fully_shard's defaults
 
 
 def _param_names(model, opt):
@@ -389,7 +427,7 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
                          F.pad(pos[..., :n], (0, sp * l - n)), F.pad(mask[:, :n], (0, sp * l - n)))
     mine = slice(r * l, (r + 1) * l)
     hidden = model.model.language_model(inputs_embeds=embeds[:, mine], position_ids=pos[..., mine],
-                                        sp_group=group, sp_mask=mask).last_hidden_state  # (B, l, hidden)
+                                        use_cache=False, sp_group=group, sp_mask=mask).last_hidden_state
     a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
     if b > a:  # column P-1+j predicts response token j
         lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
@@ -438,13 +476,14 @@ def model_costs(config):
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     vis, lm = m.model.visual, m.model.language_model
     merge = config.vision_config.spatial_merge_size ** 2  # patches per video token; merger: once a token
-    return dict(params=n(m), trainable=n(m) - n(vis),
+    return dict(params=n(m), trainable=n(m) - n(vis), vision=n(vis), layer=n(lm.layers[0]),
+                head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: a unit each
                 vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
                 lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
 
 
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1024, micro_batch=1,
-         dtype="bfloat16", ref=True, shard=1, chunk=1024):
+         dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024):
     """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one
     video prompt per data-parallel rank: the components and the peak.
 
@@ -470,6 +509,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     d-vector per token and layer, 28,936 x 28 x 3584 x 2 B = 5.4 GiB, plus one layer's recompute)
     and the rollout (129 GiB: G copies of the 231k-token prompt's KV cache and its unsplit prefill
     on every rank, where vLLM shares the prompt's KV pages over G samples, prefilling in chunks)."""
+    W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t = config.get_text_config()
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                              t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
@@ -482,19 +522,31 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     L, B = P + T, min(micro_batch, G)
     l = -(-L // sp)  # tokens per rank in the training passes
     kv = K * sp // math.gcd(K, sp) if sp > 1 else K
-    saved = (4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2) * layers + 2 * D + 2 * d  # values/token
+    layer = 4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2  # values saved a token a layer
+    # checkpointed: each layer's input kept, one layer's values alive again in its recompute
+    kept = (d * layers if ckpt else layer * layers) + 2 * D + 2 * d
     logits = 6 * 4 * min(chunk, B * T) * V
     # rows of different lengths at sp=1: transformers' (B, 1, L, L) bool mask, plus a float copy
     # saved by every layer's SDPA (measured: 13 B per element with 3 layers); no-grad: one at a time
-    mask = B * L * L * (1 + 4 * layers) if sp == 1 and B > 1 else 0
-    m = dict(weights=(4 + b * ref) * c["params"] / shard, adam=8 * c["trainable"] / shard,
+    mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sp == 1 and B > 1 else 0
+    lm = c["trainable"]  # language model and lm_head: trained, and all of the reference
+    # --fsdp, fp32 (x2 in backward: unsharded gradients too): a pass holds the root unit (tied
+    # embeddings, norm) and gathers a layer, lm_head (untied) at a time; the rollout, everything
+    fs = dict(root=4 * (lm - layers * c["layer"] - 2 * c["head"]), layer=4 * c["layer"],
+              head=4 * c["head"]) if W > 1 else dict(root=0, layer=0, head=0)
+    m = dict(weights=4 * (lm + c["vision"]) / W, ref=4 * lm / W * ref, grads=4 * lm / W, adam=8 * lm / W,
              pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
-    phase = dict(rollout=b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d),
-                 no_grad_pass=b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0),
-                 training_pass=(b * B * l * saved + 4 * c["trainable"] / shard + logits
-                                + b * B * l * (3 * I + 2 * d) + mask))
+    # backward: the head's (logits, its weights) then the layers' (a recompute, intermediates)
+    back = max(logits + 2 * fs["head"], b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
+    phase = dict(rollout=(b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d)
+                          + (4 * (lm + c["vision"]) if W > 1 else 0)),
+                 no_grad_pass=(b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0)
+                               + fs["root"] + max(fs["layer"], fs["head"])),
+                 training_pass=b * B * l * kept + back + mask + 2 * fs["root"])
     m.update(phase)
-    m["peak"] = sum(m[k] for k in ("weights", "adam", "pixels", "video_embeds")) + max(phase.values())
+    m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
+    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "pixels", "video_embeds"))
+                 + max(phase["rollout"], phase["no_grad_pass"], phase["training_pass"] + m["grads"]))
     m.update(tokens=L, video_tokens=video, tokens_per_rank=l)
     return m
 
@@ -516,17 +568,19 @@ def plan_main(argv=None):
     ap.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
     ap.add_argument("--micro-batch", type=int, default=1, help="rows per training forward; default 1")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--no-ref", action="store_true", help="no reference model (--kl-coef 0)")
-    ap.add_argument("--shard", type=int, default=1,
-                    help="ranks sharding weights, gradients and AdamW (FSDP; this code: 1); default 1")
+    ap.add_argument("--kl-coef", type=float, default=1e-2, help="0: no reference model; default 1e-2")
+    ap.add_argument("--fsdp", action="store_true", help="policy and reference sharded over --world ranks")
+    ap.add_argument("--world", type=int, default=0, help="ranks, dp x sp; default --sp (dp 1)")
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="decoder layers recomputed in backward (grpo.py's default: on)")
     ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per rank to compare with; default 80")
     a = ap.parse_args(argv)
-    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new,
-             a.micro_batch, a.dtype, not a.no_ref, a.shard)
+    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new, a.micro_batch,
+             a.dtype, a.kl_coef != 0, a.world or a.sp, a.fsdp, a.activation_checkpointing)
     print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, "
           f"{m['tokens']:,} per row, {m['tokens_per_rank']:,} per rank at sp={a.sp}")
-    for k in ("weights", "adam", "pixels", "video_embeds", "rollout", "no_grad_pass",
-              "training_pass", "peak"):
+    for k in ("weights", "ref", "grads", "adam", "state", "pixels", "video_embeds", "rollout",
+              "no_grad_pass", "training_pass", "peak"):
         print(f"{k:>14} | {m[k] / 2**30:9.2f} GiB")
     gb = {k: round(x / 2**30, 3) for k, x in m.items()
           if k not in ("tokens", "video_tokens", "tokens_per_rank")}

@@ -52,6 +52,8 @@ g = ap.add_argument_group("run")
 g.add_argument("--sp", type=int, default=1, help="ranks per SP group; world = dp x sp; default 1")
 g.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state over "
                "all ranks (FSDP2 fully_shard), not replicate; same updates; no-op in one process")
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+               help="keep each decoder layer's input only, recompute it in backward; default off")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
@@ -91,8 +93,10 @@ def main(args):
     model.model.visual.requires_grad_(train_vision)
     if args.sp > 1:  # fails here when the heads do not split over the SP ranks
         mr_sp.use_ulysses(model, args.sp)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable()
     fsdp = args.fsdp and par.world > 1  # one process holds everything either way
-    run = mr_sp.shard(model) if fsdp else (lambda fn, *a: fn(*a))
+    run = mr_sp.shard(model) if fsdp else mr_sp.call
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
@@ -145,8 +149,7 @@ def main(args):
                 loss = run(micro_loss, items[m0:m0 + args.micro_batch], n_tok)
                 loss.backward()
                 loss_sum += loss.item()
-            if not fsdp:  # FSDP has summed them already
-                mr_sp.sync_grads(params)
+            mr_sp.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)

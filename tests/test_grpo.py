@@ -114,10 +114,25 @@ def test_first_update_ratio_is_exactly_one(rollout_batch):
     model, tok, rows, _, _ = rollout_batch
     micro = [rows[:3], rows[3:]]
     args = type("A", (), dict(temperature=1.0))
-    old = grpo.no_grad_logprobs(model, tok, micro, args)
+    old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     for mb, o in zip(micro, old):
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, mb)  # with grad, as the update runs it
         assert lp.requires_grad and torch.equal((lp - o).exp()[mask.bool()], torch.ones(int(mask.sum())))
+
+
+def test_reference_equals_policy_at_step_0(rollout_batch, tmp_path):
+    """The reference as grpo.py loads it scores like the policy before any update (k3 exactly 0), in fp32 and
+    under --dtype bfloat16's autocast (a reference stored in bf16 was off by up to 0.12 on the tiny model)."""
+    model, tok, rows, _, _ = rollout_batch
+    M.save(model, tok, str(tmp_path))
+    policy, ref = M.load(str(tmp_path))[0], grpo.load_ref(str(tmp_path), "cpu")
+    args, lps = type("A", (), dict(temperature=0.9)), {}
+    for bf16 in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            (lp,), (ref_lp,) = (grpo.no_grad_logprobs(mr_sp.call, m, tok, [rows], args) for m in (policy, ref))
+        assert grpo.kl_estimate(lp, ref_lp, "k3").abs().max() == 0 and torch.equal(lp, ref_lp)
+        lps[bf16] = lp
+    assert (lps[True] - lps[False]).abs().max() > 1e-3  # bf16 did compute in bf16
 
 
 def update_args(**kw):
@@ -133,13 +148,13 @@ def test_update_moves_weights_and_nan_loss_skips_the_update(rollout_batch, capsy
     opt = torch.optim.AdamW(params, lr=1e-3)
     micro, args, stats = [rows[:4], rows[4:]], update_args(), {"skipped_updates": 0}
     before = [p.detach().clone() for p in params]
-    old = grpo.no_grad_logprobs(model, tok, micro, args)
+    old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     old[1] = old[1].clone()
     old[1][0, 0] = float("nan")  # a NaN reaches the loss
     grpo.update(args, grpo.Policy(model, tok, params, opt), micro, old, None, stats)
     assert stats["skipped_updates"] == 1 and "update skipped" in capsys.readouterr().err
     assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
-    old = grpo.no_grad_logprobs(model, tok, micro, args)
+    old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     with torch.no_grad():
         ents = [mr_sp.prefill_logprobs(model, tok, mb)[1:] for mb in micro]
     mean_entropy = sum(float((e * m).sum()) for e, m in ents) / sum(float(m.sum()) for _, m in ents)

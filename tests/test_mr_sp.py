@@ -16,6 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the torchrun command runs this file from tests/
+from torch.distributed.fsdp import FSDPModule
+
+import grpo
 import model as M
 import mr_sp
 
@@ -96,6 +99,40 @@ def worker(out):
                 finite=bool(torch.isfinite(lp2[valid]).all())))
         # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
         r["sp1_unchanged_by_switch"] = all(torch.equal(x, y) for x, y in zip(before, sp1_outputs(model, tok)))
+    # activation checkpointing: the same summed gradients at sp 1 and 2 (train mode: it is off in eval)
+    model, tok = M.load("tiny")
+    grpo.rl_params(model)
+    model.train()
+    rows = rows_of(model, tok, *CASES[1], group)
+    plain = [logprobs_and_grads(model, tok, rows, g)[3] for g in (None, group)]
+    model.gradient_checkpointing_enable()
+    ckpt = [logprobs_and_grads(model, tok, rows, g)[3] for g in (None, group)]
+    res["checkpointing_grad_diff"] = [max(max_diff(a[k], b[k]) for k in a) for a, b in zip(plain, ckpt)]
+    # FSDP: rollouts in `unsharded` (each rank decoding its own number of steps: per-layer gathers
+    # would hang) sample what the replicated model samples
+    model, tok = M.load("tiny", tie=False)  # as Qwen2.5-VL-7B: embeddings and lm_head are units too
+    grpo.rl_params(model)
+    rows, n = rows_of(model, tok, *CASES[0], None), 3 + 6 * rank
+    # and an untied model (embeddings and lm_head: units of their own) trains as the replicated one
+    untied, _ = M.load("tiny", tie=False)
+    grpo.rl_params(untied)
+    untied.train()
+    train_rows = rows_of(untied, tok, *CASES[1], None)
+    want_g = logprobs_and_grads(untied, tok, train_rows, None)[3]
+    run = mr_sp.shard(untied)
+    lp, ent, mask = run(mr_sp.prefill_logprobs, untied, tok, train_rows, 0.9)
+    w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+    (((lp * w + 0.1 * ent) * mask).sum() / mask.sum() / 2).backward()  # both ranks: the same rows
+    got_g = {k: p.grad.full_tensor() for k, p in untied.named_parameters() if p.requires_grad}
+    res["fsdp_untied_grad_diff"] = max(max_diff(want_g[k], got_g[k]) for k in want_g)
+    res["fsdp_untied_units"] = sum(isinstance(m, FSDPModule) for m in untied.modules())
+    want = mr_sp.rollout(model, tok, rows, 2, seeds=[1, 2], max_new=n, temperature=0.7, top_p=0.9)
+    run = mr_sp.shard(model)
+    got = mr_sp.unsharded(run, mr_sp.rollout, model, tok, rows, 2, seeds=[1, 2], max_new=n,
+                          temperature=0.7, top_p=0.9)
+    same = torch.tensor([float(all(torch.equal(a, b) for a, b in zip(want, got)))])
+    res["fsdp_rollout_equal_on_all_ranks"] = bool(mr_sp.all_reduce(same) == 2)
+    res["fsdp_rollout_lengths"] = [want[0].shape[1], got[0].shape[1]]
     model, tok = M.load("tiny", hidden=96, heads=3, kv_heads=1, layers=1, vision_hidden=64, vision_heads=2)
     try:
         mr_sp.prefill_logprobs(model, tok, rows_of(model, tok, *CASES[2], group), group=group)
@@ -138,6 +175,21 @@ def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
         assert c["finite"] and c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5, c
         assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c  # gradients that are not all ~0
     assert measured[config]["sp1_unchanged_by_switch"]
+
+
+def test_activation_checkpointing_gradients_equal(measured):
+    """Every decoder layer recomputed in backward: the unchecked gradients, sp 1 and sp 2 (fp32)."""
+    assert all(d <= 1e-6 for d in measured["checkpointing_grad_diff"]), measured["checkpointing_grad_diff"]
+
+
+def test_fsdp_rollout_gathers_once_and_equals_replicated(measured):
+    assert measured["fsdp_rollout_equal_on_all_ranks"] and measured["fsdp_rollout_lengths"][1] > 1
+
+
+def test_fsdp_untied_gradients_equal_replicated(measured):
+    """Untied embeddings and lm_head are FSDP units of their own (3 layers + 2, vision frozen, plus the
+    root): the summed gradients of a training pass equal the replicated model's."""
+    assert measured["fsdp_untied_units"] == 3 + 2 and measured["fsdp_untied_grad_diff"] <= 1e-6
 
 
 def test_bad_configs_fail_clearly(measured, monkeypatch):

@@ -6,6 +6,7 @@ and a short pipeline shows signs of learning.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -129,18 +130,23 @@ def test_resume_after_kill_equals_uninterrupted(task, tmp_path, script):
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise: same data, seeds, optimizer state
 
 
+def with_broken_video(task, data, k):
+    """A copy of the task whose k-th row in both scripts' seed-0 data order has an unreadable video."""
+    shutil.copytree(task, data)
+    (data / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    rows = (data / "train.jsonl").read_text().splitlines()
+    bad = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[k].item()  # sft.epoch_order(0, 0, n)
+    rows[bad] = json.dumps(json.loads(rows[bad]) | {"video": "videos/broken.mp4"})
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def test_fsdp_equals_one_process_and_resumes(task, tmp_path):
     """sft.py --fsdp on 2 processes, data parallel and --sp 2, gives one process's parameters and metrics after
     two steps, with a bad video in rank 1's share of step 1 (that rank runs a weight-0 copy in its place: FSDP
     needs as many passes on every rank); and a --fsdp run stopped after a checkpoint and resumed ends bitwise
     equal to the uninterrupted one."""
     data = tmp_path / "data"
-    shutil.copytree(task, data)
-    (data / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
-    rows = (data / "train.jsonl").read_text().splitlines()
-    bad = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[3].item()  # sft.epoch_order(0, 0, n)
-    rows[bad] = json.dumps(json.loads(rows[bad]) | {"video": "videos/broken.mp4"})
-    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    with_broken_video(task, data, 3)
     # lr 1e-4 and a constant schedule: see the SP test on the lr; a run of --steps 1 is then the first step of 2
     cmd = SFT + ["--data", str(data), "--lr", "1e-4", "--schedule", "constant"]
     run(*cmd, "--steps", "2", "--out", str(tmp_path / "one"))
@@ -156,6 +162,39 @@ def test_fsdp_equals_one_process_and_resumes(task, tmp_path):
     run(*cmd, "--steps", "2", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"), nproc=2)
     assert [m["step"] for m in metrics(tmp_path / "resumed")] == [1, 2]
     full, resumed = weights(tmp_path / "fsdp" / "model"), weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_grpo_fsdp_equals_one_process_and_resumes(task, tmp_path):
+    """grpo.py --fsdp on 2 processes, data parallel and --sp 2, gives one process's parameters after two steps,
+    with a bad video in rank 1's share of step 1 (fewer rollouts there: its missing micro-batches are run as
+    weight-0 copies, as FSDP needs as many passes on every rank); the saved folder is the replicated run's; a
+    --fsdp run SIGKILLed after a checkpoint and resumed ends bitwise equal to the uninterrupted one."""
+    data = tmp_path / "data"
+    with_broken_video(task, data, 2)  # grpo.py's order: rank 1 reads positions 2, 3 of 4
+    # lr 1e-4: see the SP test; --micro-batch 4: rank 0 runs 2 micro-batches, rank 1 one (+ a copy)
+    cmd = GRPO + ["--data", str(data), "--lr", "1e-4", "--mini-batches", "1", "--micro-batch", "4",
+                  "--no-dynamic-sampling"]
+    run(*cmd, "--steps", "2", "--out", str(tmp_path / "one"))
+    assert metrics(tmp_path / "one")[0]["groups"] == 3
+    run("model.py", "save", "--out", str(tmp_path / "init"))
+    one = weights(tmp_path / "one" / "model")
+    assert max_diff(one, weights(tmp_path / "init")) > 1e-5  # the steps moved the weights
+    for name, extra in (("fsdp", []), ("sp", ["--sp", "2"])):
+        run(*cmd, "--steps", "2", "--fsdp", *extra, "--out", str(tmp_path / name), nproc=2)
+        assert max_diff(one, weights(tmp_path / name / "model")) <= 1e-5, name
+    assert sorted(os.listdir(tmp_path / "one" / "model")) == sorted(os.listdir(tmp_path / "fsdp" / "model"))
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                         + cmd + ["--steps", "2", "--fsdp", "--save-every", "1", "--out", str(killed)], cwd=ROOT,
+                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while not (killed / "model" / "state.pt").exists() and p.poll() is None:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers, at once
+    p.wait()
+    assert torch.load(killed / "model" / "state.pt", weights_only=True)["step"] == 1
+    run(*cmd, "--steps", "2", "--fsdp", "--resume", "--out", str(killed), nproc=2)
+    full, resumed = weights(tmp_path / "fsdp" / "model"), weights(killed / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
