@@ -4,6 +4,7 @@
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10  # a quick look
     python bench.py mrsp  # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour  # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
+    python bench.py planner  # mr_sp.plan vs measured step peaks: tiny/small, sp 1/2, each option (~8 min)
     python bench.py step --frames 256 --variants cache,reencode --repeats 3  # mrsp/hour's GRPO step
     torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training prefill + backward
     $(bash .ci/vllm_env | tail -1) bench.py rollout  # vLLM (CPU build) vs our engine, tokens/s
@@ -16,7 +17,7 @@ mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
 alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training prefill +
 backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
-measured peaks, engine_vs_naive (model.generate over generate_naive tokens/s; equal greedy tokens?).
+those passes, engine_vs_naive (model.generate over generate_naive tokens/s; equal greedy tokens?).
 hour: step time, phases, peak memory per rank (resident set, Python runtime included), 3,600-frame
 video, tiny model, sp=2; last line JSON: frames, step_s, peak_mem_gb_per_rank. Workers: fresh
 one-thread processes (shared machine, noisy timings: every comparison is side by side in one run).
@@ -83,8 +84,12 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--repeats", type=int, default=1, help="steps/variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
     p.add_argument("--fsdp", action="store_true", help="grpo.py --fsdp (sharded over the ranks)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="grpo.py's flag")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=grpo.ap.get_default("activation_checkpointing"), help="grpo.py's flag and default")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
+pp = sub.add_parser("planner", help="mr_sp.plan vs measured GRPO step peaks, each grpo.py option")
+pp.add_argument("--frames", type=int, default=512, help="frames of the video; default 512")
+pp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
 rp.add_argument("--model", default="tiny", help="HF folder or 'tiny' (built in code); default tiny")
 rp.add_argument("--prompts", type=int, default=8, help="prompts per call; default 8")
@@ -96,6 +101,13 @@ rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t
 rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine, alternating; default 15")
 rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                 help="weights dtype; default float32")
+
+
+CKPT = grpo.ap.get_default("activation_checkpointing")  # what step and prefill run unless told
+
+
+def ckpt_flag(on):
+    return "--activation-checkpointing" if on else "--no-activation-checkpointing"
 
 
 def sh(*cmd, log=sys.stdout, env=None):
@@ -202,7 +214,7 @@ def worker_setup(args, ref=True):
     gargs = grpo.ap.parse_args(
         ["--init", "tiny", "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),
          "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed)]
-        + ["--fsdp"] * args.fsdp + ["--activation-checkpointing"] * args.activation_checkpointing
+        + ["--fsdp"] * args.fsdp + [ckpt_flag(args.activation_checkpointing)]
         + ([] if ref else ["--kl-coef", "0"]))
     policy = grpo.build_policy(gargs, par, "tiny", **(mr_sp.SMALL if args.config == "small" else {}))
     return par, base, gargs, policy
@@ -382,19 +394,12 @@ def mrsp(args):
         out[f"max_frames_sp{sp}"], out[f"max_frames_sp{sp}_measured_gb"] = largest_fitting(
             sp, args.cap_gb, {args.long: long[sp]["pass_gb_per_rank"]})
     out["cap_gb"] = args.cap_gb
-    # 4. the planner vs measured peaks: GRPO steps (tiny, small) and the long training passes above
+    # 4. the planner vs the long training passes above (bench.py planner: whole steps, each option)
     out["planner"] = {}
-    for config in ("tiny", "small"):
-        r = launch(["step", "--config", config, "--frames", 512, "--max-new", args.max_new])
-        text = r["prompt_tokens"] - r["video_tokens"]
-        est = mr_sp.plan(mr_sp.plan_config(config), 512, 1, 56 * 56, text, 8, args.max_new, 8,
-                         "float32")["peak"] / 2**30
-        got = r["cache"]["first_step_gb_per_rank"]
-        out["planner"][f"{config}_step_512f"] = dict(
-            estimate_gb=round(est, 3), measured_gb=round(got, 3), ratio=round(est / got, 3))
     for sp, r in long.items():
         est = mr_sp.plan(mr_sp.plan_config("small"), args.long, sp, 56 * 56,
-                         r["tokens"] - r["video_tokens"] - 64, 1, 64, 1, "float32")["training_pass"] / 2**30
+                         r["tokens"] - r["video_tokens"] - 64, 1, 64, 1, "float32",
+                         ckpt=CKPT)["training_pass"] / 2**30
         out["planner"][f"small_pass_{args.long}f_sp{sp}"] = dict(
             estimate_gb=round(est, 3), measured_gb=round(r["pass_gb_per_rank"], 3),
             ratio=round(est / r["pass_gb_per_rank"], 3))
@@ -415,6 +420,28 @@ def mrsp(args):
     print(json.dumps(out))
 
 
+def planner(args):
+    """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
+    56x56 frames): tiny and small models, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
+    processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
+    out = {}
+    for config in ("tiny", "small"):
+        for sp in (1, 2):
+            for opt in ("plain", "fsdp", "checkpointing"):
+                nproc, ckpt = 2 if opt == "fsdp" else sp, opt == "checkpointing"
+                r = launch(["step", "--config", config, "--frames", args.frames, "--max-new", args.max_new,
+                            ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
+                m = mr_sp.plan(mr_sp.plan_config(config), args.frames, sp, 56 * 56,
+                               r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
+                               True, nproc, opt == "fsdp", ckpt)
+                got = r["cache"]["first_step_gb_per_rank"]
+                out[f"{config} sp{sp} {opt}"] = dict(estimate_gb=round(m["peak"] / 2**30, 3),
+                                                     measured_gb=round(got, 3),
+                                                     ratio=round(m["peak"] / 2**30 / got, 3))
+                print(f"{config} sp{sp} {opt}: {json.dumps(out[f'{config} sp{sp} {opt}'])}", flush=True)
+    print(json.dumps(out))
+
+
 def hour(args):
     """One GRPO step on 3,600 frames (an hour at 1 fps), tiny model, sp=2: step under torchrun."""
     t0 = time.time()
@@ -423,7 +450,7 @@ def hour(args):
     c = r["cache"]
     est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size,
                      r["prompt_tokens"] - r["video_tokens"], args.G, args.max_new, args.G,
-                     "float32")["peak"] / 2**30
+                     "float32", ckpt=CKPT)["peak"] / 2**30
     print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, "
           f"sp=2: step {c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items())
           + f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above "
@@ -479,4 +506,4 @@ def rollout(args):
 if __name__ == "__main__":
     args = ap.parse_args()
     {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour,
-     "rollout": rollout}[args.cmd](args)
+     "rollout": rollout, "planner": planner}[args.cmd](args)

@@ -1,6 +1,6 @@
 """MR-SP: Multi-modal Reinforcement Sequence Parallelism, the system side of long-video RL.
 
-    python mr_sp.py plan --frames 3600 --sp 8  # per-rank memory of a GRPO step, Qwen2.5-VL-7B
+    python mr_sp.py plan --frames 3600 --sp 8 --fsdp  # per-rank memory of a GRPO step, Qwen2.5-VL-7B
     python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
 
 What every stage calls for its videos and its long sequences:
@@ -11,8 +11,9 @@ What every stage calls for its videos and its long sequences:
 - `rollout`: tokens and log-probs from the one engine entry: ours (model.generate: prompt prefilled
   once, KV cache copied into G rows decoding together) or vLLM's (`vllm_engine`, cached embeddings).
 - `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy).
-- `shard` (sft.py --fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`;
-  `full_state` and `load_optimizer` write and restore its checkpoints in the replicated format.
+- `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
+  runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
+  weights gathered once); `full_state` and `load_optimizer` keep checkpoints in the replicated format.
 - `open_log`, `log_step`: a run's args.json and metrics.jsonl.
 
 With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
@@ -28,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 import zlib
 
 import torch
@@ -148,6 +150,9 @@ def shard(model, params=None):
     rank's share of the global mean, where FSDP would average. A divide factor of 1 alone reduces
     with PREMUL_SUM, which gloo rejects; forcing SUM collectives makes it a plain sum."""
     from torch.distributed.fsdp import fully_shard
+    # FSDP warns that an in-place op on a view it returns would skip its backward hook: our passes
+    # return log-probs sliced from one tensor (views) and never change them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     params = {p for p in model.parameters() if p.requires_grad} if params is None else set(params)
     blocks = list(model.model.language_model.layers) + list(getattr(model.model.visual, "blocks", []))
     if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
@@ -487,28 +492,31 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one
     video prompt per data-parallel rank: the components and the peak.
 
-    Held all step: fp32 policy weights (+ a `dtype` reference copy), AdamW's two fp32 states, the
-    video's pixel rows (all on every rank) and cached embeddings; `shard` divides the first three
-    (FSDP/ZeRO-3 over that many ranks, as Long-RL; this code replicates: 1). Plus the largest phase:
+    Held all step: fp32 policy weights and its reference (the language model), AdamW's two fp32
+    states, the video's pixel rows (all on every rank) and cached embeddings; `fsdp` divides the
+    first three by `world` (default sp). Plus the largest phase:
     - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs all of it);
+      with fsdp, the whole policy gathered (`unsharded`);
     - no-grad pass (old, reference; sequence-parallel): a micro-batch's largest layer intermediates;
     - training pass: autograd's saved values per token and layer, counted on our path with
       torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
       Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output: one more
-      copy); plus fp32 gradients, the lm_head chunk recomputed in backward (chunk x vocab logits,
-      about 6 fp32 copies), one layer's backward intermediates, and at sp=1 with ragged rows the
-      (B, L, L) mask, a float copy saved by every layer's SDPA (Ulysses: none for right padding).
-    Layer-level terms (no Python, allocator slack, small buffers). `python bench.py mrsp` checks it
-    against peak RSS on CPU (tiny and small models, whole steps and single passes, sp=1 and 2).
+      copy); `ckpt` (activation checkpointing) keeps d per token and layer, and one layer's values
+      in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
+      (chunk x vocab logits, about 6 fp32 copies), or one layer's backward intermediates; at sp=1
+      with ragged rows the (B, L, L) mask, a float copy saved by every layer's SDPA (Ulysses: none
+      for right padding); with fsdp the units gathered (and their unsharded gradients); plus the
+      policy's fp32 gradients (`grads`, sharded with fsdp).
+    Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
+    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.86x to 1.04x measured).
 
-    Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8`;
-    bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per rank, peak
-    311 GiB per rank; 196 GiB with FSDP over the 8 ranks (--shard 8). The paper reports 3,600 frames
-    (about 256k tokens) of RL on one 8 x A100 node; this code misses it by two terms: the training
-    pass (202 GiB, 177 sharded: all activations are kept; per-layer checkpointing would keep one
-    d-vector per token and layer, 28,936 x 28 x 3584 x 2 B = 5.4 GiB, plus one layer's recompute)
-    and the rollout (129 GiB: G copies of the 231k-token prompt's KV cache and its unsplit prefill
-    on every rank, where vLLM shares the prompt's KV pages over G samples, prefilling in chunks)."""
+    Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
+    --fsdp`; bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per
+    rank. Policy weights, gradients and AdamW 14.5 GiB per rank (116 replicated), the reference 3.5
+    (28.4), the training pass 16.9 (202 without checkpointing). The peak, 180 GiB per rank, is the
+    rollout's 160: G copies of the 231k-token prompt's KV cache and its unsplit prefill on every
+    rank, plus the gathered policy; vLLM shares the prompt's KV pages over G samples and prefills in
+    chunks. The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t = config.get_text_config()
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
@@ -537,7 +545,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     m = dict(weights=4 * (lm + c["vision"]) / W, ref=4 * lm / W * ref, grads=4 * lm / W, adam=8 * lm / W,
              pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
     # backward: the head's (logits, its weights) then the layers' (a recompute, intermediates)
-    back = max(logits + 2 * fs["head"], b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
+    back = max(logits + 2 * fs["head"],
+               b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
     phase = dict(rollout=(b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d)
                           + (4 * (lm + c["vision"]) if W > 1 else 0)),
                  no_grad_pass=(b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0)

@@ -52,8 +52,9 @@ g = ap.add_argument_group("run")
 g.add_argument("--sp", type=int, default=1, help="ranks per SP group; world = dp x sp; default 1")
 g.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state over "
                "all ranks (FSDP2 fully_shard), not replicate; same updates; no-op in one process")
-g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-               help="keep each decoder layer's input only, recompute it in backward; default off")
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+               help="keep each decoder layer's input only, recompute the layer in backward: a 4,096-"
+               "frame pass 0.26x the memory, 1.25x the time; default on")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
