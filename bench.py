@@ -4,6 +4,8 @@
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10  # a quick look
     python bench.py mrsp  # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour  # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
+    python bench.py engine  # rollout: memory G=8 vs 1, chunked prefill, sp=2 vs sp=1 time (~5 min)
+    python bench.py gpu  # the prepared GPU check: Qwen2.5-VL-3B-shaped random model, peak vs planner
     python bench.py planner  # mr_sp.plan vs measured step peaks: tiny/small, sp 1/2, each option (~8 min)
     python bench.py step --frames 256 --variants cache,reencode --repeats 3  # mrsp/hour's GRPO step
     torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training prefill + backward
@@ -71,7 +73,8 @@ hp.add_argument("--G", type=int, default=8, help="rollouts; default 8")
 hp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 hp.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
 for name, what in (("step", "one GRPO step on one synthetic video: phase times, peak memory"),
-                   ("prefill", "training prefill + backward of one row (random video embeds), peak memory")):
+                   ("prefill", "training prefill + backward of one row (random video embeds), peak memory"),
+                   ("generate", "one rollout call, G samples of one prompt (random video embeds), memory")):
     p = sub.add_parser(name, help=what)
     p.add_argument("--config", default="small", choices=["tiny", "small"],
                    help="model (mr_sp.SMALL); default small")
@@ -84,9 +87,23 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--repeats", type=int, default=1, help="steps/variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
     p.add_argument("--fsdp", action="store_true", help="grpo.py --fsdp (sharded over the ranks)")
+    p.add_argument("--prefill-chunk", type=int, default=grpo.ap.get_default("prefill_chunk"),
+                   help="grpo.py's: rollout prefill tokens per forward (0: all)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    default=grpo.ap.get_default("activation_checkpointing"), help="grpo.py's flag and default")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
+ep = sub.add_parser("engine", help="rollout on one long prompt: memory vs G, chunked prefill, sp=2 time")
+ep.add_argument("--frames", type=int, default=8192, help="memory runs' video (2 tokens/frame); default 8192")
+ep.add_argument("--sp-frames", type=int, default=4096, help="sp=1 vs sp=2 timing runs' video; default 4096")
+ep.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
+ep.add_argument("--repeats", type=int, default=3, help="timing runs per sp, alternating; default 3")
+gp = sub.add_parser("gpu", help="the prepared GPU check: random Qwen2.5-VL-3B, GRPO steps, memory vs planner")
+gp.add_argument("--frames", default="256,1024,2048", help="comma list; default 256,1024,2048")
+gp.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
+gp.add_argument("--max-new", type=int, default=128, help="response tokens; default 128")
+gp.add_argument("--micro-batch", type=int, default=1, help="rows per training pass; default 1")
+gp.add_argument("--config", default="qwen2.5-vl-3b", help="mr_sp.plan_config name; default qwen2.5-vl-3b")
+gp.add_argument("--device", default="cuda", help="cuda, or cpu: a smoke run (--config small); default cuda")
 pp = sub.add_parser("planner", help="mr_sp.plan vs measured GRPO step peaks, each grpo.py option")
 pp.add_argument("--frames", type=int, default=512, help="frames of the video; default 512")
 pp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
@@ -213,7 +230,8 @@ def worker_setup(args, ref=True):
     base = rss()[0]  # the Python runtime: everything the planner counts comes above it
     gargs = grpo.ap.parse_args(
         ["--init", "tiny", "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),
-         "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed)]
+         "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed),
+         "--prefill-chunk", str(args.prefill_chunk)]
         + ["--fsdp"] * args.fsdp + [ckpt_flag(args.activation_checkpointing)]
         + ([] if ref else ["--kl-coef", "0"]))
     policy = grpo.build_policy(gargs, par, "tiny", **(mr_sp.SMALL if args.config == "small" else {}))
@@ -233,6 +251,8 @@ def step(args):
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
     every row of every pass. One line per step, then JSON: median times, the first measured step's
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
+    # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
+    warm, s = video_sample(16, args.size), video_sample(args.frames, args.size)
     par, base, gargs, policy = worker_setup(args)
     model, tok, stats = policy.model, policy.tok, collections.Counter()
     reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G * gargs.epochs)
@@ -252,8 +272,7 @@ def step(args):
         rec["step"] = dict(s=sum(r["s"] for r in rec.values()), gb=max(r["gb"] for r in rec.values()))
         return rec, out["response_len"] * args.G
 
-    run(0, video_sample(16, args.size), "cache")  # warm-up, untimed
-    s = video_sample(args.frames, args.size)
+    run(0, warm, "cache")  # warm-up, untimed
     res = {v: [] for v in args.variants.split(",")}
     for i in range(args.repeats):
         for v in list(res)[::1 if i % 2 == 0 else -1]:  # alternating, so a slow spell hits both
@@ -283,26 +302,51 @@ def step(args):
     mr_sp.shutdown()
 
 
+def long_prompt(args, model, tok):
+    """A --frames video prompt (random embeddings as if encoded; 56x56 frames, 2 tokens a frame),
+    as mr_sp.prepare returns it, and the generator that made it."""
+    side = args.size // 28
+    s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
+    ids, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
+    g = torch.Generator().manual_seed(args.seed)
+    video = torch.randn(args.frames // 2 * side ** 2, model.config.text_config.hidden_size, generator=g)
+    return dict(prompt=ids, pos=pos, video=video, grid_thw=s["grid_thw"], second_per_grid=2.0), g
+
+
+def generate(args):
+    """One rollout call as grpo.py's collect makes it (mr_sp.rollout under `unsharded`): --G samples
+    of --max-new tokens of one --frames prompt; --sp peers split the samples. Peak memory per rank
+    above that before it (weights, prompt resident) and time; last line JSON."""
+    par, base, gargs, policy = worker_setup(args, ref=False)
+    prompt, _ = long_prompt(args, policy.model, policy.tok)
+    rec = {}
+    with measured(rec, "rollout", rss()[0]):
+        toks, _, lens = mr_sp.unsharded(policy.run, mr_sp.rollout, policy.model, policy.tok, [prompt], args.G,
+                                        [args.seed], max_new=args.max_new, group=par.group,
+                                        chunk=gargs.prefill_chunk)
+    out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G, chunk=gargs.prefill_chunk,
+               tokens=len(prompt["prompt"]), generated=int(lens.sum()),
+               rollout_s=gather_max(rec["rollout"]["s"]),
+               rollout_gb_per_rank=gather_max(rec["rollout"]["gb"]))
+    if par.rank == 0:
+        print(json.dumps(out), flush=True)
+    mr_sp.shutdown()
+
+
 def prefill(args):
     """One training prefill + backward of --G rows (default 1), a --frames video and --max-new token
     response: the pass's peak memory above that before it (weights, inputs resident)."""
     par, base, gargs, policy = worker_setup(args, ref=False)
     model, tok = policy.model.train(), policy.tok
-    side = args.size // 28
-    s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
-    prompt, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
-    g = torch.Generator().manual_seed(args.seed)
-    hidden = model.config.text_config.hidden_size
-    video = torch.randn(args.frames // 2 * side ** 2, hidden, generator=g)  # as if encoded
-    rows = [dict(prompt=prompt, pos=pos, video=video,
-                 response=torch.randint(20, 500, (args.max_new,), generator=g).tolist())
+    prompt, g = long_prompt(args, model, tok)
+    rows = [dict(prompt, response=torch.randint(20, 500, (args.max_new,), generator=g).tolist())
             for _ in range(args.G)]
     rec = {}
     with measured(rec, "pass", rss()[0]):
         lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, rows, 1.0, par.group)
         ((lp * mask).sum() / mask.sum()).backward()
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
-               tokens=len(prompt) + args.max_new, video_tokens=len(video),
+               tokens=len(prompt["prompt"]) + args.max_new, video_tokens=len(prompt["video"]),
                pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
                peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
     if par.rank == 0:
@@ -420,6 +464,104 @@ def mrsp(args):
     print(json.dumps(out))
 
 
+def engine(args):
+    """bench.py generate (small model, one prompt, G samples) as issue 12 measures the engine: the
+    rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
+    unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
+    run = lambda *a, sp=1, timing=False: launch(["generate", "--max-new", args.max_new, *a], sp,  # noqa: E731
+                                                 quiet=True, timing=timing)
+    mem = {G: run("--frames", args.frames, "--G", G) for G in (1, 8)}
+    whole = run("--frames", args.frames, "--G", 8, "--prefill-chunk", 0)
+    times = {1: [], 2: []}
+    for i in range(args.repeats):
+        for sp in (1, 2)[::1 if i % 2 == 0 else -1]:
+            times[sp].append(run("--frames", args.sp_frames, "--G", 8, sp=sp, timing=True)["rollout_s"])
+    gb = lambda r: r["rollout_gb_per_rank"]  # noqa: E731
+    plan = lambda r: mr_sp.plan(mr_sp.plan_config("small"), args.frames, 1, 56 * 56,  # noqa: E731
+                                r["tokens"] - 2 * args.frames, r["G"], args.max_new, 1, "float32",
+                                prefill_chunk=r["chunk"])["rollout"] / 2**30
+    out = dict(tokens=mem[1]["tokens"], gb_G1=gb(mem[1]), gb_G8=gb(mem[8]),
+               G8_over_G1=gb(mem[8]) / gb(mem[1]),
+               gb_unchunked=gb(whole), chunked_over_unchunked=gb(mem[8]) / gb(whole),
+               planner_over_measured={f"G{r['G']} chunk {r['chunk']}": plan(r) / gb(r)
+                                      for r in (*mem.values(), whole)},
+               sp_tokens=args.sp_frames * 2, s_sp1=times[1], s_sp2=times[2],
+               sp2_over_sp1=statistics.median(b / a for a, b in zip(times[1], times[2])))
+    print(json.dumps(out))
+
+
+def gpu(args):
+    """One GRPO step (grpo.step, bf16, activation checkpointing, G samples of --max-new tokens, a
+    micro-batch of --micro-batch rows) per frame count on one GPU, with random weights shaped as
+    Qwen2.5-VL-3B (no download; the tiny tokenizer, so sampled text is meaningless: a stand-in
+    reward) and random pixels (no video decoding; 448x224 frames, 64 tokens a frame). Per frame
+    count: the planner's peak and phases next to torch.cuda.max_memory_allocated's, and the step's
+    time split. Last line JSON. Needs torch and transformers only; about 5 minutes on an H100."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    dev, tok = torch.device(args.device), M.tiny_tokenizer()
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config small: a smoke run)")
+    cuda = dev.type == "cuda"
+    cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)  # the config's shapes, tiny's token ids
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(cfg, k, getattr(ids, k))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg.text_config, k, getattr(ids.text_config, k))
+    cfg._attn_implementation = M.attn_implementation(dev)
+    par = mr_sp.init_parallel(1)
+    with torch.device(dev):
+        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    ref = grpo.copy_ref(model)
+    params = grpo.rl_params(model)
+    model.gradient_checkpointing_enable()
+    gargs = grpo.ap.parse_args(["--init", "tiny", "--prompts", "1", "--G", str(args.G), "--max-new",
+                                str(args.max_new), "--micro-batch", str(args.micro_batch),
+                                "--dtype", "bfloat16", "--no-dynamic-sampling"])
+    policy = grpo.Policy(model, tok, params, torch.optim.AdamW(params, lr=gargs.lr), ref)
+    out = {}
+    for i, frames in enumerate(int(f) for f in args.frames.split(",")):
+        g = torch.Generator().manual_seed(i)
+        s = dict(id=f"gpu-{frames}", question="What happens in this video?", options=["a", "b", "c", "d"],
+                 pixel_values=torch.randn(frames // 2 * 16 * 32, 1176, generator=g), second_per_grid=2.0,
+                 grid_thw=torch.tensor([[frames // 2, 16, 32]]))
+        peaks = {}
+
+        @contextlib.contextmanager
+        def phase(name):  # peak allocated on the GPU (CPU smoke run: resident set, as bench.py step)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                yield
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            else:
+                with measured(rec_cpu, name, 0):
+                    yield
+                peaks[name] = rec_cpu[name]["gb"]
+
+        rec_cpu = {}
+        with torch.autocast(dev.type, torch.bfloat16):
+            rec = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
+                            lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
+                            phase)[0]
+        m = mr_sp.plan(cfg, frames, 1, 16 * 32 * 14 * 14, rec_prompt_text(policy, s), args.G, args.max_new,
+                       args.micro_batch, "bfloat16", ckpt=True)
+        out[frames] = dict(peak_gb=max(peaks.values()), planned_gb=m["peak"] / 2**30,
+                           phases_gb={k: round(v, 2) for k, v in peaks.items()},
+                           planned_phases_gb={k: round(m[k] / 2**30, 2) for k in ("rollout", "no_grad_pass",
+                                                                                  "training_pass")},
+                           seconds={k[5:]: round(v, 1) for k, v in rec.items() if k.startswith("time_")})
+        r = out[frames]
+        print(f"{frames} frames: peak {r['peak_gb']:.1f} GiB (planner {r['planned_gb']:.1f})",
+              r["seconds"], flush=True)
+    print(json.dumps(out))
+
+
+def rec_prompt_text(policy, s):
+    """Prompt tokens besides the video's: the planner's `text`."""
+    ids = mr_sp.prompt_of(policy.model, policy.tok, s, D.question_text(s))[0]
+    return len(ids) - int(s["grid_thw"].prod()) // 4
+
+
 def planner(args):
     """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
     56x56 frames): tiny and small models, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
@@ -506,4 +648,5 @@ def rollout(args):
 if __name__ == "__main__":
     args = ap.parse_args()
     {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour,
-     "rollout": rollout, "planner": planner}[args.cmd](args)
+     "rollout": rollout, "planner": planner, "generate": generate, "engine": engine,
+     "gpu": gpu}[args.cmd](args)

@@ -45,7 +45,7 @@ ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 ap.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
 ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
 ap.add_argument("--engine", default="own", choices=["own", "vllm"],
-                help="own (model.generate) or vllm (one process; needs vllm); default own")
+                help="own (model.generate) or vllm (one process only; needs vllm); default own")
 ap.add_argument("--vllm-mem", type=float, default=0.7,
                 help="vllm: GPU memory share for weights and KV cache; default 0.7 (CPU: ignored)")
 ap.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
@@ -154,6 +154,8 @@ def main(args):
     for path in paths:
         model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=par.device)
         if args.engine == "vllm":  # one engine; a later model of the comparison is synced into it
+            if par.world > 1:  # vLLM's engines under torchrun step in lockstep; our rows are uneven
+                raise SystemExit("eval.py --engine vllm runs in one process")
             if llm is None:
                 llm = mr_sp.vllm_engine(model, tok, path, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
             else:

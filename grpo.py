@@ -17,9 +17,11 @@ The variant that runs, exactly:
    vision tower encodes a prompt's video once, for its G rollouts and the old-policy, reference and
    policy passes (mr_sp.py); --sp splits the encode and the three passes over the SP group's ranks.
 2. G samples per prompt at --temperature, --top-p, up to --max-new tokens; vision special tokens
-   masked out of the policy. Seeded per (seed, step, prompt): a global batch samples the same tokens
-   on any number of ranks. --engine vllm: vLLM gets each prompt with its cached embeddings once
-   (n = G, same seed key), and the weights in place after each step (on GPU it sleeps in training).
+   masked out of the policy. Sample j of a prompt is seeded by (seed, step, prompt) + j: a global
+   batch samples the same tokens on any number of ranks; --sp peers split each prompt's G samples.
+   Our engine holds a prompt's KV cache once for its G samples. --engine vllm: vLLM gets each
+   prompt with its cached embeddings once (n = G, or G/sp per SP peer; same seed key), and the
+   weights in place after each step (on GPU it sleeps in training).
 3. Reward r = 0.9 * accuracy + 0.1 * format: format is a fullmatch of
    `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
    ground truth (letter, number or normalized text). --reward module:function replaces it.
@@ -39,6 +41,7 @@ The variant that runs, exactly:
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import importlib
 import json
@@ -71,8 +74,10 @@ g.add_argument("--temperature", type=float, default=1.0, help="sampling temperat
 g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; default 1.0 (off)")
 g.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
 g.add_argument("--prompts", type=int, default=8, help="prompts per step over all ranks; default 8")
+g.add_argument("--prefill-chunk", type=int, default=1024,
+               help="rollout prefill, tokens per forward (0: whole prompt); default 1024")
 g.add_argument("--engine", default="own", choices=["own", "vllm"],
-               help="own (model.generate) or vllm (one process; needs vllm); default own")
+               help="own (model.generate) or vllm (an engine a rank; needs vllm); default own")
 g.add_argument("--vllm-mem", type=float, default=0.5,
                help="vllm: GPU memory share for weights and KV cache; default 0.5 (CPU: ignored)")
 g.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
@@ -180,8 +185,14 @@ def load_ref(path, device, **tiny_kwargs):
     """The KL term's reference: the initial policy, stored and run as the policy is (fp32 weights;
     under --dtype bfloat16 the same autocast), so at step 0 both give the same log-probs. Without
     the vision tower: it never runs, the policy's frozen tower encodes each video for both."""
-    ref = M.load(path, device=device, **tiny_kwargs)[0].requires_grad_(False)
-    ref.model.visual = None
+    return copy_ref(M.load(path, device=device, **tiny_kwargs)[0])
+
+
+def copy_ref(model):
+    """A frozen copy of model without its vision tower (what load_ref returns)."""
+    visual, model.model.visual = model.model.visual, None
+    ref = copy.deepcopy(model).requires_grad_(False)
+    model.model.visual = visual
     return ref
 
 
@@ -200,10 +211,11 @@ def build_policy(args, par, src, **tiny_kwargs):
     run, run_ref = mr_sp.call, mr_sp.call
     if args.fsdp and par.world > 1:  # one process holds everything either way
         # the frozen tower too: it runs only in the step's collect, where `unsharded` gathers all
-        run = mr_sp.shard(model, model.parameters())
+        dtype = getattr(torch, args.dtype)
+        run = mr_sp.shard(model, model.parameters(), dtype)
         params = [p for p in model.parameters() if p.requires_grad]  # now sharded
         if ref is not None:
-            run_ref = mr_sp.shard(ref, ref.parameters())
+            run_ref = mr_sp.shard(ref, ref.parameters(), dtype)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     return Policy(model, tok, params, opt, ref, run=run, run_ref=run_ref)
 
@@ -269,25 +281,27 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
     read(positions): the samples at those data-order positions, minus bad videos."""
     per = want = args.prompts // par.dp
     k, rows, scored = 0, [], []
-    while want > 0:
+    lockstep = policy.llm is not None and par.world > 1  # vLLM's engines: every rank, every round
+    while want > 0 or lockstep:
         at = prompt_positions(cursor, par.dp_rank, par.dp, per, k, want)
         k += want
         with timed("encode"):
             samples = read(at)
             prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group)
                        for s in samples]
-        if samples:
-            # SP peers run this same rollout and get the same tokens (same weights, bit-identical
-            # video embeddings, same seeds); splitting the G samples over the peers would go here.
+            samples = [{k: v for k, v in s.items() if k != "pixel_values"} for s in samples]  # encoded
+        if samples or lockstep:
+            # SP peers split each prompt's G samples (seeded per sample) and exchange them
             with timed("rollout"):
                 out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
                                     [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
-                                    max_new=args.max_new, temperature=args.temperature, top_p=args.top_p)
+                                    max_new=args.max_new, temperature=args.temperature, top_p=args.top_p,
+                                    group=par.group, chunk=args.prefill_chunk)
             kept, sc = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
             rows, scored, want = rows + kept, scored + sc, want - len(kept) // args.G
-        if not args.dynamic_sampling:
+        if not args.dynamic_sampling or (lockstep and not mr_sp.all_reduce(torch.tensor([want]), "max")):
             break
-        if k > 8 * per:  # else a never-formatting policy (from scratch) reads the whole dataset
+        if want > 0 and k > 8 * per:  # else a never-formatting policy (from scratch) reads all the data
             raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and still short "
                                "of groups whose rewards differ (a policy that never answers, a "
                                "reward that cannot tell samples apart, or unreadable videos?); "

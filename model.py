@@ -5,7 +5,8 @@
     python model.py save --out DIR     # write the tiny model as a Hugging Face folder
 
 In order: the tiny model (tokenizer, config), load/save, encode video, splice, our M-RoPE positions,
-batch layout, forward, per-token log-probs, KV-cache generate and its naive no-cache reference.
+batch layout, forward, per-token log-probs, generation (chunked `prefill` into a KV cache, `decode`
+of n samples sharing it through `shared_prefix_attention`) and its naive no-cache reference.
 
 Conventions shared by every stage:
 - A video enters as (pixel_values, grid_thw, second_per_grid) from data.py; `encode_video` turns
@@ -292,10 +293,11 @@ def layout(prompts, prompt_pos, responses=None, pad_id=0):
 # -----------------------------------------------------------------------------
 # Forward and per-token log-probs.
 
-def forward(model, embeds, pos, mask=None, cache=None):
-    """Language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden)."""
+def forward(model, embeds, pos, mask=None, cache=None, **kw):
+    """Language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden).
+    kw reach the attention function (`shared_prefix_attention`'s prefix, Ulysses' group)."""
     out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
-                                      past_key_values=cache, use_cache=cache is not None)
+                                      past_key_values=cache, use_cache=cache is not None, **kw)
     return out.last_hidden_state
 
 
@@ -371,32 +373,85 @@ def _finish(toks, lps, eos, pad_id):
     return toks.masked_fill(after, pad_id), lps.masked_fill(after, 0.0), lengths
 
 
-@torch.no_grad()
-def generate(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
-             banned=None, pad_id=0, generator=None):
-    """Sample n responses of up to max_new tokens for each row of a left-padded prompt batch: embeds
-    (B, P, H), pos (3, B, P), mask (B, P). Each prompt is prefilled once and its KV cache copied
-    into n rows, which decode together. Returns tokens (B*n, T) (padding after EOS), their log-probs
-    (B*n, T) and lengths (B*n,) including EOS; rows of one prompt are adjacent."""
+def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, prefix=None, **kw):
+    """Decode attention of n samples per prompt (transformers' registry name "shared_prefix"): over
+    their prompt's KV cache, held once, and over each sample's own tokens so far, merged exactly by
+    the log-sum-exp of each part (as cascade / shared-prefix attention kernels do), so memory does
+    not grow with n. q (B*n, H, 1, D); k, v (B*n, Hkv, t, D): the samples' own keys and values,
+    never padded; prefix: dict(cache: the prompts' (B rows), mask: (B, P) their padding, n).
+    Returns (B*n, 1, H, D)."""
+    layer = prefix["cache"].layers[module.layer_idx]
+    kp, vp = layer.keys, layer.values  # (B, Hkv, P, D)
+    B, Hkv, P, D = kp.shape
+    n, g = prefix["n"], q.shape[1] // Hkv  # samples per prompt, query heads per KV head
+    qp = q.view(B, n, Hkv, g, D).transpose(1, 2).reshape(B, Hkv, n * g, D)  # a prompt's queries
+    s1 = (qp @ kp.transpose(-1, -2)).float() * scaling  # (B, Hkv, n*g, P)
+    s1 = s1.masked_fill(~prefix["mask"].bool()[:, None, None, :], float("-inf"))
+    s2 = (q.view(B * n, Hkv, g, D) @ k.transpose(-1, -2)).float() * scaling  # (B*n, Hkv, g, t)
+    lse1, lse2 = s1.logsumexp(-1, keepdim=True), s2.logsumexp(-1, keepdim=True)
+    o1 = (s1 - lse1).exp() @ vp.float()  # (B, Hkv, n*g, D): softmax over the prompt alone
+    o2 = (s2 - lse2).exp() @ v.float()  # (B*n, Hkv, g, D): over the sample's own tokens alone
+    o1 = o1.view(B, Hkv, n, g, D).transpose(1, 2).reshape(B * n, Hkv, g, D)
+    lse1 = lse1.view(B, Hkv, n, g, 1).transpose(1, 2).reshape(B * n, Hkv, g, 1)
+    lse = torch.logaddexp(lse1, lse2)  # softmax over both = each part weighted by its mass
+    out = o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+    return out.reshape(B * n, 1, Hkv * g, D).to(q.dtype), None
+
+
+def prefill(model, embeds, pos, mask, chunk=1024):
+    """A left-padded prompt batch, embeds (B, P, H), pos (3, B, P), mask (B, P), run `chunk` tokens
+    at a time (activations bounded by the chunk, not the prompt; 0: all at once) into a KV cache.
+    Returns the cache and the last column's hidden states (B, H), which predict the first token."""
     from transformers import DynamicCache
-    cache = DynamicCache(config=model.config.get_text_config())
-    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
-    h = forward(model, embeds, pos, mask, cache)[:, -1]
-    cache.batch_repeat_interleave(n)
-    h, mask = h.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-    nxt = pos.amax(dim=(0, 2)).repeat_interleave(n) + 1  # (B*n,) where each row's response starts
-    toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=embeds.device)
-    for i in range(max_new):
-        tok, lp = sample(_next_logits(model, h, banned), temperature, top_p, generator)
-        toks.append(tok)
-        lps.append(lp)
-        done |= torch.isin(tok, eos)
-        if bool(done.all()) or i == max_new - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1)
-        step_pos = (nxt + i).view(1, -1, 1).expand(3, -1, 1)
-        h = forward(model, model.get_input_embeddings()(tok[:, None]), step_pos, mask, cache)[:, -1]
+    cache, P = DynamicCache(config=model.config.get_text_config()), embeds.shape[1]
+    for s in range(0, P, chunk or P):
+        e = min(P, s + (chunk or P))
+        h = forward(model, embeds[:, s:e], pos[:, :, s:e], mask[:, :e], cache)[:, -1]
+    return cache, h
+
+
+@torch.no_grad()
+def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
+           banned=None, pad_id=0, generator=None):
+    """n samples per prompt from a prefilled batch (`prefill`'s cache and h, mask (B, P) its
+    padding; nxt (B,) each prompt's first response position). The samples decode together over the
+    prompt's cache held once (`shared_prefix_attention`) and their own tokens. Returns tokens (B*n,
+    T) (padding after EOS), log-probs (B*n, T), lengths (B*n,) with EOS; a prompt's rows adjacent."""
+    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+    from transformers.masking_utils import sdpa_mask
+    cfg = model.config.get_text_config()
+    own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n)
+    eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
+    h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)
+    toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=h.device)
+    AttentionInterface.register("shared_prefix", shared_prefix_attention)
+    AttentionMaskInterface.register("shared_prefix", sdpa_mask)
+    impl = cfg._attn_implementation
+    model.set_attn_implementation({"text_config": "shared_prefix"})
+    try:
+        for i in range(max_new):
+            tok, lp = sample(_next_logits(model, h, banned), temperature, top_p, generator)
+            toks.append(tok)
+            lps.append(lp)
+            done |= torch.isin(tok, eos)
+            if bool(done.all()) or i == max_new - 1:
+                break
+            step_pos = (nxt + i).view(1, -1, 1).expand(3, -1, 1)
+            h = forward(model, model.get_input_embeddings()(tok[:, None]), step_pos, None, own,
+                        prefix=shared)[:, -1]
+    finally:
+        model.set_attn_implementation({"text_config": impl})
     return _finish(toks, lps, eos, pad_id)
+
+
+@torch.no_grad()
+def generate(model, embeds, pos, mask, n=1, chunk=1024, **kw):
+    """Sample n responses for each row of a left-padded prompt batch: embeds (B, P, H), pos (3, B,
+    P), mask (B, P). Each prompt is prefilled once (`prefill`, in chunks) into a KV cache its n
+    samples share (`decode`, whose arguments kw are: max_new, temperature, top_p, eos_ids, banned,
+    pad_id, generator). Returns decode's tokens, log-probs and lengths."""
+    cache, h = prefill(model, embeds, pos, mask, chunk)
+    return decode(model, cache, mask, h, pos.amax(dim=(0, 2)) + 1, n, **kw)
 
 
 @torch.no_grad()

@@ -80,10 +80,15 @@ def init_parallel(sp=1):
 
 def shutdown():
     """Leave the process group together: a rank tearing gloo down while another works (rank 0 on
-    the checkpoint) can abort the job. Only init_distributed's: in-process vLLM ends its own."""
+    the checkpoint) can abort the job. Only init_distributed's: in-process vLLM ends its own, and
+    under torchrun also ours (its engine's finalizer destroys the default group at exit)."""
     if dist.is_initialized() and "RANK" in os.environ:
         dist.barrier()
-        dist.destroy_process_group()
+        if not _vllm_spmd:
+            dist.destroy_process_group()
+
+
+_vllm_spmd = False  # set by vllm_engine under torchrun
 
 
 def all_reduce(x, op="sum"):
@@ -134,7 +139,7 @@ class _Root(torch.nn.Module):
         return fn(*args, **kw)
 
 
-def shard(model, params=None):
+def shard(model, params=None, dtype=torch.float32):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
     Units: each decoder layer and vision block holding `params` (default: the trainable ones), and
     the input embeddings and lm_head unless tied, gathered in their forward and backward; the root
@@ -146,10 +151,14 @@ def shard(model, params=None):
     (`call`'s signature); ranks must run equally many passes (unit forwards are collective), and a
     rollout runs in `unsharded`. Make the optimizer after (it replaces parameters).
 
+    dtype: the gathered weights' (bfloat16 for --dtype bfloat16: FSDP's mixed precision, as
+    torchtitan's; shards, AdamW and the gradients' reduction stay fp32), which halves what a pass and
+    the rollout gather.
+
     Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each
     rank's share of the global mean, where FSDP would average. A divide factor of 1 alone reduces
     with PREMUL_SUM, which gloo rejects; forcing SUM collectives makes it a plain sum."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # FSDP warns that an in-place op on a view it returns would skip its backward hook: our passes
     # return log-probs sliced from one tensor (views) and never change them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
@@ -157,8 +166,9 @@ def shard(model, params=None):
     blocks = list(model.model.language_model.layers) + list(getattr(model.model.visual, "blocks", []))
     if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
         blocks += [model.get_input_embeddings(), model.lm_head]
-    units = [fully_shard(b) for b in blocks if any(p in params for p in b.parameters())]
-    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    units = [fully_shard(b, mp_policy=mp) for b in blocks if any(p in params for p in b.parameters())]
+    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params, mp_policy=mp)
     for u in units + [root]:
         u.set_gradient_divide_factor(1.0)
         u.set_force_sum_reduction_for_comms(True)
@@ -201,18 +211,21 @@ def _rekey(osd, key):
             "param_groups": [{**g, "params": [key(k) for k in g["params"]]} for g in osd["param_groups"]]}
 
 
-def full_state(model, opt):
+def full_state(model, opt=None):
     """(model state dict, optimizer state dict) of a sharded model, whole and on CPU on rank 0
     (empty elsewhere); every rank must call it (the shards are gathered). The optimizer's is keyed
     by position like Optimizer.state_dict(), so state.pt is the same with and without FSDP."""
     import torch.distributed.checkpoint.state_dict as dcp
     o = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd, osd = dcp.get_model_state_dict(model, options=o), dcp.get_optimizer_state_dict(model, opt, options=o)
+    sd = dcp.get_model_state_dict(model, options=o)
+    osd = dcp.get_optimizer_state_dict(model, opt, options=o) if opt is not None else None
     # a tied weight (the tiny model's lm_head is its embedding) is gathered under each of its names,
     # as two tensors; keep its first name only, as save_pretrained keeps of the model's own
     aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
                - dict(model.named_parameters()).keys())
     sd = {k: v for k, v in sd.items() if k not in aliases}
+    if opt is None:
+        return sd, None
     ids = {n: i for i, n in enumerate(_param_names(model, opt))}
     return sd, _rekey(osd, ids.__getitem__) if osd else osd
 
@@ -309,25 +322,83 @@ def prepare(model, tok, sample, text, group=None):
                 grid_thw=sample["grid_thw"], second_per_grid=sample["second_per_grid"])
 
 
-def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0):
-    """G samples per prompt from our engine (model.generate: each prompt prefilled once, its KV
-    cache copied into G rows) or, given `llm`, vLLM fed the same cached embeddings. Returns tokens
-    (B*G, T) padded after EOS, log-probs and lengths (EOS included); a prompt's G rows are adjacent.
+def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0,
+            group=None, chunk=1024):
+    """G samples per prompt from our engine (model.generate: each prompt prefilled once, in chunks
+    of `chunk` tokens, its KV cache shared by the G samples) or, given `llm`, vLLM fed the same
+    cached embeddings. Returns tokens (B*G, T) padded after EOS, log-probs and lengths (EOS
+    included); a prompt's G rows are adjacent.
 
     prompts: dicts from `prepare`. seeds: one int per prompt (seed_of a key such as (seed, step,
-    id)), so what a prompt samples depends neither on its batch nor on the number of ranks. The
-    engines draw from different random streams: the same seeds give them different tokens."""
+    id)); sample j draws from seed + j, as in vLLM, so what a sample is depends neither on its batch
+    nor on the number of ranks. With an SP group whose size divides G, each peer samples its share
+    of every prompt's G and the peers exchange them: every peer returns all G (the same as without
+    a group). The engines draw from different random streams: the same seeds, different tokens."""
     gen = dict(max_new=max_new, temperature=temperature, top_p=top_p)
-    if llm is not None:
-        return vllm_rollout(llm, tok, prompts, G, seeds, **gen)
+    sp, r = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    sp, r = (sp, r) if G % sp == 0 else (1, 0)  # G not splitting: every peer samples all of it
+    n = G // sp
+    if llm is not None:  # (with no prompts too: vLLM's engines under torchrun step in lockstep)
+        out = vllm_rollout(llm, tok, prompts, n, seeds and [x + r * n for x in seeds], **gen)
+        return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
     dev = prompts[0]["video"].device
     ids, pos, mask, _ = M.layout([p["prompt"] for p in prompts], [p["pos"] for p in prompts],
                                  pad_id=tok.pad_token_id)
+    ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
     with torch.no_grad():
-        embeds = M.splice(model, ids.to(dev), torch.cat([p["video"] for p in prompts]))
-    gens = None if seeds is None else [torch.Generator(dev).manual_seed(x) for x in seeds]
-    return M.generate(model, embeds, pos.to(dev), mask.to(dev), n=G, eos_ids=eos_ids(tok),
-                      banned=M.banned_ids(tok), pad_id=tok.pad_token_id, generator=gens, **gen)
+        embeds = M.splice(model, ids, torch.cat([p["video"] for p in prompts]))
+        cache, h = (M.prefill(model, embeds, pos, mask, chunk) if group is None
+                    else sp_prefill(model, embeds, pos, mask, group))
+    gens = None if seeds is None else [torch.Generator(dev).manual_seed(x + j)
+                                       for x in seeds for j in range(r * n, (r + 1) * n)]
+    out = M.decode(model, cache, F.pad(mask, (0, cache.get_seq_length() - mask.shape[1])), h,
+                   pos.amax(dim=(0, 2)) + 1, n, eos_ids=eos_ids(tok), banned=M.banned_ids(tok),
+                   pad_id=tok.pad_token_id, generator=gens, **gen)
+    return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
+
+
+def sp_prefill(model, embeds, pos, mask, group):
+    """M.prefill with the prompt split over the SP group, as the training passes split it (Ulysses):
+    each rank runs its l = P/sp columns (activations over l, not P), then every layer's keys and
+    values are all-gathered, so each rank holds the whole prompt's cache (right-padded to sp*l
+    masked columns) and the last column's hidden states (from the rank that ran it)."""
+    from transformers import DynamicCache
+    sp, r = dist.get_world_size(group), dist.get_rank(group)
+    use_ulysses(model, sp)
+    P = embeds.shape[1]
+    l = -(-P // sp)
+    embeds, pos, mask = (F.pad(embeds, (0, 0, 0, sp * l - P)), F.pad(pos, (0, sp * l - P)),
+                         F.pad(mask, (0, sp * l - P)))
+    cache = DynamicCache(config=model.config.get_text_config())
+    mine = slice(r * l, (r + 1) * l)
+    h = model.model.language_model(inputs_embeds=embeds[:, mine], position_ids=pos[..., mine],
+                                   past_key_values=cache, use_cache=True, sp_group=group,
+                                   sp_mask=mask).last_hidden_state  # (B, l, hidden)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            parts = [torch.empty_like(getattr(layer, name)) for _ in range(sp)]
+            dist.all_gather(parts, getattr(layer, name).contiguous(), group=group)
+            setattr(layer, name, torch.cat(parts, 2))  # (B, Hkv, sp*l, D)
+    last = (h[:, P - 1 - r * l].clone() if r * l <= P - 1 < (r + 1) * l
+            else h.new_zeros(h.shape[0], h.shape[2]))  # (a copy: gloo reduces a strided view wrongly)
+    dist.all_reduce(last, group=group)  # one rank holds column P-1, the others add zeros
+    return cache, last
+
+
+def _gather_samples(out, B, pad_id, group):
+    """Each SP peer's n samples per prompt -> all peers' (B*sp*n rows, a prompt's adjacent, peer
+    order): tokens and log-probs padded to the longest, then all-gathered over the group."""
+    toks, lps, lens = out
+    T = torch.tensor([toks.shape[1]])
+    dist.all_reduce(T, op=dist.ReduceOp.MAX, group=group)
+    T = int(T)
+    toks, lps = F.pad(toks, (0, T - toks.shape[1]), value=pad_id), F.pad(lps, (0, T - lps.shape[1]))
+    parts = []
+    for x in (toks, lps, lens):
+        got = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(got, x.contiguous(), group=group)
+        parts.append(torch.stack(got).unflatten(1, (B, -1)).transpose(0, 1).flatten(0, 2))  # (B*sp*n, ...)
+    return tuple(parts)
 
 
 def eos_ids(tok):
@@ -460,15 +531,21 @@ QWEN25_VL_7B = dict(
     vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                        window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
     tie_word_embeddings=False)
+QWEN25_VL_3B = dict(  # Qwen2.5-VL-3B-Instruct's: what bench.py gpu builds (random weights) on one GPU
+    text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                     num_attention_heads=16, num_key_value_heads=2),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+    tie_word_embeddings=True)
 
 
 def plan_config(name):
-    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b", or a local HF folder."""
+    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b" or "-3b", or a local HF folder."""
     from transformers import AutoConfig, Qwen2_5_VLConfig
     if name in ("tiny", "small"):
         return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
-    if name.lower() == "qwen2.5-vl-7b":
-        return Qwen2_5_VLConfig(**QWEN25_VL_7B)
+    if name.lower() in ("qwen2.5-vl-7b", "qwen2.5-vl-3b"):
+        return Qwen2_5_VLConfig(**(QWEN25_VL_7B if name.lower().endswith("7b") else QWEN25_VL_3B))
     return AutoConfig.from_pretrained(name)
 
 
@@ -488,14 +565,18 @@ def model_costs(config):
 
 
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1024, micro_batch=1,
-         dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024):
+         dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024):
     """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one
     video prompt per data-parallel rank: the components and the peak.
 
     Held all step: fp32 policy weights and its reference (the language model), AdamW's two fp32
-    states, the video's pixel rows (all on every rank) and cached embeddings; `fsdp` divides the
-    first three by `world` (default sp). Plus the largest phase:
-    - rollout: the engine copies the prompt's KV cache into G rows (every SP rank runs all of it);
+    states, and the cached video embeddings; `fsdp` divides the first three by `world` (default sp)
+    and gathers in the compute dtype. Plus the largest phase:
+    - encode: the video's pixel rows (all on every rank), dropped once encoded;
+    - rollout: the prompt's KV cache once, its spliced embeddings, and the larger of the prefill
+      (sp=1: a `prefill_chunk` of layer intermediates, and transformers' (chunk, P) bool mask that
+      SDPA turns into floats, 5 B an entry; sp>1: Ulysses over P/sp tokens, no mask) and the decode
+      (this rank's G/sp samples: their own KV, one layer's fp32 scores over the prompt, logits);
       with fsdp, the whole policy gathered (`unsharded`);
     - no-grad pass (old, reference; sequence-parallel): a micro-batch's largest layer intermediates;
     - training pass: autograd's saved values per token and layer, counted on our path with
@@ -538,24 +619,31 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     # saved by every layer's SDPA (measured: 13 B per element with 3 layers); no-grad: one at a time
     mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sp == 1 and B > 1 else 0
     lm = c["trainable"]  # language model and lm_head: trained, and all of the reference
-    # --fsdp, fp32 (x2 in backward: unsharded gradients too): a pass holds the root unit (tied
+    # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (tied
     # embeddings, norm) and gathers a layer, lm_head (untied) at a time; the rollout, everything
-    fs = dict(root=4 * (lm - layers * c["layer"] - 2 * c["head"]), layer=4 * c["layer"],
-              head=4 * c["head"]) if W > 1 else dict(root=0, layer=0, head=0)
+    fs = dict(root=b * (lm - layers * c["layer"] - 2 * c["head"]), layer=b * c["layer"],
+              head=b * c["head"]) if W > 1 else dict(root=0, layer=0, head=0)
     m = dict(weights=4 * (lm + c["vision"]) / W, ref=4 * lm / W * ref, grads=4 * lm / W, adam=8 * lm / W,
-             pixels=4 * frames * max_pixels * 3, video_embeds=b * video * d)
+             video_embeds=b * video * d)
     # backward: the head's (logits, its weights) then the layers' (a recompute, intermediates)
     back = max(logits + 2 * fs["head"],
                b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
-    phase = dict(rollout=(b * G * (L * layers * 2 * K * D + d) + b * P * (3 * I + 4 * d)
-                          + (4 * (lm + c["vision"]) if W > 1 else 0)),
+    n = G // sp if G % sp == 0 else G  # samples this rank decodes
+    C = min(prefill_chunk or P, P)
+    pre = (b * l * (3 * I + 4 * d) + 2 * b * L * (H + 2 * kv) * D // sp if sp > 1
+           else b * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
+    dec = n * T * layers * 2 * K * D * b + 4 * n * H * P + 4 * n * V
+    phase = dict(encode=4 * frames * max_pixels * 3,  # the pixel rows, dropped once encoded
+                 rollout=(b * P * (layers * 2 * K * D + d) + max(pre, dec)
+                          + (b * (lm + c["vision"]) if W > 1 else 0)),
                  no_grad_pass=(b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0)
                                + fs["root"] + max(fs["layer"], fs["head"])),
                  training_pass=b * B * l * kept + back + mask + 2 * fs["root"])
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
-    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "pixels", "video_embeds"))
-                 + max(phase["rollout"], phase["no_grad_pass"], phase["training_pass"] + m["grads"]))
+    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds"))
+                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
+                       phase["training_pass"] + m["grads"]))
     m.update(tokens=L, video_tokens=video, tokens_per_rank=l)
     return m
 
@@ -569,7 +657,7 @@ def plan_main(argv=None):
     ap.add_argument("--frames", type=int, required=True, help="frames per video")
     ap.add_argument("--sp", type=int, default=1, help="sequence-parallel degree; default 1")
     ap.add_argument("--config", default="qwen2.5-vl-7b",
-                    help="tiny | small | qwen2.5-vl-7b | local HF folder; default qwen2.5-vl-7b")
+                    help="tiny | small | qwen2.5-vl-7b | qwen2.5-vl-3b | HF folder; default qwen2.5-vl-7b")
     ap.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
                     help="pixels per frame, /784 = tokens per 2 frames; default 128*28*28 (64 tokens/frame)")
     ap.add_argument("--text", type=int, default=64, help="prompt text tokens besides video; default 64")
@@ -582,20 +670,30 @@ def plan_main(argv=None):
     ap.add_argument("--world", type=int, default=0, help="ranks, dp x sp; default --sp (dp 1)")
     ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="decoder layers recomputed in backward (grpo.py's default: on)")
+    ap.add_argument("--prefill-chunk", type=int, default=1024, help="grpo.py's: prefill tokens a forward")
     ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per rank to compare with; default 80")
     a = ap.parse_args(argv)
-    m = plan(plan_config(a.config), a.frames, a.sp, a.max_pixels, a.text, a.G, a.max_new, a.micro_batch,
-             a.dtype, a.kl_coef != 0, a.world or a.sp, a.fsdp, a.activation_checkpointing)
+    cfg = plan_config(a.config)
+    peak = lambda f: plan(cfg, f, a.sp, a.max_pixels, a.text, a.G, a.max_new,  # noqa: E731
+                          a.micro_batch, a.dtype, a.kl_coef != 0, a.world or a.sp, a.fsdp,
+                          a.activation_checkpointing,
+                          prefill_chunk=a.prefill_chunk)
+    m, lo, hi = peak(a.frames), 0, 2
+    while peak(hi)["peak"] <= a.gpu_gb * 2**30 and hi < 2**22:  # the largest even frame count that fits
+        lo, hi = hi, 2 * hi
+    while hi - lo > 2:
+        mid = (lo + hi) // 4 * 2
+        lo, hi = (mid, hi) if peak(mid)["peak"] <= a.gpu_gb * 2**30 else (lo, mid)
     print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, "
           f"{m['tokens']:,} per row, {m['tokens_per_rank']:,} per rank at sp={a.sp}")
-    for k in ("weights", "ref", "grads", "adam", "state", "pixels", "video_embeds", "rollout",
+    for k in ("weights", "ref", "grads", "adam", "state", "video_embeds", "encode", "rollout",
               "no_grad_pass", "training_pass", "peak"):
         print(f"{k:>14} | {m[k] / 2**30:9.2f} GiB")
     gb = {k: round(x / 2**30, 3) for k, x in m.items()
           if k not in ("tokens", "video_tokens", "tokens_per_rank")}
     print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp,
                           **{k: m[k] for k in ("tokens", "tokens_per_rank")}, gib=gb,
-                          fits=m["peak"] <= a.gpu_gb * 2**30)))
+                          fits=m["peak"] <= a.gpu_gb * 2**30, max_frames=lo)))
 
 
 # -----------------------------------------------------------------------------
@@ -607,9 +705,17 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
     """A vLLM engine in this process on model's HF folder `path` (a temporary one for the tiny
     model, which has none); no engine-core subprocess, so a weight sync is a call, not a socket
     copy. mem: fraction of GPU memory for weights and KV cache (gpu_memory_utilization); tp:
-    tensor-parallel GPUs; on CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start an engine and vLLM group
-        raise SystemExit("--engine vllm runs in one process; use the own engine under torchrun")
+    tensor-parallel GPUs; on CPU the KV cache takes VLLM_CPU_KVCACHE_SPACE GiB (1 unless set).
+
+    Under torchrun every rank runs its own engine, vLLM's SPMD mode for trainers (executor
+    "external_launcher", data_parallel_size = world, in the job's own process group): the engines
+    step in lockstep, so every rank must call generate equally often (grpo.collect's rounds do),
+    with or without prompts of its own."""
+    global _vllm_spmd
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and tp > 1:
+        raise SystemExit("--engine vllm under torchrun: one engine a rank, --vllm-tp 1")
+    _vllm_spmd = world > 1
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM: 1 thread
@@ -619,15 +725,26 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
         raise ImportError("--engine vllm needs vLLM: `pip install vllm` on GPU; on CPU run with "
                           "the python that `bash .ci/vllm_env` prints (its own environment with "
                           "the CPU build of vLLM)") from e
-    if not os.path.isdir(path):
-        path = tempfile.mkdtemp(prefix="longrl-engine-")
-        atexit.register(shutil.rmtree, path, True)
-        M.save(model, tok, path)
+    if not os.path.isdir(path):  # the tiny model: rank 0 writes it (transformers saves on rank 0 only)
+        from torch.distributed.tensor import DTensor
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        path = [tempfile.mkdtemp(prefix="longrl-engine-") if first else None]
+        if world > 1:
+            dist.broadcast_object_list(path, 0)
+        path = path[0]
+        sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        sd = full_state(model)[0] if sharded else None  # collective: every rank
+        if first:
+            atexit.register(shutil.rmtree, path, True)
+            M.save(model, tok, path, state_dict=sd)
+        if world > 1:
+            dist.barrier()
     cuda = torch.cuda.is_available()
     return LLM(model=path, dtype=dtype, seed=seed, enforce_eager=not cuda, enable_mm_embeds=True,
                limit_mm_per_prompt={"image": 0, "video": 1}, gpu_memory_utilization=mem,
-               tensor_parallel_size=tp, enable_sleep_mode=cuda,
-               logprobs_mode="processed_logprobs")  # after ban and temperature, as our sampler
+               tensor_parallel_size=tp, enable_sleep_mode=cuda, logprobs_mode="processed_logprobs",
+               **(dict(distributed_executor_backend="external_launcher", data_parallel_size=world)
+                  if world > 1 else {}))  # log-probs after ban and temperature, as our sampler
 
 
 def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, top_p=1.0):
@@ -654,8 +771,8 @@ def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, 
                                      allowed_token_ids=allowed, stop_token_ids=eos_ids(tok)))
     outs = [c for o in llm.generate(reqs, params, use_tqdm=False)
             for c in (o.outputs * G if greedy else sorted(o.outputs, key=lambda c: c.index))]
-    lens = torch.tensor([len(c.token_ids) for c in outs])  # vLLM keeps the stop token, as `rollout`
-    toks = torch.full((len(outs), int(lens.max())), tok.pad_token_id, dtype=torch.long)
+    lens = torch.tensor([len(c.token_ids) for c in outs], dtype=torch.long)  # with the stop token
+    toks = torch.full((len(outs), max(lens.tolist(), default=0)), tok.pad_token_id, dtype=torch.long)
     lps = torch.zeros(toks.shape)
     for i, c in enumerate(outs):
         toks[i, :lens[i]] = torch.tensor(c.token_ids)
@@ -670,7 +787,10 @@ def vllm_sync(llm, model):
     (llm None): ours samples from the policy itself, nothing to do."""
     if llm is None:
         return
-    weights = [(k, v.detach()) for k, v in model.state_dict().items() if not k.startswith("model.visual.")]
+    from torch.distributed.tensor import DTensor
+    # one tensor at a time; a sharded (--fsdp) one gathered, in the same order on every rank
+    weights = ((k, (v.full_tensor() if isinstance(v, DTensor) else v).detach())
+               for k, v in model.state_dict().items() if not k.startswith("model.visual."))
     llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True))
     llm.reset_prefix_cache()
     llm.llm_engine.reset_encoder_cache()

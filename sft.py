@@ -97,7 +97,7 @@ def main(args):
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     fsdp = args.fsdp and par.world > 1  # one process holds everything either way
-    run = mr_sp.shard(model) if fsdp else mr_sp.call
+    run = mr_sp.shard(model, dtype=getattr(torch, args.dtype)) if fsdp else mr_sp.call
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0

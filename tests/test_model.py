@@ -198,17 +198,19 @@ def test_generate_from_cached_embeddings_equals_generation_from_pixels(tiny_a):
     assert len(set(seq[len(prompts[0]):])) > 8  # the model's output varies, so equality means something
 
 
+@pytest.mark.parametrize("chunk", [0, 7])
 @pytest.mark.parametrize("temperature,top_p,n", [(0, 1.0, 1), (1.0, 1.0, 3), (0.7, 0.9, 2)])
-def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p, n):
-    """Also the shared-prompt engine: each prompt prefilled once, its cache copied into n rows."""
+def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p, n, chunk):
+    """The engine (each prompt prefilled once, in chunks of 7 tokens: boundaries inside the video and
+    in the left padding; its KV cache shared by its n samples) against re-running every row whole."""
     model, tok = tiny
     embeds, p3, mask, P, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))  # rows of different lengths
-    assert mask[1, 0] == 0  # row 1 is left-padded
+    assert mask[1, 0] == 0 and P > 7 * 4  # row 1 is left-padded; several chunks
     out = []
-    for fn in (M.generate, M.generate_naive):
-        g = torch.Generator().manual_seed(3)
+    for fn, kw in ((M.generate, dict(chunk=chunk)), (M.generate_naive, {})):
+        g = [torch.Generator().manual_seed(3 + j) for j in range(2 * n)]  # one a sample, as rollouts
         out.append(fn(model, embeds, p3, mask, n=n, max_new=32, temperature=temperature, top_p=top_p,
-                      generator=g, **gen_kwargs(tok)))
+                      generator=g, **gen_kwargs(tok), **kw))
     (t1, l1, n1), (t2, l2, n2) = out
     assert torch.equal(t1, t2) and torch.equal(n1, n2) and t1.shape == (2 * n, 32)
     if temperature:

@@ -99,6 +99,12 @@ def worker(out):
                 finite=bool(torch.isfinite(lp2[valid]).all())))
         # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
         r["sp1_unchanged_by_switch"] = all(torch.equal(x, y) for x, y in zip(before, sp1_outputs(model, tok)))
+    # each SP peer samples G/sp of every prompt's G: together the samples one process draws
+    model, tok = M.load("tiny")
+    rows, kw = rows_of(model, tok, *CASES[0], None), dict(seeds=[5, 6], max_new=12, temperature=0.7, top_p=0.9)
+    one, two = mr_sp.rollout(model, tok, rows, 4, **kw), mr_sp.rollout(model, tok, rows, 4, group=group, **kw)
+    res["sp_rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
+                             logprob=max_diff(one[1], two[1]), distinct=len({tuple(t.tolist()) for t in one[0]}))
     # activation checkpointing: the same summed gradients at sp 1 and 2 (train mode: it is off in eval)
     model, tok = M.load("tiny")
     grpo.rl_params(model)
@@ -175,6 +181,12 @@ def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
         assert c["finite"] and c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5, c
         assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c  # gradients that are not all ~0
     assert measured[config]["sp1_unchanged_by_switch"]
+
+
+def test_sp_peers_split_the_samples(measured):
+    """Rollout with the SP group (2 samples of each prompt's 4 per peer, exchanged) = without it."""
+    r = measured["sp_rollout"]
+    assert r["tokens"] and r["logprob"] <= 1e-5 and r["distinct"] == 8, r
 
 
 def test_activation_checkpointing_gradients_equal(measured):

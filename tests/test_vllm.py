@@ -178,9 +178,12 @@ def task(tmp_path_factory):
     return str(d)
 
 
-def run(*args):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def run(*args, nproc=1):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
+           **({"OMP_NUM_THREADS": "1"} if nproc > 1 else {})}
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                   if nproc > 1 else [])
+    p = subprocess.run(launcher + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"{args} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -196,17 +199,19 @@ def test_eval_engine_vllm_equals_own(task, tmp_path):
     assert own == vllm and len(own.splitlines()) == 6
 
 
-def test_grpo_engine_vllm_tracks_own_engine(task, tmp_path):
+@pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--fsdp"])])
+def test_grpo_engine_vllm_tracks_own_engine(task, tmp_path, nproc, extra):
     """A short GRPO run with --engine vllm completes, its rewards climb as the own engine's do (same
     model, data, reward and seeds; the sampled tokens differ: vLLM has its own random streams), and at
     every step vLLM's log-probs of its samples equal the trainer's old-policy pass (the weights were
-    synced). The reward, the share of "e" in the text, is one a random tiny policy learns in a few steps."""
+    synced). The reward, the share of "e" in the text, is one a random tiny policy learns in a few steps.
+    Also under torchrun with --fsdp: an engine per rank (vLLM's SPMD mode), synced from the shards."""
     cmd = ["grpo.py", "--init", "tiny", "--data", task, "--frames", "8", "--prompts", "4", "--G", "4",
            "--max-new", "12", "--micro-batch", "16", "--part", "all", "--lr", "3e-3", "--kl-coef", "0",
            "--reward", "toy_rewards:letter_e", "--steps", "12", "--save-every", "0"]
     rewards, gaps = {}, {}
     for engine in ("own", "vllm"):
-        run(*cmd, "--engine", engine, "--out", str(tmp_path / engine))
+        run(*cmd, *extra, "--engine", engine, "--out", str(tmp_path / engine), nproc=nproc)
         m = [json.loads(line) for line in open(tmp_path / engine / "metrics.jsonl")]
         rewards[engine], gaps[engine] = [x["reward"] for x in m], max(x["rollout_logprob_gap"] for x in m)
     print(json.dumps({"rewards": {k: [round(r, 3) for r in v] for k, v in rewards.items()}, "max_logprob_gap": gaps}))
