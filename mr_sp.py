@@ -589,15 +589,16 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
       for right padding); with fsdp the units gathered (and their unsharded gradients); plus the
       policy's fp32 gradients (`grads`, sharded with fsdp).
     Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
-    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.86x to 1.04x measured).
+    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.84x to 1.04x measured).
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`; bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per
-    rank. Policy weights, gradients and AdamW 14.5 GiB per rank (116 replicated), the reference 3.5
-    (28.4), the training pass 16.9 (202 without checkpointing). The peak, 180 GiB per rank, is the
-    rollout's 160: G copies of the 231k-token prompt's KV cache and its unsplit prefill on every
-    rank, plus the gathered policy; vLLM shares the prompt's KV pages over G samples and prefills in
-    chunks. The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
+    rank. Peak 49.8 GiB per rank: policy weights, gradients and AdamW 14.5 (116 replicated), the
+    reference 3.5 (28.4), the rollout 33.7 (the prompt's KV cache once, 12.4; the policy gathered in
+    bf16, 15.5), the training pass 16.1 (172 without checkpointing). The largest video that fits 80
+    GB is 9,094 frames (`max_frames`). The code before --fsdp, checkpointing and the shared prompt
+    cache needed 311 GiB per rank here, most of it G copies of the prompt's KV cache and every
+    layer's activations. The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t = config.get_text_config()
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
