@@ -185,11 +185,13 @@ def load_ref(path, device, **tiny_kwargs):
     """The KL term's reference: the initial policy, stored and run as the policy is (fp32 weights;
     under --dtype bfloat16 the same autocast), so at step 0 both give the same log-probs. Without
     the vision tower: it never runs, the policy's frozen tower encodes each video for both."""
-    return copy_ref(M.load(path, device=device, **tiny_kwargs)[0])
+    ref = M.load(path, device=device, **tiny_kwargs)[0].requires_grad_(False)
+    ref.model.visual = None  # dropped, not copied: loading holds one model at a time
+    return ref
 
 
 def copy_ref(model):
-    """A frozen copy of model without its vision tower (what load_ref returns)."""
+    """A frozen copy of model without its vision tower, as load_ref returns (bench.py gpu)."""
     visual, model.model.visual = model.model.visual, None
     ref = copy.deepcopy(model).requires_grad_(False)
     model.model.visual = visual
