@@ -218,8 +218,8 @@ def video_sample(frames, size, seed=0):
     sc = D.synth_scenario(rng, "absent", (len(D.synth_slots(frames)) - 1) // 2)
     pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size,
                                 min_pixels=size * size)
-    return dict(id=f"bench-{frames}", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0,
-                question=sc["question"], options=sc["options"])
+    return dict(id=f"bench-{frames}", kind="video", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0,
+                frame_times=list(map(float, range(frames))), question=sc["question"], options=sc["options"])
 
 
 def worker_setup(args, ref=True):
@@ -283,7 +283,7 @@ def step(args):
                                                   for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
-               prompt_tokens=len(mr_sp.prompt_of(model, tok, s, D.question_text(s))[0]))
+               prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]
         out[v] = dict(step_s=statistics.median(r["step"]["s"] for r in rs),
@@ -306,11 +306,12 @@ def long_prompt(args, model, tok):
     """A --frames video prompt (random embeddings as if encoded; 56x56 frames, 2 tokens a frame),
     as mr_sp.prepare returns it, and the generator that made it."""
     side = args.size // 28
-    s = dict(grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]), second_per_grid=2.0)
-    ids, pos = mr_sp.prompt_of(model, tok, s, "What happens in this video?")
+    s = dict(kind="video", grid_thw=torch.tensor([[args.frames // 2, 2 * side, 2 * side]]),
+             second_per_grid=2.0, frame_times=list(map(float, range(args.frames))))
+    ids, pos = M.prompt_of(tok, model.config, s, "What happens in this video?")
     g = torch.Generator().manual_seed(args.seed)
-    video = torch.randn(args.frames // 2 * side ** 2, model.config.text_config.hidden_size, generator=g)
-    return dict(prompt=ids, pos=pos, video=video, grid_thw=s["grid_thw"], second_per_grid=2.0), g
+    visual = torch.randn(args.frames // 2 * side ** 2, model.config.text_config.hidden_size, generator=g)
+    return dict(s, prompt=ids, pos=pos, visual=visual), g
 
 
 def generate(args):
@@ -346,7 +347,7 @@ def prefill(args):
         lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, rows, 1.0, par.group)
         ((lp * mask).sum() / mask.sum()).backward()
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
-               tokens=len(prompt["prompt"]) + args.max_new, video_tokens=len(prompt["video"]),
+               tokens=len(prompt["prompt"]) + args.max_new, video_tokens=len(prompt["visual"]),
                pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
                peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
     if par.rank == 0:
@@ -379,7 +380,7 @@ def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
     s = video_sample(frames, 56)
-    prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+    prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s))
     ids, pos, mask, _ = M.layout([prompt], [pos], pad_id=tok.pad_token_id)
     with torch.no_grad():
         embeds = M.splice(model, ids, mr_sp.encode(model, s))
@@ -523,7 +524,7 @@ def gpu(args):
         g = torch.Generator().manual_seed(i)
         s = dict(id=f"gpu-{frames}", question="What happens in this video?", options=["a", "b", "c", "d"],
                  pixel_values=torch.randn(frames // 2 * 16 * 32, 1176, generator=g), second_per_grid=2.0,
-                 grid_thw=torch.tensor([[frames // 2, 16, 32]]))
+                 grid_thw=torch.tensor([[frames // 2, 16, 32]]), kind="video")
         peaks = {}
 
         @contextlib.contextmanager
@@ -558,7 +559,7 @@ def gpu(args):
 
 def rec_prompt_text(policy, s):
     """Prompt tokens besides the video's: the planner's `text`."""
-    ids = mr_sp.prompt_of(policy.model, policy.tok, s, D.question_text(s))[0]
+    ids = M.prompt_of(policy.tok, policy.model.config, s, D.question_text(s))[0]
     return len(ids) - int(s["grid_thw"].prod()) // 4
 
 
@@ -608,8 +609,7 @@ def hour(args):
 def rollout(args):
     model, tok = M.load(args.model, dtype=getattr(torch, args.dtype))
     grid = torch.tensor([[int(x) for x in args.grid.split(",")]])
-    s = dict(pixel_values=M.random_video_batch(model, tok, [grid[0].tolist()])[0], grid_thw=grid,
-             second_per_grid=2.0)
+    s = M.random_samples(model, [grid[0].tolist()])[0]
     prompts = [mr_sp.prepare(model, tok, s, f"Question {i}: what happens in this video?")
                for i in range(args.prompts)]
     engines = dict(engine=None, vllm=mr_sp.vllm_engine(model, tok, args.model, args.dtype))
@@ -639,7 +639,7 @@ def rollout(args):
                           vllm_tok_cpu_s=round(statistics.median(cps["vllm"]), 1),
                           engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1),
                           cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts, G=args.G,
-                          max_new=args.max_new, video_tokens=M.n_video_tokens(grid),
+                          max_new=args.max_new, video_tokens=M.n_visual_tokens(grid),
                           threads=torch.get_num_threads(), calls=args.repeats,
                           vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
                           engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))

@@ -1,4 +1,4 @@
-"""Video data for longrl: decode, sample, preprocess (Qwen2.5-VL layout), QA rows, a synthetic task.
+"""Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic task.
 
     python data.py probe VIDEO --frames 32   # decode + preprocess one video; last line is JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
@@ -8,9 +8,11 @@
 In Python (what model.py and the training scripts use):
     frames, info = read_video(path, nframes=32)  # uint8 (T, H, W, 3), T even, upright
     pixel_values, grid_thw = preprocess(frames)  # (T/2*H/14*W/14, 3*2*14*14) float32, [[T/2, H/14, W/14]]
-    x = video_inputs(path, nframes=32)           # dict(pixel_values, grid_thw, second_per_grid, info)
-    rows = load_rows("data/synth/train.jsonl")   # normalized rows (see load_rows)
-    ds = VideoDataset(rows, nframes=32)          # iter_samples(range(rank, len(ds), world)) skips bad videos
+    x = video_inputs(path, nframes=32)           # dict(kind, pixel_values, grid_thw, second_per_grid, ...)
+    x = image_inputs(path)                       # an image: one temporal patch, grid [[1, H/14, W/14]]
+    rows = load_rows("data/synth/train.jsonl")   # normalized rows: a video, an image, or neither (text)
+    ds = VideoDataset(rows, nframes=32, proc=model.processor_config(config))  # the family's patches
+    ds.iter_samples(range(rank, len(ds), world))  # skips bad videos and images, counting them
 
 Sampling as in Long-RL / qwen-vl-utils: n rounded to even, indices linspace(0, total-1, n).round();
 second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. decord reads first; PyAV takes
@@ -190,17 +192,21 @@ def smart_resize(height, width, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, fa
     return h, w
 
 
-def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32):
-    """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/14 * w/14, 3*2*14*14) float32, grid_thw
-    [[T/2, h/14, w/14]]. Each row is one 2x14x14 spatio-temporal patch laid out (C, T, 14, 14); the
-    4 patches of each 2x2 merge group are consecutive rows, as Qwen2.5-VL's vision tower expects."""
+def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32, proc=None):
+    """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/p * w/p, 3*2*p*p) float32, grid_thw [[T/2, h/p,
+    w/p]], p the patch size. Each row is one 2 x p x p spatio-temporal patch laid out (C, T, p, p);
+    the 4 patches of each 2x2 merge group are consecutive rows, as Qwen's vision towers expect.
+    proc: the model's preprocessor config (model.processor_config: patch_size, image_mean,
+    image_std); default Qwen2/2.5-VL's (14 pixels, CLIP's mean and std); Qwen3-VL's patches are 16."""
+    patch = proc["patch_size"] if proc else PATCH
+    mean, std = (proc["image_mean"], proc["image_std"]) if proc else (MEAN, STD)
     T, H, W, _ = frames.shape
-    h, w = smart_resize(H, W, min_pixels, max_pixels)
+    h, w = smart_resize(H, W, min_pixels, max_pixels, factor=patch * MERGE)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     if T % 2:
         x = torch.cat([x, x[-1:]])  # the last temporal patch needs two frames
         T += 1
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     out = torch.empty(T, 3, h, w, dtype=torch.float32)
     for i in range(0, T, chunk):  # chunks bound the float copies of full-size frames
         c = x[i:i + chunk]
@@ -208,18 +214,41 @@ def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32):
             c = F.interpolate(c.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
             c = c.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
         out[i:i + chunk] = (c.float() / 255 - mean) / std  # bit-identical to HF's float64 rescale
-    gt, gh, gw = T // TEMPORAL, h // PATCH, w // PATCH
-    x = out.reshape(gt, TEMPORAL, 3, gh // MERGE, MERGE, PATCH, gw // MERGE, MERGE, PATCH)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/2, gw/2, 2, 2, C, T, 14, 14)
-    return x.reshape(gt * gh * gw, 3 * TEMPORAL * PATCH * PATCH), torch.tensor([[gt, gh, gw]])
+    gt, gh, gw = T // TEMPORAL, h // patch, w // patch
+    x = out.reshape(gt, TEMPORAL, 3, gh // MERGE, MERGE, patch, gw // MERGE, MERGE, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/2, gw/2, 2, 2, C, T, p, p)
+    return x.reshape(gt * gh * gw, 3 * TEMPORAL * patch * patch), torch.tensor([[gt, gh, gw]])
 
 
-def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None):
-    """Everything the model needs from one video: pixel_values, grid_thw, second_per_grid, info."""
+def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None,
+                 proc=None):
+    """Everything the model needs from one video: kind "video", pixel_values, grid_thw,
+    second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info."""
     frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader)
-    pixel_values, grid_thw = preprocess(frames, max_pixels=max_pixels, min_pixels=min_pixels)
-    return dict(pixel_values=pixel_values, grid_thw=grid_thw,
-                second_per_grid=TEMPORAL / info["sampled_fps"], info=info)
+    pixel_values, grid_thw = preprocess(frames, max_pixels=max_pixels, min_pixels=min_pixels, proc=proc)
+    return dict(kind="video", pixel_values=pixel_values, grid_thw=grid_thw,
+                second_per_grid=TEMPORAL / info["sampled_fps"],
+                frame_times=[i / info["video_fps"] for i in info["indices"]], info=info)
+
+
+def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
+    """An image file as the model takes it: kind "image", one temporal patch (the image twice, as
+    Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read: VideoError."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise VideoError(path, "no such file")
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise VideoError(path, f"not a readable image ({_short(e)})") from None
+    try:
+        pixel_values, grid_thw = preprocess(np.stack([a, a]), max_pixels=max_pixels, min_pixels=min_pixels,
+                                            proc=proc)
+    except ValueError as e:  # e.g. an extreme aspect ratio
+        raise VideoError(path, str(e)) from None
+    return dict(kind="image", pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=1.0,
+                info=dict(height=a.shape[0], width=a.shape[1]))
 
 
 # -----------------------------------------------------------------------------
@@ -258,13 +287,18 @@ def split_rows(rows, part):
 
 
 def _normalize(row, where, root, default_id):
-    video = row.pop("videos", None) if "video" not in row else row["video"]
-    if isinstance(video, list):
-        if len(video) != 1:
-            raise ValueError(f"{where}: expected one video, got {len(video)}")
-        video = video[0]
+    media = {}
+    for k in ("video", "image"):  # Long-RL's "videos" / "images" hold a path or a one-path list
+        v = row.pop(k + "s", None) if k not in row else row[k]
+        if isinstance(v, list):
+            if len(v) > 1:
+                raise ValueError(f"{where}: expected one {k}, got {len(v)}")
+            v = v[0] if v else None
+        media[k] = os.path.abspath(root / v) if v else None
+    if media["video"] and media["image"]:
+        raise ValueError(f"{where}: a row has a video, an image or neither, not both")
     question = row.pop("problem", None) if "question" not in row else row["question"]
-    for name, value in (("video", video), ("question", question), ("answer", row.get("answer"))):
+    for name, value in (("question", question), ("answer", row.get("answer"))):
         if value is None or value == "":
             raise ValueError(f"{where}: missing field {name!r}")
     options = row.get("options") or []
@@ -275,7 +309,7 @@ def _normalize(row, where, root, default_id):
         raise ValueError(f"{where}: answer {answer!r} is not one of the option letters "
                          f"{LETTERS[:len(options)]}")
     rid = row.get("id")
-    row.update(id=default_id if rid is None or rid == "" else str(rid), video=os.path.abspath(root / video),
+    row.update(id=default_id if rid is None or rid == "" else str(rid), **media,
                question=str(question), options=options, answer=answer,
                reasoning=str(row.get("reasoning") or ""), category=str(row.get("category") or ""))
     return row
@@ -347,11 +381,13 @@ def reward(text, row):
 
 
 class VideoDataset:
-    """Rows plus videos. ds[i] raises VideoError; iter_samples skips bad videos and records them."""
+    """Rows plus their videos or images (proc: the model's preprocessor config, for its patch size
+    and normalization; see `preprocess`). ds[i] raises VideoError; iter_samples skips bad videos
+    and images and records them. Rows with neither are text only."""
 
     def __init__(self, rows, nframes=32, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
-                 skip_bad=True, reader=None):
-        self.rows, self.nframes, self.fps, self.reader = rows, nframes, fps, reader
+                 skip_bad=True, reader=None, proc=None):
+        self.rows, self.nframes, self.fps, self.reader, self.proc = rows, nframes, fps, reader, proc
         self.max_pixels, self.min_pixels, self.skip_bad = max_pixels, min_pixels, skip_bad
         self.bad = []  # (id, reason), one entry per bad sample
         self._bad_ids = set()
@@ -365,9 +401,12 @@ class VideoDataset:
 
     def __getitem__(self, i):
         row = self.rows[i]
-        x = video_inputs(row["video"], nframes=self.nframes, fps=self.fps, max_pixels=self.max_pixels,
-                         min_pixels=self.min_pixels, reader=self.reader)
-        return {**row, **x}
+        size = dict(max_pixels=self.max_pixels, min_pixels=self.min_pixels, proc=self.proc)
+        if row.get("video"):
+            return {**row, **video_inputs(row["video"], self.nframes, self.fps, reader=self.reader, **size)}
+        if row.get("image"):
+            return {**row, **image_inputs(row["image"], **size)}
+        return {**row, "kind": None}  # text only
 
     def iter_samples(self, indices=None):
         """Yield samples in the given order, skipping (never replacing) those whose video fails."""

@@ -57,14 +57,16 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
     """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
     video encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
     llm: a vLLM engine holding model's weights, to generate with instead of ours."""
-    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels)
+    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels,
+                        proc=M.processor_config(model.config))
     mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
     for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames",
                   disable=par.rank != 0, file=sys.stderr):
         samples = list(ds.iter_samples(mine[b:b + args.batch]))
         for s in samples if args.blind else ():
-            s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # normalized 0 = mean gray
+            if s["kind"]:
+                s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # normalized 0 = mean gray
         if not samples:
             continue
         prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]

@@ -60,7 +60,9 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="runs/sft/model", help="policy: HF folder or 'tiny'; default runs/sft/model")
+g.add_argument("--init", default="runs/sft/model",
+               help=f"policy: HF folder (any family) or a tiny model ({', '.join(M.TINY)}); "
+               "default runs/sft/model")
 g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task made if absent)")
 g.add_argument("--part", default="rl", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default rl")
@@ -439,7 +441,8 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start, cursor, stats = state["step"], state["cursor"], state["stats"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
-    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
+    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
+                        proc=M.processor_config(model.config))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     reward_fn = load_reward(args.reward)
     if par.rank == 0:

@@ -1,17 +1,23 @@
-"""The model layer every stage shares: a thin layer over transformers' Qwen2.5-VL.
+"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
     python model.py check --hf DIR     # our path vs transformers' full forward on a local HF folder
-    python model.py check --hf tiny    # the same on the built-in tiny model
-    python model.py save --out DIR     # write the tiny model as a Hugging Face folder
+    python model.py check --hf tiny-qwen3-vl   # the same on a tiny model built in code (see TINY)
+    python model.py save --out DIR --family tiny-qwen3-vl   # write a tiny model as a Hugging Face folder
 
-In order: the tiny model (tokenizer, config), load/save, encode video, splice, our M-RoPE positions,
-batch layout, forward, per-token log-probs, generation (chunked `prefill` into a KV cache, `decode`
-of n samples sharing it through `shared_prefix_attention`) and its naive no-cache reference.
+In order: the tiny models (tokenizer, config of each family), load/save, encode images and videos,
+prompts, splice, our M-RoPE positions, batch layout, forward, per-token log-probs, generation
+(chunked `prefill` into a KV cache, `decode` of n samples sharing it through
+`shared_prefix_attention`) and its naive no-cache reference.
 
 Conventions shared by every stage:
-- A video enters as (pixel_values, grid_thw, second_per_grid) from data.py; `encode_video` turns
-  it into the embeddings that RL caches and reuses.
-- Position ids are always ours (`positions`, original Qwen2.5-VL / vLLM rule), passed explicitly.
+- A sample's visual input is one video, one image or none (text only); data.py gives it as
+  (kind, pixel_values, grid_thw, second_per_grid, frame_times). `encode` turns it into the
+  embeddings that RL caches and reuses; Qwen3-VL's DeepStack features travel with them,
+  concatenated along the hidden dimension, and `forward` adds them after the first layers.
+- The families differ here only in data (config values, prompt expansion, position rule), never
+  in which functions run: one `if` per difference, no per-family copies.
+- Position ids are always ours (`positions`, each family's original rule, which vLLM computes),
+  passed explicitly.
 - A batch row is [left padding | prompt | response | right padding]; response token j sits at
   position max(prompt positions) + 1 + j in rollout and in training alike.
 - The policy never emits vision special tokens: `banned_ids` are masked to -inf both when
@@ -24,6 +30,7 @@ import shutil
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -35,7 +42,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
     "{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% if part['type'] in ('video', 'image') %}<|vision_start|><|{{ part['type'] }}_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 # Text the tiny tokenizer's merges are learned from; any text still encodes (byte-level BPE).
@@ -82,31 +89,48 @@ def tiny_tokenizer(vocab_size=1024):
                                   additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(tok, hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128, vision_depth=2,
-                vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True):
-    """A small Qwen2.5-VL config (FIELD_NOTES section 6's probe model by default). init_std 0.1: the
-    library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
+FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}  # model_type: class
+TINY = {"tiny": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl",
+        "tiny-qwen3-vl": "qwen3_vl"}  # --init names of the tiny models built in code
+
+
+def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128,
+                vision_depth=2, vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True):
+    """A small config of one family (FIELD_NOTES section 6's probe model by default). init_std 0.1:
+    the library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
     pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
-    log-probs differ by 4e-5 instead of 5e-6)."""
-    from transformers import Qwen2_5_VLConfig
+    log-probs differ by 4e-5 instead of 5e-6). Qwen3-VL's DeepStack taps every vision block but
+    the last (2 features for depth 3) and its M-RoPE sections are interleaved, as in its releases."""
+    import transformers
     head_dim = hidden // heads
-    t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24
+    t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24 (Qwen3-VL 24:20:20)
+    section = [t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=65536, initializer_range=init_std,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[
-                             t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]),
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
-                           num_heads=vision_heads, out_hidden_size=hidden, window_size=window,
-                           fullatt_block_indexes=list(fullatt), tokens_per_second=2,
-                           initializer_range=init_std),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=65536, initializer_range=init_std,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=vision_depth, num_heads=vision_heads, initializer_range=init_std)
+    if family == "qwen2_vl":  # no window attention, no seconds in M-RoPE
+        vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      window_size=window, fullatt_block_indexes=list(fullatt), tokens_per_second=2)
+    elif family == "qwen3_vl":
+        h = head_dim // 2
+        text.update(head_dim=head_dim, rope_parameters=dict(
+            rope_type="default", rope_theta=5e6, mrope_interleaved=True,
+            mrope_section=[h - 2 * (h * 5 // 16), h * 5 // 16, h * 5 // 16]))
+        vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_position_embeddings=64, deepstack_visual_indexes=list(range(vision_depth - 1)))
+    else:
+        raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
+    return getattr(transformers, FAMILIES[family] + "Config")(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie)
 
 
 # -----------------------------------------------------------------------------
@@ -124,21 +148,26 @@ def attn_implementation(device):
 
 
 def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
-    """(model, tokenizer) from a local Hugging Face folder, or the tiny model built in code."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    """(model, tokenizer) from a local Hugging Face folder of any family, or a tiny model built in
+    code: "tiny" (Qwen2.5-VL), "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"."""
+    import transformers
     attn = attn_implementation(device)
-    if path == "tiny":
+    if path in TINY:
         tok = tiny_tokenizer()
         torch.manual_seed(seed)
-        config = tiny_config(tok, **tiny_kwargs)
+        config = tiny_config(tok, TINY[path], **tiny_kwargs)
         config._attn_implementation = attn
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = getattr(transformers, FAMILIES[TINY[path]] + "ForConditionalGeneration")(config)
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); "
-                                    "pass a local folder or 'tiny' (no downloads here)")
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); pass a "
+                                    f"local folder or one of {', '.join(TINY)} (no downloads here)")
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype,
+                                                                         attn_implementation=attn)
+        if model.config.model_type not in FAMILIES:
+            raise ValueError(f"{path}: model_type {model.config.model_type!r}, "
+                             f"not one of {', '.join(FAMILIES)}")
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
@@ -164,14 +193,16 @@ def save(model, tok, out, write=None, state_dict=None):
 
 
 def processor_config(config):
-    """Qwen2.5-VL's preprocessor_config.json (the values Qwen ships, sizes from the config): vLLM
-    and transformers' AutoProcessor need it to load a folder, though our videos never use it."""
-    vc = config.vision_config
-    return dict(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor",
+    """The family's preprocessor_config.json, the values Qwen ships (sizes from the config): vLLM and
+    transformers' AutoProcessor need it to load a folder; data.py patchifies and normalizes with its
+    patch_size, image_mean and image_std (Qwen3-VL: 16-pixel patches, mean and std 0.5)."""
+    vc, clip = config.vision_config, config.model_type != "qwen3_vl"
+    return dict(image_processor_type="Qwen2VLImageProcessor",
+                processor_class=FAMILIES[config.model_type] + "Processor",
                 patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
                 merge_size=vc.spatial_merge_size, min_pixels=3136, max_pixels=12845056,
-                image_mean=[0.48145466, 0.4578275, 0.40821073],
-                image_std=[0.26862954, 0.26130258, 0.27577711])
+                image_mean=[0.48145466, 0.4578275, 0.40821073] if clip else [0.5] * 3,
+                image_std=[0.26862954, 0.26130258, 0.27577711] if clip else [0.5] * 3)
 
 
 def resume(out):
@@ -185,28 +216,60 @@ def resume(out):
 
 
 # -----------------------------------------------------------------------------
-# Video in, embeddings out; text in, token ids out.
+# Pixels in, embeddings out; text in, token ids out. A sample's visual input is one video, one image,
+# or none (text only); images and video frames alike are rows of 2 x patch x patch pixel patches.
 
-def encode_video(model, pixel_values, grid_thw):
-    """(patches, 3*2*14*14) pixels + (n_videos, 3) grid -> (n_tokens, hidden): the vision tower
-    alone. What RL caches: computed once per prompt, reused by every rollout and pass."""
+def encode(model, pixel_values, grid_thw):
+    """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what RL
+    caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack
+    features, added to the first decoder layers' hidden states at the visual positions, ride along
+    concatenated: width (1 + k) * hidden, [embeddings | feature 0 | ...], as vLLM takes them."""
     visual = model.model.visual
-    return visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output
+    out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+    return torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], -1)
 
 
-def n_video_tokens(grid_thw, merge=2):
-    return int(grid_thw.prod(-1).sum()) // (merge * merge)
+def n_visual_tokens(grid_thw, merge=2):
+    return int(torch.as_tensor(grid_thw).prod(-1).sum()) // (merge * merge)
 
 
-def build_prompt(tok, text, n_video):
-    """Chat-template ids of a user turn (one video, then text) with the assistant turn opened.
-    The single <|video_pad|> of the template is expanded to n_video ids without tokenizing them."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
-    s = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    head, tail = s.split("<|video_pad|>")
-    pad = tok.convert_tokens_to_ids("<|video_pad|>")
-    return (tok.encode(head, add_special_tokens=False) + [pad] * n_video
-            + tok.encode(tail, add_special_tokens=False))
+def pad_ids(config):
+    """The ids a visual embedding replaces: <|video_pad|> and <|image_pad|>."""
+    return torch.tensor([config.video_token_id, config.image_token_id])
+
+
+def build_prompt(tok, config, text, kind=None, grid_thw=None, frame_times=None, expand=True):
+    """Chat-template ids of a user turn (a video or an image, then text; kind None: text only)
+    with the assistant turn opened. The template's <|vision_start|><|*_pad|><|vision_end|> is
+    expanded without tokenizing the pads: one pad per visual token; for a Qwen3-VL video, one
+    "<t seconds>" (tokenized alone, as vLLM does) and its own start/end per temporal group, t the
+    mean time of the group's frames (frame_times, seconds, one per sampled frame). expand=False:
+    the ids vLLM expands to the same (one pad; for a Qwen3-VL video, the pad alone)."""
+    content = ([{"type": kind}] if kind else []) + [{"type": "text", "text": text}]
+    s = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                tokenize=False)
+    if kind is None:
+        return tok.encode(s, add_special_tokens=False)
+    enc = lambda x: tok.encode(x, add_special_tokens=False)  # noqa: E731
+    start, end, pad = map(tok.convert_tokens_to_ids, ("<|vision_start|>", "<|vision_end|>", f"<|{kind}_pad|>"))
+    head, tail = s.split(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
+    n = n_visual_tokens(grid_thw, config.vision_config.spatial_merge_size)
+    if config.model_type != "qwen3_vl" or kind != "video":
+        return enc(head) + [start] + [pad] * (n if expand else 1) + [end] + enc(tail)
+    if not expand:
+        return enc(head) + [pad] + enc(tail)
+    groups = int(torch.as_tensor(grid_thw)[0, 0])
+    if len(frame_times or ()) != 2 * groups:
+        raise ValueError(f"a Qwen3-VL video of {groups} temporal groups needs {2 * groups} frame times, "
+                         f"got {len(frame_times or ())}")
+    per = [start] + [pad] * (n // groups) + [end]
+    mid = [x for t in group_times(frame_times) for x in enc(f"<{t:.1f} seconds>") + per]
+    return enc(head) + mid + enc(tail)
+
+
+def group_times(frame_times):
+    """Qwen3-VL's timestamp of each temporal group: the mean time of its two frames, seconds."""
+    return [(a + b) / 2 for a, b in zip(frame_times[::2], frame_times[1::2])]
 
 
 @functools.lru_cache(maxsize=8)  # per tokenizer: get_vocab() of a 150k vocabulary is not free
@@ -216,54 +279,65 @@ def banned_ids(tok):
     return torch.tensor([tok.convert_tokens_to_ids(s) for s in VISION_SPECIAL if s in tok.get_vocab()])
 
 
-def splice(model, input_ids, video_embeds):
-    """Token embeddings with the video embeddings placed, in order, at <|video_pad|> positions."""
+def splice(model, input_ids, visual):
+    """Token embeddings with the visual embeddings (None: text only) placed, in order, at the
+    <|video_pad|> and <|image_pad|> positions. With DeepStack features (`encode`), the result is as
+    wide as they are, zero past the token embedding at text positions (`forward` splits it)."""
     x = model.get_input_embeddings()(input_ids)
-    slots = input_ids == model.config.video_token_id
-    if int(slots.sum()) != (0 if video_embeds is None else video_embeds.shape[0]):
-        raise ValueError(f"{int(slots.sum())} <|video_pad|> tokens but "
-                         f"{0 if video_embeds is None else video_embeds.shape[0]} video embeddings")
-    if video_embeds is None:
+    slots = torch.isin(input_ids, pad_ids(model.config).to(input_ids.device))
+    n = 0 if visual is None else visual.shape[0]
+    if int(slots.sum()) != n:
+        raise ValueError(f"{int(slots.sum())} visual pad tokens but {n} visual embeddings")
+    if visual is None:
         return x
-    return x.masked_scatter(slots[..., None], video_embeds.to(x.dtype))
+    x = F.pad(x, (0, visual.shape[-1] - x.shape[-1]))
+    return x.masked_scatter(slots[..., None], visual.to(x.dtype))
 
 
 # -----------------------------------------------------------------------------
-# M-RoPE positions, the original Qwen2.5-VL rule (what vLLM computes): text advances by 1; a video
-# of llm grid (t, h, w) starting at s gets (s + int(i * (second_per_grid * tokens_per_second)),
-# s + row, s + col) for temporal group i; the text after it resumes at max(all positions so far) + 1
-# (transformers >= 5.19 resumes at s + max(h, w), differing whenever t > 1; FIELD_NOTES section 4).
-# The temporal product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
+# M-RoPE positions, the original rule of each family (what vLLM computes): text advances by 1; a
+# video of llm grid (t, h, w) starting at s gets (s + temporal(i), s + row, s + col) for temporal
+# group i; the text after it resumes at max(all positions so far) + 1 (transformers >= 5.19 resumes
+# at s + max(h, w), differing whenever t > 1; FIELD_NOTES section 4). temporal(i): Qwen2-VL i;
+# Qwen2.5-VL int(i * (second_per_grid * tokens_per_second)); Qwen3-VL writes each group as its own
+# one-group grid between timestamps, so 0 (time is in the text). An image is a one-group grid.
+# Qwen2.5-VL's product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
 # (i * second_per_grid) * tokens_per_second, truncate differently for some frame rates (at 31/14 s
 # per group, group 7 is 30 instead of 31), and rollout and training would disagree there.
 
 def positions(ids, grid_thw, second_per_grid, config):
-    """(L,) token ids of one sequence -> (3, L) position ids. grid_thw: (n_videos, 3) in patches,
-    second_per_grid: n_videos floats (seconds covered by one temporal group)."""
+    """(L,) token ids of one sequence -> (3, L) position ids. grid_thw: (n, 3) in patches, one row
+    per video or image in order; second_per_grid: n floats (seconds covered by one temporal group;
+    any value for an image)."""
     ids = torch.as_tensor(ids)
     vc = config.vision_config
     merge, tps = vc.spatial_merge_size, getattr(vc, "tokens_per_second", None)
-    is_video = ids == config.video_token_id
-    cuts = [0] + ((is_video[1:] != is_video[:-1]).nonzero()[:, 0] + 1).tolist() + [len(ids)]
+    runs = []  # (llm grid, temporal step) of each run of pad tokens
+    for g, spg in zip(torch.as_tensor(grid_thw).view(-1, 3).tolist(), second_per_grid):
+        t, h, w = g[0], g[1] // merge, g[2] // merge
+        if config.model_type == "qwen3_vl":
+            runs += [((1, h, w), 0.0)] * t
+        else:
+            runs.append(((t, h, w), float(spg) * tps if tps else 1.0))
+    is_vis = torch.isin(ids, pad_ids(config))
+    cuts = [0] + ((is_vis[1:] != is_vis[:-1]).nonzero()[:, 0] + 1).tolist() + [len(ids)]
     pos, cur, v = [], 0, 0
-    for i, j in zip(cuts[:-1], cuts[1:]):  # runs of text tokens and of video tokens
-        if not is_video[i]:
+    for i, j in zip(cuts[:-1], cuts[1:]):  # runs of text tokens and of pad tokens
+        if not is_vis[i]:
             pos.append(torch.arange(cur, cur + j - i).expand(3, -1))
         else:
-            if v >= len(grid_thw):
-                raise ValueError(f"more <|video_pad|> runs than videos ({len(grid_thw)})")
-            t, h, w = int(grid_thw[v][0]), int(grid_thw[v][1]) // merge, int(grid_thw[v][2]) // merge
+            if v >= len(runs):
+                raise ValueError(f"more runs of visual pad tokens than grids ({len(runs)})")
+            (t, h, w), step = runs[v]
             if j - i != t * h * w:
-                raise ValueError(f"video {v}: {j - i} <|video_pad|> tokens but grid "
-                                 f"{t}x{h}x{w} = {t * h * w}")
-            step = float(second_per_grid[v]) * tps if tps else 1.0
+                raise ValueError(f"run {v}: {j - i} visual pad tokens but grid {t}x{h}x{w} = {t * h * w}")
             tt = torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # float64 math
             grid = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij"))
             pos.append(grid.reshape(3, -1) + cur)
             v += 1
         cur = int(pos[-1].max()) + 1
-    if v != len(grid_thw):
-        raise ValueError(f"{len(grid_thw)} videos but {v} <|video_pad|> runs")
+    if v != len(runs):
+        raise ValueError(f"{len(runs)} visual grids but {v} runs of visual pad tokens")
     return torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
 
 
@@ -296,6 +370,12 @@ def layout(prompts, prompt_pos, responses=None, pad_id=0):
 def forward(model, embeds, pos, mask=None, cache=None, **kw):
     """Language model from input embeddings and explicit (3, B, L) positions -> (B, L, hidden).
     kw reach the attention function (`shared_prefix_attention`'s prefix, Ulysses' group)."""
+    H = model.config.get_text_config().hidden_size
+    if embeds.shape[-1] > H:  # DeepStack features (Qwen3-VL, `splice`): zero at text positions, so
+        # adding them at every position is adding them at the visual ones, exactly, in any slice
+        embeds, deep = embeds[..., :H], embeds[..., H:].flatten(0, 1)
+        kw.update(visual_pos_masks=torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device),
+                  deepstack_visual_embeds=list(deep.split(H, -1)))
     out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
                                       past_key_values=cache, use_cache=cache is not None, **kw)
     return out.last_hidden_state
@@ -471,7 +551,8 @@ def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, t
         done |= torch.isin(tok, eos)
         if bool(done.all()):
             break
-        embeds = torch.cat([embeds, model.get_input_embeddings()(tok[:, None])], 1)
+        e = model.get_input_embeddings()(tok[:, None])  # zero DeepStack part, as `splice` gives text
+        embeds = torch.cat([embeds, F.pad(e, (0, embeds.shape[-1] - e.shape[-1]))], 1)
         pos = torch.cat([pos, (nxt + i).view(1, -1, 1).expand(3, -1, 1)], 2)
         mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1)
     return _finish(toks, lps, eos, pad_id)
@@ -480,40 +561,65 @@ def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, t
 # -----------------------------------------------------------------------------
 # python model.py check / save
 
-def random_video_batch(model, tok, grids=((4, 8, 8), (2, 4, 6)), seed=0):
-    """Random pixels for each grid plus prompts around them: inputs for `check` and the tests."""
+def random_samples(model, grids=((4, 8, 8), (2, 4, 6)), kind="video", seed=0):
+    """Samples as data.py gives them, of random pixels, one per grid (sampled at 1 fps, 2 fps, ...;
+    kind "image": grids (1, h, w); None: text only): inputs for `check` and the tests."""
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), row, generator=g)
-    spg = [2.0 / (1 + i) for i in range(len(grids))]  # sampled at 1 fps, 2 fps, ...
-    prompts = [build_prompt(tok, f"Question {i}: what happens in this video?", n_video_tokens(grid[i:i + 1]))
-               for i in range(len(grids))]
-    return pixels, grid, spg, prompts
+    out = []
+    for i, grid in enumerate(grids):
+        spg = 2.0 / (1 + i)
+        out.append(dict(kind=kind, grid_thw=torch.tensor([grid]), second_per_grid=spg,
+                        pixel_values=torch.randn(grid[0] * grid[1] * grid[2], row, generator=g),
+                        frame_times=[k * spg / 2 for k in range(2 * grid[0])]) if kind else dict(kind=None))
+    return out
+
+
+def prompt_of(tok, config, sample, text):
+    """A sample's prompt ids and (3, P) positions; sample: data.py's (kind, and for a video or an
+    image grid_thw, second_per_grid, frame_times)."""
+    kind = sample.get("kind")
+    ids = build_prompt(tok, config, text, kind, sample.get("grid_thw"), sample.get("frame_times"))
+    if kind is None:
+        return ids, positions(ids, [], [], config)
+    return ids, positions(ids, sample["grid_thw"], [sample["second_per_grid"]], config)
+
+
+def reference_features(model, sample):
+    """transformers' own encode of a sample (its get_*_features), laid out as `encode` returns it."""
+    f = getattr(model.model, f"get_{sample['kind']}_features")(sample["pixel_values"], sample["grid_thw"])
+    deep = getattr(f, "deepstack_features", None) or []
+    return torch.cat([torch.cat(f.pooler_output), *map(torch.cat, deep)], -1)
+
+
+def reference_logits(model, ids, pos, sample):
+    """transformers' full forward from pixels (from ids alone for text) at the given positions."""
+    kind = sample.get("kind")
+    px = {} if kind is None else {"pixel_values_videos" if kind == "video" else "pixel_values":
+                                  sample["pixel_values"], f"{kind}_grid_thw": sample["grid_thw"]}
+    return model(input_ids=ids, position_ids=pos, **px).logits
 
 
 def check(path, dtype=torch.float32):
-    """Our path (encode, splice, our positions, log-probs) vs transformers' own forward from pixels
-    given the same position ids. Returns max abs differences."""
+    """Our path (encode, splice, our positions, forward) vs transformers' own forward from pixels
+    given the same position ids, for videos, an image and text alone. Returns max abs differences
+    of the visual embeddings (DeepStack features included) and of the logits of each kind."""
     model, tok = load(path, dtype=dtype)
-    pixels, grid, spg, prompts = random_video_batch(model, tok)
-    offsets = [0] + grid.prod(-1).cumsum(0).tolist()
-    out = {"model": path, "dtype": str(dtype).split(".")[-1]}
+    out = {"model": path, "family": model.config.model_type, "dtype": str(dtype).split(".")[-1]}
+    diff = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
     with torch.no_grad():
-        video = encode_video(model, pixels, grid)
-        ref_video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
-        out["video_embeds_max_abs_diff"] = (video - ref_video).abs().max().item()
-        diffs = []
-        for i, ids in enumerate(prompts):
-            ids_t, px, g = torch.tensor([ids]), pixels[offsets[i]:offsets[i + 1]], grid[i:i + 1]
-            pos = positions(ids, g, spg[i:i + 1], model.config)[:, None]
-            # each video encoded alone, as transformers does here and the stages do (one per sample):
-            # beside another video its embeddings round differently on some CPUs (1e-5 in the logits)
-            ours = model.lm_head(forward(model, splice(model, ids_t, encode_video(model, px, g)), pos))
-            ref = model(input_ids=ids_t, pixel_values_videos=px, video_grid_thw=g, position_ids=pos).logits
-            diffs.append((ours - ref).abs().max().item())
-        out["logits_max_abs_diff"] = max(diffs)
+        for kind, grids in (("video", ((4, 8, 8), (2, 4, 6))), ("image", ((1, 8, 12),)), (None, [()])):
+            for s in random_samples(model, grids, kind):
+                ids, pos = prompt_of(tok, model.config, s, "Question: what happens here?")
+                ids, pos = torch.tensor([ids]), pos[:, None]
+                vis = None if kind is None else encode(model, s["pixel_values"], s["grid_thw"])
+                if kind:
+                    key = "visual_embeds_max_abs_diff"
+                    out[key] = max(out.get(key, 0.0), diff(vis, reference_features(model, s)))
+                key = f"logits_{kind or 'text'}_max_abs_diff"
+                ours = model.lm_head(forward(model, splice(model, ids, vis), pos))
+                out[key] = max(out.get(key, 0.0), diff(ours, reference_logits(model, ids, pos, s)))
     return out
 
 
@@ -521,11 +627,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare our path with transformers' full forward")
-    c.add_argument("--hf", default="tiny", help="local HF Qwen2.5-VL folder, or 'tiny' (default)")
+    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or a "
+                   f"tiny name ({', '.join(TINY)}); default tiny")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="init seed")
+    s.add_argument("--family", default="tiny", choices=list(TINY), help="which tiny model; default tiny")
     args = ap.parse_args()
     if args.cmd == "check":
         try:
@@ -535,7 +643,7 @@ def main():
             print(json.dumps({"error": str(e)}))
             sys.exit(1)
     else:
-        model, tok = load("tiny", seed=args.seed)
+        model, tok = load(args.family, seed=args.seed)
         save(model, tok, args.out)
         out = {"saved": args.out, "params": sum(p.numel() for p in model.parameters())}
     print(json.dumps(out))

@@ -279,16 +279,20 @@ def seed_of(*key):
 
 
 def encode(model, sample, group=None):
-    """A sample's video embeddings (n_tokens, hidden), detached: the vision tower is frozen in RL.
+    """A sample's visual embeddings (n_tokens, width), detached (the vision tower is frozen in RL);
+    None for a text-only sample. Qwen3-VL's DeepStack features ride along (model.encode).
 
     With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
-    patch groups, all-gathered after. Qwen2.5-VL's vision attention (window and full blocks alike)
-    never crosses a temporal group, so this equals one rank encoding the whole video."""
+    patch groups, all-gathered after. The vision attention of every family (Qwen2.5-VL's window and
+    full blocks alike) never crosses a temporal group, and Qwen3-VL's learned position embeddings
+    are interpolated per frame's grid: this equals one rank encoding the whole video."""
+    if sample.get("kind") is None:
+        return None
     dev = next(model.parameters()).device
     pixels, grid = sample["pixel_values"].to(dev), sample["grid_thw"].to(dev)
     with torch.no_grad():
         if group is None:
-            return M.encode_video(model, pixels, grid)
+            return M.encode(model, pixels, grid)
         if len(grid) != 1:
             raise ValueError(f"sharded encode takes one video per sample, got grid_thw {grid.tolist()}")
         sp, r = dist.get_world_size(group), dist.get_rank(group)
@@ -296,30 +300,34 @@ def encode(model, sample, group=None):
         counts = [t // sp + (i < t % sp) for i in range(sp)]  # temporal groups per rank, near-even
         per = h * w // model.config.vision_config.spatial_merge_size ** 2  # tokens a temporal group
         start = sum(counts[:r]) * h * w  # pixel rows are group-major: h*w rows per temporal group
+        width = model.config.get_text_config().hidden_size * (
+            1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
         # all_gather takes equal sizes: every share is padded to the largest, and trimmed after
-        buf = torch.zeros(max(counts) * per, model.config.vision_config.out_hidden_size,
-                          dtype=model.model.visual.dtype, device=dev)
+        buf = torch.zeros(max(counts) * per, width, dtype=model.model.visual.dtype, device=dev)
         if counts[r]:
-            buf[:counts[r] * per] = M.encode_video(model, pixels[start:start + counts[r] * h * w],
-                                                   grid.new_tensor([[counts[r], h, w]]))
+            buf[:counts[r] * per] = M.encode(model, pixels[start:start + counts[r] * h * w],
+                                             grid.new_tensor([[counts[r], h, w]]))
         shares = [torch.empty_like(buf) for _ in range(sp)]
         dist.all_gather(shares, buf, group=group)
         return torch.cat([x[:c * per] for x, c in zip(shares, counts)])
 
 
-def prompt_of(model, tok, sample, text):
-    """Prompt ids and their (3, P) positions for one sample."""
-    ids = M.build_prompt(tok, text, M.n_video_tokens(sample["grid_thw"]))
-    return ids, M.positions(ids, sample["grid_thw"], [sample["second_per_grid"]], model.config)
-
-
 def prepare(model, tok, sample, text, group=None):
-    """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, the video's
-    embeddings encoded once (over the SP group: `encode`), and for vLLM, which places the
-    embeddings itself, the grid and seconds per temporal group."""
-    ids, pos = prompt_of(model, tok, sample, text)
-    return dict(prompt=ids, pos=pos, video=encode(model, sample, group),
-                grid_thw=sample["grid_thw"], second_per_grid=sample["second_per_grid"])
+    """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, its video's
+    or image's embeddings encoded once (over the SP group: `encode`; None: text only), and for
+    vLLM, which expands the visual placeholder and places the embeddings itself, the unexpanded
+    ids and what it needs to expand them (kind, grid, seconds per temporal group, frame times)."""
+    ids, pos = M.prompt_of(tok, model.config, sample, text)
+    kind, grid, times = sample.get("kind"), sample.get("grid_thw"), sample.get("frame_times")
+    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), kind=kind, grid_thw=grid,
+                second_per_grid=sample.get("second_per_grid"), frame_times=times,
+                engine_prompt=M.build_prompt(tok, model.config, text, kind, grid, times, expand=False))
+
+
+def visuals(rows):
+    """The rows' visual embeddings in row order (text-only rows have none), or None."""
+    v = [r["visual"] for r in rows if r["visual"] is not None]
+    return torch.cat(v) if v else None
 
 
 def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0,
@@ -341,12 +349,12 @@ def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperatur
     if llm is not None:  # (with no prompts too: vLLM's engines under torchrun step in lockstep)
         out = vllm_rollout(llm, tok, prompts, n, seeds and [x + r * n for x in seeds], **gen)
         return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
-    dev = prompts[0]["video"].device
+    dev = next(model.parameters()).device
     ids, pos, mask, _ = M.layout([p["prompt"] for p in prompts], [p["pos"] for p in prompts],
                                  pad_id=tok.pad_token_id)
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
     with torch.no_grad():
-        embeds = M.splice(model, ids, torch.cat([p["video"] for p in prompts]))
+        embeds = M.splice(model, ids, visuals(prompts))
         cache, h = (M.prefill(model, embeds, pos, mask, chunk) if group is None
                     else sp_prefill(model, embeds, pos, mask, group))
     gens = None if seeds is None else [torch.Generator(dev).manual_seed(x + j)
@@ -371,9 +379,7 @@ def sp_prefill(model, embeds, pos, mask, group):
                          F.pad(mask, (0, sp * l - P)))
     cache = DynamicCache(config=model.config.get_text_config())
     mine = slice(r * l, (r + 1) * l)
-    h = model.model.language_model(inputs_embeds=embeds[:, mine], position_ids=pos[..., mine],
-                                   past_key_values=cache, use_cache=True, sp_group=group,
-                                   sp_mask=mask).last_hidden_state  # (B, l, hidden)
+    h = M.forward(model, embeds[:, mine], pos[..., mine], None, cache, sp_group=group, sp_mask=mask)
     for layer in cache.layers:
         for name in ("keys", "values"):
             parts = [torch.empty_like(getattr(layer, name)) for _ in range(sp)]
@@ -408,13 +414,13 @@ def eos_ids(tok):
 def prefill_logprobs(model, tok, rows, temperature=1.0, group=None):
     """Log-probs and entropies (N, T) of each row's response, and the response mask (N, T).
 
-    rows: dicts with prompt (ids), pos (3, P), video (embeddings), response (ids). With an SP group
-    every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2)."""
-    dev = rows[0]["video"].device
+    rows: dicts with prompt (ids), pos (3, P), visual (embeddings or None), response (ids). With an
+    SP group every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2)."""
+    dev = next(model.parameters()).device
     ids, pos, mask, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows],
                                  [r["response"] for r in rows], pad_id=tok.pad_token_id)
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-    embeds = M.splice(model, ids, torch.cat([r["video"] for r in rows]))
+    embeds = M.splice(model, ids, visuals(rows))
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
     if group is None:
         lp, ent = M.response_logprobs(model, embeds, pos, mask, P, ids[:, P:], **kw)
@@ -502,8 +508,7 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
     embeds, pos, mask = (F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)),
                          F.pad(pos[..., :n], (0, sp * l - n)), F.pad(mask[:, :n], (0, sp * l - n)))
     mine = slice(r * l, (r + 1) * l)
-    hidden = model.model.language_model(inputs_embeds=embeds[:, mine], position_ids=pos[..., mine],
-                                        use_cache=False, sp_group=group, sp_mask=mask).last_hidden_state
+    hidden = M.forward(model, embeds[:, mine], pos[..., mine], sp_group=group, sp_mask=mask)
     a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
     if b > a:  # column P-1+j predicts response token j
         lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
@@ -742,7 +747,7 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
             dist.barrier()
     cuda = torch.cuda.is_available()
     return LLM(model=path, dtype=dtype, seed=seed, enforce_eager=not cuda, enable_mm_embeds=True,
-               limit_mm_per_prompt={"image": 0, "video": 1}, gpu_memory_utilization=mem,
+               limit_mm_per_prompt={"image": 1, "video": 1}, gpu_memory_utilization=mem,
                tensor_parallel_size=tp, enable_sleep_mode=cuda, logprobs_mode="processed_logprobs",
                **(dict(distributed_executor_backend="external_launcher", data_parallel_size=world)
                   if world > 1 else {}))  # log-probs after ban and temperature, as our sampler
@@ -751,22 +756,30 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
 def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, top_p=1.0):
     """`rollout` on a vLLM engine (call `rollout` with llm=): the same arguments and return.
 
-    Each prompt goes once with n = G, its video as cached embeddings with grid and seconds per
-    temporal group, from which vLLM computes model.positions' M-RoPE positions (1 s per group if no
-    second_per_grid_ts). allowed_token_ids bans vision special tokens (exact -inf). Log-probs are of
-    vLLM's sampling distribution: ours (temperature applied; greedy: at temperature 1) at top_p 1;
-    below, vLLM renormalizes over the nucleus, we do not. vLLM gives sample j seed + j."""
+    Each prompt goes once with n = G, its unexpanded ids (`prepare`) and its video or image as
+    cached embeddings (DeepStack features concatenated, as vLLM's Qwen3-VL takes them) with what
+    vLLM needs to expand and position them as model.positions does: grid, and seconds per temporal
+    group (Qwen2.5-VL) or each group's timestamp (Qwen3-VL). allowed_token_ids bans vision special
+    tokens (exact -inf). Log-probs are of vLLM's sampling distribution: ours (temperature applied;
+    greedy: at temperature 1) at top_p 1; below, vLLM renormalizes over the nucleus, we do not.
+    vLLM gives sample j seed + j."""
     from vllm import SamplingParams
-    pad, banned = tok.convert_tokens_to_ids("<|video_pad|>"), set(M.banned_ids(tok).tolist())
+    banned = set(M.banned_ids(tok).tolist())
     allowed = [i for i in range(llm.llm_engine.model_config.get_vocab_size()) if i not in banned]
     greedy = temperature == 0  # vLLM takes n = 1 only: the G identical answers are copies
+    family = llm.llm_engine.model_config.hf_config.model_type
     reqs, params = [], []
     for b, p in enumerate(prompts):
-        ids = p["prompt"]  # vLLM expands one pad per video itself: each run of pads becomes one
-        ids = [t for j, t in enumerate(ids) if not (t == pad and j and ids[j - 1] == pad)]
-        reqs.append(dict(prompt_token_ids=ids, multi_modal_data={"video": dict(
-            video_embeds=p["video"].detach().cpu(), video_grid_thw=torch.as_tensor(p["grid_thw"]).view(-1, 3),
-            second_per_grid_ts=torch.tensor([float(p["second_per_grid"])], dtype=torch.float64))}))
+        req, kind = dict(prompt_token_ids=p["engine_prompt"]), p["kind"]
+        if kind is not None:
+            item = {f"{kind}_embeds": p["visual"].detach().cpu(),
+                    f"{kind}_grid_thw": torch.as_tensor(p["grid_thw"]).view(-1, 3)}
+            if kind == "video" and family == "qwen2_5_vl":
+                item["second_per_grid_ts"] = torch.tensor([float(p["second_per_grid"])], dtype=torch.float64)
+            if kind == "video" and family == "qwen3_vl":
+                item["timestamps"] = [M.group_times(p["frame_times"])]  # a batch of one video
+            req["multi_modal_data"] = {kind: item}
+        reqs.append(req)
         params.append(SamplingParams(n=1 if greedy else G, max_tokens=max_new, temperature=temperature,
                                      top_p=top_p, logprobs=0, seed=None if seeds is None else seeds[b],
                                      allowed_token_ids=allowed, stop_token_ids=eos_ids(tok)))

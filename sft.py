@@ -1,13 +1,14 @@
 """Chain-of-thought SFT on video QA: the first stage, before grpo.py.
 
     python sft.py                               # tiny model from scratch, synthetic task
+    python sft.py --init tiny-qwen3-vl          # the same on a tiny Qwen3-VL (or tiny-qwen2-vl)
     torchrun --nproc_per_node 2 sft.py          # the same, data parallel
     torchrun --nproc_per_node 2 sft.py --sp 2   # the same, each sequence split over 2 ranks (MR-SP)
     torchrun --nproc_per_node 2 sft.py --fsdp   # the same, FSDP2: weights, gradients, AdamW sharded
     python sft.py --init /ckpt/Qwen2.5-VL-7B-Instruct --data /data/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
-given video and question, averaged over the global batch's target tokens. Writes --out: model/ (HF
+given the row's video, image or no visual input, and question, averaged over the global batch's target tokens. Writes --out: model/ (HF
 folder; state.pt: optimizer, step, for --resume), args.json, metrics.jsonl; the same with --fsdp.
 """
 import argparse
@@ -28,7 +29,8 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="tiny", help="HF folder, or 'tiny' (built in code); default tiny")
+g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or a tiny model "
+               f"built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); default tiny")
 g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task if absent)")
 g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
@@ -90,7 +92,7 @@ def main(args):
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
     model, tok = M.load(src, device=par.device, seed=args.seed)
-    train_vision = args.vision == "train" or (args.vision == "auto" and args.init == "tiny")
+    train_vision = args.vision == "train" or (args.vision == "auto" and args.init in M.TINY)
     model.model.visual.requires_grad_(train_vision)
     if args.sp > 1:  # fails here when the heads do not split over the SP ranks
         mr_sp.use_ulysses(model, args.sp)
@@ -108,7 +110,8 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start = state["step"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
-    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels)
+    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
+                        proc=M.processor_config(model.config))
     end = tok.convert_tokens_to_ids("<|im_end|>")
     if par.rank == 0:
         mr_sp.open_log(args, start)
@@ -123,9 +126,9 @@ def main(args):
             # A trained tower needs the graph, so every SP peer encodes the whole video with it. The
             # gradient stays exact: each peer's prefill back-propagates only into its share of the
             # sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 one.
-            video = (M.encode_video(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
-                     if train_vision else mr_sp.encode(model, s, par.group))
-            rows_mb.append(dict(prompt=prompt, pos=pos, video=video, response=target))
+            visual = (M.encode(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
+                      if train_vision and s["kind"] else mr_sp.encode(model, s, par.group))
+            rows_mb.append(dict(prompt=prompt, pos=pos, visual=visual, response=target))
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=par.group)
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
@@ -138,7 +141,7 @@ def main(args):
             samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
             items = []
             for s in samples:
-                prompt, pos = mr_sp.prompt_of(model, tok, s, D.question_text(s))
+                prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s))
                 target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
                 items.append((s, prompt, pos, target, 1.0))
             if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's

@@ -191,12 +191,36 @@ def test_patch_layout_matches_naive_reference():
     assert torch.equal(unpatchify(pv, grid), normalize(frames))
 
 
-def test_patch_layout_bit_identical_to_hf():
-    proc = hf_image_processing()[1]()
-    for f in np.random.default_rng(1).integers(0, 256, (3, 84, 112, 3), dtype=np.uint8):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_patch_layout_bit_identical_to_hf(family):
+    """Each family's patch size and normalization (model.processor_config; Qwen3-VL: 16 pixels, mean
+    and std 0.5), against HF's image processor given the same values."""
+    import model as M
+    cfg = M.processor_config(M.tiny_config(M.tiny_tokenizer(), family))
+    proc = hf_image_processing()[1](**{k: cfg[k] for k in ("patch_size", "image_mean", "image_std")})
+    side = cfg["patch_size"] * 2
+    for f in np.random.default_rng(1).integers(0, 256, (3, 3 * side, 4 * side, 3), dtype=np.uint8):
         ref = proc(images=[f], do_resize=False, return_tensors="pt")  # an image is a 2-frame video of itself
-        pv, grid = data.preprocess(np.stack([f, f]))
+        pv, grid = data.preprocess(np.stack([f, f]), proc=cfg)
         assert torch.equal(pv, ref["pixel_values"]) and torch.equal(grid, ref["image_grid_thw"])
+    assert data.preprocess(np.stack([f, f]), max_pixels=side * side * 12, proc=cfg)[1].tolist() == [[1, 6, 8]]
+
+
+def test_image_rows_and_text_rows(tmp_path):
+    """A row may carry an image (read with PIL: one temporal patch) or nothing (text only); a bad
+    image is skipped and counted like a bad video."""
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = data.load_rows(write(tmp_path / "r.jsonl", [
+        {"id": "i", "images": ["a.png"], "question": "q", "answer": "A"}, {"id": "t", "question": "q", "answer": "7"},
+        {"id": "b", "image": "bad.png", "question": "q", "answer": "A"}]))
+    assert rows[0]["image"] == str(tmp_path / "a.png") and rows[0]["video"] is None and rows[1]["image"] is None
+    ds = data.VideoDataset(rows, max_pixels=56 * 84)
+    with pytest.warns(UserWarning, match="bad.png: not a readable image"):
+        got = list(ds.iter_samples())
+    assert [s["kind"] for s in got] == ["image", None] and ds.n_bad == 1
+    assert got[0]["grid_thw"].tolist() == [[1, 4, 6]] and got[0]["pixel_values"].shape == (24, 3 * 2 * 14 * 14)
 
 
 def test_odd_frame_count_repeats_last():
@@ -275,7 +299,7 @@ def test_split_rows_thirds():
 @pytest.mark.parametrize("bad,message", [
     ('{"video": "a.mp4", "question": "q", "answer": "A"', "malformed JSON"),
     ({"video": "a.mp4", "question": "q"}, "missing field 'answer'"),
-    ({"question": "q", "answer": "A"}, "missing field 'video'"),
+    ({"video": "a.mp4", "image": "a.png", "question": "q", "answer": "A"}, "not both"),
     ({"video": "a.mp4", "question": "q", "options": ["x", "y", "z", "w"], "answer": "E"}, "not one of the option"),
     ({"video": "a.mp4", "question": "q", "options": ["x", "y"], "answer": "yes"}, "not one of the option letters"),
     ({"video": "a.mp4", "question": "q", "options": "A. x B. y", "answer": "A"}, "options must be"),

@@ -87,16 +87,12 @@ def test_grade_numbers_and_text():
 @pytest.fixture(scope="module")
 def rollout_batch():
     model, tok = M.load("tiny")
-    pixels, grid, spg, prompts = M.random_video_batch(model, tok, ((4, 8, 8), (2, 4, 6)))
-    video = M.encode_video(model, pixels, grid).detach()
-    videos = [video[:64], video[64:]]
-    pos = [M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config) for i, p in enumerate(prompts)]
+    batch = [mr_sp.prepare(model, tok, s, f"Question {i}: what happens in this video?")
+             for i, s in enumerate(M.random_samples(model, ((4, 8, 8), (2, 4, 6))))]
     G = 4
-    batch = [dict(prompt=prompts[i], pos=pos[i], video=videos[i]) for i in range(2)]
     toks, lps, lens = mr_sp.rollout(model, tok, batch, G, [mr_sp.seed_of(0, i) for i in range(2)], max_new=24,
                                     temperature=1.0)
-    rows = [dict(prompt=prompts[j // G], pos=pos[j // G], video=videos[j // G],
-                 response=toks[j, :lens[j]].tolist(), adv=1.0 - (j % 2)) for j in range(2 * G)]
+    rows = [dict(batch[j // G], response=toks[j, :lens[j]].tolist(), adv=1.0 - (j % 2)) for j in range(2 * G)]
     return model, tok, rows, lps, lens
 
 

@@ -9,15 +9,19 @@ import torch
 
 import model as M
 
-# Two tiny configurations that differ in what could break: head counts, GQA ratio, vision window
-# attention (B's 56-pixel window splits a 112-pixel frame into 4 windows in block 0), depth.
-CONFIGS = {"A": dict(), "B": dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64,
-                                  vision_heads=2, window=56, fullatt=(1,))}
+# Two tiny configurations of each family that differ in what could break: head counts, GQA ratio,
+# vision depth (Qwen3-VL: 1 or 2 DeepStack features), vision window attention (Qwen2.5-VL: B's
+# 56-pixel window splits a 112-pixel frame into 4 windows in blocks 0 and 2), depth.
+FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl"]
+B = dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64, vision_heads=2, vision_depth=3,
+         window=56, fullatt=(1,))
+CONFIGS = {f"{f[5:]}-{c}": (f, kw) for f in FAMILIES for c, kw in (("A", {}), ("B", B))}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def tiny(request):
-    return M.load("tiny", **CONFIGS[request.param])
+    family, kw = CONFIGS[request.param]
+    return M.load(family, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +29,14 @@ def tiny_a():
     return M.load("tiny")
 
 
-def video_inputs(model, tok, grids, seed=0):
-    pixels, grid, spg, prompts = M.random_video_batch(model, tok, grids, seed)
-    video = M.encode_video(model, pixels, grid)
-    pos = [M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config) for i, p in enumerate(prompts)]
-    return pixels, grid, spg, prompts, video, pos
+def video_inputs(model, tok, grids, seed=0, kind="video"):
+    """Samples of random pixels, their prompts, visual embeddings (each encoded alone, as the stages
+    do) and positions."""
+    samples = M.random_samples(model, grids, kind, seed)
+    prompts, pos = zip(*[M.prompt_of(tok, model.config, s, f"Question {i}: what happens in this video?")
+                         for i, s in enumerate(samples)])
+    visual = [M.encode(model, s["pixel_values"], s["grid_thw"]) if kind else None for s in samples]
+    return samples, list(prompts), list(pos), visual
 
 
 def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
@@ -43,18 +50,36 @@ def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
     from transformers import AutoTokenizer
     c = AutoTokenizer.from_pretrained(tmp_path)
     assert c.encode(text, add_special_tokens=False) == ids
-    assert M.build_prompt(c, "Why?", 5) == M.build_prompt(a, "Why?", 5)
+    cfg = M.tiny_config(a)
+    assert M.build_prompt(c, cfg, "Why?", "video", [[1, 2, 10]]) == M.build_prompt(a, cfg, "Why?", "video", [[1, 2, 10]])
 
 
-def test_build_prompt_places_video_tokens():
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_build_prompt_places_visual_tokens(kind):
     tok = M.tiny_tokenizer()
-    ids = M.build_prompt(tok, "What happens?", 7)
-    pad = tok.convert_tokens_to_ids("<|video_pad|>")
+    ids = M.build_prompt(tok, M.tiny_config(tok), "What happens?", kind, [[1, 2, 14]])
+    pad = tok.convert_tokens_to_ids(f"<|{kind}_pad|>")
     first = ids.index(pad)
     assert ids.count(pad) == 7 and ids[first:first + 7] == [pad] * 7
     assert ids[first - 1] == tok.convert_tokens_to_ids("<|vision_start|>")
     assert ids[first + 7] == tok.convert_tokens_to_ids("<|vision_end|>")
     assert tok.decode(ids).endswith("What happens?<|im_end|>\n<|im_start|>assistant\n")
+    text = M.build_prompt(tok, M.tiny_config(tok), "What happens?")
+    assert tok.decode(text) == tok.decode(ids).replace(f"<|vision_start|>{tok.decode([pad]) * 7}<|vision_end|>", "")
+
+
+def test_build_prompt_qwen3_vl_timestamps():
+    """Qwen3-VL: each temporal group after "<t seconds>" (t the mean time of its 2 frames, one
+    decimal, tokenized alone), in its own start/end pair; no outer pair (the trained format)."""
+    tok = M.tiny_tokenizer()
+    cfg = M.tiny_config(tok, "qwen3_vl")
+    ids = M.build_prompt(tok, cfg, "Why?", "video", [[3, 2, 4]], [0.0, 0.5, 1.0, 1.5, 2.25, 3.0])
+    s = tok.decode(ids)
+    g = "<|vision_start|>" + "<|video_pad|>" * 2 + "<|vision_end|>"
+    assert f"user\n<0.2 seconds>{g}<1.2 seconds>{g}<2.6 seconds>{g}Why?<|im_end|>" in s  # .25 -> .2, 1.25 -> 1.2
+    assert M.build_prompt(tok, cfg, "Why?", "video", [[3, 2, 4]], [0.0] * 6, expand=False) == \
+        tok.encode(s.split("<0.2")[0], add_special_tokens=False) + [cfg.video_token_id] + \
+        tok.encode("Why?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
 
 
 def test_positions_hand_computed_original_rule(tiny_a):
@@ -73,18 +98,39 @@ def test_positions_hand_computed_original_rule(tiny_a):
     assert pos.T.tolist() == expect
 
 
-def test_positions_vs_transformers(tiny_a):
-    """Equal to transformers' get_rope_index where the rules agree (one temporal group), different
-    where they do not (text after a multi-group video): that difference is the pitfall we avoid."""
-    model, tok = tiny_a
+def test_positions_hand_computed_qwen2_vl_and_qwen3_vl():
+    tok = M.tiny_tokenizer()
+    # Qwen2-VL: temporal index i, whatever the seconds per group (no tokens_per_second)
+    cfg = M.tiny_config(tok, "qwen2_vl")
+    t, v, im = 11, cfg.video_token_id, cfg.image_token_id
+    pos = M.positions([t, t, v, v, v, v, t], [[4, 2, 2]], [0.75], cfg)
+    assert pos.T.tolist() == [[0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 2, 2], [4, 2, 2], [5, 2, 2], [6, 6, 6]]
+    # Qwen3-VL: each temporal group of grid (2, 4, 4) is its own 1x2x2 run (timestamps between
+    # them in the prompt), temporal offset 0; the text after each resumes at max + 1
+    cfg = M.tiny_config(tok, "qwen3_vl")
+    pos = M.positions([t, v, v, v, v, t, v, v, v, v, t], [[2, 4, 4]], [3.0], cfg)
+    assert pos.T.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2], [3, 3, 3],
+                              [4, 4, 4], [4, 4, 5], [4, 5, 4], [4, 5, 5], [6, 6, 6]]
+    # an image is a one-group grid (same rule in every family): (1, 2x4 merged) at 1, text at 5
+    pos = M.positions([t] + [im] * 8 + [t], [[1, 4, 8]], [1.0], cfg)
+    assert pos.T.tolist()[-1] == [5, 5, 5] and pos[:, 1:9].tolist() == [
+        [1] * 8, [1, 1, 1, 1, 2, 2, 2, 2], [1, 2, 3, 4, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_positions_vs_transformers(family):
+    """Qwen2.5-VL: equal to transformers' get_rope_index where the rules agree (one temporal group),
+    different where they do not (text after a multi-group video): that difference is the pitfall
+    we avoid. Qwen3-VL's grids are one group each, so the rules always agree there."""
+    model, tok = M.load(family)
     cfg = model.config
-    for grid, same in (([1, 4, 6], True), ([3, 4, 6], False)):
-        ids = M.build_prompt(tok, "Which color came first?", grid[0] * grid[1] * grid[2] // 4)
+    for grid, same in (([1, 4, 6], True), ([3, 4, 6], cfg.model_type == "qwen3_vl")):
+        ids = M.build_prompt(tok, cfg, "Which color came first?", "video", [grid], [0.5 * k for k in range(2 * grid[0])])
         ours = M.positions(ids, [grid], [2.0], cfg)
         ids_t = torch.tensor([ids])
         types = (ids_t == cfg.video_token_id).int() * 2
-        theirs, _ = model.model.get_rope_index(ids_t, types, video_grid_thw=torch.tensor([grid]),
-                                               second_per_grid_ts=torch.tensor([2.0]))
+        kw = dict(second_per_grid_ts=torch.tensor([2.0])) if cfg.model_type == "qwen2_5_vl" else {}
+        theirs, _ = model.model.get_rope_index(ids_t, types, video_grid_thw=torch.tensor([grid]), **kw)
         assert torch.equal(ours, theirs[:, 0]) == same
         video = ids_t[0] == cfg.video_token_id
         assert torch.equal(ours[:, video], theirs[:, 0, video])  # video tokens agree in both cases
@@ -95,7 +141,7 @@ def test_positions_temporal_index_in_vllm_arithmetic(tiny_a):
     computed it before, gives group 7 at 31/14 s per group (tokens_per_second 2) the temporal index 30
     instead of 31, and rollout and training disagree there (tests/test_vllm.py: log-probs off by 1.1)."""
     model, tok = tiny_a
-    ids = M.build_prompt(tok, "?", 8)  # grid (8, 2, 2): one token per temporal group
+    ids = M.build_prompt(tok, model.config, "?", "video", [[8, 2, 2]])  # one token per temporal group
     t = M.positions(ids, [[8, 2, 2]], [31 / 14], model.config)[0, torch.tensor(ids) == model.config.video_token_id]
     assert (t - t[0]).tolist() == [0, 4, 8, 13, 17, 22, 26, 31]
     assert (torch.arange(8) * (31 / 14) * 2).long().tolist()[-1] == 30
@@ -103,31 +149,27 @@ def test_positions_temporal_index_in_vllm_arithmetic(tiny_a):
 
 def test_positions_reject_mismatched_grid(tiny_a):
     model, tok = tiny_a
-    ids = M.build_prompt(tok, "?", 6)
-    with pytest.raises(ValueError, match="6 <\\|video_pad\\|> tokens but grid"):
+    ids = M.build_prompt(tok, model.config, "?", "video", [[1, 4, 6]])
+    with pytest.raises(ValueError, match="run 0: 6 visual pad tokens but grid"):
         M.positions(ids, [[2, 4, 4]], [1.0], model.config)
-    with pytest.raises(ValueError, match="1 videos but 0"):
-        M.positions(M.build_prompt(tok, "?", 0)[:3], [[2, 4, 4]], [1.0], model.config)
+    with pytest.raises(ValueError, match="1 visual grids but 0 runs"):
+        M.positions(ids[:3], [[2, 4, 4]], [1.0], model.config)
 
 
-@pytest.mark.parametrize("grids", [((4, 8, 8), (2, 4, 6)), ((1, 8, 8),)])
-def test_our_path_equals_transformers_forward_from_pixels(tiny, grids):
+@pytest.mark.parametrize("kind,grids", [("video", ((4, 8, 8), (2, 4, 6))), ("video", ((1, 8, 8),)),
+                                        ("image", ((1, 8, 12),)), (None, [()])])
+def test_our_path_equals_transformers_forward_from_pixels(tiny, kind, grids):
+    """Our visual embeddings (DeepStack features included) and logits from cached embeddings,
+    spliced, at our positions, vs transformers' get_*_features and full forward from pixels."""
     model, tok = tiny
-    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, grids)
+    samples, prompts, pos, visual = video_inputs(model, tok, grids, kind=kind)
     with torch.no_grad():
-        ref_video = torch.cat(model.model.get_video_features(pixels, grid).pooler_output)
-        assert (video - ref_video).abs().max() <= 1e-5
-        offs, toffs = [0] + grid.prod(-1).cumsum(0).tolist(), [0] + (grid.prod(-1) // 4).cumsum(0).tolist()
-        for i, ids in enumerate(prompts):
-            ids_t, p = torch.tensor([ids]), pos[i][:, None]
-            # each video encoded alone, as transformers encodes it below and as the stages do (one per sample):
-            # encoded beside another, its embeddings differ in float rounding, 1.1e-5 in the logits on some CPUs
-            own = M.encode_video(model, pixels[offs[i]:offs[i + 1]], grid[i:i + 1])
-            assert (own - video[toffs[i]:toffs[i + 1]]).abs().max() <= 1e-5
-            ours = model.lm_head(M.forward(model, M.splice(model, ids_t, own), p))
-            ref = model(input_ids=ids_t, pixel_values_videos=pixels[offs[i]:offs[i + 1]],
-                        video_grid_thw=grid[i:i + 1], position_ids=p).logits
-            assert (ours - ref).abs().max() <= 1e-5
+        for s, ids, p, vis in zip(samples, prompts, pos, visual):
+            ids_t, p = torch.tensor([ids]), p[:, None]
+            if kind:
+                assert (vis - M.reference_features(model, s)).abs().max() <= 1e-5
+            ours = model.lm_head(M.forward(model, M.splice(model, ids_t, vis), p))
+            assert (ours - M.reference_logits(model, ids_t, p, s)).abs().max() <= 1e-5
 
 
 def test_text_only_equals_transformers(tiny):
@@ -144,23 +186,24 @@ def test_text_only_equals_transformers(tiny):
 
 def test_splice_rejects_count_mismatch(tiny_a):
     model, tok = tiny_a
-    ids = torch.tensor([M.build_prompt(tok, "?", 4)])
-    with pytest.raises(ValueError, match="4 <\\|video_pad\\|> tokens but 3 video embeddings"):
+    ids = torch.tensor([M.build_prompt(tok, model.config, "?", "video", [[1, 4, 4]])])
+    with pytest.raises(ValueError, match="4 visual pad tokens but 3 visual embeddings"):
         M.splice(model, ids, torch.zeros(3, model.config.text_config.hidden_size))
 
 
-def test_saved_folder_loads_in_transformers_with_same_logits(tiny_a, tmp_path):
-    model, tok = tiny_a
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_folder_loads_in_transformers_with_same_logits(family, tmp_path):
+    model, tok = M.load(family)
     M.save(model, tok, str(tmp_path / "ckpt"))
     M.save(model, tok, str(tmp_path / "ckpt"))  # overwriting an existing checkpoint works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp/.old left behind
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
-    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((2, 8, 8),))
-    kw = dict(input_ids=torch.tensor(prompts[:1]), pixel_values_videos=pixels, video_grid_thw=grid,
-              position_ids=pos[0][:, None])
+    from transformers import AutoModelForImageTextToText
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(loaded) is type(model)
+    samples, prompts, pos, _ = video_inputs(model, tok, ((2, 8, 8),))
+    ids, p = torch.tensor(prompts[:1]), pos[0][:, None]
     with torch.no_grad():
-        assert torch.equal(model(**kw).logits, loaded(**kw).logits)
+        assert torch.equal(M.reference_logits(model, ids, p, samples[0]), M.reference_logits(loaded, ids, p, samples[0]))
     model2, _ = M.load(str(tmp_path / "ckpt"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
 
@@ -170,36 +213,34 @@ def test_load_rejects_missing_folder(tmp_path):
         M.load(str(tmp_path))
 
 
-def batch(model, tok, grids, responses=None):
-    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, grids)
+def batch(model, tok, grids, responses=None, kind="video"):
+    samples, prompts, pos, visual = video_inputs(model, tok, grids, kind=kind)
     ids, p3, mask, P = M.layout(prompts, pos, responses, pad_id=tok.pad_token_id)
-    return M.splice(model, ids, video), p3, mask, P, ids, (pixels, grid, spg, prompts, pos)
+    vis = torch.cat(visual) if kind else None
+    return M.splice(model, ids, vis), p3, mask, P, ids, (samples, prompts, pos, visual)
 
 
 def gen_kwargs(tok, **kw):
     return dict(eos_ids=[tok.eos_token_id], banned=M.banned_ids(tok), pad_id=tok.pad_token_id, **kw)
 
 
-def test_generate_from_cached_embeddings_equals_generation_from_pixels(tiny_a):
-    """Greedy: our KV-cache generate from the cached video embeddings vs a loop that runs
+def test_generate_from_cached_embeddings_equals_generation_from_pixels(tiny):
+    """Greedy: our KV-cache generate from the cached visual embeddings vs a loop that runs
     transformers' full forward from pixels (re-encoding the video) for every token."""
-    model, tok = tiny_a
-    grids = ((4, 8, 8),)
-    embeds, p3, mask, P, ids, (pixels, grid, spg, prompts, pos) = batch(model, tok, grids)
+    model, tok = tiny
+    embeds, p3, mask, P, ids, (samples, prompts, pos, _) = batch(model, tok, ((4, 8, 8),))
     toks, _, _ = M.generate(model, embeds, p3, mask, max_new=32, temperature=0, **gen_kwargs(tok))
     seq, seq_pos, nxt, ban = list(prompts[0]), pos[0], int(pos[0].max()) + 1, M.banned_ids(tok)
     with torch.no_grad():
         for j in range(32):
-            logits = model(input_ids=torch.tensor([seq]), pixel_values_videos=pixels, video_grid_thw=grid,
-                           position_ids=seq_pos[:, None]).logits[0, -1]
+            logits = M.reference_logits(model, torch.tensor([seq]), seq_pos[:, None], samples[0])[0, -1]
             seq.append(int(logits.index_fill(0, ban, float("-inf")).argmax()))
             seq_pos = torch.cat([seq_pos, torch.full((3, 1), nxt + j)], 1)
     assert toks[0].tolist() == seq[len(prompts[0]):]
     assert len(set(seq[len(prompts[0]):])) > 8  # the model's output varies, so equality means something
 
 
-@pytest.mark.parametrize("chunk", [0, 7])
-@pytest.mark.parametrize("temperature,top_p,n", [(0, 1.0, 1), (1.0, 1.0, 3), (0.7, 0.9, 2)])
+@pytest.mark.parametrize("temperature,top_p,n,chunk", [(0, 1.0, 1, 7), (1.0, 1.0, 3, 0), (0.7, 0.9, 2, 7)])
 def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p, n, chunk):
     """The engine (each prompt prefilled once, in chunks of 7 tokens: boundaries inside the video and
     in the left padding; its KV cache shared by its n samples) against re-running every row whole."""
@@ -294,13 +335,13 @@ def test_trainer_logprobs_equal_rollout_logprobs(tiny):
 def test_padding_never_changes_a_rows_logprobs(tiny_a):
     model, tok = tiny_a
     resp = [[105, 106, 107, 108], [109, 110]]
-    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
+    _, prompts, pos, visual = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
     ids, p3, mask, P = M.layout(prompts, pos, resp, pad_id=tok.pad_token_id)
     ids1, p31, mask1, P1 = M.layout(prompts[1:], pos[1:], resp[1:], pad_id=tok.pad_token_id)
     assert mask[1].sum() < mask.shape[1] and mask1.all()  # padded in the batch, not alone
     with torch.no_grad():
-        both, _ = M.response_logprobs(model, M.splice(model, ids, video), p3, mask, P, ids[:, P:])
-        alone, _ = M.response_logprobs(model, M.splice(model, ids1, video[64:]), p31, mask1, P1, ids1[:, P1:])
+        both, _ = M.response_logprobs(model, M.splice(model, ids, torch.cat(visual)), p3, mask, P, ids[:, P:])
+        alone, _ = M.response_logprobs(model, M.splice(model, ids1, visual[1]), p31, mask1, P1, ids1[:, P1:])
     assert (both[1, :2] - alone[0]).abs().max() <= 1e-5
 
 
@@ -315,10 +356,16 @@ def test_bf16_runs_close_to_fp32():
     assert outs[0].dtype == torch.float32 and (outs[0] - outs[1]).abs().max() < 0.5
 
 
-def test_check_command_prints_json():
-    out = subprocess.run([sys.executable, "model.py", "check", "--hf", "tiny"], capture_output=True, text=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_command_prints_json(family, tmp_path):
+    """`model.py check` on a saved folder of each family (as a user runs it on a checkpoint)."""
+    subprocess.run([sys.executable, "model.py", "save", "--family", family, "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    out = subprocess.run([sys.executable, "model.py", "check", "--hf", str(tmp_path)], capture_output=True, text=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert out.returncode == 0 and res["logits_max_abs_diff"] <= 1e-5 and res["video_embeds_max_abs_diff"] <= 1e-5
+    assert out.returncode == 0 and res["family"] == family[5:].replace(".", "_").replace("-", "_")
+    diffs = [v for k, v in res.items() if k.endswith("max_abs_diff")]
+    assert len(diffs) == 4 and max(diffs) <= 1e-5, res
     bad = subprocess.run([sys.executable, "model.py", "check", "--hf", "/nonexistent"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no config.json" in bad.stderr
 
@@ -327,12 +374,12 @@ def test_per_prompt_generators_make_samples_independent_of_batching(tiny_a):
     """With one generator per prompt, what a prompt samples is the same alone or beside others (so
     rollouts do not depend on how prompts are split over ranks)."""
     model, tok = tiny_a
-    pixels, grid, spg, prompts, video, pos = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
+    _, prompts, pos, visual = video_inputs(model, tok, ((4, 8, 8), (2, 4, 6)))
     ids, p3, mask, _ = M.layout(prompts, pos, pad_id=tok.pad_token_id)
     ids1, p31, mask1, _ = M.layout(prompts[1:], pos[1:], pad_id=tok.pad_token_id)
     kw = dict(n=3, max_new=16, temperature=1.0, **gen_kwargs(tok))
-    both, _, n_both = M.generate(model, M.splice(model, ids, video), p3, mask,
+    both, _, n_both = M.generate(model, M.splice(model, ids, torch.cat(visual)), p3, mask,
                                  generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **kw)
-    alone, _, n_alone = M.generate(model, M.splice(model, ids1, video[64:]), p31, mask1,
+    alone, _, n_alone = M.generate(model, M.splice(model, ids1, visual[1]), p31, mask1,
                                    generator=[torch.Generator().manual_seed(8)], **kw)
     assert torch.equal(both[3:, :alone.shape[1]], alone) and torch.equal(n_both[3:], n_alone)

@@ -22,12 +22,14 @@ import grpo
 import model as M
 import mr_sp
 
-# tests/test_model.py's two configs: B has GQA with 1 KV head (< sp) and vision window attention
-CONFIGS = {"A": dict(), "B": dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64,
-                                  vision_heads=2, window=56, fullatt=(1,))}
-# (video grids, response lengths) per micro-batch: left padding with rank 0 holding no response
-# column; a response that straddles the ranks' boundary; one unpadded row (the causal-only path)
-CASES = [(((4, 8, 8), (2, 4, 6)), (5, 2)), (((1, 4, 4), (2, 4, 4)), (60, 33)), (((3, 8, 8),), (7,))]
+from test_model import CONFIGS, FAMILIES  # two configs of each family; B: GQA with 1 KV head (< sp)
+
+# (samples, response lengths) per micro-batch: left padding with rank 0 holding no response column;
+# a response that straddles the ranks' boundary; an image and a text-only row beside a video; one
+# unpadded row (the causal-only path)
+V, I = "video", "image"
+CASES = [(((V, (4, 8, 8)), (V, (2, 4, 6))), (5, 2)), (((V, (1, 4, 4)), (V, (2, 4, 4))), (60, 33)),
+         (((I, (1, 4, 6)), (None, ()), (V, (2, 4, 4))), (6, 9, 3)), (((V, (3, 8, 8)),), (7,))]
 ENCODE_GRIDS = [(5, 8, 8), (3, 4, 6), (1, 8, 8)]  # uneven splits; one rank with no temporal group
 
 
@@ -35,14 +37,12 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
-def rows_of(model, tok, grids, lengths, group):
-    pixels, grid, spg, prompts = M.random_video_batch(model, tok, grids)
-    g, rows, off = torch.Generator().manual_seed(1), [], 0
-    for i, (p, n) in enumerate(zip(prompts, lengths)):
-        rows_i = int(grid[i].prod())
-        video = mr_sp.encode(model, dict(pixel_values=pixels[off:off + rows_i], grid_thw=grid[i:i + 1]), group)
-        off += rows_i
-        rows.append(dict(prompt=p, pos=M.positions(p, grid[i:i + 1], spg[i:i + 1], model.config), video=video,
+def rows_of(model, tok, specs, lengths, group):
+    g, rows = torch.Generator().manual_seed(1), []
+    for i, ((kind, grid), n) in enumerate(zip(specs, lengths)):
+        s = M.random_samples(model, [grid], kind, seed=i)[0]
+        ids, pos = M.prompt_of(tok, model.config, s, f"Question {i}: what happens here?")
+        rows.append(dict(prompt=ids, pos=pos, visual=mr_sp.encode(model, s, group),
                          response=torch.randint(20, 500, (n,), generator=g).tolist()))  # no vision ids
     return rows
 
@@ -74,15 +74,12 @@ def worker(out):
     par = mr_sp.init_parallel(2)
     rank, group = par.rank, par.group
     res = {}
-    for name, cfg in CONFIGS.items():
-        model, tok = M.load("tiny", **cfg)
-        model.requires_grad_(False)
-        for m in (model.model.language_model, model.lm_head):
-            m.requires_grad_(True)
+    for name, (family, cfg) in CONFIGS.items():
+        model, tok = M.load(family, **cfg)
+        grpo.rl_params(model)
         r = res[name] = {"encode": [], "cases": []}
         for grid in ENCODE_GRIDS:
-            pixels, g, *_ = M.random_video_batch(model, tok, (grid,))
-            s = dict(pixel_values=pixels, grid_thw=g)
+            s = M.random_samples(model, [grid])[0]
             one, two = mr_sp.encode(model, s), mr_sp.encode(model, s, group)
             r["encode"].append(dict(grid=grid, equal=torch.equal(one, two), diff=max_diff(one, two),
                                     shape=list(two.shape)))
@@ -165,12 +162,16 @@ def measured(tmp_path_factory):
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_sharded_encoding_equals_unsharded_exactly(measured, config):
-    """Equal up to float rounding: the vision tower never mixes temporal groups, but on some CPUs a
+    """Equal up to float rounding: no family's vision tower mixes temporal groups, but on some CPUs a
     matmul over fewer rows rounds differently (bit-identical on one machine, up to 7.9e-6 on another,
-    where encoding each temporal group alone differs from the whole video by as much)."""
+    where encoding each temporal group alone differs from the whole video by as much). Qwen3-VL's
+    rows carry its DeepStack features too (width (1 + k) * hidden)."""
     enc = measured[config]["encode"]
     assert all(e["diff"] <= 1e-5 for e in enc), enc
     assert [e["shape"][0] for e in enc] == [5 * 16, 3 * 6, 16]
+    family, cfg = CONFIGS[config]
+    k = cfg.get("vision_depth", 2) - 1 if "qwen3" in family else 0
+    assert {e["shape"][1] for e in enc} == {cfg.get("hidden", 192) * (1 + k)}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -241,6 +241,46 @@ def test_short_pipeline_learns(task, tmp_path):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4
 
 
+def mixed_task(task, data):
+    """A copy of the task where every third row has an image instead of its video and every third a
+    question without any visual input (text-only RL), in train and test."""
+    from PIL import Image
+    import numpy as np
+    shutil.copytree(task, data)
+    for split in ("train", "test"):
+        rows = [json.loads(r) for r in (data / f"{split}.jsonl").read_text().splitlines()]
+        for i, r in enumerate(rows):
+            if i % 3 == 1:
+                img = np.random.default_rng(i).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+                Image.fromarray(img).save(data / f"{split}{i}.png")
+                r["image"] = f"{split}{i}.png"
+                del r["video"]
+            elif i % 3 == 2:
+                del r["video"]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen3-vl", "tiny-qwen2-vl"])
+def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, family):
+    """sft.py --init <family>, grpo.py from its checkpoint and eval.py on rows with a video, an image or
+    no visual input; and GRPO with --sp 2 equals one process on them (Qwen3-VL: DeepStack features split
+    with the sequence)."""
+    data = tmp_path / "data"
+    mixed_task(task, data)
+    run(*SFT, "--init", family, "--data", str(data), "--steps", "2", "--out", str(tmp_path / "sft"))
+    cmd = GRPO[:1] + ["--init", str(tmp_path / "sft" / "model")] + GRPO[3:] + [
+        "--data", str(data), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
+    run(*cmd, "--out", str(tmp_path / "one"))
+    assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
+    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+    out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(data), "--frames", "8",
+              "--max-new", "8", "--out", str(tmp_path / "eval"))
+    assert json.loads(out.stdout.strip().splitlines()[-1])["n_questions"] == 8
+    kinds = {r["id"]: r for r in map(json.loads, (data / "test.jsonl").read_text().splitlines())}
+    assert sum("image" in r for r in kinds.values()) == 3 and sum("video" not in r for r in kinds.values()) == 5
+
+
 def test_engine_vllm_without_vllm_says_how_to_get_it(task, tmp_path):
     """Where vllm is not installed (the main environment), --engine vllm fails at start with how to get it."""
     import importlib.util

@@ -23,48 +23,47 @@ import model as M  # noqa: E402
 import mr_sp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GRIDS = ((8, 4, 4), (6, 8, 8), (4, 4, 6), (1, 8, 8))  # temporal groups x patches; 32, 96, 24, 16 video tokens
-SPG = (31 / 14, 2.0, 0.5, 2.0)  # seconds per temporal group
+# (kind, grid in patches, seconds per temporal group): several temporal groups, unequal seconds per
+# group (one at 31/14 s), an image, and a text-only prompt
+SAMPLES = (("video", (8, 4, 4), 31 / 14), ("video", (6, 8, 8), 2.0), ("video", (4, 4, 6), 0.5),
+           ("image", (1, 8, 8), 1.0), (None, (), 0.0))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The tiny model (head_dim 32, which vLLM's CPU attention supports), its saved folder, an engine
-    on it, and prompts with cached video embeddings."""
-    model, tok = M.load("tiny")
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+def setup(request, tmp_path_factory):
+    """A tiny model of each family (head_dim 32, which vLLM's CPU attention supports), its saved
+    folder, an engine on it, and prompts as mr_sp.prepare gives them (cached visual embeddings)."""
+    model, tok = M.load(request.param)
     assert model.config.text_config.hidden_size // model.config.text_config.num_attention_heads == 32
     path = tmp_path_factory.mktemp("vllm") / "model"
     M.save(model, tok, str(path))
     llm = mr_sp.vllm_engine(model, tok, str(path))
-    pixels, grid, _, _ = M.random_video_batch(model, tok, GRIDS)
-    videos, prompts, pos, off = [], [], [], 0
-    for i, g in enumerate(grid):
-        n = int(g.prod())
-        videos.append(mr_sp.encode(model, dict(pixel_values=pixels[off:off + n], grid_thw=g[None])))
-        off += n
-        prompts.append(M.build_prompt(tok, f"Question {i}: which color flashes first?", M.n_video_tokens(g[None])))
-        pos.append(M.positions(prompts[-1], g[None], [SPG[i]], model.config))
-    return dict(model=model, tok=tok, llm=llm, grid=grid, videos=videos, prompts=prompts, pos=pos)
+    prompts = []
+    for i, (kind, grid, spg) in enumerate(SAMPLES):
+        x = M.random_samples(model, [grid], kind, seed=i)[0]
+        if kind == "video":
+            x.update(second_per_grid=spg, frame_times=[k * spg / 2 for k in range(2 * grid[0])])
+        prompts.append(mr_sp.prepare(model, tok, x, f"Question {i}: which color flashes first?"))
+    yield dict(name=request.param, model=model, tok=tok, llm=llm, prompts=prompts)
+    del llm  # one engine at a time
 
 
-def batch(s, spg=SPG):
-    """The prompts as mr_sp.prepare returns them."""
-    return [dict(prompt=p, pos=q, video=v, grid_thw=g[None], second_per_grid=x)
-            for p, q, v, g, x in zip(s["prompts"], s["pos"], s["videos"], s["grid"], spg)]
+def batch(s, spg=None):
+    """The prompts; spg: other seconds per temporal group to tell vLLM."""
+    return s["prompts"] if spg is None else [dict(p, second_per_grid=x) for p, x in zip(s["prompts"], spg)]
 
 
 def ours(s, G=1, **gen):
     return mr_sp.rollout(s["model"], s["tok"], batch(s), G, **gen)
 
 
-def theirs(s, G=1, spg=SPG, **gen):
+def theirs(s, G=1, spg=None, **gen):
     return mr_sp.rollout(s["model"], s["tok"], batch(s, spg), G, llm=s["llm"], **gen)
 
 
 def trainer_logprobs(s, toks, lens, G, temperature=1.0):
     """prefill_logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
-    rows = [dict(prompt=s["prompts"][i // G], pos=s["pos"][i // G], video=s["videos"][i // G],
-                 response=toks[i, :lens[i]].tolist()) for i in range(len(toks))]
+    rows = [dict(s["prompts"][i // G], response=toks[i, :lens[i]].tolist()) for i in range(len(toks))]
     with torch.no_grad():
         lp, _, mask = mr_sp.prefill_logprobs(s["model"], s["tok"], rows, temperature=temperature)
     return lp, mask
@@ -78,7 +77,7 @@ def test_greedy_tokens_equal_our_engine(setup):
     t_ours, lp_ours, n_ours = ours(setup, G=2, max_new=24, temperature=0)
     t_vllm, lp_vllm, n_vllm = theirs(setup, G=2, max_new=24, temperature=0)
     assert torch.equal(n_ours, n_vllm) and torch.equal(t_ours, t_vllm)
-    assert len(set(map(tuple, t_ours.tolist()))) == len(GRIDS)  # prompts answer differently: not vacuous
+    assert len(set(map(tuple, t_ours.tolist()))) == len(SAMPLES)  # prompts answer differently: not vacuous
     mask = (torch.arange(t_ours.shape[1]) < n_ours[:, None]).float()
     d = max_diff(lp_ours, lp_vllm, mask)
     print(f"greedy: {int(n_ours.sum())} tokens equal; log-prob max abs diff vs our engine {d:.2e}")
@@ -89,29 +88,33 @@ def test_greedy_tokens_equal_our_engine(setup):
 def test_sampled_logprobs_equal_trainer(setup, temperature):
     """vLLM's log-probs of the tokens it sampled (G = 4 per prompt) equal the trainer's prefill pass."""
     G = 4
-    toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])
+    toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4, 5])
     assert not torch.isin(toks, M.banned_ids(setup["tok"])).any()
-    assert len(set(map(tuple, toks.tolist()))) > len(GRIDS)  # samples of a prompt differ
+    assert len(set(map(tuple, toks.tolist()))) > len(SAMPLES)  # samples of a prompt differ
     lp, mask = trainer_logprobs(setup, toks, lens, G, temperature)
     d = max_diff(lp, lp_vllm, mask)
     print(f"temperature {temperature}: {int(mask.sum())} sampled tokens, vLLM vs trainer log-prob max abs diff {d:.2e}")
     assert d <= 1e-4
-    again = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4])[0]
+    again = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4, 5])[0]
     assert torch.equal(toks, again)  # per-prompt seeds reproduce
 
 
 def test_position_mismatch_would_be_caught(setup):
     """The same comparison fails when vLLM's positions are not the trainer's: vLLM told 1 s per
     temporal group (what it assumes when second_per_grid_ts is missing), and the trainer using float32
-    positions for the 31/14 s video (one temporal position off on one group of 4 tokens)."""
-    toks, lp_vllm, lens = theirs(setup, G=2, spg=(1.0,) * len(GRIDS), max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
+    positions for the 31/14 s video (one temporal position off on one group of 4 tokens).
+    Qwen2.5-VL only: the other families have no seconds in their positions."""
+    if setup["name"] != "tiny":
+        pytest.skip("Qwen2-VL and Qwen3-VL positions do not depend on seconds per temporal group")
+    seeds = [1, 2, 3, 4, 5]
+    toks, lp_vllm, lens = theirs(setup, G=2, spg=(1.0,) * len(SAMPLES), max_new=16, temperature=1.0, seeds=seeds)
     lp, mask = trainer_logprobs(setup, toks, lens, 2)
     wrong_spg = max_diff(lp, lp_vllm, mask)
-    toks, lp_vllm, lens = theirs(setup, G=2, max_new=16, temperature=1.0, seeds=[1, 2, 3, 4])
-    p0 = setup["pos"][0].clone()
-    video = torch.tensor(setup["prompts"][0]) == setup["model"].config.video_token_id
+    toks, lp_vllm, lens = theirs(setup, G=2, max_new=16, temperature=1.0, seeds=seeds)
+    p = setup["prompts"][0]
+    p0, video = p["pos"].clone(), torch.tensor(p["prompt"]) == setup["model"].config.video_token_id
     p0[0, video] -= (p0[0, video] - p0[0, video].min() == 31).long()  # the float32 rule's 30 instead of 31
-    lp, mask = trainer_logprobs(dict(setup, pos=[p0] + setup["pos"][1:]), toks, lens, 2)
+    lp, mask = trainer_logprobs(dict(setup, prompts=[dict(p, pos=p0)] + setup["prompts"][1:]), toks, lens, 2)
     off_by_one = max_diff(lp[:2], lp_vllm[:2], mask[:2])
     print(f"log-prob max abs diff with vLLM at 1 s per group: {wrong_spg:.2e}; float32 positions: {off_by_one:.2e}")
     assert wrong_spg > 1e-2 and off_by_one > 1e-4
@@ -121,20 +124,21 @@ def test_vision_special_tokens_never_sampled(setup):
     """Make vision special tokens the likeliest answers (their tied embedding rows 3x the row of a
     prompt's first greedy token): unmasked greedy emits them, vLLM (allowed_token_ids) does not and
     still equals our engine, and sampling at temperature 1 never draws them either."""
-    s, tok = dict(setup, model=M.load("tiny")[0]), setup["tok"]
+    s, tok = dict(setup, model=M.load(setup["name"])[0]), setup["tok"]
     vision = M.banned_ids(tok)
     first = ours(s, max_new=1, temperature=0)[0][0, 0]
     with torch.no_grad():
         emb = s["model"].get_input_embeddings().weight
         for t in ("<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"):
             emb[tok.convert_tokens_to_ids(t)] = 3 * emb[first]
-        ids, pos, mask, _ = M.layout(s["prompts"], s["pos"], pad_id=tok.pad_token_id)
-        unmasked = M.generate(s["model"], M.splice(s["model"], ids, torch.cat(s["videos"])), pos, mask, max_new=24,
+        ids, pos, mask, _ = M.layout([p["prompt"] for p in s["prompts"]], [p["pos"] for p in s["prompts"]],
+                                     pad_id=tok.pad_token_id)
+        unmasked = M.generate(s["model"], M.splice(s["model"], ids, mr_sp.visuals(s["prompts"])), pos, mask, max_new=24,
                               temperature=0, eos_ids=mr_sp.eos_ids(tok), pad_id=tok.pad_token_id)[0]
     assert torch.isin(unmasked, vision).any()  # without the ban, they would be emitted
     mr_sp.vllm_sync(s["llm"], s["model"])
     greedy = theirs(s, max_new=24, temperature=0)[0]
-    sampled = theirs(s, G=8, max_new=24, temperature=1.0, seeds=[1, 2, 3, 4])[0]
+    sampled = theirs(s, G=8, max_new=24, temperature=1.0, seeds=[1, 2, 3, 4, 5])[0]
     mr_sp.vllm_sync(s["llm"], setup["model"])  # back to the module's weights
     assert torch.equal(greedy, ours(s, max_new=24, temperature=0)[0])
     assert not torch.isin(greedy, vision).any() and not torch.isin(sampled, vision).any()
@@ -144,7 +148,7 @@ def test_weight_sync_changes_generation_without_stale_cache(setup):
     """Perturb the policy, sync: vLLM's greedy tokens change and equal our engine's with the new
     weights, for the very prompts it has cached (prefix caching is on), and its log-probs equal the
     trainer's again."""
-    s = dict(setup, model=M.load("tiny")[0])  # a copy: the module's model stays as the engine started
+    s = dict(setup, model=M.load(setup["name"])[0])  # a copy: the module's model stays as the engine started
     assert s["llm"].llm_engine.vllm_config.cache_config.enable_prefix_caching
     before = theirs(s, max_new=24, temperature=0)[0]
     assert torch.equal(before, ours(s, max_new=24, temperature=0)[0])
@@ -188,9 +192,11 @@ def run(*args, nproc=1):
     return p
 
 
-def test_eval_engine_vllm_equals_own(task, tmp_path):
-    """eval.py --engine vllm gives the own engine's greedy answers, through the real video path."""
-    run("model.py", "save", "--out", str(tmp_path / "model"))
+@pytest.mark.parametrize("family", ["tiny", "tiny-qwen3-vl"])
+def test_eval_engine_vllm_equals_own(task, tmp_path, family):
+    """eval.py --engine vllm gives the own engine's greedy answers, through the real video path
+    (Qwen3-VL: timestamps from the sampled frames' times, written by us, expanded by vLLM)."""
+    run("model.py", "save", "--family", family, "--out", str(tmp_path / "model"))
     cmd = ["eval.py", "--model", str(tmp_path / "model"), "--data", task, "--frames", "8", "--limit", "6",
            "--max-new", "24"]
     run(*cmd, "--out", str(tmp_path / "own"))
