@@ -97,7 +97,9 @@ def sample_indices(path, total, video_fps, nframes=None, fps=None, min_frames=4,
 def video_stream(path):
     """The video stream both readers decode, and where its frames are: PyAV reads the packets'
     timestamps without decoding anything. The stream is ffmpeg's best (av_find_best_stream, as its
-    command line picks); a cover picture is not a video. Returns a dict (see the keys below)."""
+    command line picks); a cover picture is not a video. A dict: stream (its index), video_streams,
+    codec, pix_fmt, bits, fps, pixel_aspect, width and height as shown, container_frames, total
+    (frames present), pts (display order), keys (keyframes' pts), reordered."""
     import av
     if os.path.isdir(path):
         raise VideoError(path, "is a directory, not a video file")
@@ -111,14 +113,16 @@ def video_stream(path):
             rate = s.average_rate or s.guessed_rate
             fps = float(rate) if rate else 0.0
             fmt = s.codec_context.format
-            seconds = float(s.duration * s.time_base) if s.duration else (c.duration or 0) / 1e6
+            # WebM/MKV give no stream duration; the file's is the stream's only if it has no other
+            seconds = float(s.duration * s.time_base) if s.duration else \
+                (c.duration or 0) / 1e6 if len(c.streams) == 1 else 0
             aspect = s.sample_aspect_ratio or 1  # width / height of one pixel as shown
             ix = dict(stream=s.index, video_streams=len(c.streams.video),
                       codec=s.codec_context.name, pix_fmt=fmt.name if fmt else "", fps=fps,
                       bits=max(x.bits for x in fmt.components) if fmt else 8,
                       # the size shown (before rotation): non-square pixels stretched, not squeezed
-                      pixel_aspect=float(aspect), width=round(s.width * max(aspect, 1)),
-                      height=round(s.height / min(aspect, 1)),
+                      pixel_aspect=float(aspect), width=round(s.width * max(aspect, 1)) or None,
+                      height=round(s.height / min(aspect, 1)) or None,  # None: as decoded
                       container_frames=s.frames or round(seconds * fps) or None,
                       counted=bool(s.frames))  # else a guess from the duration, maybe 1 off
             packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(s) if p.size]
