@@ -15,9 +15,13 @@ In Python (what model.py and the training scripts use):
     ds.iter_samples(range(rank, len(ds), world))  # skips bad videos and images, counting them
 
 Sampling as in Long-RL / qwen-vl-utils: n rounded to even, indices linspace(0, total-1, n).round();
-second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. decord reads first; PyAV takes
-over when decord is missing or refuses a file (e.g. WebM without a frame count). A file neither can
-read raises VideoError naming it; a dataset skips and counts it, never substituting another video.
+second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. Position i is the i-th frame
+shown (display order) of the file's best video stream. PyAV reads it and finds each frame by its
+timestamp, seeking only across keyframes; decord is an opt-in reader, refused on streams where it
+would return other frames (decord_refuses). Anything wrong with a file (missing, a directory, no
+video stream, undecodable, an aspect ratio Qwen refuses) raises VideoError naming it; a dataset
+skips and counts it, never substituting another video. A file shorter than its container says
+(truncated) warns with both counts and is sampled from the frames it has.
 
 Synthetic task (`synth`): mildly textured gray background; time is cut into 16 equal slots (one
 frame each when F < 16), events fill whole odd slots, so each event and gap lasts >= floor(F/16)
@@ -31,6 +35,7 @@ The letter follows from what was seen; questions need events from the whole vide
 2.6M-parameter model learns full-screen colour events, not where in the frame or when in seconds.
 """
 import argparse
+import bisect
 import json
 import math
 import os
@@ -61,7 +66,7 @@ class VideoError(Exception):
 
 
 class TooFewFrames(VideoError):
-    """More frames asked for than the video has; the other reader would agree, so no fallback."""
+    """More frames asked for than the video has."""
 
 
 def _short(e):
@@ -83,95 +88,168 @@ def sample_indices(path, total, video_fps, nframes=None, fps=None, min_frames=4,
             raise VideoError(path, "unknown frame rate, cannot sample by fps (use nframes)")
         n = min(max(total / video_fps * fps, min_frames), max_frames, total)
         n = max(2, min(round(n / 2) * 2, total // 2 * 2))  # never round past the last frame
+    if total == 1 and n == 2:  # a still: its one frame fills the temporal patch twice
+        return np.zeros(2, int), video_fps * 2
     if n > total:
         raise TooFewFrames(path, f"has {total} frames, asked for {n}")
     idx = np.linspace(0, total - 1, n).round().astype(int)
     return idx, video_fps * n / total
 
 
-def read_video_decord(path, nframes=None, fps=None, min_frames=4, max_frames=768):
-    """Decode the sampled frames with decord (which applies rotation metadata itself)."""
+def video_stream(path):
+    """The video stream both readers decode, and where its frames are: PyAV reads the packets'
+    timestamps without decoding anything. The stream is ffmpeg's best (av_find_best_stream, as its
+    command line picks); a cover picture is not a video. A dict: stream (its index), video_streams,
+    codec, pix_fmt, bits, fps, pixel_aspect, width and height as shown, container_frames, total
+    (frames present), pts (display order), keys (keyframes' pts), reordered."""
+    import av
+    if os.path.isdir(path):
+        raise VideoError(path, "is a directory, not a video file")
+    if not os.path.isfile(path):
+        raise VideoError(path, "no such file")
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.best("video")
+            if s is None or s.disposition & av.stream.Disposition.attached_pic:
+                raise VideoError(path, "no video stream" + (" (only a cover picture)" if s else ""))
+            rate = s.average_rate or s.guessed_rate
+            fps = float(rate) if rate else 0.0
+            fmt = s.codec_context.format
+            # WebM/MKV give no stream duration; the file's is the stream's only if it has no other
+            seconds = float(s.duration * s.time_base) if s.duration else \
+                (c.duration or 0) / 1e6 if len(c.streams) == 1 else 0
+            aspect = s.sample_aspect_ratio or 1  # width / height of one pixel as shown
+            ix = dict(stream=s.index, video_streams=len(c.streams.video),
+                      codec=s.codec_context.name, pix_fmt=fmt.name if fmt else "", fps=fps,
+                      bits=max(x.bits for x in fmt.components) if fmt else 8,
+                      # the size shown (before rotation): non-square pixels stretched, not squeezed
+                      pixel_aspect=float(aspect), width=round(s.width * max(aspect, 1)) or None,
+                      height=round(s.height / min(aspect, 1)) or None,  # None: as decoded
+                      container_frames=s.frames or round(seconds * fps) or None,
+                      counted=bool(s.frames))  # else a guess from the duration, maybe 1 off
+            packets = [(p.pts, p.dts, p.is_keyframe) for p in c.demux(s) if p.size]
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(path, f"PyAV cannot read it ({_short(e)})") from e
+    pts = [p for p, _, _ in packets]
+    ix["total"] = len(pts)
+    if not pts:
+        raise VideoError(path, f"no frames (the container says {ix['container_frames'] or 0})")
+    # Frames are found by their timestamps when every packet has its own, otherwise by counting
+    # from the first; keyframes (by pts) are where decoding may start after a seek
+    timed = None not in pts and len(set(pts)) == len(pts)
+    ix["pts"] = sorted(pts) if timed else None  # display order
+    ix["keys"] = sorted(p for p, _, k in packets if k) if timed else []
+    # B-frames are decoded before they are shown; a stream that allows them (dts behind pts) keeps
+    # the decoder a few frames behind even when none are used
+    ix["reordered"] = not timed or any(d != p for p, d, _ in packets)
+    declared = ix["container_frames"]
+    if declared and declared > ix["total"] + (not ix["counted"]):
+        warnings.warn(f"{path}: the container says {declared} frames, only {ix['total']} are there "
+                      "(truncated?); sampling from those", stacklevel=3)
+    return ix
+
+
+def decord_refuses(ix):
+    """Why decord would not give the frames PyAV gives for this stream, or None. decord places a
+    frame by counting the frames its decoder returns after a seek to the keyframe before it; where
+    frames are stored out of display order (B-frames) or the decoder runs behind (dts before pts),
+    that count lands on other frames (seen with H.264 and HEVC, open and closed GOPs, mp4 and mkv).
+    It cannot be told which stream to read, converts 10-bit video to 8 bits less accurately (3/255
+    off on average) and ignores non-square pixels."""
+    if ix["video_streams"] > 1:
+        return f"{ix['video_streams']} video streams, and decord cannot be told which to read"
+    if ix["reordered"]:
+        return ("frames stored out of display order (B-frames, dts != pts): decord's seeking can "
+                "return other frames")
+    if ix["bits"] > 8:
+        return f"{ix['bits']}-bit video: decord converts it to 8 bits inaccurately"
+    if ix["pixel_aspect"] != 1:
+        return "non-square pixels, which decord ignores"
+    return None
+
+
+def read_video_decord(path, ix, idx):
+    """The frames at display positions idx with decord (which applies rotation metadata itself)."""
     import decord
+    why = decord_refuses(ix)
+    if why:
+        raise VideoError(path, f"not read with decord: {why}")
     try:
         vr = decord.VideoReader(str(path))
-        total, video_fps = len(vr), float(vr.get_avg_fps())
+        if len(vr) != ix["total"]:
+            raise VideoError(path, f"decord counts {len(vr)} frames, the stream has {ix['total']}")
+        return vr.get_batch(idx.tolist()).asnumpy()
+    except VideoError:
+        raise
     except Exception as e:
-        raise VideoError(path, f"decord cannot open it ({_short(e)})") from e
-    if total <= 0:
-        raise VideoError(path, "decord reports 0 frames")
-    idx, sampled_fps = sample_indices(path, total, video_fps, nframes, fps, min_frames, max_frames)
-    try:
-        frames = vr.get_batch(idx.tolist()).asnumpy()
-    except Exception as e:
-        raise VideoError(path, f"decord failed while decoding ({_short(e)})") from e
-    return frames, _info("decord", total, video_fps, idx, sampled_fps, frames)
+        raise VideoError(path, f"decord failed ({_short(e)})") from e
 
 
-def read_video_pyav(path, nframes=None, fps=None, min_frames=4, max_frames=768):
-    """Decode with PyAV in one pass, keeping the wanted frames (seeking each is 4-20x slower)."""
+def read_video_pyav(path, ix, idx):
+    """The frames at display positions idx with PyAV. Frames are known by their timestamps, so no
+    decoding order can shift them. Decoding starts at the first frame, runs forward and jumps to a
+    keyframe only when one lies between the last decoded frame and the next wanted one (seeking to
+    each frame is 4-20x slower). Without usable timestamps it counts frames and never seeks."""
     import av
+    exact = av.video.reformatter.Interpolation
+    exact = exact.BILINEAR | exact.ACCURATE_RND | exact.FULL_CHR_H_INT
+    # one reformatter for all frames: frame.to_ndarray(format=) builds a new swscale context
+    # per frame, which costs 2 ms even at 56x56 (50x the decoding)
+    rgb = av.video.reformatter.VideoReformatter()
+    uniq, back = np.unique(idx, return_inverse=True)  # a still repeats its one frame
+    want = [ix["pts"][i] for i in uniq] if ix["pts"] else uniq.tolist()
+    keys, out = ix["keys"], []
     try:
         with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise VideoError(path, "no video stream")
-            s = c.streams.video[0]
-            total = s.frames
-            if not total:  # WebM and others leave it at 0: counting packets is cheap (no decoding)
-                total = sum(1 for p in c.demux(s) if p.size)
-            rate = s.average_rate or s.guessed_rate
-            video_fps = float(rate) if rate else 0.0
-        if total <= 0:
-            raise VideoError(path, "no frames")
-        idx, sampled_fps = sample_indices(path, total, video_fps, nframes, fps, min_frames, max_frames)
-        want = {i: pos for pos, i in enumerate(idx.tolist())}  # n <= total, so indices are distinct
-        out, last, i = [None] * len(idx), int(idx[-1]), -1
-        # one reformatter for all frames: frame.to_ndarray(format=) builds a new swscale context
-        # per frame, which costs 2 ms even at 56x56 (50x the decoding)
-        rgb = av.video.reformatter.VideoReformatter()
-        with av.open(str(path)) as c:
-            s = c.streams.video[0]
+            s = c.streams[ix["stream"]]
             s.thread_type = "AUTO"
-            for i, frame in enumerate(c.decode(s)):
-                if i in want:
-                    # raw frame + display rotation (degrees counter-clockwise; -90 on phones)
-                    a = rgb.reformat(frame, format="rgb24").to_ndarray()
-                    out[want[i]] = np.rot90(a, k=round(getattr(frame, "rotation", 0) / 90) % 4)
-                if i >= last:
-                    break
+            # from the first frame: a decoder learns from it what a seek would skip (x264 writes
+            # its version there, which switches on the workaround for its old 4:4:4 bug)
+            decoded = ((f.pts if ix["pts"] else j, f) for j, f in enumerate(c.decode(s)))
+            at = None  # timestamp (or count) of the last decoded frame
+            for i, t in zip(uniq, want):
+                k = bisect.bisect_right(keys, t) - 1  # the last keyframe shown at or before t
+                if at is not None and k >= 0 and keys[k] > at:
+                    # backward: onto this keyframe or an earlier one (mp4 indexes keyframes by dts
+                    # plus the B-frame delay, so seeking to a dts lands a whole GOP early)
+                    c.seek(keys[k], stream=s)
+                    decoded = ((f.pts, f) for f in c.decode(s))
+                for at, f in decoded:
+                    if at >= t:
+                        break
+                if at != t:
+                    raise VideoError(path, f"frame {i} of {ix['total']} could not be decoded")
+                # more than 8 bits: swscale's default drops chroma interpolation and rounding
+                # (2/255 off on average); 8 bits keeps the default that decord shares bit for bit
+                a = rgb.reformat(f, format="rgb24", width=ix["width"], height=ix["height"],
+                                 interpolation=exact if ix["bits"] > 8 else None)
+                # display rotation: degrees counter-clockwise, -90 on phones
+                out.append(np.rot90(a.to_ndarray(), k=round(f.rotation / 90) % 4))
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(path, f"PyAV failed ({_short(e)})") from e
-    if out[-1] is None:
-        raise VideoError(path, f"decoded only {i + 1} of {total} frames")
-    frames = np.ascontiguousarray(np.stack(out))
-    return frames, _info("pyav", total, video_fps, idx, sampled_fps, frames)
-
-
-def _info(reader, total, video_fps, idx, sampled_fps, frames):
-    return dict(reader=reader, total_frames=int(total), video_fps=video_fps, indices=idx.tolist(),
-                sampled_fps=sampled_fps, height=int(frames.shape[1]), width=int(frames.shape[2]))
+    return np.ascontiguousarray(np.stack(out)[back])
 
 
 def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reader=None):
     """Sampled frames, uint8 (T, H, W, 3) upright with T even, and an info dict. Give exactly one
     of nframes (rounded to even) or fps (frames per second of video, clamped to [min_frames,
-    max_frames] and to the frame count). reader: None (decord, then PyAV), "decord", "pyav"."""
-    if not os.path.isfile(path):
-        raise VideoError(path, "no such file")
-    args = (path, nframes, fps, min_frames, max_frames)
-    if reader is not None:
-        return {"decord": read_video_decord, "pyav": read_video_pyav}[reader](*args)
-    try:
-        return read_video_decord(*args)
-    except TooFewFrames:
-        raise
-    except (ImportError, VideoError) as e:  # decord missing, or refusing this file
-        first = e
-    try:
-        return read_video_pyav(*args)
-    except VideoError as e:
-        raise VideoError(path, f"{e.reason}; before that, {getattr(first, 'reason', first)}") from e
+    max_frames] and to the frame count). reader: None or "pyav" (PyAV), "decord" (refused where
+    its frames would differ: see decord_refuses). Any failure is a VideoError naming the file."""
+    path, t0 = str(path), time.time()
+    ix = video_stream(path)
+    idx, sampled_fps = sample_indices(path, ix["total"], ix["fps"], nframes, fps, min_frames,
+                                      max_frames)
+    reader = reader or "pyav"
+    frames = {"decord": read_video_decord, "pyav": read_video_pyav}[reader](path, ix, idx)
+    keep = ("stream", "video_streams", "codec", "pix_fmt", "pixel_aspect", "container_frames")
+    return frames, dict(reader=reader, total_frames=ix["total"], video_fps=ix["fps"],
+                        indices=idx.tolist(), sampled_fps=sampled_fps, height=int(frames.shape[1]),
+                        width=int(frames.shape[2]), seconds=time.time() - t0,
+                        **{k: ix[k] for k in keep})
 
 
 # -----------------------------------------------------------------------------
@@ -225,10 +303,17 @@ def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels
     """Everything the model needs from one video: kind "video", pixel_values, grid_thw,
     second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info."""
     frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader)
-    pixel_values, grid_thw = preprocess(frames, max_pixels=max_pixels, min_pixels=min_pixels, proc=proc)
+    pixel_values, grid_thw = _preprocess(path, frames, max_pixels=max_pixels, min_pixels=min_pixels, proc=proc)
     return dict(kind="video", pixel_values=pixel_values, grid_thw=grid_thw,
                 second_per_grid=TEMPORAL / info["sampled_fps"],
                 frame_times=[i / info["video_fps"] for i in info["indices"]], info=info)
+
+
+def _preprocess(path, frames, **kw):
+    try:
+        return preprocess(frames, **kw)
+    except ValueError as e:  # Qwen's resize refuses aspect ratios over 200: a bad sample, no crash
+        raise VideoError(path, str(e)) from e
 
 
 def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
@@ -236,17 +321,14 @@ def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
     Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read: VideoError."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
-        raise VideoError(path, "no such file")
+        raise VideoError(path, "is a directory" if os.path.isdir(path) else "no such file")
     try:
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise VideoError(path, f"not a readable image ({_short(e)})") from None
-    try:
-        pixel_values, grid_thw = preprocess(np.stack([a, a]), max_pixels=max_pixels, min_pixels=min_pixels,
-                                            proc=proc)
-    except ValueError as e:  # e.g. an extreme aspect ratio
-        raise VideoError(path, str(e)) from None
+    pixel_values, grid_thw = _preprocess(path, np.stack([a, a]), max_pixels=max_pixels, min_pixels=min_pixels,
+                                         proc=proc)
     return dict(kind="image", pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=1.0,
                 info=dict(height=a.shape[0], width=a.shape[1]))
 
@@ -558,28 +640,34 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
 # command line
 
 def probe(args):
-    t0 = time.time()
     try:
-        frames, info = read_video(args.video, nframes=args.frames if args.fps is None else None,
-                                  fps=args.fps, reader=args.reader)
+        x = video_inputs(args.video, nframes=args.frames if args.fps is None else None,
+                         fps=args.fps, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
+                         reader=args.reader)
     except VideoError as e:
         print(f"probe: {e}", file=sys.stderr)
         print(json.dumps({"video": args.video, "error": str(e)}))
         return 1
-    seconds = time.time() - t0
-    pixel_values, grid = preprocess(frames, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
-    gt, gh, gw = grid[0].tolist()
-    res = dict(video=args.video, reader=info["reader"], total_frames=info["total_frames"],
-               video_fps=round(info["video_fps"], 3), frames_sampled=len(frames),
+    info, (gt, gh, gw) = x["info"], x["grid_thw"][0].tolist()
+    keep = ("reader", "stream", "video_streams", "codec", "pix_fmt", "total_frames",
+            "container_frames", "pixel_aspect")
+    res = dict(video=args.video, **{k: info[k] for k in keep},
+               video_fps=round(info["video_fps"], 3), frames_sampled=len(info["indices"]),
                source_size=[info["height"], info["width"]], frame_size=[gh * PATCH, gw * PATCH],
                grid_thw=[gt, gh, gw], video_tokens=gt * gh * gw // (MERGE * MERGE),
-               second_per_grid=round(TEMPORAL / info["sampled_fps"], 4), seconds=round(seconds, 3))
-    print(f"{args.video}: {info['total_frames']} frames at {info['video_fps']:.2f} fps "
-          f"({info['total_frames'] / max(info['video_fps'], 1e-9):.1f} s), read with {info['reader']}")
-    print(f"sampled {len(frames)} frames (indices {info['indices'][:3]} ... "
-          f"{info['indices'][-1]}), {info['sampled_fps']:.3f} fps, decoded in {seconds:.2f} s")
-    print(f"frames {info['height']}x{info['width']} -> {gh * PATCH}x{gw * PATCH}, grid {res['grid_thw']}, "
-          f"pixel_values {tuple(pixel_values.shape)}, {res['video_tokens']} video tokens")
+               second_per_grid=round(x["second_per_grid"], 4), seconds=round(info["seconds"], 3))
+    fps, n, shown = info["video_fps"], info["total_frames"], ""
+    print(f"{args.video}: video stream #{info['stream']} of {info['video_streams']} "
+          f"({info['codec']}, {info['pix_fmt']}), {n} frames at {fps:.2f} fps "
+          f"({n / max(fps, 1e-9):.1f} s), read with {info['reader']}")
+    print(f"sampled {len(info['indices'])} frames (indices {info['indices'][:3]} ... "
+          f"{info['indices'][-1]}), {info['sampled_fps']:.3f} fps, "
+          f"decoded in {info['seconds']:.2f} s")
+    if info["pixel_aspect"] != 1:
+        shown = f" (pixels {info['pixel_aspect']:g}:1, stretched to show)"
+    print(f"frames {info['height']}x{info['width']}{shown} -> {gh * PATCH}x{gw * PATCH}, grid "
+          f"{res['grid_thw']}, pixel_values {tuple(x['pixel_values'].shape)}, "
+          f"{res['video_tokens']} video tokens")
     print(json.dumps(res))
     return 0
 
@@ -593,7 +681,8 @@ def main(argv=None):
     q.add_argument("--fps", type=float, default=None, help="frames per second; replaces --frames")
     q.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="max pixels/frame; default 128*28*28")
     q.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="min pixels/frame; default 4*28*28")
-    q.add_argument("--reader", choices=["decord", "pyav"], help="default: decord, then PyAV")
+    q.add_argument("--reader", choices=["pyav", "decord"], help="default: pyav (decord is refused "
+                   "where its frames would differ: several streams, B-frames, >8 bits, odd pixels)")
     s = sub.add_parser("synth", help="write the synthetic long-video QA (mp4 + train/test jsonl)")
     s.add_argument("--out", required=True, help="output folder (videos/, train.jsonl, test.jsonl)")
     s.add_argument("--n", type=int, default=1000, help="videos, one question each; default 1000")
