@@ -3,6 +3,7 @@ parallel (--sp) equal one process, resume equals an uninterrupted run, faults ar
 and a short pipeline shows signs of learning.
 
     python -m pytest tests/test_pipeline.py -q"""
+import collections
 import json
 import os
 import shutil
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
 
 
-def run(*args, nproc=1, check=True):
+def run(*args, nproc=1, check=True, env=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", f"--nproc_per_node={nproc}"]
-    out = subprocess.run(launcher + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(launcher + list(args), cwd=ROOT, env={**ENV, **(env or {})},
+                         capture_output=True, text=True, timeout=600)
     if check and out.returncode:
         raise AssertionError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -66,6 +68,11 @@ def test_two_processes_equal_one(task, tmp_path, script):
     run(*cmd, "--out", str(tmp_path / "two"), nproc=2)
     one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max_diff(one, two) <= 1e-5
+    # AdamW's first step (and clipping) hide a gradient's scale from the weights: compare norms too
+    keys = ["loss", "grad_norm"] if script == "sft" else \
+        ["reward", "kl", "clip_frac", "entropy", "grad_norm"]
+    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert {k: m2[k] for k in keys} == pytest.approx({k: m1[k] for k in keys}, rel=1e-5, abs=1e-8)
     if script == "grpo":  # the step did change the policy, so equality is not vacuous
         run("model.py", "save", "--out", str(tmp_path / "init"))
         assert max_diff(one, weights(tmp_path / "init")) > 1e-4
@@ -217,12 +224,21 @@ def test_faults_are_reported_and_survived(task, tmp_path):
     assert weights(tmp_path / "run" / "model")  # the checkpoint is whole and loads
 
 
-def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path):
-    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:half_constant", "--dynamic-sampling",
-              "--out", str(tmp_path / "run"))
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path, nproc):
+    """Flat groups dropped and refilled to --prompts groups every step, on 1 rank and on 2 (whose
+    refills stride over the ranks): no prompt rolled out twice, by any rank in any step."""
+    log = tmp_path / "ids"
+    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:half_constant_logged",
+              "--dynamic-sampling", "--out", str(tmp_path / "run"), nproc=nproc,
+              env={"REWARD_LOG": str(log)})
     m = metrics(tmp_path / "run")
     assert [x["groups"] for x in m] == [4, 4]  # refilled to --prompts groups every step
     assert m[-1]["dropped_groups"] > 0 and json.loads(out.stdout.strip().splitlines()[-1])["dropped_groups"] > 0
+    files = list(tmp_path.glob("ids.*"))
+    ids = collections.Counter(line for f in files for line in f.read_text().split())
+    assert len(files) == nproc and set(ids.values()) == {4}  # G = 4 samples of each prompt, once
+    assert len(ids) > 8  # 2 steps of 4 prompts, plus refills
 
 
 def test_short_pipeline_learns(task, tmp_path):

@@ -1,4 +1,5 @@
 """Reward functions for the pipeline tests, loaded with --reward toy_rewards:NAME."""
+import os
 
 
 def length(text, row):
@@ -15,6 +16,13 @@ def boom(text, row):
 def half_constant(text, row):
     """Equal rewards for every sample of even-numbered rows: dynamic sampling must drop those groups."""
     return 0.5 if int(row["id"][-1]) % 2 == 0 else length(text, row)
+
+
+def half_constant_logged(text, row):
+    """half_constant, appending the row's id to $REWARD_LOG.<pid>: the prompts a rank rolled out."""
+    with open(f"{os.environ['REWARD_LOG']}.{os.getpid()}", "a") as f:
+        f.write(row["id"] + "\n")
+    return half_constant(text, row)
 
 
 def letter_e(text, row):
