@@ -390,13 +390,13 @@ def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
             print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
             stats["reward_errors"] += 1
             continue
-        lens = [len(x["response"]) for x in group]  # EOS included: cut at --max-new without one
+        sizes = [len(x["response"]) for x in group]  # EOS included: cut at --max-new without one
         cut = [float(n == args.max_new and x["response"][-1] not in eos)
-               for x, n in zip(group, lens)]
+               for x, n in zip(group, sizes)]
         scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0),
-                    x["reward"].get("format", 0.0), n, c, 1.0] for x, n, c in zip(group, lens, cut)]
+                    x["reward"].get("format", 0.0), n, c, 1.0] for x, n, c in zip(group, sizes, cut)]
         shaping = [overlong_penalty(n, args.max_new, args.overlong_buffer, args.overlong_penalty)
-                   for n in lens]
+                   for n in sizes]
         rs = torch.tensor([x["reward"]["overall"] + p for x, p in zip(group, shaping)])
         if args.dynamic_sampling and bool((rs == rs[0]).all()):
             stats["dropped_groups"] += 1

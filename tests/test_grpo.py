@@ -398,8 +398,10 @@ def test_step_runs_every_mini_batch_and_logs_the_mean_grad_norm(monkeypatch):
         return torch.tensor(norms[-1])
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded)
+    stats = collections.Counter()
     rec, _ = grpo.step(args, 0, policy, lambda at: video_rows(policy.model, policy.tok, at), 0, par,
-                       lambda text, row: len(text) % 7 / 7, collections.Counter())
+                       lambda text, row: len(text) % 7 / 7, stats)
+    assert rec["groups"] == 2 and not stats["reward_errors"]
     assert policy.opt.steps == 4 and len(norms) == 4  # 2 epochs x 2 mini-batches of 4 rows
     assert rec["grad_norm"] == pytest.approx(sum(norms) / 4, rel=1e-9) and len(set(norms)) == 4
 
