@@ -226,19 +226,23 @@ def test_faults_are_reported_and_survived(task, tmp_path):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path, nproc):
-    """Flat groups dropped and refilled to --prompts groups every step, on 1 rank and on 2 (whose
-    refills stride over the ranks): no prompt rolled out twice, by any rank in any step."""
-    log = tmp_path / "ids"
-    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:half_constant_logged",
+    """Flat groups dropped and refilled to --prompts groups every step, on 1 rank and on 2: the
+    first two prompts (rank 0's block on 2 ranks) are flat, so rank 0 refills and rank 1 need not,
+    and the next step starts after the furthest any rank read: no prompt rolled out twice."""
+    rows = D.load_rows(os.path.join(task, "train.jsonl"))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()  # seed 0
+    log, flat = tmp_path / "ids", [rows[order[0]]["id"], rows[order[1]]["id"]]
+    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:flat_listed_logged",
               "--dynamic-sampling", "--out", str(tmp_path / "run"), nproc=nproc,
-              env={"REWARD_LOG": str(log)})
+              env={"REWARD_LOG": str(log), "FLAT_IDS": ",".join(flat)})
     m = metrics(tmp_path / "run")
     assert [x["groups"] for x in m] == [4, 4]  # refilled to --prompts groups every step
-    assert m[-1]["dropped_groups"] > 0 and json.loads(out.stdout.strip().splitlines()[-1])["dropped_groups"] > 0
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m[-1]["dropped_groups"] >= 2 and summary["dropped_groups"] >= 2
     files = list(tmp_path.glob("ids.*"))
     ids = collections.Counter(line for f in files for line in f.read_text().split())
     assert len(files) == nproc and set(ids.values()) == {4}  # G = 4 samples of each prompt, once
-    assert len(ids) > 8  # 2 steps of 4 prompts, plus refills
+    assert set(flat) <= set(ids) and len(ids) >= 10  # 2 steps of 4 prompts, plus refills
 
 
 def test_short_pipeline_learns(task, tmp_path):

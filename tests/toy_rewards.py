@@ -18,11 +18,12 @@ def half_constant(text, row):
     return 0.5 if int(row["id"][-1]) % 2 == 0 else length(text, row)
 
 
-def half_constant_logged(text, row):
-    """half_constant, appending the row's id to $REWARD_LOG.<pid>: the prompts a rank rolled out."""
+def flat_listed_logged(text, row):
+    """Equal rewards for the rows in $FLAT_IDS (comma list), else `length`; each scored row's id is
+    appended to $REWARD_LOG.<pid>: the prompts each rank rolled out."""
     with open(f"{os.environ['REWARD_LOG']}.{os.getpid()}", "a") as f:
         f.write(row["id"] + "\n")
-    return half_constant(text, row)
+    return 0.5 if row["id"] in os.environ["FLAT_IDS"].split(",") else length(text, row)
 
 
 def letter_e(text, row):
