@@ -583,7 +583,7 @@ def gpu(args):
                 peaks[name] = rec_cpu[name]["gb"]
 
         rec_cpu = {}
-        with torch.autocast(dev.type, torch.bfloat16):
+        with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):  # as grpo.py's main
             rec = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
                             lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
                             phase)[0]

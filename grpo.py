@@ -430,7 +430,8 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
         if samples or lockstep:
             # SP peers split each prompt's G samples (seeded per sample) and exchange them
             bf16 = (args.rollout_dtype or args.dtype) == "bfloat16"  # the rollouts' own dtype
-            with timed("rollout"), torch.autocast(par.device.type, torch.bfloat16, enabled=bf16):
+            with timed("rollout"), torch.autocast(par.device.type, torch.bfloat16, enabled=bf16,
+                                                  cache_enabled=False):  # see main
                 out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
                                     [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
                                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p,
@@ -609,8 +610,11 @@ def main(args):
     def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
         return list(ds.iter_samples([order[a % len(order)] for a in positions]))
 
-    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates)
-    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates).
+    # Without its cache: autocast keeps its bf16 copy of a weight until the region it was made in
+    # ends, whatever the optimizer writes to the weight since (every pass saw the initial weights)
+    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16",
+                        cache_enabled=False):
         for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo",
                       disable=par.rank != 0):
             rec, used = step(args, i, policy, read, cursor, par, reward_fn, stats)

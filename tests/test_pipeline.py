@@ -245,6 +245,19 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path, nproc):
     assert set(flat) <= set(ids) and len(ids) >= 10  # 2 steps of 4 prompts, plus refills
 
 
+def test_bf16_passes_see_every_update(task, tmp_path):
+    """autocast keeps its bf16 copy of a weight until its region ends: with --dtype bfloat16 (one
+    region around the run) every pass saw the initial weights (KL to the reference stayed exactly
+    0), and --rollout-dtype bfloat16 rollouts saw step 1's (their log-probs drifted several nats off
+    the trainer's); the copies are made afresh each time now."""
+    bf16, roll = str(tmp_path / "bf16"), str(tmp_path / "roll")
+    run(*GRPO, "--data", task, "--steps", "2", "--dtype", "bfloat16", "--out", bf16)
+    assert all(m["kl"] > 0 for m in metrics(bf16))
+    run(*GRPO, "--data", task, "--steps", "3", "--rollout-dtype", "bfloat16", "--out", roll)
+    gaps = [m["rollout_logprob_gap"] for m in metrics(roll)]
+    assert 1e-3 < gaps[0] and max(gaps) < 0.5  # bf16 rollouts' float error, not a stale policy
+
+
 def test_short_pipeline_learns(task, tmp_path):
     """SFT loss falls; GRPO from that checkpoint raises the mean reward. A smoke signal, not a measurement
     (bench.py learning is): 12 steps of 32 samples are noisy. Since rollouts are seeded per sample, seed 0
