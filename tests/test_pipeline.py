@@ -57,12 +57,13 @@ GRPO = ["grpo.py", "--init", "tiny", "--frames", "8", "--prompts", "4", "--G", "
         "--micro-batch", "8", "--part", "all", "--lr", "1e-3", "--reward", "toy_rewards:length"]
 
 
-@pytest.mark.parametrize("script", ["sft", "grpo"])
+@pytest.mark.parametrize("script", ["sft", "grpo", "reinforce++"])
 def test_two_processes_equal_one(task, tmp_path, script):
-    """The same global batch on 2 gloo processes and on 1 gives the same parameters after a step."""
+    """The same global batch on 2 gloo processes and on 1 gives the same parameters after a step;
+    also with --adv reinforce++, whose advantages are normalized over the whole global batch."""
     cmd = (SFT if script == "sft" else GRPO) + ["--data", task, "--steps", "1"]
-    if script == "grpo":  # a mini-batch takes a slice of every rank's rows: use one, the whole batch
-        cmd += ["--mini-batches", "1"]
+    if script != "sft":  # a mini-batch takes a slice of every rank's rows: use one, the whole batch
+        cmd += ["--mini-batches", "1"] + ["--adv", "reinforce++"] * (script == "reinforce++")
     # one process runs the ranks' blocks as its micro-batches (2 of 2 samples; 2 of 2 groups of 4)
     run(*cmd, "--out", str(tmp_path / "one"), "--micro-batch", "2" if script == "sft" else "8")
     run(*cmd, "--out", str(tmp_path / "two"), nproc=2)
@@ -73,7 +74,7 @@ def test_two_processes_equal_one(task, tmp_path, script):
         ["reward", "kl", "clip_frac", "entropy", "grad_norm"]
     m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     assert {k: m2[k] for k in keys} == pytest.approx({k: m1[k] for k in keys}, rel=1e-5, abs=1e-8)
-    if script == "grpo":  # the step did change the policy, so equality is not vacuous
+    if script != "sft":  # the step did change the policy, so equality is not vacuous
         run("model.py", "save", "--out", str(tmp_path / "init"))
         assert max_diff(one, weights(tmp_path / "init")) > 1e-4
 
