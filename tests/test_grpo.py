@@ -422,7 +422,8 @@ def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p():
     (old,) = grpo.no_grad_logprobs(mr_sp.call, model, tok, [rows], args)
     lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=T)
     assert mask.sum(1).tolist() == lens.tolist() and mask.sum() > 2 * G
-    assert (old - lps[:, :old.shape[1]])[mask.bool()].abs().max() <= 1e-5
+    # float error, scaled by 1/T (1.1e-5 seen with one thread); a bug in the temperature: > 1e-2
+    assert (old - lps[:, :old.shape[1]])[mask.bool()].abs().max() <= 1e-4
     assert torch.equal((lp - old).exp()[mask.bool()], torch.ones(int(mask.sum())))
     with torch.no_grad():
         at_1 = mr_sp.prefill_logprobs(model, tok, rows, temperature=1.0)[0]
