@@ -2,6 +2,7 @@
 
     python bench.py learning --jobs 3  # SFT -> GRPO, synth task, 3 seeds at once (~1 h, 2 cores)
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10  # a quick look
+    python bench.py learning --seeds 0 --sft runs/sft/model --variants algorithms  # grpo.py's
     python bench.py mrsp  # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour  # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
     python bench.py engine  # rollout: memory G=8 vs 1, chunked prefill, sp=2 vs sp=1 time (~5 min)
@@ -13,8 +14,11 @@
 
 learning: per seed, SFT on the SFT third of train; greedy eval on the held-out split, with a blind
 control (same model, every video blanked); the SFT model's pass@8 on 200 held-out rows (headroom for
-RL); GRPO from that checkpoint on the other two thirds; greedy eval again. Last line: JSON with
-chance, blind_acc, sft_acc, grpo_acc (held-out means over seeds), per_seed, seeds.
+RL); GRPO from that checkpoint on the other two thirds; greedy eval again. --sft: one SFT checkpoint
+for every seed instead of training one. --variants "name=grpo.py arguments;...": one GRPO run from
+the SFT checkpoint per variant, the same budget each ("algorithms": ALGORITHMS, grpo.py's). Last
+line: JSON with chance, blind_acc, sft_acc, grpo_acc (the first variant's), held-out means over
+seeds, per_seed, seeds, and per variant: acc, the training reward over the first and last 10 steps.
 mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
 alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training prefill +
@@ -61,6 +65,13 @@ lp.add_argument("--grpo-args", default="", help="extra grpo.py arguments, quoted
 lp.add_argument("--sft-args", default="", help="extra sft.py arguments, quoted")
 lp.add_argument("--limit", type=int, default=0, help="held-out rows to evaluate (0 = all)")
 lp.add_argument("--jobs", type=int, default=1, help="seeds at once (logs: OUT/seed<k>/log.txt); default 1")
+lp.add_argument("--sft", default=None, help="an SFT checkpoint for every seed; default: train one")
+lp.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                help="the SFT model's blind and pass@8 evals; default on")
+lp.add_argument("--eval-args", default="", help="extra eval.py arguments, quoted (e.g. '--batch 64')")
+lp.add_argument("--variants", default="grpo=",
+                help="'name=grpo.py arguments;...', a GRPO run each after --grpo-args, or "
+                "'algorithms' (ALGORITHMS); default 'grpo='")
 mp = sub.add_parser("mrsp", help="embedding cache, sp=2 memory, largest video, engine, planner")
 mp.add_argument("--frames", default="64,256,1024", help="cache speedup frame counts; default 64,256,1024")
 mp.add_argument("--repeats", type=int, default=3, help="steps per variant, alternating (median); default 3")
@@ -153,20 +164,45 @@ def learning_seed(seed, args):
         return learning_stages(seed, args, d, lambda *cmd: sh(sys.executable, *cmd, log=log, env=env))
 
 
+# grpo.py's algorithms, each as its paper runs it where the defaults differ (GSPO's clip range is
+# for its sequence ratio: arXiv 2507.18071 sec. 5.1; CISPO bounds its weights above only: arXiv
+# 2506.13585)
+ALGORITHMS = ("grpo=;drgrpo=--adv drgrpo --agg drgrpo;rloo=--adv rloo;"
+              "reinforce++=--adv reinforce++;"
+              "gspo=--loss gspo --agg seq --clip-low 3e-4 --clip-high 4e-4;"
+              "cispo=--loss cispo --clip-low 1")
+
+
 def learning_stages(seed, args, d, run):
-    ev = ["eval.py", "--data", args.data] + (["--limit", str(args.limit)] if args.limit else [])
-    run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps),
-        "--out", f"{d}/sft", *args.sft_args.split())
-    sft = run(*ev, "--model", f"{d}/sft/model", "--out", f"{d}/eval_sft")
-    blind = run(*ev, "--model", f"{d}/sft/model", "--blind", "--out", f"{d}/eval_blind")
-    pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", f"{d}/sft/model",
-                "--n", "8", "--temperature", "1.0", "--out", f"{d}/eval_pass8")  # headroom, cheap
-    run("grpo.py", "--init", f"{d}/sft/model", "--data", args.data, "--seed", str(seed),
-        "--steps", str(args.grpo_steps), "--out", f"{d}/grpo", *args.grpo_args.split())
-    grpo = run(*ev, "--model", f"{d}/grpo/model", "--out", f"{d}/eval_grpo")
-    res = dict(sft_acc=sft["accuracy"], blind_acc=blind["accuracy"], grpo_acc=grpo["accuracy"],
-               sft_sampled_acc=pass8["accuracy"], sft_pass8=pass8["pass@8"], n_test=sft["n_questions"],
-               sft_by_category=sft["by_category"], grpo_by_category=grpo["by_category"])
+    ev = ["eval.py", "--data", args.data, *args.eval_args.split()] + \
+        (["--limit", str(args.limit)] if args.limit else [])
+    sft_model = args.sft or f"{d}/sft/model"
+    if not args.sft:
+        run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps),
+            "--out", f"{d}/sft", *args.sft_args.split())
+    sft = run(*ev, "--model", sft_model, "--out", f"{d}/eval_sft")
+    ctl = dict(blind_acc=None, sft_sampled_acc=None, sft_pass8=None)
+    if args.controls:
+        blind = run(*ev, "--model", sft_model, "--blind", "--out", f"{d}/eval_blind")
+        pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", sft_model, "--n", "8",
+                    "--temperature", "1.0", "--out", f"{d}/eval_pass8", *args.eval_args.split())
+        ctl = dict(blind_acc=blind["accuracy"], sft_sampled_acc=pass8["accuracy"],
+                   sft_pass8=pass8["pass@8"])  # headroom for RL
+    variants = {}
+    for spec in (ALGORITHMS if args.variants == "algorithms" else args.variants).split(";"):
+        name, _, extra = spec.partition("=")
+        out = f"{d}/grpo" if name == "grpo" else f"{d}/grpo_{name}"
+        run("grpo.py", "--init", sft_model, "--data", args.data, "--seed", str(seed),
+            "--steps", str(args.grpo_steps), "--out", out, *args.grpo_args.split(), *extra.split())
+        ev_grpo = run(*ev, "--model", f"{out}/model", "--out", f"{out}/eval")
+        rewards = [json.loads(line)["reward"] for line in open(f"{out}/metrics.jsonl")]
+        variants[name] = dict(acc=ev_grpo["accuracy"], by_category=ev_grpo["by_category"],
+                              reward_first=statistics.mean(rewards[:10]),
+                              reward_last=statistics.mean(rewards[-10:]))
+    first = next(iter(variants.values()))
+    res = dict(sft_acc=sft["accuracy"], grpo_acc=first["acc"], **ctl, n_test=sft["n_questions"],
+               sft_by_category=sft["by_category"], grpo_by_category=first["by_category"],
+               variants=variants)
     print(json.dumps({"seed": seed, **res}), flush=True)
     return res
 
@@ -176,15 +212,23 @@ def learning(args):
     D.prepare_task(args.data)  # once: seeds running side by side would each start writing it
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         res = dict(zip(seeds, pool.map(lambda s: learning_seed(s, args), seeds)))
-    mean = lambda k: statistics.mean(r[k] for r in res.values())  # noqa: E731
+    mean = lambda k: None if args.controls is False and k in ("blind_acc", "sft_pass8") else \
+        statistics.mean(r[k] for r in res.values())  # noqa: E731
+    num = lambda x, w: "-".rjust(w) if x is None else f"{x:{w}.3f}"  # noqa: E731
     print(f"{'seed':>4} | {'blind':>6} | {'sft':>6} | {'grpo':>6} | {'sft pass@8':>10}")
     for s, r in res.items():
-        print(f"{s:>4} | {r['blind_acc']:6.3f} | {r['sft_acc']:6.3f} | {r['grpo_acc']:6.3f} | "
-              f"{r['sft_pass8']:10.3f}")
+        print(f"{s:>4} | {num(r['blind_acc'], 6)} | {r['sft_acc']:6.3f} | {r['grpo_acc']:6.3f} | "
+              f"{num(r['sft_pass8'], 10)}")
+    names = list(res[seeds[0]]["variants"])
+    var = {v: {k: statistics.mean(r["variants"][v][k] for r in res.values())
+               for k in ("acc", "reward_first", "reward_last")} for v in names}
+    print(f"{'variant':>12} | {'held-out':>8} | {'reward first 10':>15} | {'last 10':>7}")
+    for v, x in var.items():
+        print(f"{v:>12} | {x['acc']:8.3f} | {x['reward_first']:15.3f} | {x['reward_last']:7.3f}")
     print(json.dumps(dict(chance=0.25, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"),
                           grpo_acc=mean("grpo_acc"), grpo_minus_sft=mean("grpo_acc") - mean("sft_acc"),
                           sft_pass8=mean("sft_pass8"), n_test=mean("n_test"), seeds=seeds,
-                          per_seed=res, minutes=round((time.time() - t0) / 60, 1))))
+                          variants=var, per_seed=res, minutes=round((time.time() - t0) / 60, 1))))
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +584,7 @@ def gpu(args):
                 peaks[name] = rec_cpu[name]["gb"]
 
         rec_cpu = {}
-        with torch.autocast(dev.type, torch.bfloat16):
+        with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):  # as grpo.py's main
             rec = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
                             lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
                             phase)[0]

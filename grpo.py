@@ -21,23 +21,45 @@ The variant that runs, exactly:
    batch samples the same tokens on any number of ranks; --sp peers split each prompt's G samples.
    Our engine holds a prompt's KV cache once for its G samples. --engine vllm: vLLM gets each
    prompt with its cached embeddings once (n = G, or G/sp per SP peer; same seed key), and the
-   weights in place after each step (on GPU it sleeps in training).
+   weights in place after each step (on GPU it sleeps in training). --rollout-dtype bfloat16 runs
+   the rollouts alone in bf16 (autocast; vLLM: the engine's dtype) beside an fp32 trainer.
 3. Reward r = 0.9 * accuracy + 0.1 * format: format is a fullmatch of
    `<think>.*?</think>\\s*<answer>.*?</answer>`, accuracy grades the answer span against the
    ground truth (letter, number or normalized text). --reward module:function replaces it.
-4. Advantage A = (r - mean(group)) / (std(group) + 1e-6), unbiased std, the same for every token
-   of a sample. Dynamic sampling (on unless --no-dynamic-sampling) drops groups whose rewards are
-   all equal (A = 0 carries no signal) and refills from the next prompts.
-5. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1);
-   the engine's log-probs are only compared with them (rollout_logprob_gap, max abs difference:
-   float error if both describe one policy). Reference: frozen initial policy (none at --kl-coef 0),
+4. Reward shaping, --overlong-buffer N (DAPO, arXiv 2503.14476, eq. 13): a response of L tokens
+   (EOS included) past --max-new - N loses --overlong-penalty * (L - (max_new - N)) / N, linearly up
+   to the whole penalty at --max-new (used for advantages; the logged reward is the task's).
+5. Advantage, the same for every token of a sample (--adv), from the G rewards r of its prompt:
+   grpo: (r - mean) / (std + 1e-6), unbiased std (DeepSeekMath, arXiv 2402.03300); drgrpo: r - mean
+   (Dr. GRPO, arXiv 2503.20783); rloo: r minus the mean of the other G - 1 (arXiv 2402.14740);
+   reinforce++: r - mean, then (a - mu) / sqrt(var + 1e-8) with mu and unbiased var over every
+   response token of the step's global batch, all data-parallel ranks (REINFORCE++-baseline,
+   arXiv 2501.03262, as verl's reinforce_plus_plus_baseline). Dynamic sampling (on unless
+   --no-dynamic-sampling) drops groups whose rewards are all equal (no signal) and refills from the
+   next prompts, giving up after 8 step-sized rounds of prompts.
+6. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1).
+   The engine's log-probs of its samples are compared with them (rollout_logprob_gap, max abs
+   difference: float error if both describe one policy). --tis C (truncated importance sampling, Yao
+   et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"): each
+   token's policy-gradient loss times w = min(pi_old / pi_rollout, C), detached, per token or, at
+   --tis-level seq, with the ratio of the sequences' probabilities; tis_frac logs the share of
+   response tokens whose w was cut at C. Reference: frozen initial policy (none at --kl-coef 0),
    stored and run as the policy is, so at step 0 its log-probs equal the policy's, in bf16 too.
-6. Loss per token: max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)), bounded by -A * dual_clip
-   where A < 0 (dual clip), r = exp(logp - old_logp); plus kl_coef * KL(k1|k2|k3) to the reference.
-   Mean over the global mini-batch's response tokens (token) or its sequences' token means (seq).
-7. --epochs passes over the rollout batch in --mini-batches updates each (mini-batch m is the m-th
-   slice of every rank's rows); AdamW with gradient clipping; data-parallel gradients summed with
-   one all-reduce per tensor per update, so the loss is the global mean whatever the world size."""
+7. Loss per token (--loss), r = exp(logp - old_logp): clip: max(-A r, -A clip(r, 1 - clip_low,
+   1 + clip_high)) (PPO, arXiv 1707.06347, with DAPO's clip-higher), bounded by -A * dual_clip where
+   A < 0 (dual clip, arXiv 1912.09729); gspo: the same with every token's r the sequence's ratio
+   exp(mean over its tokens of logp - old_logp), as sg(s) * pi / sg(pi): value s, gradient s * grad
+   log pi (GSPO, arXiv 2507.18071; its paper's loss with --agg seq); cispo: -sg(clip(r,
+   1 - clip_low, 1 + clip_high)) * A * logp, every token keeps its gradient (CISPO, MiniMax-M1,
+   arXiv 2506.13585).
+   Plus kl_coef * KL(k1|k2|k3) to the reference. --mask-truncated: responses cut at --max-new
+   (no EOS) carry no loss. Aggregation (--agg) over the global mini-batch: token: mean over response
+   tokens; seq: mean of sequences' token means; drgrpo: token sum over sequences x --max-new.
+8. --epochs passes over the rollout batch in exactly --mini-batches updates each (mini-batch m: the
+   m-th of near-equal slices of every rank's rows; one with no rows on any rank changes nothing);
+   AdamW with gradient clipping; data-parallel gradients summed with one all-reduce per tensor per
+   update, so the loss is the global mean whatever the world size. grad_norm logs the mean over
+   the step's updates, before clipping."""
 import argparse
 import collections
 import contextlib
@@ -83,14 +105,35 @@ g.add_argument("--engine", default="own", choices=["own", "vllm"],
 g.add_argument("--vllm-mem", type=float, default=0.5,
                help="vllm: GPU memory share for weights and KV cache; default 0.5 (CPU: ignored)")
 g.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
+g.add_argument("--rollout-dtype", default=None, choices=["float32", "bfloat16"],
+               help="the rollouts' dtype (autocast; vllm: the engine's), e.g. bf16 beside an fp32 "
+               "trainer; default: --dtype")
 g = ap.add_argument_group("algorithm")
 g.add_argument("--reward", default=None, help="module:function(text, row) -> float or dict; default built-in")
+g.add_argument("--adv", default="grpo", choices=["grpo", "drgrpo", "rloo", "reinforce++"],
+               help="advantage estimator (docstring item 5); default grpo")
+g.add_argument("--loss", default="clip", choices=["clip", "gspo", "cispo"],
+               help="policy loss: token ratio clipped, sequence ratio clipped, clipped weight x "
+               "logp (docstring item 7); default clip")
+g.add_argument("--overlong-buffer", type=int, default=0,
+               help="DAPO overlong shaping over the last N tokens of --max-new (0 = off)")
+g.add_argument("--overlong-penalty", type=float, default=1.0,
+               help="reward lost at --max-new tokens with --overlong-buffer; default 1.0")
+g.add_argument("--mask-truncated", action="store_true",
+               help="responses cut at --max-new (no EOS) carry no loss; default off")
+g.add_argument("--tis", type=float, default=0.0,
+               help="truncated importance sampling: loss x min(pi_old / pi_rollout, C), C > 0 "
+               "(0 = off); default 0")
+g.add_argument("--tis-level", default="token", choices=["token", "seq"],
+               help="--tis ratio per token or per sequence (its tokens' product); default token")
 g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1; default 0.2")
 g.add_argument("--clip-high", type=float, default=0.28, help="ratio clip above 1; default 0.28")
 g.add_argument("--dual-clip", type=float, default=3.0, help="max -A*ratio for A < 0 (0 = off); default 3")
 g.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator; default k3")
 g.add_argument("--kl-coef", type=float, default=1e-2, help="KL weight (0 = no reference model); default 1e-2")
-g.add_argument("--agg", default="token", choices=["token", "seq"], help="loss aggregation; default token")
+g.add_argument("--agg", default="token", choices=["token", "seq", "drgrpo"],
+               help="loss aggregation: token mean, mean of sequence means, or token sum / "
+               "(sequences x --max-new) (Dr. GRPO); default token")
 g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
 g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
 g.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward; default 16")
@@ -131,12 +174,54 @@ def score(fn, text, row):
     return r
 
 
-# GRPO math, each piece small enough to test against hand-computed values.
+def check_args(args):
+    """Settings that would fail late or train silently wrong, refused at start (usage, exit 2)."""
+    if args.temperature <= 0:
+        ap.error("--temperature must be > 0: the trainer divides logits by it, and greedy rollouts "
+                 "give a prompt's G samples one answer (no signal)")
+    if args.G < 2:
+        ap.error("--G must be at least 2: an advantage compares a sample with its prompt's others")
+    if 0 < args.dual_clip <= 1:
+        ap.error("--dual-clip must be > 1 (or 0 = off): at or below 1 it replaces the loss of "
+                 "every A < 0 token with the constant -A * dual_clip (zero gradient)")
+    if not 0 <= args.overlong_buffer <= args.max_new:
+        ap.error(f"--overlong-buffer must be in [0, --max-new = {args.max_new}]")
+    if args.tis < 0:
+        ap.error("--tis must be > 0 (or 0 = off)")
+    return args
 
-def group_advantages(r, G, eps=1e-6):
-    """(N,) rewards, G per consecutive group -> (N,) (r - mean) / (std + eps), unbiased std."""
+
+# The algorithm's math, each piece small enough to test against hand-computed values.
+
+def group_advantages(r, G, kind="grpo", eps=1e-6):
+    """(N,) rewards, G per consecutive group -> (N,) advantages (docstring item 5): grpo
+    (r - mean) / (std + eps), unbiased std (arXiv 2402.03300); drgrpo r - mean (arXiv 2503.20783);
+    rloo r - the mean of the other G - 1 = G / (G - 1) (r - mean) (arXiv 2402.14740); reinforce++
+    r - mean, which `whiten` then normalizes over the batch (arXiv 2501.03262)."""
     r = r.view(-1, G)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    a = r - r.mean(1, keepdim=True)
+    if kind == "grpo":
+        a = a / (r.std(1, keepdim=True) + eps)
+    elif kind == "rloo":
+        a = a * G / (G - 1)
+    return a.view(-1)
+
+
+def whiten(adv, lens, group=None, eps=1e-8):
+    """REINFORCE++-baseline's batch normalization (arXiv 2501.03262; verl's masked_whiten over the
+    response mask): (N,) advantages -> (a - mu) / sqrt(var + eps), mu and unbiased var over every
+    response token of all data-parallel ranks' rows (a row counts len(response) times)."""
+    adv, lens = adv.double(), lens.double()
+    n = mr_sp.dp_sum(dict(tokens=float(lens.sum()), sum=float((lens * adv).sum())), group)
+    mu = n["sum"] / max(n["tokens"], 1.0)
+    ss = mr_sp.dp_sum(dict(ss=float((lens * (adv - mu) ** 2).sum())), group)["ss"]
+    return (adv - mu) / math.sqrt(ss / max(n["tokens"] - 1, 1.0) + eps)
+
+
+def overlong_penalty(length, max_new, buffer, penalty):
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), scaled by penalty: 0 up to
+    max_new - buffer tokens, then falling linearly to -penalty at max_new. 0 when buffer is 0."""
+    return -penalty * min(max(length - (max_new - buffer), 0), buffer) / buffer if buffer else 0.0
 
 
 def kl_estimate(logp, ref, kind):
@@ -149,10 +234,18 @@ def kl_estimate(logp, ref, kind):
     return (d.exp() - d - 1).clamp(-10, 10)  # k3, clamped as in verl / Long-RL
 
 
-def policy_loss(logp, old, adv, clip_low, clip_high, dual_clip):
-    """Per-token clipped surrogate (N, T) and where clipping changed the loss (N, T)."""
-    ratio = (logp - old).exp()
+def policy_loss(logp, old, adv, mask, kind, clip_low, clip_high, dual_clip):
+    """Per-token loss (N, T) and where clipping changed it (N, T) (docstring item 7): logp, old,
+    mask (N, T), adv (N,); kind clip, gspo or cispo."""
     a = adv[:, None]
+    log_r = logp - old
+    if kind == "gspo":  # the sequence's length-normalized log-ratio at each token, gradient of logp
+        seq = (log_r * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
+        log_r = logp - logp.detach() + seq.detach()
+    ratio = log_r.exp()
+    if kind == "cispo":
+        w = ratio.clamp(1 - clip_low, 1 + clip_high)
+        return -w.detach() * a * logp, (w != ratio).float()
     pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)
     if dual_clip:
@@ -160,11 +253,46 @@ def policy_loss(logp, old, adv, clip_low, clip_high, dual_clip):
     return pg, (pg != pg1).float()
 
 
-def aggregate(x, mask, agg, n_tokens, n_seqs):
-    """Sum of this micro-batch's share of the global mean: token-mean or seq-mean-token-mean."""
+def tis_weights(old, rollout, mask, cap, level):
+    """Truncated importance sampling (Yao et al. 2025; verl's rollout correction): (N, T) weights
+    min(pi_old / pi_rollout, cap) of the sampled tokens, per token or, level "seq", the ratio of
+    the sequences' probabilities (exp of the sum over their tokens) at each token; and where the
+    cap cut them (N, T). old, rollout: log-probs (N, T); mask (N, T) marks the response tokens."""
+    log_w = (old - rollout) * mask
+    if level == "seq":
+        log_w = log_w.sum(1, keepdim=True).expand_as(old)
+    w = log_w.exp()
+    return w.clamp(max=cap), (w > cap).float() * mask
+
+
+def aggregate(x, mask, agg, n_tokens, n_seqs, max_new=None):
+    """Sum of this micro-batch's share of the global mean: token-mean, seq-mean-token-mean, or
+    Dr. GRPO's token sum over n_seqs x max_new, a constant (arXiv 2503.20783; verl's
+    seq-mean-token-sum-norm, TRL's dr_grpo)."""
     if agg == "token":
         return (x * mask).sum() / n_tokens
+    if agg == "drgrpo":
+        return (x * mask).sum() / (n_seqs * max_new)
     return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+
+
+def mini_batches(rows, n, size, sharded=False):
+    """This rank's rows as n near-equal slices (update m takes slice m of every rank's rows), each
+    in micro-batches of at most `size` rows: (micro-batches, each update's micro-batch indices).
+    sharded (FSDP): every rank runs as many passes in each update, its missing ones as weight-0
+    copies of its first rows (a rank with no rows fails, then: it has nothing to copy)."""
+    parts = [rows[m * len(rows) // n:(m + 1) * len(rows) // n] for m in range(n)]
+    parts = [[mb[j:j + size] for j in range(0, len(mb), size)] for mb in parts]
+    if sharded:
+        most = mr_sp.all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
+        if sum(most) > sum(map(len, parts)) and not rows:
+            raise RuntimeError("this rank has no rollouts this step (unreadable videos or failing "
+                               "rewards) for the passes the others run; --fsdp needs some")
+        copy = [dict(x, keep=0.0) for x in rows[:size]]
+        parts = [p + [copy] * (k - len(p)) for p, k in zip(parts, most)]
+    ends = [sum(len(p) for p in parts[:m + 1]) for m in range(n)]
+    groups = [list(range(e - len(p), e)) for p, e in zip(parts, ends)]
+    return [mb for p in parts for mb in p], groups
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +360,7 @@ def rl_params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-SCORES = ("reward", "accuracy", "format", "response_len", "samples")  # summed over scored samples
+SCORES = ("reward", "accuracy", "format", "response_len", "truncated", "samples")  # sums
 
 
 def prompt_positions(cursor, rank, world, per, start, n):
@@ -252,7 +380,7 @@ def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
     mixed rewards: the policy's numbers are over all). Dynamic sampling drops groups of all-equal
     rewards (A = 0: no signal); a raising reward function costs its group (counted in stats)."""
     toks, lps, lens = out
-    rows, scored = [], []
+    rows, scored, eos = [], [], mr_sp.eos_ids(tok)
     for b, (s, p) in enumerate(zip(samples, prompts)):
         group = []
         try:
@@ -264,14 +392,21 @@ def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
             print(f"reward function failed on sample {s['id']}: {e!r}; its group is skipped", file=sys.stderr)
             stats["reward_errors"] += 1
             continue
+        sizes = [len(x["response"]) for x in group]  # EOS included: cut at --max-new without one
+        cut = [float(n == args.max_new and x["response"][-1] not in eos)
+               for x, n in zip(group, sizes)]
         scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0),
-                    x["reward"].get("format", 0.0), len(x["response"]), 1.0] for x in group]
-        rs = torch.tensor([x["reward"]["overall"] for x in group])
+                    x["reward"].get("format", 0.0), n, c, 1.0] for x, n, c in zip(group, sizes, cut)]
+        shaping = [overlong_penalty(n, args.max_new, args.overlong_buffer, args.overlong_penalty)
+                   for n in sizes]
+        rs = torch.tensor([x["reward"]["overall"] + p for x, p in zip(group, shaping)])
         if args.dynamic_sampling and bool((rs == rs[0]).all()):
             stats["dropped_groups"] += 1
             continue
-        for x, a in zip(group, group_advantages(rs, args.G).tolist()):
+        for x, a, c in zip(group, group_advantages(rs, args.G, args.adv).tolist(), cut):
             x["adv"] = a
+            if args.mask_truncated and c:
+                x["keep"] = 0.0  # counts nowhere in the loss (as --fsdp's weight-0 copies)
         rows += group
     return rows, scored
 
@@ -296,7 +431,9 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
             samples = [{k: v for k, v in s.items() if k != "pixel_values"} for s in samples]  # encoded
         if samples or lockstep:
             # SP peers split each prompt's G samples (seeded per sample) and exchange them
-            with timed("rollout"):
+            bf16 = (args.rollout_dtype or args.dtype) == "bfloat16"  # the rollouts' own dtype
+            with timed("rollout"), torch.autocast(par.device.type, torch.bfloat16, enabled=bf16,
+                                                  cache_enabled=False):  # see main
                 out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
                                     [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
                                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p,
@@ -321,35 +458,39 @@ def no_grad_logprobs(run, model, tok, micro, args, sp_group=None):
         return [run(mr_sp.prefill_logprobs, model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
 
 
-def update(args, policy, micro, old, refs, stats, sp_group=None):
-    """--epochs passes of --mini-batches optimizer steps over the micro-batches. Returns metrics."""
+def update(args, policy, micro, groups, old, refs, tis, stats, sp_group=None):
+    """--epochs passes over the micro-batches, an optimizer step per entry of groups (a mini-batch:
+    its micro-batch indices); old, refs (or None), tis (weights, or None) per micro-batch. Returns
+    metrics."""
     model, tok, params, opt = policy.model, policy.tok, policy.params, policy.opt
     log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
-    per = max(1, math.ceil(len(micro) / args.mini_batches))
-    groups = [list(range(i, min(i + per, len(micro)))) for i in range(0, len(micro), per)] or [[]]
-    n_mb = max(mr_sp.all_reduce(torch.tensor([len(groups)]), "max").item(), 1)
-    groups += [[]] * (n_mb - len(groups))  # every rank joins every all-reduce
-    w = 1.0 / (args.epochs * n_mb)  # logged values: means over all updates of this step
+    # global token and sequence counts of each mini-batch: the loss is their global mean
+    # (weight-0 rows: --fsdp's copies, --mask-truncated's rows, count nothing)
+    minis = [[x for i in idx for x in micro[i]] for idx in groups]
+    counts = [mr_sp.dp_sum(dict(tokens=sum(len(x["response"]) * x.get("keep", 1.0) for x in rows),
+                                seqs=sum(x.get("keep", 1.0) for x in rows)), sp_group)
+              for rows in minis]
+    w = 1.0 / (args.epochs * max(sum(1 for n in counts if n["seqs"]), 1))  # logs: means of updates
     for _ in range(args.epochs):
-        for idx in groups:
-            # global token and sequence counts of this mini-batch: the loss is their global mean
-            rows = [x for i in idx for x in micro[i]]  # weight-0 copies (keep 0, --fsdp) count nothing
-            n = mr_sp.dp_sum(dict(tokens=float(sum(len(x["response"]) * x.get("keep", 1.0) for x in rows)),
-                                  seqs=float(sum(x.get("keep", 1.0) for x in rows))), sp_group)
-            n_tok, n_seq = max(n["tokens"], 1.0), max(n["seqs"], 1.0)
+        for idx, n in zip(groups, counts):
+            if not n["seqs"]:  # no rows on any rank: nothing to learn from, no AdamW step
+                continue
+            n_tok, n_seq = n["tokens"], n["seqs"]
             for i in idx:
                 lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, micro[i], args.temperature,
                                            sp_group)
                 keep = torch.tensor([x.get("keep", 1.0) for x in micro[i]], device=mask.device)
                 mask = mask * keep[:, None]
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
-                loss_tok, clipped = policy_loss(lp, old[i], adv, args.clip_low, args.clip_high,
-                                                args.dual_clip)
+                loss_tok, clipped = policy_loss(lp, old[i], adv, mask, args.loss, args.clip_low,
+                                                args.clip_high, args.dual_clip)  # (N, T)
+                if tis is not None:
+                    loss_tok = loss_tok * tis[i]
                 if refs is not None:
                     kl = kl_estimate(lp, refs[i], args.kl)
                     loss_tok = loss_tok + args.kl_coef * kl
                     log["kl"] += w * float((kl.detach() * mask).sum()) / n_tok
-                aggregate(loss_tok, mask, args.agg, n_tok, n_seq).backward()
+                aggregate(loss_tok, mask, args.agg, n_tok, n_seq, args.max_new).backward()
                 log["clip_frac"] += w * float((clipped * mask).sum()) / n_tok
                 log["entropy"] += w * float((ent.detach() * mask).sum()) / n_tok
             mr_sp.sync_grads(params)
@@ -361,7 +502,7 @@ def update(args, policy, micro, old, refs, stats, sp_group=None):
                       file=sys.stderr)
                 stats["skipped_updates"] += 1
             opt.zero_grad(set_to_none=True)
-            log["grad_norm"] = float(gn)
+            log["grad_norm"] += w * float(gn)
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac", "entropy")}, sp_group))
     return log
 
@@ -385,13 +526,14 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     # --fsdp: the policy's weights gathered once for all of this step's rollouts, released after
     batch = mr_sp.unsharded(policy.run, collect, args, i, policy, read, cursor, par, reward_fn, stats, timed)
     mr_sp.vllm_sleep(llm, True)  # GPU: a vLLM engine's memory goes to the training passes
-    micro = [batch.rows[j:j + args.micro_batch] for j in range(0, len(batch.rows), args.micro_batch)]
-    if policy.run is not mr_sp.call:  # sharded: each pass gathers, so every rank runs as many
-        n = int(mr_sp.all_reduce(torch.tensor([len(micro)]), "max"))
-        if len(micro) < n and not micro:
-            raise RuntimeError(f"rank {par.rank} has no rollouts this step (unreadable videos or "
-                               "failing rewards) for the passes the others run; --fsdp needs some")
-        micro += [[dict(x, keep=0.0) for x in micro[0]]] * (n - len(micro))  # weight-0 copies
+    if args.adv == "reinforce++":  # normalized over the global batch, whatever the number of ranks
+        adv = whiten(torch.tensor([x["adv"] for x in batch.rows]),
+                     torch.tensor([len(x["response"]) for x in batch.rows]), par.group)
+        for x, a in zip(batch.rows, adv.tolist()):
+            x["adv"] = a
+    # sharded: each pass gathers, so every rank runs as many in each update
+    micro, groups = mini_batches(batch.rows, args.mini_batches, args.micro_batch,
+                                 sharded=policy.run is not mr_sp.call)
     with timed("old"):
         old = no_grad_logprobs(policy.run, model, tok, micro, args, par.group)
     # the engine's log-probs of its samples against the trainer's: float error when both describe
@@ -399,12 +541,24 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
                for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
     gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
+    tis, cut = None, dict(cut=0.0, tokens=0.0)
+    if args.tis:  # the engine's log-probs laid out as the trainer's (N, T); weight-0 rows unmarked
+        tis = []
+        for o, mb in zip(old, micro):
+            eng, mask = torch.zeros_like(o), torch.zeros_like(o)
+            for b, x in enumerate(mb):
+                eng[b, :len(x["rollout_lp"])] = x["rollout_lp"]
+                mask[b, :len(x["rollout_lp"])] = x.get("keep", 1.0)
+            w, c = tis_weights(o, eng, mask, args.tis, args.tis_level)
+            tis.append(w)
+            cut = dict(cut=cut["cut"] + float(c.sum()), tokens=cut["tokens"] + float(mask.sum()))
+        cut = mr_sp.dp_sum(cut, par.group)
     with timed("ref"):
         refs = (no_grad_logprobs(policy.run_ref, policy.ref, tok, micro, args, par.group)
                 if policy.ref is not None else None)
     model.train()
     with timed("update"):
-        log = update(args, policy, micro, old, refs, stats, par.group)
+        log = update(args, policy, micro, groups, old, refs, tis, stats, par.group)
     with timed("sync"):  # the next rollouts sample from the updated policy
         mr_sp.vllm_sleep(llm, False)
         mr_sp.vllm_sync(llm, model)
@@ -412,7 +566,9 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     n = max(s["samples"], 1.0)
     busy = sum(times[k] for k in ("encode", "rollout", "old", "ref", "update"))
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
-               format=s["format"] / n, response_len=s["response_len"] / n, rollout_logprob_gap=gap, **log,
+               format=s["format"] / n, response_len=s["response_len"] / n,
+               truncated=s["truncated"] / n, rollout_logprob_gap=gap,
+               tis_frac=cut["cut"] / max(cut["tokens"], 1.0), **log,
                time_encode=times["encode"], time_rollout=times["rollout"],
                time_prefill=times["old"] + times["ref"], time_update=times["update"],
                time_sync=times["sync"], tok_per_s=s["response_len"] / busy)
@@ -420,6 +576,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
 
 
 def main(args):
+    check_args(args)
     par = mr_sp.init_parallel(args.sp)
     if args.prompts % par.dp:
         raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({par.dp})")
@@ -431,7 +588,8 @@ def main(args):
     policy = build_policy(args, par, src)
     model, tok, opt, fsdp = policy.model, policy.tok, policy.opt, policy.run is not mr_sp.call
     if args.engine == "vllm":
-        policy.llm = mr_sp.vllm_engine(model, tok, src, args.dtype, args.vllm_mem, args.vllm_tp, args.seed)
+        policy.llm = mr_sp.vllm_engine(model, tok, src, args.rollout_dtype or args.dtype,
+                                       args.vllm_mem, args.vllm_tp, args.seed)
     start, cursor = 0, 0
     stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
     if state:
@@ -455,8 +613,11 @@ def main(args):
     def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
         return list(ds.iter_samples([order[a % len(order)] for a in positions]))
 
-    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates)
-    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates).
+    # Without its cache: autocast keeps its bf16 copy of a weight until the region it was made in
+    # ends, whatever the optimizer writes to it since (every linear layer ran on step 1's weights)
+    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16",
+                        cache_enabled=False):
         for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo",
                       disable=par.rank != 0):
             rec, used = step(args, i, policy, read, cursor, par, reward_fn, stats)
@@ -468,7 +629,8 @@ def main(args):
                     f"step {i + 1}", f"reward {rec['reward']:.3f}", f"acc {rec['accuracy']:.3f}",
                     f"fmt {rec['format']:.2f}", f"len {rec['response_len']:.0f}", f"kl {rec['kl']:.4f}",
                     f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}",
-                    f"gnorm {rec['grad_norm']:.2f}", f"lp gap {rec['rollout_logprob_gap']:.0e}",
+                    f"gnorm {rec['grad_norm']:.2f}", f"lp gap {rec['rollout_logprob_gap']:.0e}"
+                    + (f" tis cut {rec['tis_frac']:.3f}" if args.tis else ""),
                     f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "
                     f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
                     f"{rec['tok_per_s']:.0f} tok/s"]))

@@ -429,7 +429,7 @@ def sample(logits, temperature, top_p, generator=None):
     probs = logp.exp()
     if top_p < 1.0:
         sp, idx = probs.sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix whose mass reaches top_p
         probs = probs.scatter(-1, idx, sp.masked_fill(drop, 0.0))
     if isinstance(generator, (list, tuple)):
         groups = probs.chunk(len(generator))

@@ -133,8 +133,10 @@ def main(args):
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
 
-    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates)
-    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates),
+    # without its cache, which would keep step 1's bf16 copy of every linear weight to the end
+    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16",
+                        cache_enabled=False):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft",
                          disable=par.rank != 0):
             t0 = time.time()

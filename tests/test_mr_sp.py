@@ -22,7 +22,7 @@ import grpo
 import model as M
 import mr_sp
 
-from test_model import CONFIGS, FAMILIES  # two configs of each family; B: GQA with 1 KV head (< sp)
+from test_model import CONFIGS  # two configs of each family; B: GQA with 1 KV head (< sp)
 
 # (samples, response lengths) per micro-batch: left padding with rank 0 holding no response column;
 # a response that straddles the ranks' boundary; an image and a text-only row beside a video; one

@@ -3,6 +3,7 @@ parallel (--sp) equal one process, resume equals an uninterrupted run, faults ar
 and a short pipeline shows signs of learning.
 
     python -m pytest tests/test_pipeline.py -q"""
+import collections
 import json
 import os
 import shutil
@@ -22,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
 
 
-def run(*args, nproc=1, check=True):
+def run(*args, nproc=1, check=True, env=None):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", f"--nproc_per_node={nproc}"]
-    out = subprocess.run(launcher + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(launcher + list(args), cwd=ROOT, env={**ENV, **(env or {})},
+                         capture_output=True, text=True, timeout=600)
     if check and out.returncode:
         raise AssertionError(f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -55,18 +57,24 @@ GRPO = ["grpo.py", "--init", "tiny", "--frames", "8", "--prompts", "4", "--G", "
         "--micro-batch", "8", "--part", "all", "--lr", "1e-3", "--reward", "toy_rewards:length"]
 
 
-@pytest.mark.parametrize("script", ["sft", "grpo"])
+@pytest.mark.parametrize("script", ["sft", "grpo", "reinforce++"])
 def test_two_processes_equal_one(task, tmp_path, script):
-    """The same global batch on 2 gloo processes and on 1 gives the same parameters after a step."""
+    """The same global batch on 2 gloo processes and on 1 gives the same parameters after a step;
+    also with --adv reinforce++, whose advantages are normalized over the whole global batch."""
     cmd = (SFT if script == "sft" else GRPO) + ["--data", task, "--steps", "1"]
-    if script == "grpo":  # a mini-batch takes a slice of every rank's rows: use one, the whole batch
-        cmd += ["--mini-batches", "1"]
+    if script != "sft":  # a mini-batch takes a slice of every rank's rows: use one, the whole batch
+        cmd += ["--mini-batches", "1"] + ["--adv", "reinforce++"] * (script == "reinforce++")
     # one process runs the ranks' blocks as its micro-batches (2 of 2 samples; 2 of 2 groups of 4)
     run(*cmd, "--out", str(tmp_path / "one"), "--micro-batch", "2" if script == "sft" else "8")
     run(*cmd, "--out", str(tmp_path / "two"), nproc=2)
     one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max_diff(one, two) <= 1e-5
-    if script == "grpo":  # the step did change the policy, so equality is not vacuous
+    # AdamW's first step (and clipping) hide a gradient's scale from the weights: compare norms too
+    keys = ["loss", "grad_norm"] if script == "sft" else \
+        ["reward", "kl", "clip_frac", "entropy", "grad_norm"]
+    m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert {k: m2[k] for k in keys} == pytest.approx({k: m1[k] for k in keys}, rel=1e-5, abs=1e-8)
+    if script != "sft":  # the step did change the policy, so equality is not vacuous
         run("model.py", "save", "--out", str(tmp_path / "init"))
         assert max_diff(one, weights(tmp_path / "init")) > 1e-4
 
@@ -217,12 +225,52 @@ def test_faults_are_reported_and_survived(task, tmp_path):
     assert weights(tmp_path / "run" / "model")  # the checkpoint is whole and loads
 
 
-def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path):
-    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:half_constant", "--dynamic-sampling",
-              "--out", str(tmp_path / "run"))
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path, nproc):
+    """Flat groups dropped and refilled to --prompts groups every step, on 1 rank and on 2: the
+    first two prompts (rank 0's block on 2 ranks) are flat, so rank 0 refills and rank 1 need not,
+    and the next step starts after the furthest any rank read: no prompt rolled out twice."""
+    rows = D.load_rows(os.path.join(task, "train.jsonl"))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()  # seed 0
+    log, flat = tmp_path / "ids", [rows[order[0]]["id"], rows[order[1]]["id"]]
+    out = run(*GRPO, "--data", task, "--steps", "2", "--reward", "toy_rewards:flat_listed_logged",
+              "--dynamic-sampling", "--out", str(tmp_path / "run"), nproc=nproc,
+              env={"REWARD_LOG": str(log), "FLAT_IDS": ",".join(flat)})
     m = metrics(tmp_path / "run")
     assert [x["groups"] for x in m] == [4, 4]  # refilled to --prompts groups every step
-    assert m[-1]["dropped_groups"] > 0 and json.loads(out.stdout.strip().splitlines()[-1])["dropped_groups"] > 0
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert m[-1]["dropped_groups"] >= 2 and summary["dropped_groups"] >= 2
+    files = list(tmp_path.glob("ids.*"))
+    ids = collections.Counter(line for f in files for line in f.read_text().split())
+    assert len(files) == nproc and set(ids.values()) == {4}  # G = 4 samples of each prompt, once
+    assert set(flat) <= set(ids) and len(ids) >= 10  # 2 steps of 4 prompts, plus refills
+
+
+def test_bf16_passes_see_every_update(task, tmp_path):
+    """autocast keeps its bf16 copy of a weight until its region ends: with --dtype bfloat16 (one
+    region around the run) every linear layer ran on its step-1 copy in every pass (only the weights
+    autocast does not cast, embeddings and norms, moved), so the second update's KL to the reference
+    was 0.33 where fp32's is 2.5; --rollout-dtype bfloat16 rollouts sampled from step 1's copies
+    (log-probs drifting nats off the trainer's). The copies are made afresh each time now."""
+    out = {d: str(tmp_path / d) for d in ("float32", "bfloat16", "roll")}
+    for dtype in ("float32", "bfloat16"):  # lr 1e-3: the step's second update moves the policy far
+        run(*GRPO, "--data", task, "--steps", "1", "--dtype", dtype, "--out", out[dtype])
+    kl = {d: metrics(out[d])[0]["kl"] for d in ("float32", "bfloat16")}
+    assert abs(kl["bfloat16"] / kl["float32"] - 1) < 0.25, kl  # bf16 tracks fp32 within one step
+    run(*GRPO, "--data", task, "--steps", "3", "--rollout-dtype", "bfloat16", "--out", out["roll"])
+    gaps = [m["rollout_logprob_gap"] for m in metrics(out["roll"])]
+    assert 1e-3 < gaps[0] and max(gaps) < 0.5, gaps  # bf16 rollouts' float error, not a stale policy
+
+
+def test_bf16_sft_tracks_fp32(task, tmp_path):
+    """sft.py's one autocast region kept step 1's bf16 copy of every linear weight: 6 bf16 steps took
+    the loss from 7.17 to 6.38 where fp32 reaches 1.46. Now bf16 follows fp32 step by step."""
+    loss = {}
+    for dtype in ("float32", "bfloat16"):
+        out = str(tmp_path / dtype)
+        run(*SFT, "--data", task, "--steps", "4", "--lr", "1e-3", "--dtype", dtype, "--out", out)
+        loss[dtype] = [m["loss"] for m in metrics(out)]
+    assert all(abs(b / f - 1) < 0.05 for f, b in zip(loss["float32"], loss["bfloat16"])), loss
 
 
 def test_short_pipeline_learns(task, tmp_path):

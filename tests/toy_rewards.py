@@ -1,4 +1,5 @@
 """Reward functions for the pipeline tests, loaded with --reward toy_rewards:NAME."""
+import os
 
 
 def length(text, row):
@@ -15,6 +16,14 @@ def boom(text, row):
 def half_constant(text, row):
     """Equal rewards for every sample of even-numbered rows: dynamic sampling must drop those groups."""
     return 0.5 if int(row["id"][-1]) % 2 == 0 else length(text, row)
+
+
+def flat_listed_logged(text, row):
+    """Equal rewards for the rows in $FLAT_IDS (comma list), else `length`; each scored row's id is
+    appended to $REWARD_LOG.<pid>: the prompts each rank rolled out."""
+    with open(f"{os.environ['REWARD_LOG']}.{os.getpid()}", "a") as f:
+        f.write(row["id"] + "\n")
+    return 0.5 if row["id"] in os.environ["FLAT_IDS"].split(",") else length(text, row)
 
 
 def letter_e(text, row):
