@@ -359,13 +359,15 @@ def test_bf16_runs_close_to_fp32():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_check_command_prints_json(family, tmp_path):
     """`model.py check` on a saved folder of each family (as a user runs it on a checkpoint)."""
-    subprocess.run([sys.executable, "model.py", "save", "--family", family, "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    M.save(*M.load(family), str(tmp_path))
     out = subprocess.run([sys.executable, "model.py", "check", "--hf", str(tmp_path)], capture_output=True, text=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert out.returncode == 0 and res["family"] == family[5:].replace(".", "_").replace("-", "_")
     diffs = [v for k, v in res.items() if k.endswith("max_abs_diff")]
     assert len(diffs) == 4 and max(diffs) <= 1e-5, res
+
+
+def test_check_command_names_a_missing_folder():
     bad = subprocess.run([sys.executable, "model.py", "check", "--hf", "/nonexistent"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no config.json" in bad.stderr
 
