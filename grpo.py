@@ -66,6 +66,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
@@ -276,19 +277,26 @@ def aggregate(x, mask, agg, n_tokens, n_seqs, max_new=None):
     return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
 
 
+def chunks(xs, size):
+    return [xs[j:j + size] for j in range(0, len(xs), size)]
+
+
 def mini_batches(rows, n, size, sharded=False):
     """This rank's rows as n near-equal slices (update m takes slice m of every rank's rows), each
-    in micro-batches of at most `size` rows: (micro-batches, each update's micro-batch indices).
+    in micro-batches of at most `size` rows of one prompt: (micro-batches, each update's micro-batch
+    indices). Rows of one prompt share its length, so a micro-batch is padded on the right only and
+    no pass needs an attention mask (an (L, L) one at a long video's L would not fit).
     sharded (FSDP): every rank runs as many passes in each update, its missing ones as weight-0
-    copies of its first rows (a rank with no rows fails, then: it has nothing to copy)."""
+    copies of its first micro-batch (a rank with no rows fails, then: it has nothing to copy)."""
     parts = [rows[m * len(rows) // n:(m + 1) * len(rows) // n] for m in range(n)]
-    parts = [[mb[j:j + size] for j in range(0, len(mb), size)] for mb in parts]
+    parts = [[mb for _, g in itertools.groupby(p, key=lambda x: id(x["prompt"])) for mb in
+              chunks(list(g), size)] for p in parts]  # a prompt's rows: adjacent, one prompt list
     if sharded:
         most = mr_sp.all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
         if sum(most) > sum(map(len, parts)) and not rows:
             raise RuntimeError("this rank has no rollouts this step (unreadable videos or failing "
                                "rewards) for the passes the others run; --fsdp needs some")
-        copy = [dict(x, keep=0.0) for x in rows[:size]]
+        copy = [dict(x, keep=0.0) for x in next((mb for p in parts for mb in p), [])]
         parts = [p + [copy] * (k - len(p)) for p, k in zip(parts, most)]
     ends = [sum(len(p) for p in parts[:m + 1]) for m in range(n)]
     groups = [list(range(e - len(p), e)) for p, e in zip(parts, ends)]

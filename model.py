@@ -90,8 +90,18 @@ def tiny_tokenizer(vocab_size=1024):
 
 
 FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}  # model_type: class
-TINY = {"tiny": "qwen2_5_vl", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl",
-        "tiny-qwen3-vl": "qwen3_vl"}  # --init names of the tiny models built in code
+# --init names of the tiny models built in code: (family, tiny_config arguments). "tiny:<name>" are
+# miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings, vision
+# tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths, so what
+# the real shape runs into (Ulysses over 28 heads, FSDP over an untied lm_head) shows on a CPU. The
+# real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each miniature against its.
+TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwen2.5-vl": ("qwen2_5_vl", {}),
+        "tiny-qwen3-vl": ("qwen3_vl", {}),
+        "tiny:qwen2.5-vl-7b": ("qwen2_5_vl", dict(hidden=448, heads=28, kv_heads=4, tie=False,
+                                                  vision_depth=4, fullatt=(1, 3))),
+        "tiny:qwen2.5-vl-3b": ("qwen2_5_vl", dict(hidden=256, heads=16, kv_heads=2, tie=True,
+                                                  vision_depth=4, fullatt=(1, 3))),
+        "tiny:qwen3-vl-8b": ("qwen3_vl", dict(hidden=512, heads=32, kv_heads=8, tie=False, vision_depth=4))}
 
 
 def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128,
@@ -149,15 +159,16 @@ def attn_implementation(device):
 
 def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
     """(model, tokenizer) from a local Hugging Face folder of any family, or a tiny model built in
-    code: "tiny" (Qwen2.5-VL), "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"."""
+    code (TINY: "tiny" is Qwen2.5-VL's; "tiny:qwen2.5-vl-7b" a miniature of the real one)."""
     import transformers
     attn = attn_implementation(device)
     if path in TINY:
         tok = tiny_tokenizer()
         torch.manual_seed(seed)
-        config = tiny_config(tok, TINY[path], **tiny_kwargs)
+        family, kw = TINY[path]
+        config = tiny_config(tok, family, **{**kw, **tiny_kwargs})
         config._attn_implementation = attn
-        model = getattr(transformers, FAMILIES[TINY[path]] + "ForConditionalGeneration")(config)
+        model = getattr(transformers, FAMILIES[family] + "ForConditionalGeneration")(config)
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); pass a "
@@ -410,7 +421,8 @@ def response_logprobs(model, embeds, pos, mask, P, targets, **kw):
     """Log-probs (and entropies) of the response tokens targets (B, T) of a `layout` batch: the
     hidden state at column P-1+j predicts response token j. No logits outside the response."""
     T = targets.shape[1]
-    hidden = forward(model, embeds[:, :P + T - 1], pos[:, :, :P + T - 1], mask[:, :P + T - 1])
+    hidden = forward(model, embeds[:, :P + T - 1], pos[:, :, :P + T - 1],
+                     None if mask is None else mask[:, :P + T - 1])
     return token_logprobs(model, hidden[:, P - 1:], targets, **kw)
 
 
@@ -469,7 +481,9 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     s1 = s1.masked_fill(~prefix["mask"].bool()[:, None, None, :], float("-inf"))
     s2 = (q.view(B * n, Hkv, g, D) @ k.transpose(-1, -2)).float() * scaling  # (B*n, Hkv, g, t)
     lse1, lse2 = s1.logsumexp(-1, keepdim=True), s2.logsumexp(-1, keepdim=True)
-    o1 = (s1 - lse1).exp() @ vp.float()  # (B, Hkv, n*g, D): softmax over the prompt alone
+    # the prompt's values read in their storage dtype (an fp32 copy in every layer at every step
+    # would be GBs a token at 7B); the probabilities rounded to it, as flash-decoding kernels do
+    o1 = ((s1 - lse1).exp().to(vp.dtype) @ vp).float()  # (B, Hkv, n*g, D): softmax over the prompt
     o2 = (s2 - lse2).exp() @ v.float()  # (B*n, Hkv, g, D): over the sample's own tokens alone
     o1 = o1.view(B, Hkv, n, g, D).transpose(1, 2).reshape(B * n, Hkv, g, D)
     lse1 = lse1.view(B, Hkv, n, g, 1).transpose(1, 2).reshape(B * n, Hkv, g, 1)
@@ -486,7 +500,7 @@ def prefill(model, embeds, pos, mask, chunk=1024):
     cache, P = DynamicCache(config=model.config.get_text_config()), embeds.shape[1]
     for s in range(0, P, chunk or P):
         e = min(P, s + (chunk or P))
-        h = forward(model, embeds[:, s:e], pos[:, :, s:e], mask[:, :e], cache)[:, -1]
+        h = forward(model, embeds[:, s:e], pos[:, :, s:e], None if mask is None else mask[:, :e], cache)[:, -1]
     return cache, h
 
 

@@ -41,12 +41,18 @@ from tqdm import tqdm
 import model as M
 
 
+# Process-group backends by device type: on CUDA, NCCL for GPU tensors and gloo beside it for the
+# CPU ones (metric sums, sample lengths, counts): "nccl" alone maps only cuda, and a collective on a CPU
+# tensor then fails ("No backend type associated with device type cpu").
+BACKEND = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def init_distributed():
-    """(rank, world, device). Under torchrun: a gloo (CPU) or NCCL (CUDA) process group."""
+    """(rank, world, device). Under torchrun: a process group of BACKEND[device type]."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group(BACKEND["cuda" if cuda else "cpu"])
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -142,10 +148,13 @@ class _Root(torch.nn.Module):
 def shard(model, params=None, dtype=torch.float32):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
     Units: each decoder layer and vision block holding `params` (default: the trainable ones), and
-    the input embeddings and lm_head unless tied, gathered in their forward and backward; the root
-    (final norms, vision patch embedding and merger; tied embeddings), gathered for a whole pass: at
-    Qwen2.5-VL-7B's 152k vocabulary each of embeddings and lm_head is 2 GiB in fp32, which a root
-    would hold through every layer's forward and backward. Other parameters stay replicated: a
+    the input embeddings unless tied, gathered in their forward and backward; the root (final norms,
+    lm_head, vision patch embedding and merger; tied embeddings), gathered once for a whole pass. A
+    unit's forward is a collective every rank must enter as often as the others: each pass embeds
+    once on every rank, but lm_head runs in chunks over the responses, and under --sp only on the
+    ranks holding response columns, so an lm_head unit of its own would hang. In the root it costs
+    its gathered copy through the pass (Qwen2.5-VL-7B: 1.1 GB in bf16). Other parameters stay
+    replicated: a
     frozen tower has no gradients or optimizer state, and its MR-SP encode (uneven shares, no
     forward on some ranks) must not wait on a gather. Returns run(fn, *args) for every forward
     (`call`'s signature); ranks must run equally many passes (unit forwards are collective), and a
@@ -165,7 +174,7 @@ def shard(model, params=None, dtype=torch.float32):
     params = {p for p in model.parameters() if p.requires_grad} if params is None else set(params)
     blocks = list(model.model.language_model.layers) + list(getattr(model.model.visual, "blocks", []))
     if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
-        blocks += [model.get_input_embeddings(), model.lm_head]
+        blocks.append(model.get_input_embeddings())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     units = [fully_shard(b, mp_policy=mp) for b in blocks if any(p in params for p in b.parameters())]
     root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params, mp_policy=mp)
@@ -350,19 +359,65 @@ def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperatur
         out = vllm_rollout(llm, tok, prompts, n, seeds and [x + r * n for x in seeds], **gen)
         return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
     dev = next(model.parameters()).device
-    ids, pos, mask, _ = M.layout([p["prompt"] for p in prompts], [p["pos"] for p in prompts],
-                                 pad_id=tok.pad_token_id)
-    ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-    with torch.no_grad():
-        embeds = M.splice(model, ids, visuals(prompts))
-        cache, h = (M.prefill(model, embeds, pos, mask, chunk) if group is None
-                    else sp_prefill(model, embeds, pos, mask, group))
-    gens = None if seeds is None else [torch.Generator(dev).manual_seed(x + j)
-                                       for x in seeds for j in range(r * n, (r + 1) * n)]
-    out = M.decode(model, cache, F.pad(mask, (0, cache.get_seq_length() - mask.shape[1])), h,
-                   pos.amax(dim=(0, 2)) + 1, n, eos_ids=eos_ids(tok), banned=M.banned_ids(tok),
-                   pad_id=tok.pad_token_id, generator=gens, **gen)
+    outs, k = [], 0
+    for batch in _batches(prompts, ROLLOUT_TOKENS):
+        with torch.no_grad():
+            cache, mask, h = _stack([_prefill_one(model, p, dev, group, chunk) for p in batch],
+                                    model.config.get_text_config())
+        gens = None if seeds is None else [torch.Generator(dev).manual_seed(x + j) for x in
+                                           seeds[k:k + len(batch)] for j in range(r * n, (r + 1) * n)]
+        nxt = torch.tensor([int(p["pos"].max()) + 1 for p in batch], device=dev)
+        outs.append(M.decode(model, cache, mask, h, nxt, n, eos_ids=eos_ids(tok), banned=M.banned_ids(tok),
+                             pad_id=tok.pad_token_id, generator=gens, **gen))
+        k += len(batch)
+    T = max((o[0].shape[1] for o in outs), default=0)
+    out = (torch.cat([F.pad(o[0], (0, T - o[0].shape[1]), value=tok.pad_token_id) for o in outs]),
+           torch.cat([F.pad(o[1], (0, T - o[1].shape[1])) for o in outs]), torch.cat([o[2] for o in outs]))
     return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
+
+
+# Prompts whose KV caches decode together hold at most this many prompt tokens (a longer prompt
+# decodes alone): their separately prefilled caches are copied into one batch, and at a long video's
+# length one prompt's cache is GBs (Qwen2.5-VL-7B: 13 GB at 3,600 frames).
+ROLLOUT_TOKENS = 32768
+
+
+def _batches(prompts, budget):
+    """Consecutive runs of prompts of at most `budget` prompt tokens in all (at least one prompt)."""
+    out = []
+    for p in prompts:
+        if out and sum(len(q["prompt"]) for q in out[-1]) + len(p["prompt"]) <= budget:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def _prefill_one(model, p, dev, group, chunk):
+    """One prompt prefilled alone, so with no padding and no attention mask: its KV cache, the
+    cache's (1, columns) mask (under SP: right-padded to a multiple of sp), and the last prompt
+    column's hidden states (1, H)."""
+    ids = torch.tensor([p["prompt"]], device=dev)
+    embeds, pos, mask = M.splice(model, ids, p["visual"]), p["pos"][:, None].to(dev), torch.ones_like(ids)
+    cache, h = (M.prefill(model, embeds, pos, None, chunk) if group is None
+                else sp_prefill(model, embeds, pos, mask, group))
+    return cache, F.pad(mask, (0, cache.get_seq_length() - mask.shape[1])), h
+
+
+def _stack(parts, config):
+    """(cache, mask, h) of prompts prefilled one by one -> one batch: the caches left-padded to the
+    longest (a copy; one prompt: as it is), masks (B, P), hidden states (B, H)."""
+    if len(parts) == 1:
+        return parts[0]
+    from transformers import DynamicCache
+    P = max(m.shape[1] for _, m, _ in parts)
+    pad = lambda x: F.pad(x, (0, 0, P - x.shape[2], 0))  # noqa: E731  (B, Hkv, t, D), on the left
+    cache = DynamicCache(config=config)
+    for i in range(len(parts[0][0].layers)):
+        cache.update(torch.cat([pad(c.layers[i].keys) for c, _, _ in parts]),
+                     torch.cat([pad(c.layers[i].values) for c, _, _ in parts]), i)
+    return (cache, torch.cat([F.pad(m, (P - m.shape[1], 0)) for _, m, _ in parts]),
+            torch.cat([h for _, _, h in parts]))
 
 
 def sp_prefill(model, embeds, pos, mask, group):
@@ -419,11 +474,14 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None):
     dev = next(model.parameters()).device
     ids, pos, mask, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows],
                                  [r["response"] for r in rows], pad_id=tok.pad_token_id)
+    # right padding only (a micro-batch of one prompt's rows: grpo.mini_batches): causal attention
+    # alone is exact for every real token, no mask (decided here on the host, once a pass)
+    causal = bool((mask[:, 1:] <= mask[:, :-1]).all())
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
     embeds = M.splice(model, ids, visuals(rows))
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
     if group is None:
-        lp, ent = M.response_logprobs(model, embeds, pos, mask, P, ids[:, P:], **kw)
+        lp, ent = M.response_logprobs(model, embeds, pos, None if causal else mask, P, ids[:, P:], **kw)
     else:
         lp, ent = sp_response_logprobs(model, embeds, pos, mask, P, ids[:, P:], group, **kw)
     return lp, ent, mask[:, P:].to(lp.dtype)
@@ -514,8 +572,11 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
         lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
                                    targets[:, a - P + 1:b - P + 1], **kw)
         local = F.pad(torch.stack([lp, ent]), (a - r * l, (r + 1) * l - b))  # (2, B, l)
-    else:  # still tied to hidden: every rank must run every all-to-all's backward (collectives)
-        local = hidden.new_zeros(2, B, l, dtype=torch.float32) + 0.0 * hidden.sum()
+    else:  # no response here, still tied to hidden (every rank must run every all-to-all's backward)
+        # and to lm_head: FSDP reduce-scatters a unit's gradients as one buffer of the parameters that
+        # have one, which must be the same on every rank (a real token: 0 x a finite log-prob)
+        lp, ent = M.token_logprobs(model, hidden[:, -1:], targets[:, :1], **kw)
+        local = hidden.new_zeros(2, B, l, dtype=torch.float32) + 0.0 * (lp.sum() + ent.sum())
     if local.requires_grad:
         local.register_hook(lambda g: g / sp)
     full = torch.cat(dist_nn.all_gather(local, group=group), -1)  # (2, B, sp*l)
@@ -529,42 +590,57 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
 # (`model_costs`; matmul FLOPs, no attention scores), found by trying LM widths and depths around
 # the tiny model's vision tower until it matched: vision and LM split time and memory as in the 7B.
 SMALL = dict(hidden=256, layers=6, heads=4, kv_heads=2, vision_hidden=128, vision_depth=2, vision_heads=4)
-# Qwen2.5-VL-7B-Instruct's config.json (the values that size memory): planned without a download
-QWEN25_VL_7B = dict(
-    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4),
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
-    tie_word_embeddings=False)
-QWEN25_VL_3B = dict(  # Qwen2.5-VL-3B-Instruct's: what bench.py gpu builds (random weights) on one GPU
-    text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                     num_attention_heads=16, num_key_value_heads=2),
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                       window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
-    tie_word_embeddings=True)
+# The real checkpoints' config.json values that shape parallelism and memory (planned without a
+# download); model.TINY's "tiny:<name>" miniatures share their structure at tiny widths.
+REAL = {
+    "qwen2.5-vl-7b": ("qwen2_5_vl", dict(  # Qwen2.5-VL-7B-Instruct
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                           tokens_per_second=2),
+        tie_word_embeddings=False)),
+    "qwen2.5-vl-3b": ("qwen2_5_vl", dict(  # Qwen2.5-VL-3B-Instruct: what bench.py gpu built on one GPU
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                           tokens_per_second=2),
+        tie_word_embeddings=True)),
+    "qwen3-vl-8b": ("qwen3_vl", dict(  # Qwen3-VL-8B-Instruct
+        text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
+        tie_word_embeddings=False)),
+}
 
 
 def plan_config(name):
-    """A Qwen2.5-VL config: "tiny", "small" (SMALL), "qwen2.5-vl-7b" or "-3b", or a local HF folder."""
-    from transformers import AutoConfig, Qwen2_5_VLConfig
+    """A config by name: "tiny", "small" (SMALL), a model.TINY name, a REAL name, or a local HF folder."""
+    import transformers
     if name in ("tiny", "small"):
         return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
-    if name.lower() in ("qwen2.5-vl-7b", "qwen2.5-vl-3b"):
-        return Qwen2_5_VLConfig(**(QWEN25_VL_7B if name.lower().endswith("7b") else QWEN25_VL_3B))
-    return AutoConfig.from_pretrained(name)
+    if name in M.TINY:
+        family, kw = M.TINY[name]
+        return M.tiny_config(M.tiny_tokenizer(), family, **kw)
+    if name.lower() in REAL:
+        family, cfg = REAL[name.lower()]
+        return getattr(transformers, M.FAMILIES[family] + "Config")(**cfg)
+    return transformers.AutoConfig.from_pretrained(name)
 
 
 def model_costs(config):
     """Parameters (all; trainable in RL: LM and lm_head) and forward FLOPs per token (vision per
     video token, LM per token) of a config, on a meta-device model: no memory, no download."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
     with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration(config)
+        m = getattr(transformers, M.FAMILIES[config.model_type] + "ForConditionalGeneration")(config)
     n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     vis, lm = m.model.visual, m.model.language_model
     merge = config.vision_config.spatial_merge_size ** 2  # patches per video token; merger: once a token
     return dict(params=n(m), trainable=n(m) - n(vis), vision=n(vis), layer=n(lm.layers[0]),
-                head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: a unit each
+                head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too
                 vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
                 lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
 
@@ -625,14 +701,14 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     # saved by every layer's SDPA (measured: 13 B per element with 3 layers); no-grad: one at a time
     mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sp == 1 and B > 1 else 0
     lm = c["trainable"]  # language model and lm_head: trained, and all of the reference
-    # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (tied
-    # embeddings, norm) and gathers a layer, lm_head (untied) at a time; the rollout, everything
-    fs = dict(root=b * (lm - layers * c["layer"] - 2 * c["head"]), layer=b * c["layer"],
-              head=b * c["head"]) if W > 1 else dict(root=0, layer=0, head=0)
+    # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
+    # lm_head, tied embeddings) and gathers a layer, the untied embeddings, at a time; the rollout, all
+    fs = dict(root=b * (lm - layers * c["layer"] - c["head"]), layer=b * c["layer"],
+              embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
     m = dict(weights=4 * (lm + c["vision"]) / W, ref=4 * lm / W * ref, grads=4 * lm / W, adam=8 * lm / W,
              video_embeds=b * video * d)
     # backward: the head's (logits, its weights) then the layers' (a recompute, intermediates)
-    back = max(logits + 2 * fs["head"],
+    back = max(logits,
                b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
     n = G // sp if G % sp == 0 else G  # samples this rank decodes
     C = min(prefill_chunk or P, P)
@@ -643,7 +719,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
                  rollout=(b * P * (layers * 2 * K * D + d) + max(pre, dec)
                           + (b * (lm + c["vision"]) if W > 1 else 0)),
                  no_grad_pass=(b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0)
-                               + fs["root"] + max(fs["layer"], fs["head"])),
+                               + fs["root"] + max(fs["layer"], fs["embed"])),
                  training_pass=b * B * l * kept + back + mask + 2 * fs["root"])
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides

@@ -482,3 +482,25 @@ def test_eval_summarize_hand_computed():
     assert s["accuracy"] == pytest.approx(4 / 9) and s["format"] == pytest.approx(6 / 9)
     assert s["by_category"] == pytest.approx({"count": 0.0, "order": 4 / 6})
     assert "pass@1" not in E.summarize(results[:1], 1)
+
+
+def test_no_pass_of_a_step_makes_a_quadratic_tensor():
+    """A GRPO step on two long prompts of different lengths (1,024 and 896 video tokens), G responses
+    of different lengths, every row fitting one micro-batch: no op of its rollouts, old, reference or
+    training passes makes a tensor with two dimensions as long as the prompts, as an (L, L) mask or
+    score tensor has: at a long video's L that is tens of GB (left-padded micro-batches and
+    prefills built (B, 1, L, L) masks)."""
+    from test_model import NewTensors
+    args = grpo.ap.parse_args(["--init", "tiny", "--prompts", "2", "--G", "4", "--max-new", "8",
+                               "--micro-batch", "64", "--mini-batches", "1", "--epochs", "1",
+                               "--no-dynamic-sampling"])
+    par = mr_sp.init_parallel(1)
+    policy = grpo.build_policy(args, par, "tiny")
+    rows = [dict(M.random_samples(policy.model, [(16 - 2 * i, 16, 16)], seed=i)[0], id=f"row{i}",
+                 question="Which color flashes first?", answer="A", options=list("ABCD")) for i in range(2)]
+    L = len(M.prompt_of(policy.tok, policy.model.config, rows[1], D.question_text(rows[1]))[0])
+    new = NewTensors()  # in every phase but the encode (its pixel rows are not attention's)
+    rec, _ = grpo.step(args, 0, policy, lambda at: rows, 0, par, lambda text, row: len(text) % 7 / 7,
+                       collections.Counter(), lambda name: contextlib.nullcontext() if name == "encode" else new)
+    assert rec["groups"] == 2 and rec["grad_norm"] > 0 and L > 896
+    assert new.second < L, (new.second, L)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import model as M
 
@@ -385,3 +387,57 @@ def test_per_prompt_generators_make_samples_independent_of_batching(tiny_a):
     alone, _, n_alone = M.generate(model, M.splice(model, ids1, visual[1]), p31, mask1,
                                    generator=[torch.Generator().manual_seed(8)], **kw)
     assert torch.equal(both[3:, :alone.shape[1]], alone) and torch.equal(n_both[3:], n_alone)
+
+
+@pytest.mark.parametrize("name", [n for n in M.TINY if n.startswith("tiny:")])
+def test_miniature_has_its_real_models_structure(name):
+    """Each miniature of a real checkpoint (mr_sp.REAL, the planner's) has its query and KV heads,
+    tied or untied embeddings, patch layout, window and full-attention vision blocks (the last one
+    full), DeepStack taps; and our path equals transformers' forward from pixels on it."""
+    import mr_sp
+    mini, real = mr_sp.plan_config(name), mr_sp.plan_config(name.split(":")[1])
+    t, rt = mini.get_text_config(), real.get_text_config()
+    assert (t.num_attention_heads, t.num_key_value_heads) == (rt.num_attention_heads, rt.num_key_value_heads)
+    assert (mini.model_type, mini.tie_word_embeddings) == (real.model_type, real.tie_word_embeddings)
+    v, rv = mini.vision_config, real.vision_config
+    for key in ("patch_size", "spatial_merge_size", "temporal_patch_size"):
+        assert getattr(v, key) == getattr(rv, key), key
+    full = getattr(rv, "fullatt_block_indexes", None)
+    if full:  # both kinds of block, the last one full attention
+        assert 0 < len(v.fullatt_block_indexes) < v.depth and v.fullatt_block_indexes[-1] == v.depth - 1
+        assert full[-1] == rv.depth - 1 and v.window_size == rv.window_size
+    assert len(getattr(v, "deepstack_visual_indexes", ())) == len(getattr(rv, "deepstack_visual_indexes", ()))
+    diffs = {k: x for k, x in M.check(name).items() if k.endswith("diff")}
+    assert len(diffs) == 4 and max(diffs.values()) <= 1e-5, diffs
+
+
+class NewTensors(TorchDispatchMode):
+    """Inside it (`with`, any number of times), of the tensors ops make: `most`, the most elements of
+    one, by dtype; `second`, the largest second-longest dimension of one (an (L, L) mask or score
+    tensor has two dimensions of L; activations, one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most, self.second = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor):
+                self.most[x.dtype] = max(self.most.get(x.dtype, 0), x.numel())
+                self.second = max(self.second, sorted(x.shape, reverse=True)[1] if x.dim() > 1 else 0)
+        return out
+
+
+def test_decode_reads_the_prompt_cache_in_its_dtype():
+    """A bf16 decode step over a prompt's cache makes no fp32 tensor as large as the prompt's values
+    (an fp32 copy of V in every layer at every step is GBs of extra memory traffic a token at 7B)."""
+    model, tok = M.load("tiny", dtype=torch.bfloat16)
+    samples, prompts, pos, visual = video_inputs(model, tok, [(16, 16, 16)])
+    ids, pos, mask, _ = M.layout(prompts, pos)
+    cache, h = M.prefill(model, M.splice(model, ids, visual[0]), pos, mask)
+    t = model.config.get_text_config()
+    values = t.num_key_value_heads * ids.shape[1] * t.hidden_size // t.num_attention_heads
+    with NewTensors() as new:
+        toks = M.decode(model, cache, mask, h, pos.amax(dim=(0, 2)) + 1, 2, max_new=3, temperature=0.7)[0]
+    assert toks.shape == (2, 3) and new.most[torch.float32] < values, (new.most, values)

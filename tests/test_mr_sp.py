@@ -113,10 +113,10 @@ def worker(out):
     res["checkpointing_grad_diff"] = [max(max_diff(a[k], b[k]) for k in a) for a, b in zip(plain, ckpt)]
     # FSDP: rollouts in `unsharded` (each rank decoding its own number of steps: per-layer gathers
     # would hang) sample what the replicated model samples
-    model, tok = M.load("tiny", tie=False)  # as Qwen2.5-VL-7B: embeddings and lm_head are units too
+    model, tok = M.load("tiny", tie=False)  # as Qwen2.5-VL-7B: its embeddings are a unit too
     grpo.rl_params(model)
     rows, n = rows_of(model, tok, *CASES[0], None), 3 + 6 * rank
-    # and an untied model (embeddings and lm_head: units of their own) trains as the replicated one
+    # and an untied model (embeddings: a unit of their own) trains as the replicated one
     untied, _ = M.load("tiny", tie=False)
     grpo.rl_params(untied)
     untied.train()
@@ -200,9 +200,9 @@ def test_fsdp_rollout_gathers_once_and_equals_replicated(measured):
 
 
 def test_fsdp_untied_gradients_equal_replicated(measured):
-    """Untied embeddings and lm_head are FSDP units of their own (3 layers + 2, vision frozen, plus the
-    root): the summed gradients of a training pass equal the replicated model's."""
-    assert measured["fsdp_untied_units"] == 3 + 2 and measured["fsdp_untied_grad_diff"] <= 1e-6
+    """Untied embeddings are an FSDP unit of their own, lm_head sits in the root (3 layers + 1, vision
+    frozen, plus the root): the summed gradients of a training pass equal the replicated model's."""
+    assert measured["fsdp_untied_units"] == 3 + 1 and measured["fsdp_untied_grad_diff"] <= 1e-6
 
 
 def test_bad_configs_fail_clearly(measured, monkeypatch):
@@ -219,6 +219,26 @@ def test_bad_configs_fail_clearly(measured, monkeypatch):
     with pytest.raises(SystemExit, match=r"^world size 3 is not divisible by --sp 2: world = dp x sp needs a whole "
                                          r"number of data-parallel groups, dp = 3/2$"):
         mr_sp.init_parallel(2)
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_process_group_serves_cpu_tensors_on_every_device(cuda, monkeypatch):
+    """Metric sums, sample lengths and counts are CPU tensors in every run: on CUDA the process group
+    needs a CPU backend beside NCCL ("nccl" alone maps only cuda: the first all-reduce of a CPU tensor
+    raises "No backend type associated with device type cpu"). init_distributed run with CUDA faked."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+    got = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: got.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    device = mr_sp.init_distributed()[2]
+    backends = BackendConfig(Backend(got[0])).get_device_backend_map()
+    assert device.type == ("cuda" if cuda else "cpu") and {"cpu", device.type} <= backends.keys()
+    assert backends[device.type] == ("nccl" if cuda else "gloo")
 
 
 @pytest.mark.parametrize("script", ["sft.py", "grpo.py", "eval.py"])
