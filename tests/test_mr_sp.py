@@ -173,8 +173,8 @@ def worker(out):
     same = torch.tensor([float(all(torch.equal(a, b) for a, b in zip(want, got)))])
     res["fsdp_rollout_equal_on_all_ranks"] = bool(mr_sp.all_reduce(same) == 2)
     res["fsdp_rollout_lengths"] = [want[0].shape[1], got[0].shape[1]]
-    # 3 query heads over 1 KV head do not split over 2 ranks: a zero head pads the group to 4
-    model, tok = M.load("tiny", hidden=96, heads=3, kv_heads=1, layers=1, vision_hidden=64, vision_heads=2)
+    # groups of 3 query heads over 3 KV heads do not split over 2 ranks: each padded to 4
+    model, tok = M.load("tiny", hidden=144, heads=9, kv_heads=3, layers=1, vision_hidden=64, vision_heads=2)
     grpo.rl_params(model)
     res["padded_heads"] = [compare(model, tok, *CASES[c], group) for c in (0, 3)]
     # the host reads of a pass (a device sync each on GPU) do not grow with the layers: the
@@ -261,7 +261,7 @@ def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
 
 
 def test_heads_padded_to_whole_groups_equal_single_process(measured):
-    """3 query heads over 1 KV head at sp 2 (a zero head added to the group, dropped after)."""
+    """9 query heads over 3 KV heads at sp 2 (a zero head added to each group, dropped after)."""
     for c in measured["padded_heads"]:
         assert c["finite"] and c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5, c
         assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c
