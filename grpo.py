@@ -345,9 +345,9 @@ def build_policy(args, par, src, **tiny_kwargs):
     ref = load_ref(args.init, par.device, **tiny_kwargs) if args.kl_coef else None
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
-    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
+    if args.sp > 1:
         for m in (model, ref) if ref is not None else (model,):
-            mr_sp.use_ulysses(m, args.sp)
+            mr_sp.use_ulysses(m)
     run, run_ref = mr_sp.call, mr_sp.call
     if args.fsdp and par.world > 1:  # one process holds everything either way
         # the frozen tower too: it runs only in the step's collect, where `unsharded` gathers all

@@ -427,14 +427,15 @@ def sp_prefill(model, embeds, pos, mask, group):
     masked columns) and the last column's hidden states (from the rank that ran it)."""
     from transformers import DynamicCache
     sp, r = dist.get_world_size(group), dist.get_rank(group)
-    use_ulysses(model, sp)
+    use_ulysses(model)
     P = embeds.shape[1]
     l = -(-P // sp)
     embeds, pos, mask = (F.pad(embeds, (0, 0, 0, sp * l - P)), F.pad(pos, (0, sp * l - P)),
                          F.pad(mask, (0, sp * l - P)))
     cache = DynamicCache(config=model.config.get_text_config())
     mine = slice(r * l, (r + 1) * l)
-    h = M.forward(model, embeds[:, mine], pos[..., mine], None, cache, sp_group=group, sp_mask=mask)
+    h = M.forward(model, embeds[:, mine], pos[..., mine], None, cache, sp_group=group,
+                  sp_mask=sp_mask_of(mask))
     for layer in cache.layers:
         for name in ("keys", "values"):
             parts = [torch.empty_like(getattr(layer, name)) for _ in range(sp)]
@@ -474,16 +475,17 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None):
     dev = next(model.parameters()).device
     ids, pos, mask, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows],
                                  [r["response"] for r in rows], pad_id=tok.pad_token_id)
-    # right padding only (a micro-batch of one prompt's rows: grpo.mini_batches): causal attention
-    # alone is exact for every real token, no mask (decided here on the host, once a pass)
-    causal = bool((mask[:, 1:] <= mask[:, :-1]).all())
+    # no attention mask for right padding only (a micro-batch of one prompt's rows: grpo.mini_batches):
+    # causal attention alone is exact for every real token (decided on the host, once a pass)
+    causal = sp_mask_of(mask) is None
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
     embeds = M.splice(model, ids, visuals(rows))
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
+    attn = None if causal else mask
     if group is None:
-        lp, ent = M.response_logprobs(model, embeds, pos, None if causal else mask, P, ids[:, P:], **kw)
+        lp, ent = M.response_logprobs(model, embeds, pos, attn, P, ids[:, P:], **kw)
     else:
-        lp, ent = sp_response_logprobs(model, embeds, pos, mask, P, ids[:, P:], group, **kw)
+        lp, ent = sp_response_logprobs(model, embeds, pos, attn, P, ids[:, P:], group, **kw)
     return lp, ent, mask[:, P:].to(lp.dtype)
 
 
@@ -496,28 +498,41 @@ def _all_to_all(x, group):
     return dist_nn.all_to_all_single(torch.empty_like(x), x, group=group)
 
 
+def ulysses_heads(H, K, sp):
+    """(H', K'): the query heads (zero heads added) and KV heads (repeated) Ulysses splits over sp
+    ranks so that each rank holds whole GQA groups over whole KV heads. Each KV head repeats rep =
+    lcm(K, sp)/K times (K' = lcm(K, sp)); each group of g = H/K query heads is padded to a multiple
+    of rep (Qwen2.5-VL-7B at sp 8: K 4 -> 8, g 7 -> 8, H 28 -> 32). H' = H when rep divides g."""
+    rep = sp // math.gcd(K, sp)
+    return K * (-(-H // K // rep) * rep), K * rep
+
+
 def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, sp_group=None,
                       sp_mask=None, **kw):
     """Text attention for transformers' registry (name "ulysses"). q (B, H, l, D) after rotary,
     k, v (B, Hkv, l, D): this rank's block of l = L/sp tokens. Returns (B, l, H, D).
 
     Without sp_group (rollout, or sp=1) it is transformers' SDPA. With it: an all-to-all scatters
-    heads and gathers the sequence, each rank attends with H/sp heads over all L tokens, and the
-    inverse all-to-all returns this rank's tokens with all heads. The mask is built from sp_mask
-    (B, L), the full sequence's padding mask: transformers' per-layer one covers only this block."""
+    heads and gathers the sequence, each rank attends with H'/sp heads over all L tokens, and the
+    inverse all-to-all returns this rank's tokens with all heads (`ulysses_heads`: the zero heads
+    that make the heads split are dropped). sp_mask (B, L) is the full sequence's padding mask
+    (transformers' per-layer one covers only this block), or None when the rows are right-padded
+    only: the caller decides once a pass, since deciding here would sync the host every layer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if sp_group is None:
         return sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kw)
     sp = dist.get_world_size(sp_group)
-    H, l = q.shape[1], q.shape[2]
-    rep = sp // math.gcd(k.shape[1], sp)  # KV heads x rep = lcm(Hkv, sp): whole groups per rank
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    hq, hk = H // sp, k.shape[1] // sp
+    (H, l), K = q.shape[1:3], k.shape[1]
+    Hp, Kp = ulysses_heads(H, K, sp)
+    k, v = k.repeat_interleave(Kp // K, 1), v.repeat_interleave(Kp // K, 1)
+    if Hp > H:  # zero query heads at the end of each group (their outputs are dropped below)
+        q = F.pad(q.unflatten(1, (K, H // K)), (0, 0, 0, 0, 0, (Hp - H) // K)).flatten(1, 2)
+    hq, hk = Hp // sp, Kp // sp
     x = torch.cat([t.unflatten(1, (sp, -1)) for t in (q, k, v)], 2).transpose(0, 1)  # (sp, B, hq+2hk, l, D)
     x = _all_to_all(x, sp_group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, hq+2hk, L, D)
     q, k, v = x.split([hq, hk, hk], 1)
     L = x.shape[2]
-    if bool((sp_mask[:, 1:] <= sp_mask[:, :-1]).all()):  # right padding only: causal alone is exact
+    if sp_mask is None:  # right padding only: causal alone is exact
         mask = None
     else:  # left padding: (B, 1, L, L) causal, real keys, and the diagonal (all-masked rows: NaN)
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
@@ -525,25 +540,21 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                          dropout_p=dropout, scale=scaling, enable_gqa=hk != hq)
     y = out.unflatten(2, (sp, l)).permute(2, 0, 1, 3, 4)  # (B, hq, L, D) -> (sp, B, hq, l, D)
-    return _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3), None  # (B, l, H, D)
+    y = _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3)  # (B, l, H', D)
+    if Hp > H:  # the zero heads' outputs dropped
+        y = y.unflatten(2, (K, Hp // K))[:, :, :, :H // K].flatten(2, 3)
+    return y, None
 
 
-def check_heads(config, sp):
-    """Ulysses gives each rank H/sp query heads and lcm(Hkv, sp)/sp KV heads (repeated up to the
-    lcm); its query heads must be whole groups over its KV heads. SystemExit: a one-line message."""
-    t = config.get_text_config()
-    H, K = t.num_attention_heads, t.num_key_value_heads
-    kv = K * sp // math.gcd(K, sp)
-    if H % sp or H % kv:
-        raise SystemExit(f"num_attention_heads {H} is not divisible by --sp {sp}: Ulysses gives each "
-                         f"rank H/sp heads" if H % sp else f"num_key_value_heads {K} repeated to {kv} "
-                         f"(a multiple of --sp {sp}) does not divide num_attention_heads {H}")
+def sp_mask_of(mask):
+    """What ulysses_attention takes as sp_mask: None when the rows are right-padded only (causal
+    alone is exact), else the mask. One host sync, made once a pass by its callers."""
+    return None if bool((mask[:, 1:] <= mask[:, :-1]).all()) else mask
 
 
-def use_ulysses(model, sp):
+def use_ulysses(model):
     """Switch the text attention to `ulysses_attention` (vision attention unchanged). Without an SP
     group it is SDPA with transformers' own masks, so rollouts on the same model are unaffected."""
-    check_heads(model.config, sp)
     if model.config.text_config._attn_implementation != "ulysses":
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
@@ -559,12 +570,12 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
     backward sums those sp identical gradients, a hook divides by sp: each rank's gradients are its
     share, and their group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
     sp, r = dist.get_world_size(group), dist.get_rank(group)
-    use_ulysses(model, sp)
+    use_ulysses(model)
     B, T = targets.shape
     n = P + T - 1  # columns run through the model: the last token predicts nothing
     l = -(-n // sp)  # tokens per rank; the sequence is padded to sp*l with masked columns
-    embeds, pos, mask = (F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)),
-                         F.pad(pos[..., :n], (0, sp * l - n)), F.pad(mask[:, :n], (0, sp * l - n)))
+    embeds, pos = F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n))
+    mask = None if mask is None else F.pad(mask[:, :n], (0, sp * l - n))  # None: right padding only
     mine = slice(r * l, (r + 1) * l)
     hidden = M.forward(model, embeds[:, mine], pos[..., mine], sp_group=group, sp_mask=mask)
     a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
@@ -662,10 +673,11 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     - no-grad pass (old, reference; sequence-parallel): a micro-batch's largest layer intermediates;
     - training pass: autograd's saved values per token and layer, counted on our path with
       torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
-      Ulysses 4I + 9d + 2*lcm(Hkv, sp)*D + H + 2 per local token (its all-to-all output: one more
-      copy); `ckpt` (activation checkpointing) keeps d per token and layer, and one layer's values
-      in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
-      (chunk x vocab logits, about 6 fp32 copies), or one layer's backward intermediates; at sp=1
+      Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 per local token (its all-to-all
+      output: one more copy; H' = H unless `ulysses_heads` adds zero heads); `ckpt` (activation
+      checkpointing) keeps d per token and layer, and one layer's values in its recompute. Then
+      the larger of the backward's two stages: the lm_head chunk recomputed (chunk x vocab
+      logits, about 6 fp32 copies), or one layer's backward intermediates; at sp=1
       with ragged rows the (B, L, L) mask, a float copy saved by every layer's SDPA (Ulysses: none
       for right padding); with fsdp the units gathered (and their unsharded gradients); plus the
       policy's fp32 gradients (`grads`, sharded with fsdp).
@@ -675,9 +687,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`; bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per
     rank. Peak 49.8 GiB per rank: policy weights, gradients and AdamW 14.5 (116 replicated), the
-    reference 3.5 (28.4), the rollout 33.7 (the prompt's KV cache once, 12.4; the policy gathered in
+    reference 3.5 (28.4), the rollout 33.8 (the prompt's KV cache once, 12.4; the policy gathered in
     bf16, 15.5), the training pass 16.1 (172 without checkpointing). The largest video that fits 80
-    GB is 9,094 frames (`max_frames`). The code before --fsdp, checkpointing and the shared prompt
+    GB is 9,068 frames (`max_frames`). The code before --fsdp, checkpointing and the shared prompt
     cache needed 311 GiB per rank here, most of it G copies of the prompt's KV cache and every
     layer's activations. The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
@@ -692,8 +704,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
     P, T = video + text, max_new
     L, B = P + T, min(micro_batch, G)
     l = -(-L // sp)  # tokens per rank in the training passes
-    kv = K * sp // math.gcd(K, sp) if sp > 1 else K
-    layer = 4 * I + (9 if sp > 1 else 8) * d + 2 * kv * D + H + 2  # values saved a token a layer
+    Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
+    # values saved a token a layer; Ulysses' q and output after the all-to-all have the zero heads
+    layer = 4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
     # checkpointed: each layer's input kept, one layer's values alive again in its recompute
     kept = (d * layers if ckpt else layer * layers) + 2 * D + 2 * d
     logits = 6 * 4 * min(chunk, B * T) * V
@@ -712,7 +725,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1
                b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
     n = G // sp if G % sp == 0 else G  # samples this rank decodes
     C = min(prefill_chunk or P, P)
-    pre = (b * l * (3 * I + 4 * d) + 2 * b * L * (H + 2 * kv) * D // sp if sp > 1
+    pre = (b * l * (3 * I + 4 * d) + 2 * b * L * (Hp + 2 * kv) * D // sp if sp > 1
            else b * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
     dec = n * T * layers * 2 * K * D * b + 4 * n * H * P + 4 * n * V
     phase = dict(encode=4 * frames * max_pixels * 3,  # the pixel rows, dropped once encoded

@@ -94,8 +94,8 @@ def main(args):
     model, tok = M.load(src, device=par.device, seed=args.seed)
     train_vision = args.vision == "train" or (args.vision == "auto" and args.init in M.TINY)
     model.model.visual.requires_grad_(train_vision)
-    if args.sp > 1:  # fails here when the heads do not split over the SP ranks
-        mr_sp.use_ulysses(model, args.sp)
+    if args.sp > 1:
+        mr_sp.use_ulysses(model)
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable()
     fsdp = args.fsdp and par.world > 1  # one process holds everything either way
