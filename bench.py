@@ -38,6 +38,8 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -115,6 +117,19 @@ gp.add_argument("--max-new", type=int, default=128, help="response tokens; defau
 gp.add_argument("--micro-batch", type=int, default=1, help="rows per training pass; default 1")
 gp.add_argument("--config", default="qwen2.5-vl-3b", help="mr_sp.plan_config name; default qwen2.5-vl-3b")
 gp.add_argument("--device", default="cuda", help="cuda, or cpu: a smoke run (--config small); default cuda")
+rh = sub.add_parser("rehearse", help="the paper's job at a miniature: N processes, --fsdp, sp, kill, resume")
+rh.add_argument("--nproc", type=int, default=8, help="processes (the real job's GPUs); default 8")
+rh.add_argument("--init", default="tiny:qwen2.5-vl-7b", help="a miniature (model.TINY); default 7B's")
+rh.add_argument("--layouts", default="8,plan", help="comma list of --sp values, 'plan': what `mr_sp.py "
+                "plan --world NPROC` picks for the real model at --real-frames; default 8,plan")
+rh.add_argument("--real", default="qwen2.5-vl-7b", help="the real model 'plan' lays out; default 7B")
+rh.add_argument("--real-frames", type=int, default=3600, help="frames 'plan' lays out for; default 3600")
+rh.add_argument("--frames", type=int, default=3600, help="frames of each video; default 3600")
+rh.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
+rh.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
+rh.add_argument("--max-new", type=int, default=16, help="response tokens; default 16")
+rh.add_argument("--prompts", type=int, default=0, help="prompts a step (0: the largest dp); default 0")
+rh.add_argument("--out", default="runs/rehearse", help="runs and the task go here; default runs/rehearse")
 pp = sub.add_parser("planner", help="mr_sp.plan vs measured GRPO step peaks, each grpo.py option")
 pp.add_argument("--frames", type=int, default=512, help="frames of the video; default 512")
 pp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
@@ -650,6 +665,130 @@ def hour(args):
         G=args.G, max_new=args.max_new, size=args.size, sp=2, minutes=round((time.time() - t0) / 60, 1))))
 
 
+def rehearse(args):
+    """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes (gloo),
+    --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as a user's
+    are), two GRPO steps (lr 1e-4, --mini-batches 1, no dynamic sampling: the same updates on any
+    number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights are
+    compared with one process's after one step (max |diff|, and how many differ by over 1e-5), then
+    resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory above the Python runtime (grpo.py's peak_gb_ranks) against the run's
+    own plan. Last line JSON."""
+    from safetensors.torch import load_file
+    t0 = time.time()
+    layouts = [mr_sp.plan_layout(args.real, args.real_frames, args.nproc) if x == "plan" else int(x)
+               for x in args.layouts.split(",")]
+    layouts = list(dict.fromkeys(layouts))  # "plan" may pick one already listed
+    prompts = args.prompts or max(args.nproc // sp for sp in layouts)
+    data = os.path.join(args.out, "task")
+    if not os.path.exists(os.path.join(data, "train.jsonl")):
+        D.synth(data, n=4 * prompts, n_frames=args.frames, seed=0, size=args.size, n_test=0)
+    base = ["grpo.py", "--init", args.init, "--data", data, "--part", "all", "--frames", str(args.frames),
+            "--max-pixels", str(args.size * args.size), "--prompts", str(prompts), "--G", str(args.G),
+            "--max-new", str(args.max_new), "--mini-batches", "1", "--lr", "1e-4", "--steps", "2",
+            "--no-dynamic-sampling", "--reward", "toy_rewards:length"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                          os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")])}
+
+    def grpo_run(out, nproc, *extra, kill=False):
+        pre = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                  if nproc > 1 else [])
+        cmd = pre + base + list(extra) + ["--out", out]
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        t = time.time()
+        if not kill:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode:
+                raise SystemExit(f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+            return time.time() - t
+        p = subprocess.Popen(cmd + ["--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        state = os.path.join(out, "model", "state.pt")
+        while not os.path.exists(state) and p.poll() is None:
+            time.sleep(0.05)
+        kill_tree(p.pid)  # in step 2
+        p.wait()
+        return time.time() - t
+
+    weights = lambda d: load_file(os.path.join(d, "model", "model.safetensors"))  # noqa: E731
+    one = os.path.join(args.out, "one")
+    res = dict(init=args.init, nproc=args.nproc, frames=args.frames, prompts=prompts, G=args.G,
+               max_new=args.max_new, one_process_s=round(grpo_run(one, 1, "--steps", "1"), 1), layouts={})
+    w1 = weights(one)
+    for sp in layouts:
+        name, flags = f"sp{sp}", ["--fsdp", "--sp", str(sp)]
+        d, killed = os.path.join(args.out, name), os.path.join(args.out, name + "-killed")
+        shutil.rmtree(killed, ignore_errors=True)
+        r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
+        grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
+        r["killed_after_step"] = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)["step"]
+        w = weights(killed)
+        diff = {k: (w[k] - w1[k]).abs() for k in w1}
+        r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())
+        r["weights_over_1e-5"] = sum(int((x > 1e-5).sum()) for x in diff.values())
+        r["weights"] = sum(x.numel() for x in diff.values())
+        r["resume_s"] = round(grpo_run(killed, args.nproc, *flags, "--resume"), 1)
+        w, wk = weights(d), weights(killed)
+        r["resumed_bitwise"] = all(torch.equal(w[k], wk[k]) for k in w)
+        recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        plan = json.load(open(os.path.join(d, "plan.json")))
+        r["memory"] = memory_vs_plan(recs, plan)
+        r["tokens_per_rank"] = plan.get("tokens_per_rank")
+        res["layouts"][name] = r
+        print(f"{name} (dp {r['dp']}): max |w - one process| {r['max_weight_diff_vs_one']:.2e}, resumed "
+              f"bitwise {r['resumed_bitwise']}, {r['run_s']:.0f} s", flush=True)
+        for phase, m in r["memory"].items():
+            print(f"  {phase:>7} | measured GiB per rank {m['measured']} | planned {m['planned']} | "
+                  f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}", flush=True)
+    res["minutes"] = round((time.time() - t0) / 60, 1)
+    print(json.dumps(res))
+
+
+def kill_tree(pid):
+    """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run in
+    sessions of their own, so killing the launcher's process group leaves them running."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = [int(x) for x in f.read().split()]
+    for k in kids + [pid]:
+        try:
+            os.kill(k, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while any(map(_alive, kids)):  # dead before the caller goes on
+        time.sleep(0.01)
+
+
+def _alive(pid):
+    """A process that exists and is not a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# the planner's phase for each of grpo.step's (and the state held through all of them)
+PLAN_PHASES = dict(encode="encode", rollout="rollout", old="no_grad_pass", ref="no_grad_pass",
+                   update="training_pass")
+
+
+def memory_vs_plan(recs, plan):
+    """Per phase: each rank's measured peak (the first step's; GiB) and the plan's (state held all
+    step + the phase's own), and their ratios' range over ranks."""
+    g = plan["gib"]
+    held = sum(g[k] for k in ("weights", "ref", "adam", "video_embeds"))
+    out = {}
+    for phase, key in PLAN_PHASES.items():
+        got = recs[0]["peak_gb_ranks"][phase]
+        want = held + g[key] + (g["grads"] if key == "training_pass" else 0.0)
+        out[phase] = dict(measured=[round(x, 3) for x in got], planned=round(want, 3),
+                          ratio_min=round(min(got) / want, 3), ratio_max=round(max(got) / want, 3))
+    got = [max(recs[0]["peak_gb_ranks"][p][i] for p in PLAN_PHASES) for i in range(len(got))]
+    out["step"] = dict(measured=[round(x, 3) for x in got], planned=round(g["peak"], 3),
+                       ratio_min=round(min(got) / g["peak"], 3), ratio_max=round(max(got) / g["peak"], 3))
+    return out
+
+
 def rollout(args):
     model, tok = M.load(args.model, dtype=getattr(torch, args.dtype))
     grid = torch.tensor([[int(x) for x in args.grid.split(",")]])
@@ -693,4 +832,4 @@ if __name__ == "__main__":
     args = ap.parse_args()
     {"learning": learning, "step": step, "prefill": prefill, "mrsp": mrsp, "hour": hour,
      "rollout": rollout, "planner": planner, "generate": generate, "engine": engine,
-     "gpu": gpu}[args.cmd](args)
+     "gpu": gpu, "rehearse": rehearse}[args.cmd](args)

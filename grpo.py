@@ -369,6 +369,7 @@ def rl_params(model):
 
 
 SCORES = ("reward", "accuracy", "format", "response_len", "truncated", "samples")  # sums
+PHASES = ("encode", "rollout", "old", "ref", "update")  # a step's, timed and their peak memory
 
 
 def prompt_positions(cursor, rank, world, per, start, n):
@@ -520,14 +521,16 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     and for --engine vllm the weight sync. Returns the metrics record (the caller adds stats, the
     run's counters) and the prompts consumed over all ranks. Times its phases encode, rollout, old,
     ref, update, sync; phase(name), a context manager around each, lets benchmarks time them too."""
-    times = collections.defaultdict(float)
+    times, peaks = collections.defaultdict(float), collections.defaultdict(float)
 
     @contextlib.contextmanager
     def timed(name):
         t0 = time.perf_counter()
+        mr_sp.memory_window()
         with phase(name):
             yield
         times[name] += time.perf_counter() - t0
+        peaks[name] = max(peaks[name], mr_sp.peak_memory() / 2**30)
 
     model, tok, llm = policy.model, policy.tok, policy.llm
     model.eval()
@@ -570,16 +573,22 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     with timed("sync"):  # the next rollouts sample from the updated policy
         mr_sp.vllm_sleep(llm, False)
         mr_sp.vllm_sync(llm, model)
+    # each rank's peak memory per phase (GiB; CPU: above the Python runtime), every rank's row
+    table = torch.zeros(par.world, len(PHASES), dtype=torch.float64)
+    table[par.rank] = torch.tensor([peaks[k] for k in PHASES], dtype=torch.float64)
+    table = mr_sp.all_reduce(table).T.tolist()
     s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.group)
     n = max(s["samples"], 1.0)
-    busy = sum(times[k] for k in ("encode", "rollout", "old", "ref", "update"))
+    busy = sum(times[k] for k in PHASES)
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n,
                truncated=s["truncated"] / n, rollout_logprob_gap=gap,
                tis_frac=cut["cut"] / max(cut["tokens"], 1.0), **log,
                time_encode=times["encode"], time_rollout=times["rollout"],
                time_prefill=times["old"] + times["ref"], time_update=times["update"],
-               time_sync=times["sync"], tok_per_s=s["response_len"] / busy)
+               time_sync=times["sync"], tok_per_s=s["response_len"] / busy,
+               peak_gb=max(map(max, table)), peak_gb_ranks={k: [round(x, 4) for x in row]
+                                                             for k, row in zip(PHASES, table)})
     return rec, batch.consumed
 
 
@@ -641,7 +650,7 @@ def main(args):
                     + (f" tis cut {rec['tis_frac']:.3f}" if args.tis else ""),
                     f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "
                     f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
-                    f"{rec['tok_per_s']:.0f} tok/s"]))
+                    f"{rec['tok_per_s']:.0f} tok/s", f"peak {rec['peak_gb']:.2f} GB"]))
             if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
                 sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
                 if par.rank == 0:

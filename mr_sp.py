@@ -79,9 +79,44 @@ def init_parallel(sp=1):
         raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs "
                          f"a whole number of data-parallel groups, dp = {world}/{sp}")
     rank, world, device = init_distributed()
+    global _runtime
+    _runtime = _resident()[0]  # before any model: what peak_memory leaves out on CPU
     groups = [dist.new_group(list(range(k * sp, (k + 1) * sp)))
               for k in range(world // sp)] if sp > 1 else None
     return Parallel(rank, world, rank // sp, world // sp, sp, groups and groups[rank // sp], device)
+
+
+def _resident():
+    """(resident set, its high-water mark) of this process, bytes; zeros where /proc is missing."""
+    try:
+        f = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    except OSError:
+        return 0, 0
+    return int(f["VmRSS"].split()[0]) * 1024, int(f["VmHWM"].split()[0]) * 1024
+
+
+_runtime = 0
+
+
+def memory_window():
+    """Start a new peak-memory window (a phase's): CUDA's allocator peak, or on CPU the resident set's
+    high-water mark (Linux; where it cannot be reset, the window is the whole run)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory():
+    """Bytes at the current window's peak: CUDA's allocated tensors, or on CPU the resident set above
+    the Python runtime's at init_parallel (what the planner counts: tensors, not the interpreter)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return max(_resident()[1] - _runtime, 0)
 
 
 def shutdown():
@@ -566,9 +601,9 @@ def use_ulysses(model):
 def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
     """M.response_logprobs with the sequence split over group; the same (B, T) results on each rank.
 
-    Gradients: callers compute the same loss from these gathered tensors on every rank. The gather's
-    backward sums those sp identical gradients, a hook divides by sp: each rank's gradients are its
-    share, and their group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
+    Gradients: callers compute the same loss from these gathered tensors on every rank, and each rank
+    back-propagates its own columns' part (`_GatherBlocks`): its gradients are its share, and their
+    group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
     sp, r = dist.get_world_size(group), dist.get_rank(group)
     use_ulysses(model)
     B, T = targets.shape
@@ -588,10 +623,28 @@ def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
         # have one, which must be the same on every rank (a real token: 0 x a finite log-prob)
         lp, ent = M.token_logprobs(model, hidden[:, -1:], targets[:, :1], **kw)
         local = hidden.new_zeros(2, B, l, dtype=torch.float32) + 0.0 * (lp.sum() + ent.sum())
-    if local.requires_grad:
-        local.register_hook(lambda g: g / sp)
-    full = torch.cat(dist_nn.all_gather(local, group=group), -1)  # (2, B, sp*l)
+    full = _GatherBlocks.apply(local, group)  # (2, B, sp*l)
     return full[0, :, P - 1:P - 1 + T], full[1, :, P - 1:P - 1 + T]
+
+
+class _GatherBlocks(torch.autograd.Function):
+    """Every SP rank's (..., l) block of a sequence, all-gathered along the last dimension. Backward:
+    this rank's block of the gradient, no collective. Every rank computes the same loss from the same
+    gathered tensor, so its own block of that gradient is all of its block's; summing the sp equal
+    copies (torch.distributed.nn's all_gather) and dividing by sp gives the same, and on gloo that
+    backward scatters from group ranks read as global ranks, which fails for any SP group but the
+    first (dp > 1)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.block = slice(dist.get_rank(group) * x.shape[-1], (dist.get_rank(group) + 1) * x.shape[-1])
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., ctx.block], None
 
 
 # -----------------------------------------------------------------------------
