@@ -18,10 +18,14 @@ Sampling as in Long-RL / qwen-vl-utils: n rounded to even, indices linspace(0, t
 second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. Position i is the i-th frame
 shown (display order) of the file's best video stream. PyAV reads it and finds each frame by its
 timestamp, seeking only across keyframes; decord is an opt-in reader, refused on streams where it
-would return other frames (decord_refuses). Anything wrong with a file (missing, a directory, no
-video stream, undecodable, an aspect ratio Qwen refuses) raises VideoError naming it; a dataset
-skips and counts it, never substituting another video. A file shorter than its container says
-(truncated) warns with both counts and is sampled from the frames it has.
+would return other frames (decord_refuses). video_inputs resizes each frame to the model's size as
+soon as it is decoded: host memory holds the sampled frames at that size and one at the file's.
+Under sequence parallelism (sp=(rank, degree)) a rank keeps only its share of the temporal groups
+(sp_share), yet decodes them all, so that every rank refuses the same bad files. Anything wrong
+with a file (missing, a directory, no video stream, undecodable, an aspect ratio Qwen refuses)
+raises VideoError naming it; a dataset skips and counts it, never substituting another video. A
+file shorter than its container says (truncated) warns with both counts and is sampled from the
+frames it has.
 
 Synthetic task (`synth`): mildly textured gray background; time is cut into 16 equal slots (one
 frame each when F < 16), events fill whole odd slots, so each event and gap lasts >= floor(F/16)
@@ -170,28 +174,44 @@ def decord_refuses(ix):
     return None
 
 
-def read_video_decord(path, ix, idx):
-    """The frames at display positions idx with decord (which applies rotation metadata itself)."""
+def read_video_decord(path, ix, idx, keep=None, fit=None):
+    """The frames at display positions idx with decord (which applies rotation metadata itself).
+    keep, fit and what it returns: as read_video_pyav's (decord converts every frame it decodes)."""
     import decord
     why = decord_refuses(ix)
     if why:
         raise VideoError(path, f"not read with decord: {why}")
+    uniq, back = np.unique(idx, return_inverse=True)  # a still repeats its one frame
+    order = back[range(len(idx)) if keep is None else keep]  # what to return, as indices of uniq
+    kept, out, size = set(order.tolist()), np.empty((0, 0, 0, 3), np.uint8), None
     try:
         vr = decord.VideoReader(str(path))
         if len(vr) != ix["total"]:
             raise VideoError(path, f"decord counts {len(vr)} frames, the stream has {ix['total']}")
-        return vr.get_batch(idx.tolist()).asnumpy()
+        # one frame a call: get_batch seeks for each index alike, and a batch would hold them all
+        for j, i in enumerate(uniq.tolist()):
+            a = vr.get_batch([i]).asnumpy()[0]
+            size = a.shape[:2]
+            if j in kept:
+                out = _put(out, order, j, fit(a) if fit else a)
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(path, f"decord failed ({_short(e)})") from e
+    return out, size
 
 
-def read_video_pyav(path, ix, idx):
+def read_video_pyav(path, ix, idx, keep=None, fit=None):
     """The frames at display positions idx with PyAV. Frames are known by their timestamps, so no
     decoding order can shift them. Decoding starts at the first frame, runs forward and jumps to a
     keyframe only when one lies between the last decoded frame and the next wanted one (seeking to
-    each frame is 4-20x slower). Without usable timestamps it counts frames and never seeks."""
+    each frame is 4-20x slower). Without usable timestamps it counts frames and never seeks.
+
+    keep: the positions of idx to return (a range; default all). The others are decoded too, so
+    that a broken file fails alike whichever share an SP rank keeps, but never converted. fit:
+    applied to each kept frame as soon as it is converted (video_inputs resizes it there), so one
+    frame at the file's resolution is alive at a time. Returns the frames, uint8 (len(keep), h, w,
+    3), and the size (height, width) of the upright frames as decoded."""
     import av
     exact = av.video.reformatter.Interpolation
     exact = exact.BILINEAR | exact.ACCURATE_RND | exact.FULL_CHR_H_INT
@@ -199,8 +219,10 @@ def read_video_pyav(path, ix, idx):
     # per frame, which costs 2 ms even at 56x56 (50x the decoding)
     rgb = av.video.reformatter.VideoReformatter()
     uniq, back = np.unique(idx, return_inverse=True)  # a still repeats its one frame
+    order = back[range(len(idx)) if keep is None else keep]  # what to return, as indices of uniq
     want = [ix["pts"][i] for i in uniq] if ix["pts"] else uniq.tolist()
-    keys, out = ix["keys"], []
+    keys, kept, size = ix["keys"], set(order.tolist()), None
+    out = np.empty((0, 0, 0, 3), np.uint8)
     try:
         with av.open(str(path)) as c:
             s = c.streams[ix["stream"]]
@@ -209,7 +231,7 @@ def read_video_pyav(path, ix, idx):
             # its version there, which switches on the workaround for its old 4:4:4 bug)
             decoded = ((f.pts if ix["pts"] else j, f) for j, f in enumerate(c.decode(s)))
             at = None  # timestamp (or count) of the last decoded frame
-            for i, t in zip(uniq, want):
+            for j, (i, t) in enumerate(zip(uniq, want)):
                 k = bisect.bisect_right(keys, t) - 1  # the last keyframe shown at or before t
                 if at is not None and k >= 0 and keys[k] > at:
                     # backward: onto this keyframe or an earlier one (mp4 indexes keyframes by dts
@@ -221,35 +243,64 @@ def read_video_pyav(path, ix, idx):
                         break
                 if at != t:
                     raise VideoError(path, f"frame {i} of {ix['total']} could not be decoded")
+                turn = round(f.rotation / 90) % 4  # display rotation: degrees ccw, -90 on phones
+                h, w = ix["height"] or f.height, ix["width"] or f.width
+                size = (w, h) if turn % 2 else (h, w)
+                if j not in kept:
+                    continue
                 # more than 8 bits: swscale's default drops chroma interpolation and rounding
                 # (2/255 off on average); 8 bits keeps the default that decord shares bit for bit
                 a = rgb.reformat(f, format="rgb24", width=ix["width"], height=ix["height"],
                                  interpolation=exact if ix["bits"] > 8 else None)
-                # display rotation: degrees counter-clockwise, -90 on phones
-                out.append(np.rot90(a.to_ndarray(), k=round(f.rotation / 90) % 4))
+                a = np.rot90(a.to_ndarray(), k=turn)
+                out = _put(out, order, j, fit(a) if fit else a)
     except VideoError:
         raise
     except Exception as e:
         raise VideoError(path, f"PyAV failed ({_short(e)})") from e
-    return np.ascontiguousarray(np.stack(out)[back])
+    return out, size
 
 
-def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reader=None):
+def _put(out, order, j, frame):
+    """frame (uniq's j-th) wherever order has it, in one array for all the frames returned, made at
+    the first: frames kept one by one between the large temporaries of resizing fragment the heap
+    (RSS grew by 12 MB a frame at 1080p, 3.3 GB for 240 frames at 224x420)."""
+    if len(out) < len(order):
+        out = np.empty((len(order), *frame.shape), np.uint8)
+    out[order == j] = frame
+    return out
+
+
+def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reader=None, fit=None,
+               sp=None):
     """Sampled frames, uint8 (T, H, W, 3) upright with T even, and an info dict. Give exactly one
     of nframes (rounded to even) or fps (frames per second of video, clamped to [min_frames,
     max_frames] and to the frame count). reader: None or "pyav" (PyAV), "decord" (refused where
-    its frames would differ: see decord_refuses). Any failure is a VideoError naming the file."""
+    its frames would differ: see decord_refuses). Any failure is a VideoError naming the file.
+    fit: applied to each frame as it is decoded (video_inputs: the resize to the model's size).
+    sp: (rank in the SP group, SP degree): only that rank's share of the temporal groups (2 frames
+    each, sp_share), info["share"] = (first group, groups); info's height and width are the
+    frames' as decoded, its indices all sampled frames' either way."""
     path, t0 = str(path), time.time()
     ix = video_stream(path)
     idx, sampled_fps = sample_indices(path, ix["total"], ix["fps"], nframes, fps, min_frames,
                                       max_frames)
+    first, n = sp_share(len(idx) // TEMPORAL, *sp) if sp else (0, len(idx) // TEMPORAL)
     reader = reader or "pyav"
-    frames = {"decord": read_video_decord, "pyav": read_video_pyav}[reader](path, ix, idx)
+    frames, (height, width) = {"decord": read_video_decord, "pyav": read_video_pyav}[reader](
+        path, ix, idx, range(first * TEMPORAL, (first + n) * TEMPORAL), fit)
     keep = ("stream", "video_streams", "codec", "pix_fmt", "pixel_aspect", "container_frames")
-    return frames, dict(reader=reader, total_frames=ix["total"], video_fps=ix["fps"],
-                        indices=idx.tolist(), sampled_fps=sampled_fps, height=int(frames.shape[1]),
-                        width=int(frames.shape[2]), seconds=time.time() - t0,
-                        **{k: ix[k] for k in keep})
+    info = dict(reader=reader, total_frames=ix["total"], video_fps=ix["fps"], indices=idx.tolist(),
+                sampled_fps=sampled_fps, height=int(height), width=int(width),
+                seconds=time.time() - t0, **{k: ix[k] for k in keep})
+    return frames, dict(info, share=(first, n)) if sp else info
+
+
+def sp_share(t, rank, sp):
+    """The temporal groups of t that SP rank `rank` of `sp` holds: (first, count), contiguous and
+    near-even (the first t % sp ranks one more). mr_sp.encode splits a video the same way."""
+    counts = [t // sp + (i < t % sp) for i in range(sp)]
+    return sum(counts[:rank]), counts[rank]
 
 
 # -----------------------------------------------------------------------------
@@ -270,43 +321,84 @@ def smart_resize(height, width, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, fa
     return h, w
 
 
-def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32, proc=None):
+def preprocess(frames, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, chunk=32, proc=None,
+               size=None):
     """uint8 (T, H, W, 3) -> pixel_values (T/2 * h/p * w/p, 3*2*p*p) float32, grid_thw [[T/2, h/p,
     w/p]], p the patch size. Each row is one 2 x p x p spatio-temporal patch laid out (C, T, p, p);
     the 4 patches of each 2x2 merge group are consecutive rows, as Qwen's vision towers expect.
     proc: the model's preprocessor config (model.processor_config: patch_size, image_mean,
-    image_std); default Qwen2/2.5-VL's (14 pixels, CLIP's mean and std); Qwen3-VL's patches are 16."""
+    image_std); default Qwen2/2.5-VL's (14 pixels, CLIP's mean and std); Qwen3-VL's patches are 16.
+    size: (h, w) to resize to; default smart_resize of (H, W) (video_inputs resized while
+    reading: resizing is not idempotent at extreme aspect ratios)."""
     patch = proc["patch_size"] if proc else PATCH
     mean, std = (proc["image_mean"], proc["image_std"]) if proc else (MEAN, STD)
     T, H, W, _ = frames.shape
-    h, w = smart_resize(H, W, min_pixels, max_pixels, factor=patch * MERGE)
+    h, w = size or smart_resize(H, W, min_pixels, max_pixels, factor=patch * MERGE)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     if T % 2:
         x = torch.cat([x, x[-1:]])  # the last temporal patch needs two frames
         T += 1
     mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    out = torch.empty(T, 3, h, w, dtype=torch.float32)
-    for i in range(0, T, chunk):  # chunks bound the float copies of full-size frames
+    gt, gh, gw = T // TEMPORAL, h // patch, w // patch
+    out = torch.empty(gt * gh * gw, 3 * TEMPORAL * patch * patch)
+    groups = out.view(gt, gh // MERGE, gw // MERGE, MERGE, MERGE, 3, TEMPORAL, patch, patch)
+    chunk += chunk % TEMPORAL  # whole temporal groups
+    # chunks bound the float copies of full-size frames, and each is written in its patch layout:
+    # a float copy of the video in frame layout would double the peak
+    for i in range(0, T, chunk):
         c = x[i:i + chunk]
         if (h, w) != (H, W):
-            c = F.interpolate(c.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
-            c = c.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
-        out[i:i + chunk] = (c.float() / 255 - mean) / std  # bit-identical to HF's float64 rescale
-    gt, gh, gw = T // TEMPORAL, h // patch, w // patch
-    x = out.reshape(gt, TEMPORAL, 3, gh // MERGE, MERGE, patch, gw // MERGE, MERGE, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/2, gw/2, 2, 2, C, T, p, p)
-    return x.reshape(gt * gh * gw, 3 * TEMPORAL * patch * patch), torch.tensor([[gt, gh, gw]])
+            c = resize(c, h, w)
+        c = (c.float() / 255 - mean) / std  # bit-identical to HF's float64 rescale
+        c = c.reshape(-1, TEMPORAL, 3, gh // MERGE, MERGE, patch, gw // MERGE, MERGE, patch)
+        g = i // TEMPORAL
+        # (gt, gh/2, gw/2, 2, 2, C, T, p, p)
+        groups[g:g + len(c)] = c.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return out, torch.tensor([[gt, gh, gw]])
+
+
+def resize(x, h, w):
+    """uint8 (N, 3, H, W) -> float32 (N, 3, h, w) of whole numbers in [0, 255], as Qwen's image
+    processor resizes. Each image is resized on its own: one at a time gives the same bits."""
+    x = F.interpolate(x.float(), size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
 
 
 def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None,
-                 proc=None):
+                 proc=None, sp=None):
     """Everything the model needs from one video: kind "video", pixel_values, grid_thw,
-    second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info."""
-    frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader)
-    pixel_values, grid_thw = _preprocess(path, frames, max_pixels=max_pixels, min_pixels=min_pixels, proc=proc)
-    return dict(kind="video", pixel_values=pixel_values, grid_thw=grid_thw,
-                second_per_grid=TEMPORAL / info["sampled_fps"],
-                frame_times=[i / info["video_fps"] for i in info["indices"]], info=info)
+    second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info.
+    Each frame is resized as it is decoded: host memory holds the sampled frames at the model's
+    size, not the file's. sp: (rank in the SP group, SP degree): pixel_values holds only that
+    rank's share of the temporal groups, "share" = (first group, groups); grid_thw, frame_times
+    and second_per_grid describe the whole video."""
+    patch = proc["patch_size"] if proc else PATCH
+
+    def fit(a):  # uint8 (H, W, 3) -> (h, w, 3), the values preprocess would resize it to
+        h, w = _smart_resize(path, *a.shape[:2], min_pixels, max_pixels, patch * MERGE)
+        if (h, w) == a.shape[:2]:
+            return a
+        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # preprocess's layout
+        return resize(x, h, w)[0].to(torch.uint8).permute(1, 2, 0).numpy()
+
+    frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader, fit=fit, sp=sp)
+    h, w = _smart_resize(path, info["height"], info["width"], min_pixels, max_pixels, patch * MERGE)
+    if len(frames):
+        pixel_values = preprocess(frames, proc=proc, size=(h, w))[0]
+    else:  # an SP rank whose share of a short video is empty
+        pixel_values = torch.empty(0, 3 * TEMPORAL * patch * patch)
+    out = dict(kind="video", pixel_values=pixel_values,
+               grid_thw=torch.tensor([[len(info["indices"]) // TEMPORAL, h // patch, w // patch]]),
+               second_per_grid=TEMPORAL / info["sampled_fps"],
+               frame_times=[i / info["video_fps"] for i in info["indices"]], info=info)
+    return dict(out, share=info["share"]) if sp else out
+
+
+def _smart_resize(path, *args):
+    try:
+        return smart_resize(*args)
+    except ValueError as e:  # Qwen's resize refuses aspect ratios over 200: a bad sample, no crash
+        raise VideoError(path, str(e)) from e
 
 
 def _preprocess(path, frames, **kw):
@@ -465,11 +557,14 @@ def reward(text, row):
 class VideoDataset:
     """Rows plus their videos or images (proc: the model's preprocessor config, for its patch size
     and normalization; see `preprocess`). ds[i] raises VideoError; iter_samples skips bad videos
-    and images and records them. Rows with neither are text only."""
+    and images and records them. Rows with neither are text only. sp: (rank in the SP group, SP
+    degree) to keep only that rank's share of each video's pixel rows (video_inputs; mr_sp.encode
+    encodes it); images stay whole on every rank."""
 
     def __init__(self, rows, nframes=32, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
-                 skip_bad=True, reader=None, proc=None):
+                 skip_bad=True, reader=None, proc=None, sp=None):
         self.rows, self.nframes, self.fps, self.reader, self.proc = rows, nframes, fps, reader, proc
+        self.sp = sp if sp and sp[1] > 1 else None
         self.max_pixels, self.min_pixels, self.skip_bad = max_pixels, min_pixels, skip_bad
         self.bad = []  # (id, reason), one entry per bad sample
         self._bad_ids = set()
@@ -485,7 +580,8 @@ class VideoDataset:
         row = self.rows[i]
         size = dict(max_pixels=self.max_pixels, min_pixels=self.min_pixels, proc=self.proc)
         if row.get("video"):
-            return {**row, **video_inputs(row["video"], self.nframes, self.fps, reader=self.reader, **size)}
+            return {**row, **video_inputs(row["video"], self.nframes, self.fps, reader=self.reader,
+                                          sp=self.sp, **size)}
         if row.get("image"):
             return {**row, **image_inputs(row["image"], **size)}
         return {**row, "kind": None}  # text only

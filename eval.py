@@ -58,7 +58,7 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
     video encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
     llm: a vLLM engine holding model's weights, to generate with instead of ours."""
     ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels,
-                        proc=M.processor_config(model.config))
+                        proc=M.processor_config(model.config), sp=(par.rank % par.sp, par.sp))
     mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
     for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames",

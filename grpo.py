@@ -616,8 +616,9 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start, cursor, stats = state["step"], state["cursor"], state["stats"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
+    # each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
-                        proc=M.processor_config(model.config))
+                        proc=M.processor_config(model.config), sp=(par.rank % par.sp, par.sp))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
     reward_fn = load_reward(args.reward)
     if par.rank == 0:

@@ -17,7 +17,8 @@ What every stage calls for its videos and its long sequences:
 - `open_log`, `log_step`: a run's args.json and metrics.jsonl.
 
 With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
-1. `encode` splits a video's temporal patch groups over the ranks and all-gathers the embeddings.
+1. `encode` splits a video's temporal patch groups over the ranks and all-gathers the embeddings;
+   each rank's sample holds only its share's pixels (data.VideoDataset with `sp`)
 2. `prefill_logprobs` splits the sequence over the ranks; text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
    the sequence split for a head split, attention runs over the full sequence, and back.
@@ -38,6 +39,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import data as D
 import model as M
 
 
@@ -329,21 +331,29 @@ def encode(model, sample, group=None):
     With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
     patch groups, all-gathered after. The vision attention of every family (Qwen2.5-VL's window and
     full blocks alike) never crosses a temporal group, and Qwen3-VL's learned position embeddings
-    are interpolated per frame's grid: this equals one rank encoding the whole video."""
+    are interpolated per frame's grid: this equals one rank encoding the whole video. A sample with
+    "share" (data.VideoDataset with sp) holds only this rank's share of the pixel rows."""
     if sample.get("kind") is None:
         return None
     dev = next(model.parameters()).device
     pixels, grid = sample["pixel_values"].to(dev), sample["grid_thw"].to(dev)
+    share = sample.get("share")
     with torch.no_grad():
         if group is None:
+            if share is not None:
+                raise ValueError("a sample holding an SP rank's share of its video needs the group")
             return M.encode(model, pixels, grid)
         if len(grid) != 1:
             raise ValueError(f"sharded encode takes one video per sample, got grid_thw {grid.tolist()}")
         sp, r = dist.get_world_size(group), dist.get_rank(group)
         t, h, w = grid[0].tolist()
-        counts = [t // sp + (i < t % sp) for i in range(sp)]  # temporal groups per rank, near-even
+        counts = [D.sp_share(t, i, sp)[1] for i in range(sp)]  # temporal groups per rank, near-even
+        first = D.sp_share(t, r, sp)[0]
+        if share is not None and tuple(share) != (first, counts[r]):
+            raise ValueError(f"the sample holds temporal groups {tuple(share)} (first, count) of "
+                             f"{t}; SP rank {r} of {sp} encodes {(first, counts[r])}")
         per = h * w // model.config.vision_config.spatial_merge_size ** 2  # tokens a temporal group
-        start = sum(counts[:r]) * h * w  # pixel rows are group-major: h*w rows per temporal group
+        start = 0 if share is not None else first * h * w  # rows are group-major: h*w per group
         width = model.config.get_text_config().hidden_size * (
             1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
         # all_gather takes equal sizes: every share is padded to the largest, and trimmed after

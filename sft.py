@@ -110,8 +110,10 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start = state["step"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
+    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
-                        proc=M.processor_config(model.config))
+                        proc=M.processor_config(model.config),
+                        sp=None if train_vision else (par.rank % par.sp, par.sp))
     end = tok.convert_tokens_to_ids("<|im_end|>")
     if par.rank == 0:
         mr_sp.open_log(args, start)

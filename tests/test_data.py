@@ -610,7 +610,7 @@ def test_pyav_reader_any_positions(made, name):
     union = sorted({i for idx in sets for i in idx})
     ref = dict(zip(union, sequential(path, union)))
     for idx in sets:
-        got = data.read_video_pyav(path, ix, np.array(idx))
+        got, _ = data.read_video_pyav(path, ix, np.array(idx))
         assert np.array_equal(got, np.stack([ref[i] for i in idx])), idx
 
 
@@ -751,3 +751,88 @@ def test_dataset_yields_exactly_the_good_samples(made, synth64, tmp_path):
     assert len(skipped) == len(bad)
     for message, (rid, (path, reason)) in zip(skipped, bad.items()):
         assert f"skipping sample {rid}: {path}: " in message and reason in message, message
+
+
+# -----------------------------------------------------------------------------
+# frames resized as they are decoded; an SP rank's share of a video
+
+QWEN3 = dict(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+def resized_after(path, nframes, reader, proc, max_pixels):
+    """The old order of operations: every frame at the file's size, then preprocess."""
+    frames, _ = data.read_video(path, nframes=nframes, reader=reader)
+    return data.preprocess(frames, proc=proc, max_pixels=max_pixels)
+
+
+@pytest.mark.parametrize("name", ["cockatoo.mp4", "rotated_90.mov", "test.webm", "non_square.mp4",
+                                  "ten_bit.mp4", "one_frame.mp4", "synth"])
+def test_resized_as_decoded_equals_resized_after(made, synth64, name):
+    """video_inputs resizes each frame as it is decoded: the same bits as resizing them all after,
+    for each reader that reads the clip, both patch sizes, and a size that needs no resize."""
+    path = str(synth64 / "videos" / "000003.mp4") if name == "synth" else any_clip(made, name)
+    n = max(2, min(6, data.video_stream(path)["total"] // 2 * 2))
+    for reader in READERS[1:]:
+        for proc, max_pixels in ((None, data.MAX_PIXELS), (QWEN3, 64 * 28 * 28), (None, 56 * 112)):
+            try:
+                pv, grid = resized_after(path, n, reader, proc, max_pixels)
+            except VideoError:  # decord refuses most of them (its own tests say why)
+                assert reader == "decord"
+                break
+            x = data.video_inputs(path, nframes=n, reader=reader, proc=proc, max_pixels=max_pixels)
+            assert torch.equal(x["pixel_values"], pv) and torch.equal(x["grid_thw"], grid)
+            source = data.read_video(path, nframes=n)[0].shape[1:3]
+            assert (x["info"]["height"], x["info"]["width"]) == source
+
+
+def write_noise_720p(path, n):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (n, 90, 160, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
+    return write_clip(path, stream(frames, preset="ultrafast"))  # 1280x720
+
+
+def test_reading_holds_frames_at_model_size(tmp_path):
+    """24 frames of 1280x720: numpy's peak while reading (traced) stays far below the 66 MB the
+    frames take at the file's size (the old reader stacked them, then copied the stack: 133 MB)."""
+    import tracemalloc
+    path, n = write_noise_720p(tmp_path / "hd.mp4", 24), 24
+    tracemalloc.start()
+    try:
+        x = data.video_inputs(path, nframes=n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    full = 720 * 1280 * 3
+    assert x["grid_thw"].tolist() == [[12, 16, 30]] and x["info"]["height"] == 720
+    assert peak < n * full / 4, (peak, n * full)
+    frames, _ = data.read_video(path, nframes=n, fit=lambda a: a[::4, ::4].copy())
+    assert frames.shape == (n, 180, 320, 3)  # what fit gives back is what is kept
+
+
+def test_sp_shares_join_into_the_whole_video(synth64):
+    """Each SP rank keeps a contiguous near-even share of the temporal groups; the shares in rank
+    order are the whole video's pixel rows, and the rest of the sample is the whole video's."""
+    row = data.load_rows(synth64 / "train.jsonl")[1]
+    for n, sp, shares in ((10, 2, [(0, 3), (3, 2)]), (10, 3, [(0, 2), (2, 2), (4, 1)]),
+                          (2, 2, [(0, 1), (1, 0)])):
+        whole = data.VideoDataset([row], nframes=n, max_pixels=56 * 56)[0]
+        parts = [data.VideoDataset([row], nframes=n, max_pixels=56 * 56, sp=(r, sp))[0]
+                 for r in range(sp)]
+        assert [p["share"] for p in parts] == shares and "share" not in whole
+        assert torch.equal(torch.cat([p["pixel_values"] for p in parts]), whole["pixel_values"])
+        for p, (_, k) in zip(parts, shares):
+            assert p["pixel_values"].shape == (k * 16, 1176)  # 4x4 patches a temporal group
+            assert torch.equal(p["grid_thw"], whole["grid_thw"])
+            assert all(p[k] == whole[k] for k in ("frame_times", "second_per_grid"))
+    one = data.VideoDataset([row], nframes=4, max_pixels=56 * 56, sp=(0, 1))[0]
+    assert "share" not in one and one["pixel_values"].shape == (2 * 16, 1176)  # sp 1: as without
+
+
+@pytest.mark.parametrize("name", ["wide.mp4", "truncated.mp4", "corrupted"])
+def test_every_sp_rank_refuses_a_bad_video(made, tmp_path, name):
+    """SP peers skip the same samples (or their collectives would pair different videos): a rank
+    decodes the frames outside its share too, and checks the frame size with none of its own."""
+    path = corrupted(tmp_path) if name == "corrupted" else made[name]
+    for r in range(4):
+        with pytest.raises(VideoError, match=re.escape(path)):
+            data.video_inputs(path, nframes=4, sp=(r, 4))

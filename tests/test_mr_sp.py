@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the torchrun command runs this file from tests/
 from torch.distributed.fsdp import FSDPModule
 
+import data as D
 import grpo
 import model as M
 import mr_sp
@@ -133,6 +135,27 @@ def worker(out):
         r["cases"] = [compare(model, tok, grids, lengths, group) for grids, lengths in CASES]
         # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
         r["sp1_unchanged_by_switch"] = all(torch.equal(x, y) for x, y in zip(before, sp1_outputs(model, tok)))
+    # a video file read as an SP share (data.VideoDataset with sp): each rank keeps and encodes
+    # its frames' rows only; the gathered embeddings are the whole video's
+    model, tok = M.load("tiny")
+    rng = np.random.default_rng(0)
+    video = str(Path(out).parent / f"clip{rank}.mp4")
+    D.write_mp4(video, D.synth_frames(D.synth_scenario(rng, "order", 8), 24, 56, rng), 8)
+    res["share"] = []
+    for n in (10, 2):  # 5 temporal groups: 3 + 2; 1 group: rank 1 holds none
+        kw = dict(nframes=n, max_pixels=56 * 56, proc=M.processor_config(model.config))
+        whole = D.VideoDataset([dict(video=video)], **kw)[0]
+        mine = D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0]
+        one, two = mr_sp.encode(model, whole), mr_sp.encode(model, mine, group)
+        got, mine = [None, None], dict(share=mine["share"], rows=len(mine["pixel_values"]),
+                                       diff=max_diff(one, two), shape=list(two.shape))
+        torch.distributed.all_gather_object(got, mine)
+        res["share"].append(got)
+    try:
+        mr_sp.encode(model, D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0])
+        res["share_without_group"] = None
+    except ValueError as e:
+        res["share_without_group"] = str(e)
     # each SP peer samples G/sp of every prompt's G: together the samples one process draws
     model, tok = M.load("tiny")
     rows, kw = rows_of(model, tok, *CASES[0], None), dict(seeds=[5, 6], max_new=12, temperature=0.7, top_p=0.9)
@@ -248,6 +271,16 @@ def test_sharded_encoding_equals_unsharded_exactly(measured, config):
     family, cfg = CONFIGS[config]
     k = cfg.get("vision_depth", 2) - 1 if "qwen3" in family else 0
     assert {e["shape"][1] for e in enc} == {cfg.get("hidden", 192) * (1 + k)}
+
+
+def test_sp_share_of_a_video_file_encodes_as_the_whole_video(measured):
+    """Each rank holds only its share of the pixel rows (an empty one too); the embeddings all ranks
+    get equal one process encoding the whole video (up to float rounding, as above)."""
+    for got, shares, rows in zip(measured["share"], ([[0, 3], [3, 2]], [[0, 1], [1, 0]]),
+                                 ([48, 32], [16, 0])):  # 16 rows (4 tokens) a temporal group
+        assert [g["share"] for g in got] == shares and [g["rows"] for g in got] == rows, got
+        assert all(g["diff"] <= 1e-5 and g["shape"][0] == sum(rows) // 4 for g in got), got
+    assert measured["share_without_group"].startswith("a sample holding an SP rank's share")
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

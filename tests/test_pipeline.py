@@ -83,23 +83,24 @@ def test_two_processes_equal_one(task, tmp_path, script):
         assert max_diff(one, weights(tmp_path / "init")) > 5e-5
 
 
-@pytest.mark.parametrize("script", ["sft", "grpo"])
+@pytest.mark.parametrize("script", ["sft", "sft-freeze", "grpo"])
 def test_sequence_parallel_equals_one_process(task, tmp_path, script):
     """--sp 2 on 2 processes (one data-parallel rank, its sequences split over 2) equals 1 process:
     the same parameters after a step, and the same counts and metrics (AdamW's first step hides the
     gradient's scale, so a token count summed over SP peers would show only there). SFT trains the
-    tiny model's vision tower, which every SP peer encodes with gradients."""
+    tiny model's vision tower, which every SP peer encodes with gradients; with it frozen (and in
+    GRPO) each peer reads and encodes only its share of every video's frames."""
     # lr 1e-5, not 1e-3: unlike data parallel, SP reorders float sums, and AdamW's first step turns a
     # gradient difference d on an element with |g| < eps = 1e-8 into about lr * d / eps (the GRPO step:
     # 1.9e-5 on parameters at lr 1e-3 with one set of samples, 2.0e-5 at lr 1e-4 with another); the
     # gradients themselves are compared through grad_norm below (rel 1e-5)
-    cmd = (SFT if script == "sft" else GRPO + ["--mini-batches", "1"]) + ["--data", task, "--steps", "1"]
-    cmd += ["--lr", "1e-5"]
+    cmd = (SFT if script != "grpo" else GRPO + ["--mini-batches", "1"]) + ["--data", task, "--steps", "1"]
+    cmd += ["--lr", "1e-5"] + ["--vision", "freeze"] * (script == "sft-freeze")
     run(*cmd, "--out", str(tmp_path / "one"))
     run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
     assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
     one, sp = metrics(tmp_path / "one")[0], metrics(tmp_path / "sp")[0]
-    keys = ["tokens", "loss", "grad_norm"] if script == "sft" else \
+    keys = ["tokens", "loss", "grad_norm"] if script != "grpo" else \
         ["groups", "reward", "response_len", "kl", "clip_frac", "entropy", "grad_norm"]
     assert {k: sp[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, rel=1e-5, abs=1e-8)  # kl ~7e-4
     assert one["grad_norm"] > 0.1
