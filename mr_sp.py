@@ -311,8 +311,11 @@ def encode(model, sample, group=None):
         start = sum(counts[:r]) * h * w  # pixel rows are group-major: h*w rows per temporal group
         width = model.config.get_text_config().hidden_size * (
             1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
-        # all_gather takes equal sizes: every share is padded to the largest, and trimmed after
-        buf = torch.zeros(max(counts) * per, width, dtype=model.model.visual.dtype, device=dev)
+        # all_gather takes equal sizes: every share is padded to the largest, and trimmed after; in
+        # the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
+        dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                 else model.model.visual.dtype)
+        buf = torch.zeros(max(counts) * per, width, dtype=dtype, device=dev)
         if counts[r]:
             buf[:counts[r] * per] = M.encode(model, pixels[start:start + counts[r] * h * w],
                                              grid.new_tensor([[counts[r], h, w]]))
