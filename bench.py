@@ -101,7 +101,7 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--prefill-chunk", type=int, default=grpo.ap.get_default("prefill_chunk"),
                    help="grpo.py's: rollout prefill tokens per forward (0: all)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=grpo.ap.get_default("activation_checkpointing"), help="grpo.py's flag and default")
+                   default=True, help="grpo.py's flag; default on (grpo.py: on where its plan needs it)")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
 ep = sub.add_parser("engine", help="rollout on one long prompt: memory vs G, chunked prefill, sp=2 time")
 ep.add_argument("--frames", type=int, default=8192, help="memory runs' video (2 tokens/frame); default 8192")
@@ -131,7 +131,8 @@ rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                 help="weights dtype; default float32")
 
 
-CKPT = grpo.ap.get_default("activation_checkpointing")  # what step and prefill run unless told
+CKPT = True  # what step and prefill run unless told (README's measurements: checkpointed)
+MINI = grpo.ap.get_default("mini_batches")  # what step runs: a micro-batch holds a slice's rows
 
 
 def ckpt_flag(on):
@@ -589,7 +590,7 @@ def gpu(args):
                             lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
                             phase)[0]
         m = mr_sp.plan(cfg, frames, 1, 16 * 32 * 14 * 14, rec_prompt_text(policy, s), args.G, args.max_new,
-                       args.micro_batch, "bfloat16", ckpt=True)
+                       args.micro_batch, "bfloat16", ckpt=True, mini_batches=MINI)
         out[frames] = dict(peak_gb=max(peaks.values()), planned_gb=m["peak"] / 2**30,
                            phases_gb={k: round(v, 2) for k, v in peaks.items()},
                            planned_phases_gb={k: round(m[k] / 2**30, 2) for k in ("rollout", "no_grad_pass",
@@ -620,7 +621,7 @@ def planner(args):
                             ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
                 m = mr_sp.plan(mr_sp.plan_config(config), args.frames, sp, 56 * 56,
                                r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
-                               True, nproc, opt == "fsdp", ckpt)
+                               True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
                 got = r["cache"]["first_step_gb_per_rank"]
                 out[f"{config} sp{sp} {opt}"] = dict(estimate_gb=round(m["peak"] / 2**30, 3),
                                                      measured_gb=round(got, 3),
@@ -637,7 +638,7 @@ def hour(args):
     c = r["cache"]
     est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size,
                      r["prompt_tokens"] - r["video_tokens"], args.G, args.max_new, args.G,
-                     "float32", ckpt=CKPT)["peak"] / 2**30
+                     "float32", ckpt=CKPT, mini_batches=MINI)["peak"] / 2**30
     print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, "
           f"sp=2: step {c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items())
           + f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above "
