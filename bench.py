@@ -103,20 +103,23 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--prefill-chunk", type=int, default=grpo.ap.get_default("prefill_chunk"),
                    help="grpo.py's: rollout prefill tokens per forward (0: all)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
-                   default=grpo.ap.get_default("activation_checkpointing"), help="grpo.py's flag and default")
+                   default=True, help="grpo.py's flag; default on (grpo.py: on where its plan needs it)")
 sub.choices["prefill"].set_defaults(G=1, max_new=64)
 ep = sub.add_parser("engine", help="rollout on one long prompt: memory vs G, chunked prefill, sp=2 time")
 ep.add_argument("--frames", type=int, default=8192, help="memory runs' video (2 tokens/frame); default 8192")
 ep.add_argument("--sp-frames", type=int, default=4096, help="sp=1 vs sp=2 timing runs' video; default 4096")
 ep.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 ep.add_argument("--repeats", type=int, default=3, help="timing runs per sp, alternating; default 3")
-gp = sub.add_parser("gpu", help="the prepared GPU check: random Qwen2.5-VL-3B, GRPO steps, memory vs planner")
-gp.add_argument("--frames", default="256,1024,2048", help="comma list; default 256,1024,2048")
+gp = sub.add_parser("gpu", help="the prepared GPU check: Qwen2.5-VL-7B's widths, a few layers, one rank's share")
+gp.add_argument("--config", default="qwen2.5-vl-7b", help="mr_sp.plan_config name; default qwen2.5-vl-7b")
+gp.add_argument("--layers", type=int, default=4, help="decoder layers at the real widths; default 4")
+gp.add_argument("--frames", type=int, default=3600, help="the real job's video; default 3600")
+gp.add_argument("--sp", type=int, default=8, help="the real job's sp: this GPU runs 1/sp of the video; default 8")
 gp.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
-gp.add_argument("--max-new", type=int, default=128, help="response tokens; default 128")
-gp.add_argument("--micro-batch", type=int, default=1, help="rows per training pass; default 1")
-gp.add_argument("--config", default="qwen2.5-vl-3b", help="mr_sp.plan_config name; default qwen2.5-vl-3b")
-gp.add_argument("--device", default="cuda", help="cuda, or cpu: a smoke run (--config small); default cuda")
+gp.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
+gp.add_argument("--size", type=int, default=0, help="square frames of this side (0: 448x224); default 0")
+gp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default bfloat16")
+gp.add_argument("--device", default="cuda", help="cuda, or cpu: a smoke run at a miniature; default cuda")
 rh = sub.add_parser("rehearse", help="the paper's job at a miniature: N processes, --fsdp, sp, kill, resume")
 rh.add_argument("--nproc", type=int, default=8, help="processes (the real job's GPUs); default 8")
 rh.add_argument("--init", default="tiny:qwen2.5-vl-7b", help="a miniature (model.TINY); default 7B's")
@@ -146,7 +149,8 @@ rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                 help="weights dtype; default float32")
 
 
-CKPT = grpo.ap.get_default("activation_checkpointing")  # what step and prefill run unless told
+CKPT = True  # what step and prefill run unless told (README's measurements: checkpointed)
+MINI = grpo.ap.get_default("mini_batches")  # what step runs: a micro-batch holds a slice's rows
 
 
 def ckpt_flag(on):
@@ -551,69 +555,109 @@ def engine(args):
 
 
 def gpu(args):
-    """One GRPO step (grpo.step, bf16, activation checkpointing, G samples of --max-new tokens, a
-    micro-batch of --micro-batch rows) per frame count on one GPU, with random weights shaped as
-    Qwen2.5-VL-3B (no download; the tiny tokenizer, so sampled text is meaningless: a stand-in
-    reward) and random pixels (no video decoding; 448x224 frames, 64 tokens a frame). Per frame
-    count: the planner's peak and phases next to torch.cuda.max_memory_allocated's, and the step's
-    time split. Last line JSON. Needs torch and transformers only; about 5 minutes on an H100."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    """The prepared GPU check, one GPU: Qwen2.5-VL-7B's real widths (hidden 3,584, 28 query and 4 KV
+    heads, untied 152k vocabulary, its 32-block vision tower) with --layers decoder layers, random
+    weights (no download; the tiny tokenizer's ids, so text is meaningless: a stand-in reward), on
+    one rank's share of the paper's job: a video of --frames / --sp frames (random pixels, no
+    decoding; 448x224: 64 tokens a frame), the per-rank sequence of the 3,600-frame sp-8 layout.
+    Two GRPO steps (grpo.step, bf16, G samples of --max-new tokens, one row a micro-batch); step 1
+    records the SDPA kernel each phase ran (aten op names), step 2 is timed and measured: per phase
+    the peak of torch.cuda.max_memory_allocated against the run's plan (mr_sp.plan_run), tokens/s of
+    the training pass and of the rollout. The expected time comes from the plan's FLOPs at
+    ASSUMED_FLOPS. Needs torch and transformers only. --device cpu: the same code at a miniature's
+    size (tests/test_mr_sp.py runs it). Last line JSON."""
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
     dev, tok = torch.device(args.device), M.tiny_tokenizer()
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config small: a smoke run)")
-    cuda = dev.type == "cuda"
+        raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config tiny:qwen2.5-vl-7b: a smoke run)")
     cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)  # the config's shapes, tiny's token ids
+    cfg.text_config.num_hidden_layers = args.layers
     for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         setattr(cfg, k, getattr(ids, k))
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(cfg.text_config, k, getattr(ids.text_config, k))
     cfg._attn_implementation = M.attn_implementation(dev)
+    frames = args.frames // args.sp // 2 * 2
+    p = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # pixels a token's side
+    h, w = (16 * p, 8 * p) if args.size == 0 else (args.size, args.size)  # 448x224: 16 x 8 tokens
+    gargs = grpo.ap.parse_args(["--init", "tiny", "--prompts", "1", "--G", str(args.G), "--max-new",
+                                str(args.max_new), "--micro-batch", "1", "--dtype", args.dtype,
+                                "--frames", str(frames), "--max-pixels", str(h * w),
+                                "--no-dynamic-sampling", "--out", os.path.join("runs", "bench_gpu")])
     par = mr_sp.init_parallel(1)
+    plan = mr_sp.plan_start(gargs, cfg, par)  # resolves --activation-checkpointing; stops if over
     with torch.device(dev):
-        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+        model = getattr(transformers, M.FAMILIES[cfg.model_type] + "ForConditionalGeneration")(cfg).eval()
     ref = grpo.copy_ref(model)
     params = grpo.rl_params(model)
-    model.gradient_checkpointing_enable()
-    gargs = grpo.ap.parse_args(["--init", "tiny", "--prompts", "1", "--G", str(args.G), "--max-new",
-                                str(args.max_new), "--micro-batch", str(args.micro_batch),
-                                "--dtype", "bfloat16", "--no-dynamic-sampling"])
+    if gargs.activation_checkpointing:
+        model.gradient_checkpointing_enable()
     policy = grpo.Policy(model, tok, params, torch.optim.AdamW(params, lr=gargs.lr), ref)
-    out = {}
-    for i, frames in enumerate(int(f) for f in args.frames.split(",")):
-        g = torch.Generator().manual_seed(i)
-        s = dict(id=f"gpu-{frames}", question="What happens in this video?", options=["a", "b", "c", "d"],
-                 pixel_values=torch.randn(frames // 2 * 16 * 32, 1176, generator=g), second_per_grid=2.0,
-                 grid_thw=torch.tensor([[frames // 2, 16, 32]]), kind="video")
-        peaks = {}
+    g = torch.Generator().manual_seed(0)
+    vc = cfg.vision_config
+    grid = [frames // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size]
+    s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"], kind="video",
+             pixel_values=torch.randn(grid[0] * grid[1] * grid[2], 3 * vc.temporal_patch_size * vc.patch_size ** 2,
+                                      generator=g),
+             grid_thw=torch.tensor([grid]), second_per_grid=2.0, frame_times=[i / 2 for i in range(frames)])
+    kernels = collections.defaultdict(set)
 
-        @contextlib.contextmanager
-        def phase(name):  # peak allocated on the GPU (CPU smoke run: resident set, as bench.py step)
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                yield
-                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-            else:
-                with measured(rec_cpu, name, 0):
-                    yield
-                peaks[name] = rec_cpu[name]["gb"]
+    class Ops(TorchDispatchMode):  # the attention ops a phase runs (which SDPA kernel it took)
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
 
-        rec_cpu = {}
-        with torch.autocast(dev.type, torch.bfloat16, cache_enabled=False):  # as grpo.py's main
-            rec = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if "attention" in func.__name__ or "scaled_dot" in func.__name__:
+                kernels[self.name].add(func.__name__.split(".")[0])
+            return func(*a, **(kw or {}))
+
+    recs = []
+    for i in range(2):
+        def phase(name, i=i):
+            return Ops(name) if i == 0 else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, torch.bfloat16, enabled=args.dtype == "bfloat16", cache_enabled=False):
+            rec = grpo.step(gargs, i, policy, lambda at: [dict(s)], 0, par,
                             lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
                             phase)[0]
-        m = mr_sp.plan(cfg, frames, 1, 16 * 32 * 14 * 14, rec_prompt_text(policy, s), args.G, args.max_new,
-                       args.micro_batch, "bfloat16", ckpt=True)
-        out[frames] = dict(peak_gb=max(peaks.values()), planned_gb=m["peak"] / 2**30,
-                           phases_gb={k: round(v, 2) for k, v in peaks.items()},
-                           planned_phases_gb={k: round(m[k] / 2**30, 2) for k in ("rollout", "no_grad_pass",
-                                                                                  "training_pass")},
-                           seconds={k[5:]: round(v, 1) for k, v in rec.items() if k.startswith("time_")})
-        r = out[frames]
-        print(f"{frames} frames: peak {r['peak_gb']:.1f} GiB (planner {r['planned_gb']:.1f})",
-              r["seconds"], flush=True)
+        rec["seconds"] = time.perf_counter() - t0
+        recs.append(rec)
+        print(f"step {i + 1}: {rec['seconds']:.1f} s, peak {rec['peak_gb']:.1f} GiB", flush=True)
+    rec, gib = recs[1], plan["gib"]
+    held = sum(gib[k] for k in ("weights", "ref", "adam", "video_embeds"))
+    planned = {k: held + gib[PLAN_PHASES[k]] + (gib["grads"] if k == "update" else 0.0) for k in PLAN_PHASES}
+    L, rows = plan["tokens"], args.G
+    passes = gargs.epochs  # training passes over the rows
+    out = dict(config=args.config, layers=args.layers, frames=frames, tokens=L, G=args.G, max_new=args.max_new,
+               device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               activation_checkpointing=gargs.activation_checkpointing, step_s=round(rec["seconds"], 1),
+               expected_step_s=round(expected_seconds(cfg, L, rows, passes, gargs.activation_checkpointing), 1),
+               peak_gb={k: round(rec["peak_gb_ranks"][k][0], 2) for k in PLAN_PHASES},
+               planned_gb={k: round(v, 2) for k, v in planned.items()},
+               planned_total_gb=gib["total"], kernels={k: sorted(v) for k, v in kernels.items()},
+               train_tok_s=round(rows * L * passes / rec["time_update"]),
+               rollout_tok_s=round(rec["response_len"] * rows / rec["time_rollout"]),
+               seconds={k[5:]: round(v, 2) for k, v in rec.items() if k.startswith("time_")})
+    for k in PLAN_PHASES:
+        print(f"{k:>7} | peak {out['peak_gb'][k]:6.2f} GiB | planned {out['planned_gb'][k]:6.2f} | "
+              f"{', '.join(out['kernels'].get(k, [])) or '-'}", flush=True)
+    print(f"training pass {out['train_tok_s']:,} tok/s, rollout {out['rollout_tok_s']:,} tok/s; step "
+          f"{out['step_s']} s (expected {out['expected_step_s']} s at {ASSUMED_FLOPS / 1e12:.0f} TFLOP/s)")
     print(json.dumps(out))
+
+
+ASSUMED_FLOPS = 400e12  # bf16 on an H100 at about 40% of its 989 TFLOP/s dense peak
+
+
+def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
+    """A GRPO step's matmul time at `flops`: the old and reference passes (forward), the training
+    passes (forward, backward 2x, and a recompute with checkpointing) over rows of L tokens, with
+    causal attention's scores (4 L d per token a layer, halved). Encode and rollout are left out."""
+    t = cfg.get_text_config()
+    per_token = mr_sp.model_costs(cfg)["lm_flops"] + 2 * L * t.hidden_size * t.num_hidden_layers
+    return rows * L * per_token * (2 + passes * (3 + ckpt)) / flops
 
 
 def rec_prompt_text(policy, s):
@@ -635,7 +679,7 @@ def planner(args):
                             ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
                 m = mr_sp.plan(mr_sp.plan_config(config), args.frames, sp, 56 * 56,
                                r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
-                               True, nproc, opt == "fsdp", ckpt)
+                               True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
                 got = r["cache"]["first_step_gb_per_rank"]
                 out[f"{config} sp{sp} {opt}"] = dict(estimate_gb=round(m["peak"] / 2**30, 3),
                                                      measured_gb=round(got, 3),
@@ -652,7 +696,7 @@ def hour(args):
     c = r["cache"]
     est = mr_sp.plan(mr_sp.plan_config("tiny"), args.frames, 2, args.size * args.size,
                      r["prompt_tokens"] - r["video_tokens"], args.G, args.max_new, args.G,
-                     "float32", ckpt=CKPT)["peak"] / 2**30
+                     "float32", ckpt=CKPT, mini_batches=MINI)["peak"] / 2**30
     print(f"{args.frames} frames ({r['video_tokens']:,} video tokens), G={args.G}, max_new={args.max_new}, "
           f"sp=2: step {c['step_s']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases_s"].items())
           + f"), peak {r['peak_rss_gb_per_rank']:.2f} GiB per rank ({c['first_step_gb_per_rank']:.2f} above "
@@ -675,8 +719,9 @@ def rehearse(args):
     own plan. Last line JSON."""
     from safetensors.torch import load_file
     t0 = time.time()
-    layouts = [mr_sp.plan_layout(args.real, args.real_frames, args.nproc) if x == "plan" else int(x)
-               for x in args.layouts.split(",")]
+    real = mr_sp.plan_parser().parse_args(["--config", args.real, "--frames", str(args.real_frames), "--fsdp"])
+    layouts = [next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc, real.gpu_gb * 2**30)))
+               if x == "plan" else int(x) for x in args.layouts.split(",")]
     layouts = list(dict.fromkeys(layouts))  # "plan" may pick one already listed
     prompts = args.prompts or max(args.nproc // sp for sp in layouts)
     data = os.path.join(args.out, "task")

@@ -8,10 +8,13 @@
     $(bash .ci/vllm_env | tail -1) grpo.py --engine vllm  # rollouts on vLLM's CPU build (own venv)
 
 Writes --out (default runs/grpo): model/ (the policy as a Hugging Face folder, with state.pt:
-optimizer, step, data cursor, for --resume), args.json (resolved config), metrics.jsonl (per step).
-Memory: the training passes recompute each decoder layer in backward (--activation-checkpointing);
---fsdp shards weights, gradients, AdamW state and the reference over all ranks, and gathers the
-policy once a step for its rollouts (`python mr_sp.py plan` estimates a configuration's peak).
+optimizer, step, data cursor, for --resume), args.json (resolved config), plan.json (the run's
+memory plan), metrics.jsonl (per step).
+Memory: at start, before any weights load, the run is planned from the model's config
+(mr_sp.plan_start: one line printed); a plan over the GPU's memory stops with the flags that fit.
+Unset, --micro-batch and --activation-checkpointing (each decoder layer recomputed in backward)
+are what the plan needs; --fsdp shards weights, gradients, AdamW state and the reference over all
+ranks, and gathers the policy once a step for its rollouts (`python mr_sp.py plan`: any layout).
 The variant that runs, exactly:
 1. Each step takes --prompts prompts (in contiguous blocks over data-parallel ranks). The frozen
    vision tower encodes a prompt's video once, for its G rollouts and the old-policy, reference and
@@ -137,7 +140,9 @@ g.add_argument("--agg", default="token", choices=["token", "seq", "drgrpo"],
                "(sequences x --max-new) (Dr. GRPO); default token")
 g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
 g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
-g.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward; default 16")
+g.add_argument("--micro-batch", type=int, default=None,
+               help="rows per forward/backward; default: 16 on CPU, on a GPU the largest "
+               "of 16, 8, 4, 2, 1 that the plan fits, at most 32,768 tokens a rank")
 g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True,
                help="drop equal-reward groups (no signal), refill from next prompts; default on")
 g.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate; default 3e-5")
@@ -148,9 +153,10 @@ g.add_argument("--steps", type=int, default=200, help="training steps; default 2
 g.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
 g.add_argument("--fsdp", action="store_true", help="shard policy and reference over all ranks (FSDP2); "
                "gathered once a step for the rollouts; same updates; no-op in one process")
-g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="keep each decoder layer's input only, recompute the layer in backward: a 4,096-"
-               "frame pass 0.26x the memory, 1.25x the time; default on")
+               "frame pass 0.26x the memory, 1.25x the time; default: on where the plan does not "
+               "fit without it (on CPU: a training pass over 2 GiB a rank)")
 g.add_argument("--seed", type=int, default=0, help="seed for data order and sampling; default 0")
 g.add_argument("--out", default="runs/grpo", help="output folder; default runs/grpo")
 g.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0 = end only)")
@@ -595,13 +601,14 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
 def main(args):
     check_args(args)
     par = mr_sp.init_parallel(args.sp)
-    if args.prompts % par.dp:
-        raise SystemExit(f"--prompts {args.prompts} must be divisible by the data-parallel size ({par.dp})")
     if args.init == ap.get_default("init") and not os.path.exists(args.init):
         raise SystemExit(f"{args.init} not found: run `python sft.py` first, or pass --init tiny "
                          "--no-dynamic-sampling to start from scratch")
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    # planned from the config alone, before any weights load: unset flags resolved, a layout that
+    # cannot run (--prompts over dp) or a GPU it does not fit refused
+    mr_sp.plan_start(args, mr_sp.plan_config(src), par)
     policy = build_policy(args, par, src)
     model, tok, opt, fsdp = policy.model, policy.tok, policy.opt, policy.run is not mr_sp.call
     if args.engine == "vllm":

@@ -1,6 +1,7 @@
 """MR-SP: Multi-modal Reinforcement Sequence Parallelism, the system side of long-video RL.
 
     python mr_sp.py plan --frames 3600 --sp 8 --fsdp  # per-rank memory of a GRPO step, Qwen2.5-VL-7B
+    python mr_sp.py plan --frames 3600 --fsdp --world 8  # the most data-parallel layout that fits
     python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
 
 What every stage calls for its videos and its long sequences:
@@ -15,6 +16,9 @@ What every stage calls for its videos and its long sequences:
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
   weights gathered once); `full_state` and `load_optimizer` keep checkpoints in the replicated format.
 - `open_log`, `log_step`: a run's args.json and metrics.jsonl.
+- `plan_run`: a run's memory per rank from its flags and the model's config alone (`plan`); grpo.py
+  and sft.py plan theirs at start (`plan_start`: resolve the flags left to it, print, plan.json,
+  stop a run its GPU cannot hold), and `python mr_sp.py plan` prints it for any layout.
 
 With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
 1. `encode` splits a video's temporal patch groups over the ranks and all-gathers the embeddings;
@@ -77,9 +81,8 @@ class Parallel:
 def init_parallel(sp=1):
     """This process's Parallel layout, its process groups made (every rank makes every group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if sp < 1 or world % sp:  # SystemExit prints its text only: one line at start, no traceback
-        raise SystemExit(f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs "
-                         f"a whole number of data-parallel groups, dp = {world}/{sp}")
+    if err := check_layout(world, sp):  # SystemExit prints its text only: one line, no traceback
+        raise SystemExit(err)
     rank, world, device = init_distributed()
     global _runtime
     _runtime = _resident()[0]  # before any model: what peak_memory leaves out on CPU
@@ -356,8 +359,11 @@ def encode(model, sample, group=None):
         start = 0 if share is not None else first * h * w  # rows are group-major: h*w per group
         width = model.config.get_text_config().hidden_size * (
             1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
-        # all_gather takes equal sizes: every share is padded to the largest, and trimmed after
-        buf = torch.zeros(max(counts) * per, width, dtype=model.model.visual.dtype, device=dev)
+        # all_gather takes equal sizes: every share is padded to the largest, and trimmed after; in
+        # the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
+        dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                 else model.model.visual.dtype)
+        buf = torch.zeros(max(counts) * per, width, dtype=dtype, device=dev)
         if counts[r]:
             buf[:counts[r] * per] = M.encode(model, pixels[start:start + counts[r] * h * w],
                                              grid.new_tensor([[counts[r], h, w]]))
@@ -658,7 +664,8 @@ class _GatherBlocks(torch.autograd.Function):
 
 
 # -----------------------------------------------------------------------------
-# Memory planner: python mr_sp.py plan --frames F --sp N --config tiny|small|qwen2.5-vl-7b|HF_FOLDER
+# Memory planner: what one step of a run holds per rank. grpo.py and sft.py plan their own run at
+# start (`plan_start`); python mr_sp.py plan --frames F [--sp N | --world N] --config NAME|HF_FOLDER.
 
 # bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's 0.394
 # (`model_costs`; matmul FLOPs, no attention scores), found by trying LM widths and depths around
@@ -701,157 +708,444 @@ def plan_config(name):
     if name.lower() in REAL:
         family, cfg = REAL[name.lower()]
         return getattr(transformers, M.FAMILIES[family] + "Config")(**cfg)
+    if not os.path.isfile(os.path.join(name, "config.json")):
+        raise FileNotFoundError(f"{name}: not a Hugging Face model folder (no config.json); pass a local "
+                                f"folder, one of {', '.join(M.TINY)}, or one of {', '.join(REAL)}")
     return transformers.AutoConfig.from_pretrained(name)
+
+
+_costs = {}  # model_costs by config (kept alive: its id stays its own): a meta-device 7B takes a second
 
 
 def model_costs(config):
     """Parameters (all; trainable in RL: LM and lm_head) and forward FLOPs per token (vision per
     video token, LM per token) of a config, on a meta-device model: no memory, no download."""
-    import transformers
-    with torch.device("meta"):
-        m = getattr(transformers, M.FAMILIES[config.model_type] + "ForConditionalGeneration")(config)
-    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-    vis, lm = m.model.visual, m.model.language_model
-    merge = config.vision_config.spatial_merge_size ** 2  # patches per video token; merger: once a token
-    return dict(params=n(m), trainable=n(m) - n(vis), vision=n(vis), layer=n(lm.layers[0]),
-                head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too
-                vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
-                lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
+    if id(config) not in _costs:
+        import transformers
+        with torch.device("meta"):
+            m = getattr(transformers, M.FAMILIES[config.model_type] + "ForConditionalGeneration")(config)
+        n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+        vis, lm = m.model.visual, m.model.language_model
+        merge = config.vision_config.spatial_merge_size ** 2  # patches a token; the merger's: once
+        _costs[id(config)] = config, dict(
+            params=n(m), trainable=n(m) - n(vis), vision=n(vis), layer=n(lm.layers[0]),
+            vision_root=n(vis) - n(vis.blocks),  # patch embedding, merger(s): FSDP's root
+            head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too
+            vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
+            lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
+    return _costs[id(config)][1]
 
 
-def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=64, G=8, max_new=1024, micro_batch=1,
-         dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024):
-    """Estimated peak memory per rank, in bytes, of one GRPO step of this code (grpo.py) on one
-    video prompt per data-parallel rank: the components and the peak.
+# What a CUDA process holds besides its tensors, added to a plan on a GPU (`plan_run`): the CUDA
+# context, about 0.3 GiB with lazy kernel loading (CUDA >= 11.7) and 1 GiB before it
+# (pytorch/pytorch issues 107667, 28394); an NCCL communicator's buffers, 0.5-0.7 GiB a group on
+# 4 x A100 with NVLink and 1.6 GiB on a faster node (NVIDIA/nccl issues 964, 864: more channels, more
+# memory), and a rank here has up to two (the world's for FSDP and data parallel, its SP group's);
+# and the caching allocator's fragmentation (blocks cached at other sizes), a few percent of what
+# it holds: 5% of the peak. Stated, not measured here: no GPU has run this planner yet.
+ALLOWANCE = dict(context=2**30, communicator=2**30, fragmentation=0.05)
+TEXT = 64  # prompt tokens besides the video's: the chat template, question and options
+SFT_TARGET = 1024  # sft.py's target tokens as planned (reasoning and answer; grpo.py plans --max-new)
+# On CPU the host's memory is shared with everything else on it: an unset --activation-checkpointing
+# turns on where the training pass would pass this per rank. It buys little below: a tiny-model pass
+# of 8,292 tokens is 1.29 GiB without, 0.34 with (README).
+CPU_PASS = 2 * 2**30
+# What an unset --micro-batch tries on a GPU, the largest that fits whose rows (a pass's) hold at
+# most MICRO_TOKENS tokens a rank: a forward that long keeps a GPU busy, more rows only cost memory.
+# On CPU it is the first: a plan at --max-pixels overstates small videos (the synthetic task's are
+# 56 x 56, a 32nd), and a micro-batch changes only the speed and float order, never the updates.
+MICRO_BATCHES, MICRO_TOKENS = (16, 8, 4, 2, 1), 32768
 
-    Held all step: fp32 policy weights and its reference (the language model), AdamW's two fp32
-    states, and the cached video embeddings; `fsdp` divides the first three by `world` (default sp)
-    and gathers in the compute dtype. Plus the largest phase:
-    - encode: the video's pixel rows (all on every rank), dropped once encoded;
-    - rollout: the prompt's KV cache once, its spliced embeddings, and the larger of the prefill
-      (sp=1: a `prefill_chunk` of layer intermediates, and transformers' (chunk, P) bool mask that
-      SDPA turns into floats, 5 B an entry; sp>1: Ulysses over P/sp tokens, no mask) and the decode
-      (this rank's G/sp samples: their own KV, one layer's fp32 scores over the prompt, logits);
-      with fsdp, the whole policy gathered (`unsharded`);
-    - no-grad pass (old, reference; sequence-parallel): a micro-batch's largest layer intermediates;
+
+def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new=1024, micro_batch=1,
+         dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024,
+         prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0):
+    """Estimated memory per rank, in bytes, of one step of this code, grpo.py's (or sft.py's: `sft`)
+    with `prompts` videos per data-parallel rank (grpo.py: their G rows each in `mini_batches`
+    slices): the components and the peak (on a GPU `plan_run` adds ALLOWANCE). world = dp x sp ranks
+    (default sp).
+
+    Held all step: the policy's fp32 weights and its reference's (grpo.py; none without `ref`),
+    AdamW's two fp32 states, and each prompt's cached video embeddings (grpo.py); `fsdp` divides the
+    first three by `world` (grpo.py shards the frozen vision tower too, sft.py what it trains) and
+    gathers in the compute dtype. Plus the largest phase:
+    - encode: the video's pixel rows (all on every rank), the vision tower's layer intermediates
+      over this rank's share of the temporal groups, the shares all-gathered; grpo.py with fsdp: the
+      whole policy gathered (`collect` runs in `unsharded`);
+    - rollout (grpo.py): prompts prefilled one at a time; those of at most ROLLOUT_TOKENS tokens in
+      all decode together, their caches stacked (a copy: twice their KV cache), a longer one alone.
+      Prefill: sp=1 a `prefill_chunk` of layer intermediates and transformers' (chunk, P) mask, 5 B an
+      entry; sp>1 Ulysses over P/sp tokens, then each layer's cache all-gathered. Decode: this rank's
+      G/sp samples of each prompt, their own KV cache, one layer's fp32 scores over the prompt and
+      logits. With fsdp the policy gathered; `vllm`: the bytes vLLM's engine takes instead;
+    - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows (right
+      padding, no mask): a layer's intermediates, the rows' input embeddings, a logits chunk;
     - training pass: autograd's saved values per token and layer, counted on our path with
       torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
-      Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 per local token (its all-to-all
-      output: one more copy; H' = H unless `ulysses_heads` adds zero heads); `ckpt` (activation
-      checkpointing) keeps d per token and layer, and one layer's values in its recompute. Then
-      the larger of the backward's two stages: the lm_head chunk recomputed (chunk x vocab
-      logits, about 6 fp32 copies), or one layer's backward intermediates; at sp=1
-      with ragged rows the (B, L, L) mask, a float copy saved by every layer's SDPA (Ulysses: none
-      for right padding); with fsdp the units gathered (and their unsharded gradients); plus the
-      policy's fp32 gradients (`grads`, sharded with fsdp).
+      Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 per local token (H' = H unless
+      `ulysses_heads` adds zero heads); `ckpt` (activation checkpointing) keeps each layer's input,
+      the residual stream (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values
+      in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
+      (chunk x vocab logits, about 6 fp32 copies) or one layer's backward intermediates. Plus the
+      whole row's input embeddings under SP (every rank splices it; the first layer's input is a
+      view of it); with fsdp the root and a unit gathered (and their unsharded gradients); without
+      fsdp, in bf16, autocast's weight copies each layer saves; sft.py with a micro-batch of several
+      samples (left padding): a (B, L, L) bool mask and the float copy each layer's SDPA saves
+      (measured: 13 B an element with 3 layers); plus the policy's fp32 gradients;
+    - optimizer: the gradients and AdamW's foreach temporaries, about the parameters' size (fp32).
+    Beside the peak: `host`, a step's videos in host memory per rank (frames as uint8 and their fp32
+    pixel rows, an SP peer's share) and `load`, the fp32 weights from_pretrained puts on the host.
     Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
-    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.84x to 1.04x measured).
+    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.71x to 0.98x measured).
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
-    --fsdp`; bf16, G=8, 1,024-token responses, micro-batch 1): 231,488 tokens a row, 28,936 per
-    rank. Peak 49.8 GiB per rank: policy weights, gradients and AdamW 14.5 (116 replicated), the
-    reference 3.5 (28.4), the rollout 33.8 (the prompt's KV cache once, 12.4; the policy gathered in
-    bf16, 15.5), the training pass 16.1 (172 without checkpointing). The largest video that fits 80
-    GB is 9,068 frames (`max_frames`). The code before --fsdp, checkpointing and the shared prompt
-    cache needed 311 GiB per rank here, most of it G copies of the prompt's KV cache and every
-    layer's activations. The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
+    --fsdp`: bf16, 8 prompts a step, G=8, 1,024-token responses): 231,488 tokens a row, 28,936 a
+    rank. Peak 63.0 GiB a rank, 69.1 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
+    replicated), the reference 3.5, the 8 prompts' video embeddings 12.3, the rollout 36.2 (the
+    policy gathered in bf16, 15.4; a prompt's KV cache, 12.4), the training pass 19.7 (micro-batch 1,
+    checkpointed). The largest video that fits 79 GiB is 4,622 frames (`max_frames`; with one prompt
+    a step 6,856). The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
-    t = config.get_text_config()
+    t, vc = config.get_text_config(), config.vision_config
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                              t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
-    D = getattr(t, "head_dim", None) or d // H
-    b = 2 if dtype == "bfloat16" else 4  # activations and reference copy; policy weights stay fp32
+    D = getattr(t, "head_dim", None) or d // H  # Qwen3-VL's is its own
+    dv = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL's tower width is embed_dim
+    Iv, depth = getattr(vc, "intermediate_size", None) or int(dv * vc.mlp_ratio), vc.depth
+    b = 2 if dtype == "bfloat16" else 4  # activations and gathered weights; policy weights stay fp32
+    rb = 2 if (rollout_dtype or dtype) == "bfloat16" else 4  # the rollout's
+    # the residual stream starts as the embedding table's output: fp32, its weights' dtype (autocast
+    # leaves embeddings and additions alone), unless FSDP gathers the table in the compute dtype
+    r, rr = (b, rb) if W > 1 else (4, 4)
     c = model_costs(config)
-    groups, per_group = frames // 2, max_pixels // (28 * 28)  # groups of 2 frames, tokens a group
+    px, tp = vc.patch_size * vc.spatial_merge_size, vc.temporal_patch_size  # a token's pixels, frames
+    merge = vc.spatial_merge_size ** 2  # patches a token
+    groups, per_group = -(-frames // tp), max_pixels // px ** 2  # temporal groups, tokens a group
     video = groups * per_group
+    wide = d * (1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()))  # DeepStack: 1 + k
     P, T = video + text, max_new
-    L, B = P + T, min(micro_batch, G)
+    L = P + T
+    # rows a pass: sft.py's samples; grpo.py's, one prompt's G at most, in one mini-batch's slice
+    B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
     l = -(-L // sp)  # tokens per rank in the training passes
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
     # values saved a token a layer; Ulysses' q and output after the all-to-all have the zero heads
     layer = 4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
-    # checkpointed: each layer's input kept, one layer's values alive again in its recompute
-    kept = (d * layers if ckpt else layer * layers) + 2 * D + 2 * d
+    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in its recompute
+    kept = (r * d * layers if ckpt else b * layer * layers) + b * (2 * D + 2 * d)
     logits = 6 * 4 * min(chunk, B * T) * V
-    # rows of different lengths at sp=1: transformers' (B, 1, L, L) bool mask, plus a float copy
-    # saved by every layer's SDPA (measured: 13 B per element with 3 layers); no-grad: one at a time
-    mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sp == 1 and B > 1 else 0
-    lm = c["trainable"]  # language model and lm_head: trained, and all of the reference
+    # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
+    # saved by every layer's SDPA (grpo.py's hold one prompt's rows: right padding, no mask)
+    mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sft and B > 1 else 0
+    lm, vis = c["trainable"], c["vision"]  # language model and lm_head; the vision tower
+    trained = lm + vis * train_vision
+    Wv = W if not sft or train_vision else 1  # FSDP over the tower: grpo.py's all, sft.py's trained
     # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
-    # lm_head, tied embeddings) and gathers a layer, the untied embeddings, at a time; the rollout, all
-    fs = dict(root=b * (lm - layers * c["layer"] - c["head"]), layer=b * c["layer"],
-              embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
-    m = dict(weights=4 * (lm + c["vision"]) / W, ref=4 * lm / W * ref, grads=4 * lm / W, adam=8 * lm / W,
-             video_embeds=b * video * d)
-    # backward: the head's (logits, its weights) then the layers' (a recompute, intermediates)
-    back = max(logits,
-               b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
-    n = G // sp if G % sp == 0 else G  # samples this rank decodes
+    # lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer, the
+    # untied embeddings, at a time
+    fs = dict(root=b * (lm - layers * c["layer"] - c["head"] + (c["vision_root"] if Wv > 1 else 0)),
+              layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
+    # bf16 without FSDP: autocast's copy of lm_head's weight in a pass, and of every layer's weights
+    # saved for the backward (checkpointed: the recomputed layer's)
+    cast = b * V * d if b == 2 and W == 1 else 0
+    saved_casts = b * c["layer"] * (1 if ckpt else layers) if b == 2 and W == 1 else 0
+    m = dict(weights=4 * lm / W + 4 * vis / Wv, ref=0 if sft else 4 * lm / W * ref,
+             grads=4 * trained / W, adam=8 * trained / W,
+             video_embeds=0 if sft else prompts * b * video * wide)
+    gathered = b * (lm + vis) if W > 1 and not sft else 0  # grpo.py's collect runs in `unsharded`
+    # encode: the pixel rows, the tower's intermediates over this rank's share of temporal groups
+    # (sft.py training the tower: all of them, every SP peer) and the shares gathered
+    share = groups if sft and train_vision else -(-groups // sp)
+    patches = share * per_group * merge
+    enc = (4 * groups * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv)
+           + b * share * per_group * wide + (b * video * wide if sp > 1 and share < groups else 0))
+    # sft.py training the tower: each sample's saved values until the pass's backward
+    tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
+    # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
+    Pp = sp * -(-P // sp)
+    kv1 = rb * Pp * layers * 2 * K * D  # a prompt's KV cache
+    nb = 1 if P > ROLLOUT_TOKENS else max(1, min(prompts, ROLLOUT_TOKENS // P))
+    n = G // sp if G % sp == 0 else G  # samples of a prompt this rank decodes
     C = min(prefill_chunk or P, P)
-    pre = (b * l * (3 * I + 4 * d) + 2 * b * L * (Hp + 2 * kv) * D // sp if sp > 1
-           else b * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
-    dec = n * T * layers * 2 * K * D * b + 4 * n * H * P + 4 * n * V
-    phase = dict(encode=4 * frames * max_pixels * 3,  # the pixel rows, dropped once encoded
-                 rollout=(b * P * (layers * 2 * K * D + d) + max(pre, dec)
-                          + (b * (lm + c["vision"]) if W > 1 else 0)),
-                 no_grad_pass=(b * B * l * (3 * I + 4 * d) + (5 * B * L * L if mask else 0)
-                               + fs["root"] + max(fs["layer"], fs["embed"])),
-                 training_pass=b * B * l * kept + back + mask + 2 * fs["root"])
+    pre = rr * Pp * wide * (2 if sp > 1 else 1) + (  # its spliced embeddings (SP: and a padded copy)
+        rb * (Pp // sp) * (3 * I + 4 * d) + 2 * rb * Pp * (Hp + 2 * kv) * D // sp + 2 * kv1 // layers
+        if sp > 1 else rb * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
+    dec = nb * (n * T * layers * 2 * K * D * rb + 3 * 4 * n * H * Pp + 3 * 4 * n * V)
+    ours = max(nb * kv1 + pre, (2 * nb if nb > 1 else 1) * kv1, nb * kv1 + dec) + cast
+    # the passes' rows: input embeddings of the whole row (SP: a padded copy, kept by layer 0's input)
+    emb = r * B * sp * l * wide
+    a2a = 2 * b * B * l * (Hp + 2 * kv) * D if sp > 1 else 0  # Ulysses' all-to-all buffers
+    no_grad = (b * B * l * (3 * I + 4 * d) + a2a + emb * (2 if sp > 1 else 1) + cast
+               + 3 * 4 * min(chunk, B * T) * V + fs["root"] + max(fs["layer"], fs["embed"]))
+    # backward (the head's, a layer's) or the forward's end (the unpadded rows, under SP)
+    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"],
+               r * B * L * wide if sp > 1 else 0)
+    train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
+             + emb - r * B * l * d  # beyond layer 0's input, counted in kept
+             + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
+    phase = dict(encode=enc + (b * B * video * wide + fs["root"] if sft else gathered),
+                 rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
+                 training_pass=train, optimizer=4 * trained / W)  # AdamW's foreach temporaries
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
     m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds"))
                  + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
-                       phase["training_pass"] + m["grads"]))
-    m.update(tokens=L, video_tokens=video, tokens_per_rank=l)
+                       phase["training_pass"] + m["grads"], phase["optimizer"] + m["grads"]))
+    m["host"] = prompts * groups * tp * per_group * px ** 2 * 3 * (1 + 4) / sp  # uint8 + fp32 rows
+    m["load"] = 4 * c["params"]
+    m.update(tokens=L, video_tokens=video, tokens_per_rank=l, rows=B)
     return m
 
 
-def plan_main(argv=None):
+COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "encode", "rollout",
+              "no_grad_pass", "training_pass", "optimizer", "peak", "allowance", "total", "host", "load")
+
+
+def check_layout(world, sp, n=None, flag="--prompts"):
+    """Why world ranks at --sp cannot run a step of n prompts (or samples: `flag`), or None."""
+    if sp < 1 or world % sp:
+        return (f"world size {world} is not divisible by --sp {sp}: world = dp x sp needs a whole "
+                f"number of data-parallel groups, dp = {world}/{sp}")
+    if n is not None and n % (world // sp):
+        return f"{flag} {n} must be divisible by the data-parallel size ({world // sp})"
+    return None
+
+
+def _plan_args(a, config, world, capacity):
+    """plan() of the run `a` describes, every flag set; on a GPU (capacity) ALLOWANCE added."""
+    sft = hasattr(a, "batch")  # sft.py's flags; grpo.py's and `mr_sp.py plan`'s have --prompts
+    m = plan(config, a.frames, a.sp, a.max_pixels, getattr(a, "text", TEXT), 1 if sft else a.G,
+             SFT_TARGET if sft else a.max_new, a.micro_batch, a.dtype, not sft and a.kl_coef != 0,
+             world, a.fsdp and world > 1, a.activation_checkpointing,
+             prefill_chunk=0 if sft else a.prefill_chunk,
+             prompts=(a.batch if sft else a.prompts) // (world // a.sp),
+             mini_batches=1 if sft else a.mini_batches, sft=sft,
+             train_vision=sft and (a.vision == "train" or (a.vision == "auto" and a.init in M.TINY)),
+             rollout_dtype=getattr(a, "rollout_dtype", None),
+             vllm=int(a.vllm_mem * capacity) if not sft and a.engine == "vllm" and capacity else 0)
+    comms = (world > 1) + (a.sp > 1)  # NCCL communicators
+    m["allowance"] = (ALLOWANCE["context"] + comms * ALLOWANCE["communicator"]
+                      + ALLOWANCE["fragmentation"] * m["peak"] if capacity else 0)
+    m["total"] = m["peak"] + m["allowance"]
+    return m
+
+
+def _resolve(args, config, world, capacity, **change):
+    """(args with `change` and unset flags resolved, its plan): an unset --activation-checkpointing
+    off and an unset --micro-batch the largest of MICRO_BATCHES (up to MICRO_TOKENS; CPU: the first)
+    where that fits (a GPU: the whole step in capacity; CPU: the training pass under CPU_PASS), else
+    the most frugal."""
     import argparse
-    import json
-    ap = argparse.ArgumentParser(prog="mr_sp.py plan", description=plan.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["plan"], help="the planner (the only command)")
-    ap.add_argument("--frames", type=int, required=True, help="frames per video")
-    ap.add_argument("--sp", type=int, default=1, help="sequence-parallel degree; default 1")
-    ap.add_argument("--config", default="qwen2.5-vl-7b",
-                    help="tiny | small | qwen2.5-vl-7b | qwen2.5-vl-3b | HF folder; default qwen2.5-vl-7b")
-    ap.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
-                    help="pixels per frame, /784 = tokens per 2 frames; default 128*28*28 (64 tokens/frame)")
-    ap.add_argument("--text", type=int, default=64, help="prompt text tokens besides video; default 64")
-    ap.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
-    ap.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
-    ap.add_argument("--micro-batch", type=int, default=1, help="rows per training forward; default 1")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--kl-coef", type=float, default=1e-2, help="0: no reference model; default 1e-2")
-    ap.add_argument("--fsdp", action="store_true", help="policy and reference sharded over --world ranks")
-    ap.add_argument("--world", type=int, default=0, help="ranks, dp x sp; default --sp (dp 1)")
-    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                    help="decoder layers recomputed in backward (grpo.py's default: on)")
-    ap.add_argument("--prefill-chunk", type=int, default=1024, help="grpo.py's: prefill tokens a forward")
-    ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per rank to compare with; default 80")
-    a = ap.parse_args(argv)
-    cfg = plan_config(a.config)
-    peak = lambda f: plan(cfg, f, a.sp, a.max_pixels, a.text, a.G, a.max_new,  # noqa: E731
-                          a.micro_batch, a.dtype, a.kl_coef != 0, a.world or a.sp, a.fsdp,
-                          a.activation_checkpointing,
-                          prefill_chunk=a.prefill_chunk)
-    m, lo, hi = peak(a.frames), 0, 2
-    while peak(hi)["peak"] <= a.gpu_gb * 2**30 and hi < 2**22:  # the largest even frame count that fits
+    import itertools
+    a = argparse.Namespace(**{**vars(args), **change})
+    auto = a.micro_batch is None
+    ckpts = [a.activation_checkpointing] if a.activation_checkpointing is not None else (False, True)
+    mbs = [a.micro_batch] if not auto else MICRO_BATCHES if capacity else MICRO_BATCHES[:1]
+    tries = itertools.product(ckpts, mbs)
+    for a.activation_checkpointing, a.micro_batch in tries:
+        m = _plan_args(a, config, world, capacity)
+        if auto and capacity and m["rows"] > 1 and m["rows"] * m["tokens_per_rank"] > MICRO_TOKENS:
+            continue
+        if m["total"] <= capacity if capacity else m["training_pass"] <= CPU_PASS:
+            break
+    return a, m
+
+
+def _max_frames(args, config, world, capacity, **change):
+    """The largest even frame count whose run fits capacity (0: none)."""
+    def fits(f):
+        return _resolve(args, config, world, capacity, frames=f, **change)[1]["total"] <= capacity
+
+    lo, hi = 0, 2
+    while fits(hi) and hi < 2**22:
         lo, hi = hi, 2 * hi
     while hi - lo > 2:
         mid = (lo + hi) // 4 * 2
-        lo, hi = (mid, hi) if peak(mid)["peak"] <= a.gpu_gb * 2**30 else (lo, mid)
-    print(f"{a.config}, {a.frames} frames = {m['video_tokens']:,} video tokens, "
-          f"{m['tokens']:,} per row, {m['tokens_per_rank']:,} per rank at sp={a.sp}")
-    for k in ("weights", "ref", "grads", "adam", "state", "video_embeds", "encode", "rollout",
-              "no_grad_pass", "training_pass", "peak"):
-        print(f"{k:>14} | {m[k] / 2**30:9.2f} GiB")
-    gb = {k: round(x / 2**30, 3) for k, x in m.items()
-          if k not in ("tokens", "video_tokens", "tokens_per_rank")}
-    print(json.dumps(dict(config=a.config, frames=a.frames, sp=a.sp,
-                          **{k: m[k] for k in ("tokens", "tokens_per_rank")}, gib=gb,
-                          fits=m["peak"] <= a.gpu_gb * 2**30, max_frames=lo)))
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _advice(args, a, config, world, capacity):
+    """The nearest flags that fit a run over capacity (`a`: its args resolved): each flag that alone
+    fits (the least --sp; the most --frames), else the fewest that fit together (all of them with
+    fewer frames if none do), else more ranks."""
+    import itertools
+    n, flag = (args.batch, "--batch") if hasattr(args, "batch") else (args.prompts, "--prompts")
+
+    def fit(w=world, **change):
+        return _resolve(args, config, w, capacity, **change)[1]["total"] <= capacity
+
+    def both(flags):  # [(flag, change)] -> (the flags, all changes)
+        return " ".join(f for f, _ in flags), {k: v for _, c in flags for k, v in c.items()}
+
+    saves = [("--micro-batch 1", dict(micro_batch=1))] * (a.micro_batch > 1)
+    saves += [("--activation-checkpointing", dict(activation_checkpointing=True))] * (
+        not a.activation_checkpointing)
+    fsdp = [("--fsdp", dict(fsdp=True))] * (not a.fsdp)
+    sps = [k for k in range(a.sp + 1, world + 1) if not check_layout(world, k, n, flag)]
+    opts = saves + fsdp * (world > 1)
+    out = [f for f, ch in opts if fit(**ch)] + [f"--sp {k}" for k in sps if fit(sp=k)][:1]
+    if f := _max_frames(args, config, world, capacity):
+        out.append(f"--frames {f}")
+    if all(f.startswith("--frames") for f in out):  # no one flag but fewer frames: the fewest together
+        combos = sorted((c + s for r in range(len(opts) + 1) for c in itertools.combinations(opts, r)
+                         for s in [()] + [((f"--sp {k}", dict(sp=k)),) for k in sps]), key=len)
+        flags = next((f for f, ch in map(both, combos[1:]) if " --" in f and fit(**ch)), None)
+        if flags:
+            out.append(flags)
+        elif len(combos) > 1:  # all of them (the largest sp), with fewer frames
+            flags, ch = both(combos[-1])
+            if f := _max_frames(args, config, world, capacity, **ch):
+                out.append(f"{flags} --frames {f}")
+    for w in [] if out else [2 ** i for i in range(1, 7) if 2 ** i > world]:  # more ranks, sharded
+        flags, ch = both(saves + fsdp)
+        ks = [k for k in range(1, w + 1) if not check_layout(w, k, n, flag) and fit(w, sp=k, **ch)]
+        if ks:
+            out.append(f"{w} ranks: {flags} --sp {ks[0]}")
+            break
+    return out
+
+
+def plan_run(args, config, world, capacity=None):
+    """The plan of the run that `args` describe, grpo.py's parsed flags (or sft.py's, which have
+    --batch; `mr_sp.py plan` parses grpo.py's), on `world` ranks of `capacity` bytes each (a GPU's;
+    None: CPU): a JSON-ready dict of the layout, the flags resolved (unset --micro-batch and
+    --activation-checkpointing: `_resolve`), tokens, the components per rank in GiB (`plan`, with
+    ALLOWANCE and the total on a GPU) and on a GPU whether it fits, the most frames that fit, and,
+    when over, the nearest flags that fit. A layout the scripts cannot run is refused (SystemExit,
+    one line), as the scripts refuse it."""
+    sft = hasattr(args, "batch")
+    n, flag = (args.batch, "--batch") if sft else (args.prompts, "--prompts")
+    if err := check_layout(world, args.sp, n, flag):
+        raise SystemExit(err)
+    a, m = _resolve(args, config, world, capacity)
+    fits = m["total"] <= capacity if capacity else None
+    return dict(script="sft" if sft else "grpo",
+                model=f"{config.model_type} {model_costs(config)['params'] / 1e6:,.0f}M parameters",
+                world=world, dp=world // a.sp, sp=a.sp, fsdp=bool(a.fsdp and world > 1), frames=a.frames,
+                micro_batch=a.micro_batch, activation_checkpointing=a.activation_checkpointing,
+                **{k: m[k] for k in ("tokens", "video_tokens", "tokens_per_rank", "rows")},
+                gib={k: round(m[k] / 2**30, 3) for k in COMPONENTS},
+                capacity_gib=capacity and round(capacity / 2**30, 3), fits=fits,
+                max_frames=capacity and _max_frames(args, config, world, capacity),
+                advice=_advice(args, a, config, world, capacity) if fits is False else [])
+
+
+def plan_line(p):
+    """A plan (`plan_run`) in one line."""
+    g = {k: f"{x:.2f}" for k, x in p["gib"].items()}
+    fsdp, ckpt = " fsdp" if p["fsdp"] else "", "on" if p["activation_checkpointing"] else "off"
+    peak = (f"peak {g['peak']} + allowance {g['allowance']} = {g['total']} GiB a rank of "
+            f"{p['capacity_gib']:.2f}: {'fits' if p['fits'] else 'OVER'}" if p["capacity_gib"]
+            else f"peak {g['peak']} GiB a rank (CPU)")
+    return (f"plan | {p['model']}, {p['frames']} frames: {p['tokens']:,} tokens a row, "
+            f"{p['tokens_per_rank']:,} a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
+            f"micro-batch {p['micro_batch']}, checkpointing {ckpt} | GiB a rank: state {g['state']} "
+            f"ref {g['ref']} embeds {g['video_embeds']}; encode {g['encode']} rollout {g['rollout']} "
+            f"no-grad {g['no_grad_pass']} train {g['training_pass']} | {peak} | host {g['host']}, "
+            f"load {g['load']}")
+
+
+def plan_start(args, config, par):
+    """At a script's start, before loading weights: its run planned (`plan_run`) on this device,
+    unset flags resolved into args (args.json records them), the plan in one line and in
+    --out/plan.json (rank 0). A plan over the GPU's memory stops the run with the flags that fit;
+    on CPU a plan over the host's memory is noted, not stopped (it swaps, or another job leaves)."""
+    cuda = par.device.type == "cuda"
+    p = plan_run(args, config, par.world, torch.cuda.get_device_properties(par.device).total_memory
+                 if cuda else None)
+    args.micro_batch, args.activation_checkpointing = p["micro_batch"], p["activation_checkpointing"]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", par.world))  # the ranks on this host
+    g = p["gib"]
+    host = ranks * (max(g["host"], g["load"]) if cuda else g["peak"] + g["host"])
+    if par.rank == 0:
+        print(plan_line(p) + (f" | {ranks} rank(s) need {host:.1f} GiB of this host's {ram:.1f}"
+                              if host > ram else ""))
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "plan.json"), "w") as f:
+            json.dump(p, f, indent=1)
+    if p["fits"] is False:
+        fit = " | ".join(p["advice"]) or "none found"
+        raise SystemExit(f"the plan needs {g['total']:.1f} GiB a rank, over this GPU's "
+                         f"{p['capacity_gib']:.1f}; runs that fit: {fit}")
+    return p
+
+
+def plan_parser():
+    """`mr_sp.py plan`'s flags: grpo.py's that shape memory, by its names and with its defaults but
+    --dtype and --max-new, a long-video run's (bfloat16, 1,024; tests/test_plan.py checks the rest)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="mr_sp.py plan", description=plan.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", choices=["plan"], help="the planner (the only command)")
+    ap.add_argument("--config", default="qwen2.5-vl-7b", help="tiny | small | a model.TINY name | "
+                    "qwen2.5-vl-7b | qwen2.5-vl-3b | qwen3-vl-8b | HF folder; default qwen2.5-vl-7b")
+    ap.add_argument("--world", type=int, default=0, help="ranks, dp x sp; without --sp the layout is "
+                    "chosen: the most data parallel that fits --gpu-gb; default --sp (dp 1)")
+    ap.add_argument("--gpu-gb", type=float, default=79.0,
+                    help="GiB a rank has; default 79 (an 80 GB H100's total_memory is 79.2 GiB)")
+    ap.add_argument("--text", type=int, default=TEXT,
+                    help=f"prompt tokens besides the video; default {TEXT}")
+    g = ap.add_argument_group("grpo.py's flags, its defaults but --dtype bfloat16 and --max-new 1024")
+    g.add_argument("--frames", type=int, required=True, help="frames per video")
+    g.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
+                   help="pixels per frame; default 128*28*28 (Qwen2.5-VL: 64 tokens a frame)")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
+    g.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
+    g.add_argument("--prompts", type=int, default=8, help="prompts per step over all ranks; default 8")
+    g.add_argument("--prefill-chunk", type=int, default=1024, help="rollout prefill tokens a forward")
+    g.add_argument("--engine", default="own", choices=["own", "vllm"], help="rollout engine")
+    g.add_argument("--vllm-mem", type=float, default=0.5, help="vllm: GPU share; default 0.5")
+    g.add_argument("--rollout-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default --dtype")
+    g.add_argument("--kl-coef", type=float, default=1e-2, help="0: no reference model; default 1e-2")
+    g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates a pass; default 2")
+    g.add_argument("--micro-batch", type=int, default=None, help="rows per forward; default: the "
+                   f"largest of {', '.join(map(str, MICRO_BATCHES))} that fits")
+    g.add_argument("--sp", type=int, default=None, help="sequence-parallel degree; default 1, or chosen "
+                   "with --world")
+    g.add_argument("--fsdp", action="store_true", help="policy and reference sharded over --world ranks")
+    g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="decoder layers recomputed in backward; default: on where it must be to fit")
+    return ap
+
+
+def pick_layout(a, cfg, world, cap):
+    """The layout for `world` ranks of `cap` bytes: the most data-parallel (least sp) that fits, else
+    the smallest plan. Returns {sp: plan} of the layouts tried, the one picked first."""
+    tried = {}
+    for k in (k for k in range(1, world + 1) if not check_layout(world, k, a.prompts)):
+        a.sp = k
+        tried[k] = plan_run(a, cfg, world, cap)
+        if tried[k]["fits"]:
+            break
+    best = a.sp if tried[a.sp]["fits"] else min(tried, key=lambda k: tried[k]["gib"]["total"])
+    return {best: tried[best], **tried}
+
+
+def plan_main(argv=None):
+    """`python mr_sp.py plan`: prints `plan_run`'s plan (a table, then the plan as JSON); with --world
+    and no --sp, of the layout with the least sp (the most data parallel) that fits --gpu-gb."""
+    a = plan_parser().parse_args(argv)
+    cfg, cap = plan_config(a.config), a.gpu_gb * 2**30
+    world, tried = a.world or a.sp or 1, {}
+    if a.sp is None and a.world:
+        tried = pick_layout(a, cfg, world, cap)
+        a.sp = next(iter(tried))
+    a.sp = a.sp or 1
+    p = tried.get(a.sp) or plan_run(a, cfg, world, cap)
+    tried = ", ".join(f"sp {k}: {q['gib']['total']:.1f} GiB" for k, q in tried.items())
+    print(f"{a.config}, {p['frames']} frames = {p['video_tokens']:,} video tokens, {p['tokens']:,} per "
+          f"row, {p['tokens_per_rank']:,} per rank at dp {p['dp']} x sp {p['sp']} (world {world})"
+          + (f"; layouts tried: {tried}" if tried else ""))
+    for k in COMPONENTS:
+        print(f"{k:>14} | {p['gib'][k]:9.2f} GiB")
+    print(f"{'fits' if p['fits'] else 'OVER'} {a.gpu_gb:g} GiB; most frames that fit: "
+          f"{p['max_frames']:,}"
+          + (f"; runs that fit: {' | '.join(p['advice'])}" if p["advice"] else ""))
+    print(json.dumps(p))
 
 
 # -----------------------------------------------------------------------------

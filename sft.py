@@ -9,7 +9,8 @@
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the row's video, image or no visual input, and question, averaged over the global batch's target tokens. Writes --out: model/ (HF
-folder; state.pt: optimizer, step, for --resume), args.json, metrics.jsonl; the same with --fsdp.
+folder; state.pt: optimizer, step, for --resume), args.json, plan.json (the run's memory plan, made
+from the config at start: mr_sp.plan_start), metrics.jsonl; the same with --fsdp.
 """
 import argparse
 import functools
@@ -43,7 +44,9 @@ g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
 g = ap.add_argument_group("optimization")
 g.add_argument("--steps", type=int, default=300, help="optimizer steps; default 300")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
-g.add_argument("--micro-batch", type=int, default=16, help="samples per pass (accumulated); default 16")
+g.add_argument("--micro-batch", type=int, default=None,
+               help="samples per pass (accumulated); default: 16 on CPU, on a GPU the largest "
+               "of 16, 8, 4, 2, 1 that the plan fits, at most 32,768 tokens a rank")
 g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW lr; default 2e-3 (tiny model)")
 g.add_argument("--warmup", type=int, default=20, help="linear warmup steps; default 20")
 g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
@@ -54,9 +57,10 @@ g = ap.add_argument_group("run")
 g.add_argument("--sp", type=int, default=1, help="ranks per SP group; world = dp x sp; default 1")
 g.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state over "
                "all ranks (FSDP2 fully_shard), not replicate; same updates; no-op in one process")
-g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="keep each decoder layer's input only, recompute the layer in backward: a 4,096-"
-               "frame pass 0.26x the memory, 1.25x the time; default on")
+               "frame pass 0.26x the memory, 1.25x the time; default: on where the plan does not "
+               "fit without it (on CPU: a training pass over 2 GiB a rank)")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
@@ -87,10 +91,11 @@ def epoch_order(seed, epoch, n_rows):
 
 def main(args):
     par = mr_sp.init_parallel(args.sp)
-    if args.batch % par.dp:
-        raise SystemExit(f"--batch {args.batch} must be divisible by the data-parallel size ({par.dp})")
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    # planned from the config alone, before any weights load: unset flags resolved, a layout that
+    # cannot run (--batch over dp) or a GPU it does not fit refused
+    mr_sp.plan_start(args, mr_sp.plan_config(src), par)
     model, tok = M.load(src, device=par.device, seed=args.seed)
     train_vision = args.vision == "train" or (args.vision == "auto" and args.init in M.TINY)
     model.model.visual.requires_grad_(train_vision)

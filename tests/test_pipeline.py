@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
+import mr_sp
 from bench import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,16 @@ def test_two_processes_equal_one(task, tmp_path, script):
         cmd += ["--mini-batches", "1", "--adv", "reinforce++", "--lr", "1e-4"]
     # one process runs the ranks' blocks as its micro-batches (2 of 2 samples; GRPO: one prompt each)
     run(*cmd, "--out", str(tmp_path / "one"), "--micro-batch", "2" if script == "sft" else "8")
-    run(*cmd, "--out", str(tmp_path / "two"), nproc=2)
+    out = run(*cmd, "--out", str(tmp_path / "two"), nproc=2)
+    # the run's plan, made before any weights load: its line printed once (rank 0), plan.json, and
+    # the flag it resolved (checkpointing: off, a tiny model's pass) in args.json
+    plan = json.loads((tmp_path / "two" / "plan.json").read_text())
+    lines = [line for line in out.stdout.splitlines() if line.startswith("plan | ")]
+    assert lines == [mr_sp.plan_line(plan)]
+    assert (plan["script"], plan["world"], plan["dp"], plan["fits"]) == (script, 2, 2, None)
+    resolved = json.loads((tmp_path / "two" / "args.json").read_text())
+    assert resolved["activation_checkpointing"] is False
+    assert resolved["micro_batch"] == plan["micro_batch"] == (2 if script == "sft" else 8)
     one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max_diff(one, two) <= 1e-5
     # AdamW's first step (and clipping) hide a gradient's scale from the weights: compare norms too
