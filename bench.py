@@ -110,11 +110,12 @@ ep.add_argument("--frames", type=int, default=8192, help="memory runs' video (2 
 ep.add_argument("--sp-frames", type=int, default=4096, help="sp=1 vs sp=2 timing runs' video; default 4096")
 ep.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 ep.add_argument("--repeats", type=int, default=3, help="timing runs per sp, alternating; default 3")
-gp = sub.add_parser("gpu", help="the prepared GPU check: Qwen2.5-VL-7B's widths, a few layers, one rank's share")
+gp = sub.add_parser("gpu", help="the prepared GPU check: the 7B's widths, a few layers, a rank's share")
 gp.add_argument("--config", default="qwen2.5-vl-7b", help="mr_sp.plan_config name; default qwen2.5-vl-7b")
 gp.add_argument("--layers", type=int, default=4, help="decoder layers at the real widths; default 4")
 gp.add_argument("--frames", type=int, default=3600, help="the real job's video; default 3600")
-gp.add_argument("--sp", type=int, default=8, help="the real job's sp: this GPU runs 1/sp of the video; default 8")
+gp.add_argument("--sp", type=int, default=8, help="the real job's sp: this GPU runs 1/sp of the video; "
+                "default 8")
 gp.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
 gp.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
 gp.add_argument("--size", type=int, default=0, help="square frames of this side (0: 448x224); default 0")
@@ -570,7 +571,8 @@ def gpu(args):
     from torch.utils._python_dispatch import TorchDispatchMode
     dev, tok = torch.device(args.device), M.tiny_tokenizer()
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config tiny:qwen2.5-vl-7b: a smoke run)")
+        raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config tiny:qwen2.5-vl-7b: a "
+                         "smoke run)")
     cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)  # the config's shapes, tiny's token ids
     cfg.text_config.num_hidden_layers = args.layers
     for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -598,8 +600,8 @@ def gpu(args):
     vc = cfg.vision_config
     grid = [frames // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size]
     s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"], kind="video",
-             pixel_values=torch.randn(grid[0] * grid[1] * grid[2], 3 * vc.temporal_patch_size * vc.patch_size ** 2,
-                                      generator=g),
+             pixel_values=torch.randn(grid[0] * grid[1] * grid[2],
+                                      3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g),
              grid_thw=torch.tensor([grid]), second_per_grid=2.0, frame_times=[i / 2 for i in range(frames)])
     kernels = collections.defaultdict(set)
 
@@ -630,10 +632,12 @@ def gpu(args):
     planned = {k: held + gib[PLAN_PHASES[k]] + (gib["grads"] if k == "update" else 0.0) for k in PLAN_PHASES}
     L, rows = plan["tokens"], args.G
     passes = gargs.epochs  # training passes over the rows
-    out = dict(config=args.config, layers=args.layers, frames=frames, tokens=L, G=args.G, max_new=args.max_new,
+    out = dict(config=args.config, layers=args.layers, frames=frames, tokens=L, G=args.G,
+               max_new=args.max_new,
                device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                activation_checkpointing=gargs.activation_checkpointing, step_s=round(rec["seconds"], 1),
-               expected_step_s=round(expected_seconds(cfg, L, rows, passes, gargs.activation_checkpointing), 1),
+               expected_step_s=round(expected_seconds(cfg, L, rows, passes,
+                                                      gargs.activation_checkpointing), 1),
                peak_gb={k: round(rec["peak_gb_ranks"][k][0], 2) for k in PLAN_PHASES},
                planned_gb={k: round(v, 2) for k, v in planned.items()},
                planned_total_gb=gib["total"], kernels={k: sorted(v) for k, v in kernels.items()},
@@ -712,16 +716,18 @@ def hour(args):
 def rehearse(args):
     """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes (gloo),
     --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as a user's
-    are), two GRPO steps (lr 1e-4, --mini-batches 1, no dynamic sampling: the same updates on any
+    are), two GRPO steps (lr 1e-4, one update a step, no dynamic sampling: the same updates on any
     number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights are
     compared with one process's after one step (max |diff|, and how many differ by over 1e-5), then
-    resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory above the Python runtime (grpo.py's peak_gb_ranks) against the run's
-    own plan. Last line JSON."""
+    resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory above
+    the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line JSON."""
     from safetensors.torch import load_file
     t0 = time.time()
-    real = mr_sp.plan_parser().parse_args(["--config", args.real, "--frames", str(args.real_frames), "--fsdp"])
-    layouts = [next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc, real.gpu_gb * 2**30)))
-               if x == "plan" else int(x) for x in args.layouts.split(",")]
+    real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames", str(args.real_frames),
+                                           "--fsdp"])
+    picked = lambda: next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc,  # noqa: E731
+                                                 real.gpu_gb * 2**30)))
+    layouts = [picked() if x == "plan" else int(x) for x in args.layouts.split(",")]
     layouts = list(dict.fromkeys(layouts))  # "plan" may pick one already listed
     prompts = args.prompts or max(args.nproc // sp for sp in layouts)
     data = os.path.join(args.out, "task")
@@ -729,7 +735,8 @@ def rehearse(args):
         D.synth(data, n=4 * prompts, n_frames=args.frames, seed=0, size=args.size, n_test=0)
     base = ["grpo.py", "--init", args.init, "--data", data, "--part", "all", "--frames", str(args.frames),
             "--max-pixels", str(args.size * args.size), "--prompts", str(prompts), "--G", str(args.G),
-            "--max-new", str(args.max_new), "--mini-batches", "1", "--lr", "1e-4", "--steps", "2",
+            "--max-new", str(args.max_new), "--mini-batches", "1", "--epochs", "1", "--lr", "1e-4",
+            "--steps", "2",
             "--no-dynamic-sampling", "--reward", "toy_rewards:length"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
@@ -766,7 +773,8 @@ def rehearse(args):
         shutil.rmtree(killed, ignore_errors=True)
         r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
         grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
-        r["killed_after_step"] = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)["step"]
+        state = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)
+        r["killed_after_step"] = state["step"]
         w = weights(killed)
         diff = {k: (w[k] - w1[k]).abs() for k in w1}
         r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())

@@ -59,8 +59,9 @@ The variant that runs, exactly:
    (no EOS) carry no loss. Aggregation (--agg) over the global mini-batch: token: mean over response
    tokens; seq: mean of sequences' token means; drgrpo: token sum over sequences x --max-new.
 8. --epochs passes over the rollout batch in exactly --mini-batches updates each (mini-batch m: the
-   m-th of near-equal slices of every rank's rows; one with no rows on any rank changes nothing);
-   AdamW with gradient clipping; data-parallel gradients summed with one all-reduce per tensor per
+   m-th of near-equal slices of every rank's rows; one with no rows on any rank changes nothing;
+   a micro-batch holds rows of one prompt, so no pass needs an attention mask); AdamW with gradient
+   clipping; data-parallel gradients summed with one all-reduce per tensor per
    update, so the loss is the global mean whatever the world size. grad_norm logs the mean over
    the step's updates, before clipping."""
 import argparse

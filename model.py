@@ -500,7 +500,8 @@ def prefill(model, embeds, pos, mask, chunk=1024):
     cache, P = DynamicCache(config=model.config.get_text_config()), embeds.shape[1]
     for s in range(0, P, chunk or P):
         e = min(P, s + (chunk or P))
-        h = forward(model, embeds[:, s:e], pos[:, :, s:e], None if mask is None else mask[:, :e], cache)[:, -1]
+        m = None if mask is None else mask[:, :e]
+        h = forward(model, embeds[:, s:e], pos[:, :, s:e], m, cache)[:, -1]
     return cache, h
 
 

@@ -9,9 +9,12 @@ What every stage calls for its videos and its long sequences:
   same under `python` and `torchrun`; `dp_sum` reduces named metrics over data-parallel ranks.
 - `prepare`: a sample's prompt and its video's embeddings through the (frozen) vision tower
   (`encode`), computed once per prompt; rollouts and every prefill pass of the step reuse them.
-- `rollout`: tokens and log-probs from the one engine entry: ours (model.generate: prompt prefilled
-  once, KV cache copied into G rows decoding together) or vLLM's (`vllm_engine`, cached embeddings).
-- `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy).
+- `rollout`: tokens and log-probs from the one engine entry: ours (each prompt prefilled alone, no
+  padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
+  embeddings).
+- `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy);
+  rows of one prompt, padded on the right, need no attention mask.
+- `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
 - `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
   weights gathered once); `full_state` and `load_optimizer` keep checkpoints in the replicated format.
@@ -84,8 +87,6 @@ def init_parallel(sp=1):
     if err := check_layout(world, sp):  # SystemExit prints its text only: one line, no traceback
         raise SystemExit(err)
     rank, world, device = init_distributed()
-    global _runtime
-    _runtime = _resident()[0]  # before any model: what peak_memory leaves out on CPU
     groups = [dist.new_group(list(range(k * sp, (k + 1) * sp)))
               for k in range(world // sp)] if sp > 1 else None
     return Parallel(rank, world, rank // sp, world // sp, sp, groups and groups[rank // sp], device)
@@ -116,9 +117,19 @@ def memory_window():
         pass
 
 
+def runtime_baseline(config):
+    """On CPU, the resident set that peak_memory leaves out: the interpreter with the libraries and
+    the model family's code imported (transformers' modeling module alone is 150 MB), before any
+    weights. The planner counts tensors, not these."""
+    import importlib
+    global _runtime
+    importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    _runtime = _resident()[0]
+
+
 def peak_memory():
     """Bytes at the current window's peak: CUDA's allocated tensors, or on CPU the resident set above
-    the Python runtime's at init_parallel (what the planner counts: tensors, not the interpreter)."""
+    the runtime's (`runtime_baseline`: what the planner counts, tensors, not the interpreter)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return max(_resident()[1] - _runtime, 0)
@@ -690,7 +701,8 @@ REAL = {
         tie_word_embeddings=True)),
     "qwen3-vl-8b": ("qwen3_vl", dict(  # Qwen3-VL-8B-Instruct
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         tie_word_embeddings=False),
         vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                            out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
         tie_word_embeddings=False)),
@@ -1050,8 +1062,10 @@ def plan_start(args, config, par):
     """At a script's start, before loading weights: its run planned (`plan_run`) on this device,
     unset flags resolved into args (args.json records them), the plan in one line and in
     --out/plan.json (rank 0). A plan over the GPU's memory stops the run with the flags that fit;
-    on CPU a plan over the host's memory is noted, not stopped (it swaps, or another job leaves)."""
+    on CPU a plan over the host's memory is noted, not stopped (it swaps, or another job leaves).
+    Takes the baseline of peak_memory, which grpo.py logs per phase to compare with this plan."""
     cuda = par.device.type == "cuda"
+    runtime_baseline(config)
     p = plan_run(args, config, par.world, torch.cuda.get_device_properties(par.device).total_memory
                  if cuda else None)
     args.micro_batch, args.activation_checkpointing = p["micro_batch"], p["activation_checkpointing"]

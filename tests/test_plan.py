@@ -112,3 +112,26 @@ def test_a_run_over_its_gpu_stops_with_flags_that_fit(tmp_path, monkeypatch, cap
                               "--micro-batch", "4", "--batch", "32"])
     p = mr_sp.plan_run(args, mr_sp.plan_config("qwen2.5-vl-7b"), 8, 80 * 10**9)
     assert not p["fits"] and "--micro-batch 1" in p["advice"], p["advice"]
+
+
+def test_gpu_check_runs_at_a_miniature_on_cpu():
+    """`bench.py gpu` (the prepared GPU check: Qwen2.5-VL-7B's widths, a few layers, one rank's share
+    of the 3,600-frame sp-8 job) is the same code at the 7B's miniature on CPU: two GRPO steps, each
+    phase's peak next to its plan, the attention kernel every phase ran, the training pass's and the
+    rollout's tokens/s."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "bench.py", "gpu", "--device", "cpu", "--config", "tiny:qwen2.5-vl-7b",
+                        "--layers", "2", "--frames", "64", "--sp", "1", "--G", "2", "--max-new", "8", "--size", "56"],
+                       cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    phases = ["encode", "rollout", "old", "ref", "update"]
+    assert sorted(r["peak_gb"]) == sorted(r["planned_gb"]) == sorted(phases)
+    assert all(r["peak_gb"][k] > 0 and r["planned_gb"][k] > 0 for k in phases)
+    assert all(any("scaled_dot_product" in op for op in r["kernels"][k]) for k in phases), r["kernels"]
+    assert any("backward" in op for op in r["kernels"]["update"]) and r["train_tok_s"] > 0 < r["rollout_tok_s"]
+    assert r["tokens"] > 64 and r["step_s"] > 0
