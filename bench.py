@@ -664,12 +664,6 @@ def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
     return rows * L * per_token * (2 + passes * (3 + ckpt)) / flops
 
 
-def rec_prompt_text(policy, s):
-    """Prompt tokens besides the video's: the planner's `text`."""
-    ids = M.prompt_of(policy.tok, policy.model.config, s, D.question_text(s))[0]
-    return len(ids) - int(s["grid_thw"].prod()) // 4
-
-
 def planner(args):
     """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
     56x56 frames): tiny and small models, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2

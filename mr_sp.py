@@ -123,7 +123,10 @@ def runtime_baseline(config):
     weights. The planner counts tensors, not these."""
     import importlib
     global _runtime
-    importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    try:
+        importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    except ImportError:  # a family transformers lacks: model.load names it, with the families it has
+        pass
     _runtime = _resident()[0]
 
 
