@@ -30,6 +30,7 @@ import shutil
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -470,13 +471,19 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     their prompt's KV cache, held once, and over each sample's own tokens so far, merged exactly by
     the log-sum-exp of each part (as cascade / shared-prefix attention kernels do), so memory does
     not grow with n. q (B*n, H, 1, D); k, v (B*n, Hkv, t, D): the samples' own keys and values,
-    never padded; prefix: dict(cache: the prompts' (B rows), mask: (B, P) their padding, n).
+    never padded; prefix: dict(cache: the prompts' (B rows), mask: (B, P) their padding, n, group).
+    With a group (mr_sp.sp_prefill) each rank holds its columns of the prompts' cache: every rank's
+    queries attend to them here, and `_merge_over` returns each rank its queries' parts, merged.
     Returns (B*n, 1, H, D)."""
     layer = prefix["cache"].layers[module.layer_idx]
     kp, vp = layer.keys, layer.values  # (B, Hkv, P, D)
     B, Hkv, P, D = kp.shape
-    n, g = prefix["n"], q.shape[1] // Hkv  # samples per prompt, query heads per KV head
+    n, g, group = prefix["n"], q.shape[1] // Hkv, prefix.get("group")  # samples a prompt, heads a KV head
     qp = q.view(B, n, Hkv, g, D).transpose(1, 2).reshape(B, Hkv, n * g, D)  # a prompt's queries
+    if group is not None:  # every rank's queries: (B, Hkv, sp*n*g, D), rank-major
+        parts = [torch.empty_like(qp) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, qp.contiguous(), group=group)
+        qp = torch.cat(parts, 2)
     s1 = (qp @ kp.transpose(-1, -2)).float() * scaling  # (B, Hkv, n*g, P)
     s1 = s1.masked_fill(~prefix["mask"].bool()[:, None, None, :], float("-inf"))
     s2 = (q.view(B * n, Hkv, g, D) @ k.transpose(-1, -2)).float() * scaling  # (B*n, Hkv, g, t)
@@ -484,12 +491,28 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     # the prompt's values read in their storage dtype (an fp32 copy in every layer at every step
     # would be GBs a token at 7B); the probabilities rounded to it, as flash-decoding kernels do
     o1 = ((s1 - lse1).exp().to(vp.dtype) @ vp).float()  # (B, Hkv, n*g, D): softmax over the prompt
+    if group is not None:
+        o1, lse1 = _merge_over(o1, lse1, group)
     o2 = (s2 - lse2).exp() @ v.float()  # (B*n, Hkv, g, D): over the sample's own tokens alone
     o1 = o1.view(B, Hkv, n, g, D).transpose(1, 2).reshape(B * n, Hkv, g, D)
     lse1 = lse1.view(B, Hkv, n, g, 1).transpose(1, 2).reshape(B * n, Hkv, g, 1)
     lse = torch.logaddexp(lse1, lse2)  # softmax over both = each part weighted by its mass
     out = o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
     return out.reshape(B * n, 1, Hkv * g, D).to(q.dtype), None
+
+
+def _merge_over(o, lse, group):
+    """Attention of every rank's queries over this rank's keys (o (B, Hkv, sp*m, D) fp32, lse (...,
+    1), rank-major) -> this rank's m queries over all ranks' keys: an all-to-all returns each rank
+    its queries' parts, merged by their log-sum-exp. A rank whose keys are all padding sends
+    weight 0 (lse -inf, o NaN there)."""
+    o = o.masked_fill(lse == float("-inf"), 0.0)
+    x = torch.cat([o, lse], -1).unflatten(2, (dist.get_world_size(group), -1)).movedim(2, 0).contiguous()
+    got = torch.empty_like(x)
+    dist.all_to_all_single(got, x, group=group)  # (sp, B, Hkv, m, D+1): from each rank
+    o, lse = got[..., :-1], got[..., -1:]
+    total = lse.logsumexp(0)
+    return (o * (lse - total).exp()).sum(0), total
 
 
 def prefill(model, embeds, pos, mask, chunk=1024):
@@ -507,15 +530,17 @@ def prefill(model, embeds, pos, mask, chunk=1024):
 
 @torch.no_grad()
 def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
-           banned=None, pad_id=0, generator=None):
+           banned=None, pad_id=0, generator=None, group=None):
     """n samples per prompt from a prefilled batch (`prefill`'s cache and h, mask (B, P) its
     padding; nxt (B,) each prompt's first response position). The samples decode together over the
     prompt's cache held once (`shared_prefix_attention`) and their own tokens. Returns tokens (B*n,
-    T) (padding after EOS), log-probs (B*n, T), lengths (B*n,) with EOS; a prompt's rows adjacent."""
+    T) (padding after EOS), log-probs (B*n, T), lengths (B*n,) with EOS; a prompt's rows adjacent.
+    With a group, cache and mask are this rank's columns of the prompts' (mr_sp.sp_prefill) and the
+    group's ranks decode in step, each its own samples, until every rank's are done."""
     from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
     from transformers.masking_utils import sdpa_mask
     cfg = model.config.get_text_config()
-    own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n)
+    own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, group=group)
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
     h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=h.device)
@@ -529,7 +554,10 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
             toks.append(tok)
             lps.append(lp)
             done |= torch.isin(tok, eos)
-            if bool(done.all()) or i == max_new - 1:
+            finished = done.all().float()
+            if group is not None:  # every rank's attention needs every other's queries
+                dist.all_reduce(finished, dist.ReduceOp.MIN, group=group)
+            if bool(finished) or i == max_new - 1:
                 break
             step_pos = (nxt + i).view(1, -1, 1).expand(3, -1, 1)
             h = forward(model, model.get_input_embeddings()(tok[:, None]), step_pos, None, own,

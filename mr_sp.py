@@ -346,10 +346,12 @@ def encode(model, sample, group=None):
     None for a text-only sample. Qwen3-VL's DeepStack features ride along (model.encode).
 
     With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
-    patch groups, all-gathered after. The vision attention of every family (Qwen2.5-VL's window and
-    full blocks alike) never crosses a temporal group, and Qwen3-VL's learned position embeddings
-    are interpolated per frame's grid: this equals one rank encoding the whole video. A sample with
-    "share" (data.VideoDataset with sp) holds only this rank's share of the pixel rows."""
+    patch groups and keeps it: this rank's rows of the embeddings, `shares_of` them on each rank
+    (`gather_visual` assembles the whole; the passes fetch only the rows of their columns). The
+    vision attention of every family (Qwen2.5-VL's window and full blocks alike) never crosses a
+    temporal group, and Qwen3-VL's learned position embeddings are interpolated per frame's grid:
+    the shares are one rank's encoding of the whole video, split. A sample with "share"
+    (data.VideoDataset with sp) holds only this rank's share of the pixel rows."""
     if sample.get("kind") is None:
         return None
     dev = next(model.parameters()).device
@@ -364,44 +366,89 @@ def encode(model, sample, group=None):
             raise ValueError(f"sharded encode takes one video per sample, got grid_thw {grid.tolist()}")
         sp, r = dist.get_world_size(group), dist.get_rank(group)
         t, h, w = grid[0].tolist()
-        counts = [D.sp_share(t, i, sp)[1] for i in range(sp)]  # temporal groups per rank, near-even
-        first = D.sp_share(t, r, sp)[0]
-        if share is not None and tuple(share) != (first, counts[r]):
+        first, count = D.sp_share(t, r, sp)  # temporal groups, near-even
+        if share is not None and tuple(share) != (first, count):
             raise ValueError(f"the sample holds temporal groups {tuple(share)} (first, count) of "
-                             f"{t}; SP rank {r} of {sp} encodes {(first, counts[r])}")
-        per = h * w // model.config.vision_config.spatial_merge_size ** 2  # tokens a temporal group
+                             f"{t}; SP rank {r} of {sp} encodes {(first, count)}")
         start = 0 if share is not None else first * h * w  # rows are group-major: h*w per group
-        width = model.config.get_text_config().hidden_size * (
-            1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
-        # all_gather takes equal sizes: every share is padded to the largest, and trimmed after; in
-        # the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
-        dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
-                 else model.model.visual.dtype)
-        buf = torch.zeros(max(counts) * per, width, dtype=dtype, device=dev)
-        if counts[r]:
-            buf[:counts[r] * per] = M.encode(model, pixels[start:start + counts[r] * h * w],
-                                             grid.new_tensor([[counts[r], h, w]]))
-        shares = [torch.empty_like(buf) for _ in range(sp)]
-        dist.all_gather(shares, buf, group=group)
-        return torch.cat([x[:c * per] for x, c in zip(shares, counts)])
+        if not count:
+            width = model.config.get_text_config().hidden_size * (
+                1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
+            # in the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
+            dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                     else model.model.visual.dtype)
+            return torch.zeros(0, width, dtype=dtype, device=dev)
+        return M.encode(model, pixels[start:start + count * h * w], grid.new_tensor([[count, h, w]]))
+
+
+def shares_of(config, grid, sp):
+    """Rows of a video's embeddings (grid_thw (1, 3)) that each of sp ranks encodes and holds."""
+    t, h, w = [int(x) for x in torch.as_tensor(grid).view(-1)]
+    return [D.sp_share(t, i, sp)[1] * h * w // config.vision_config.spatial_merge_size ** 2 for i in range(sp)]
+
+
+def gather_visual(visual, shares, group):
+    """The whole embeddings from each rank's share (`encode`): all-gathered, padded to the largest
+    share (all_gather takes equal sizes) and trimmed. shares None: visual is whole already."""
+    if shares is None or visual is None:
+        return visual
+    buf = F.pad(visual, (0, 0, 0, max(shares) - len(visual)))
+    parts = [torch.empty_like(buf) for _ in shares]
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat([x[:n] for x, n in zip(parts, shares)])
+
+
+def fetch_visual(visual, shares, lo, hi, group):
+    """Rows lo:hi of embeddings held in consecutive shares over the group (this rank's: visual),
+    where each rank asks for its own lo:hi: one all-to-all, so a rank receives only what it asks
+    for, never the whole video. shares None: visual is whole, sliced here."""
+    if shares is None:
+        return visual[lo:hi]
+    asks = [torch.zeros(2, dtype=torch.long) for _ in shares]
+    dist.all_gather(asks, torch.tensor([lo, hi]), group=group)  # (host tensors: gloo beside NCCL)
+    ends = torch.tensor(shares).cumsum(0).tolist()
+    starts, r = [e - n for e, n in zip(ends, shares)], dist.get_rank(group)
+    overlap = lambda a, b, c, d: (max(a, c), max(min(b, d), max(a, c)))  # noqa: E731  [a,b) & [c,d)
+    sends = [overlap(starts[r], ends[r], *map(int, ask)) for ask in asks]  # what each rank gets from me
+    gets = [overlap(s, e, lo, hi) for s, e in zip(starts, ends)]
+    send = torch.cat([visual[a - starts[r]:b - starts[r]] for a, b in sends])
+    out = visual.new_empty(hi - lo, visual.shape[1])
+    dist.all_to_all_single(out, send, [b - a for a, b in gets], [b - a for a, b in sends], group=group)
+    return out
+
+
+def splice_columns(model, ids, rows, a, b, group=None):
+    """M.splice of columns a:b of ids (B, L), row i's visual embeddings being rows[i]["visual"]
+    (with rows[i]["shares"]: this rank's share, the rest fetched; `fetch_visual`). Each rank of an
+    SP group passes its own columns and gets only the visual rows they hold. Rows of one prompt at
+    the same columns (a micro-batch of its G samples) fetch them once."""
+    slots = torch.isin(ids, M.pad_ids(model.config).to(ids.device))
+    before = (slots.cumsum(1) - slots.long())[:, a].tolist() if a < ids.shape[1] else [0] * len(rows)
+    inside = slots[:, a:b].sum(1).tolist()  # visual rows a row has in a:b; one host read a pass
+    first = slots.long().argmax(1).tolist()  # the same on every rank: which rows fetch together
+    got, parts = {}, []
+    for i, row in enumerate(rows):
+        if row["visual"] is None:
+            continue
+        key = (id(row["visual"]), first[i])
+        if key not in got:
+            got[key] = fetch_visual(row["visual"], row.get("shares"), before[i], before[i] + inside[i], group)
+        parts.append(got[key])
+    return M.splice(model, ids[:, a:b], torch.cat(parts) if parts else None)
 
 
 def prepare(model, tok, sample, text, group=None):
     """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, its video's
-    or image's embeddings encoded once (over the SP group: `encode`; None: text only), and for
-    vLLM, which expands the visual placeholder and places the embeddings itself, the unexpanded
-    ids and what it needs to expand them (kind, grid, seconds per temporal group, frame times)."""
+    or image's embeddings encoded once (None: text only; over an SP group, this rank's share of
+    them and the `shares` of all: `encode`), and for vLLM, which expands the visual placeholder and
+    places the embeddings itself, the unexpanded ids and what it needs to expand them (kind, grid,
+    seconds per temporal group, frame times)."""
     ids, pos = M.prompt_of(tok, model.config, sample, text)
     kind, grid, times = sample.get("kind"), sample.get("grid_thw"), sample.get("frame_times")
-    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), kind=kind, grid_thw=grid,
-                second_per_grid=sample.get("second_per_grid"), frame_times=times,
+    shares = shares_of(model.config, grid, dist.get_world_size(group)) if group is not None and kind else None
+    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), shares=shares, kind=kind,
+                grid_thw=grid, second_per_grid=sample.get("second_per_grid"), frame_times=times,
                 engine_prompt=M.build_prompt(tok, model.config, text, kind, grid, times, expand=False))
-
-
-def visuals(rows):
-    """The rows' visual embeddings in row order (text-only rows have none), or None."""
-    v = [r["visual"] for r in rows if r["visual"] is not None]
-    return torch.cat(v) if v else None
 
 
 def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0,
@@ -421,7 +468,8 @@ def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperatur
     sp, r = (sp, r) if G % sp == 0 else (1, 0)  # G not splitting: every peer samples all of it
     n = G // sp
     if llm is not None:  # (with no prompts too: vLLM's engines under torchrun step in lockstep)
-        out = vllm_rollout(llm, tok, prompts, n, seeds and [x + r * n for x in seeds], **gen)
+        whole = [dict(p, visual=gather_visual(p["visual"], p.get("shares"), group)) for p in prompts]
+        out = vllm_rollout(llm, tok, whole, n, seeds and [x + r * n for x in seeds], **gen)
         return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
     dev = next(model.parameters()).device
     outs, k = [], 0
@@ -433,7 +481,7 @@ def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperatur
                                            seeds[k:k + len(batch)] for j in range(r * n, (r + 1) * n)]
         nxt = torch.tensor([int(p["pos"].max()) + 1 for p in batch], device=dev)
         outs.append(M.decode(model, cache, mask, h, nxt, n, eos_ids=eos_ids(tok), banned=M.banned_ids(tok),
-                             pad_id=tok.pad_token_id, generator=gens, **gen))
+                             pad_id=tok.pad_token_id, generator=gens, group=group, **gen))
         k += len(batch)
     T = max((o[0].shape[1] for o in outs), default=0)
     out = (torch.cat([F.pad(o[0], (0, T - o[0].shape[1]), value=tok.pad_token_id) for o in outs]),
@@ -460,13 +508,14 @@ def _batches(prompts, budget):
 
 def _prefill_one(model, p, dev, group, chunk):
     """One prompt prefilled alone, so with no padding and no attention mask: its KV cache, the
-    cache's (1, columns) mask (under SP: right-padded to a multiple of sp), and the last prompt
-    column's hidden states (1, H)."""
+    cache's (1, columns) mask, and the last prompt column's hidden states (1, H). Under SP, this
+    rank's columns of both (`sp_prefill`)."""
     ids = torch.tensor([p["prompt"]], device=dev)
-    embeds, pos, mask = M.splice(model, ids, p["visual"]), p["pos"][:, None].to(dev), torch.ones_like(ids)
-    cache, h = (M.prefill(model, embeds, pos, None, chunk) if group is None
-                else sp_prefill(model, embeds, pos, mask, group))
-    return cache, F.pad(mask, (0, cache.get_seq_length() - mask.shape[1])), h
+    pos = p["pos"][:, None].to(dev)
+    if group is not None:
+        return sp_prefill(model, ids, p, pos, group)
+    cache, h = M.prefill(model, splice_columns(model, ids, [p], 0, ids.shape[1]), pos, None, chunk)
+    return cache, torch.ones_like(ids), h
 
 
 def _stack(parts, config):
@@ -485,31 +534,27 @@ def _stack(parts, config):
             torch.cat([h for _, _, h in parts]))
 
 
-def sp_prefill(model, embeds, pos, mask, group):
+def sp_prefill(model, ids, p, pos, group):
     """M.prefill with the prompt split over the SP group, as the training passes split it (Ulysses):
-    each rank runs its l = P/sp columns (activations over l, not P), then every layer's keys and
-    values are all-gathered, so each rank holds the whole prompt's cache (right-padded to sp*l
-    masked columns) and the last column's hidden states (from the rank that ran it)."""
+    each rank splices and runs its l = P/sp columns (activations over l, not P) and keeps their
+    keys and values, the cache a decode over the group attends to (`M.decode` with group: no rank
+    holds a long prompt's whole cache). Returns this rank's cache, its columns' mask (the padding
+    to sp*l masked) and the last prompt column's hidden states (from the rank that ran it)."""
     from transformers import DynamicCache
     sp, r = dist.get_world_size(group), dist.get_rank(group)
     use_ulysses(model)
-    P = embeds.shape[1]
+    P = ids.shape[1]
     l = -(-P // sp)
-    embeds, pos, mask = (F.pad(embeds, (0, 0, 0, sp * l - P)), F.pad(pos, (0, sp * l - P)),
-                         F.pad(mask, (0, sp * l - P)))
-    cache = DynamicCache(config=model.config.get_text_config())
+    ids, pos = F.pad(ids, (0, sp * l - P)), F.pad(pos, (0, sp * l - P))
     mine = slice(r * l, (r + 1) * l)
-    h = M.forward(model, embeds[:, mine], pos[..., mine], None, cache, sp_group=group,
-                  sp_mask=sp_mask_of(mask))
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            parts = [torch.empty_like(getattr(layer, name)) for _ in range(sp)]
-            dist.all_gather(parts, getattr(layer, name).contiguous(), group=group)
-            setattr(layer, name, torch.cat(parts, 2))  # (B, Hkv, sp*l, D)
+    cache = DynamicCache(config=model.config.get_text_config())
+    h = M.forward(model, splice_columns(model, ids, [p], r * l, (r + 1) * l, group), pos[..., mine], None,
+                  cache, sp_group=group, sp_mask=None)  # right padding only: causal alone is exact
+    mask = (torch.arange(r * l, (r + 1) * l, device=ids.device) < P).long()[None]
     last = (h[:, P - 1 - r * l].clone() if r * l <= P - 1 < (r + 1) * l
             else h.new_zeros(h.shape[0], h.shape[2]))  # (a copy: gloo reduces a strided view wrongly)
     dist.all_reduce(last, group=group)  # one rank holds column P-1, the others add zeros
-    return cache, last
+    return cache, mask, last
 
 
 def _gather_samples(out, B, pad_id, group):
@@ -544,13 +589,13 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None):
     # causal attention alone is exact for every real token (decided on the host, once a pass)
     causal = sp_mask_of(mask) is None
     ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-    embeds = M.splice(model, ids, visuals(rows))
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
     attn = None if causal else mask
     if group is None:
+        embeds = splice_columns(model, ids, rows, 0, ids.shape[1])
         lp, ent = M.response_logprobs(model, embeds, pos, attn, P, ids[:, P:], **kw)
     else:
-        lp, ent = sp_response_logprobs(model, embeds, pos, attn, P, ids[:, P:], group, **kw)
+        lp, ent = sp_response_logprobs(model, ids, rows, pos, attn, P, group, **kw)
     return lp, ent, mask[:, P:].to(lp.dtype)
 
 
@@ -628,21 +673,24 @@ def use_ulysses(model):
         model.set_attn_implementation({"text_config": "ulysses"})
 
 
-def sp_response_logprobs(model, embeds, pos, mask, P, targets, group, **kw):
-    """M.response_logprobs with the sequence split over group; the same (B, T) results on each rank.
+def sp_response_logprobs(model, ids, rows, pos, mask, P, group, **kw):
+    """M.response_logprobs of `layout`'s ids (B, P+T) with the sequence split over group; the same
+    (B, T) results on each rank. Each rank splices only its columns (`splice_columns`).
 
     Gradients: callers compute the same loss from these gathered tensors on every rank, and each rank
     back-propagates its own columns' part (`_GatherBlocks`): its gradients are its share, and their
     group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
     sp, r = dist.get_world_size(group), dist.get_rank(group)
     use_ulysses(model)
+    targets = ids[:, P:]
     B, T = targets.shape
     n = P + T - 1  # columns run through the model: the last token predicts nothing
     l = -(-n // sp)  # tokens per rank; the sequence is padded to sp*l with masked columns
-    embeds, pos = F.pad(embeds[:, :n], (0, 0, 0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n))
+    ids, pos = F.pad(ids[:, :n], (0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n))
     mask = None if mask is None else F.pad(mask[:, :n], (0, sp * l - n))  # None: right padding only
     mine = slice(r * l, (r + 1) * l)
-    hidden = M.forward(model, embeds[:, mine], pos[..., mine], sp_group=group, sp_mask=mask)
+    embeds = splice_columns(model, ids, rows, r * l, (r + 1) * l, group)
+    hidden = M.forward(model, embeds, pos[..., mine], sp_group=group, sp_mask=mask)
     a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
     if b > a:  # column P-1+j predicts response token j
         lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
@@ -865,36 +913,34 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     cast = b * V * d if b == 2 and W == 1 else 0
     saved_casts = b * c["layer"] * (1 if ckpt else layers) if b == 2 and W == 1 else 0
     m = dict(weights=4 * lm / W + 4 * vis / Wv, ref=0 if sft else 4 * lm / W * ref,
-             grads=4 * trained / W, adam=8 * trained / W,
-             video_embeds=0 if sft else prompts * b * video * wide)
+             grads=4 * trained / W, adam=8 * trained / W,  # the video's embeddings: this rank's share
+             video_embeds=0 if sft else prompts * b * -(-groups // sp) * per_group * wide)
     gathered = b * (lm + vis) if W > 1 and not sft else 0  # grpo.py's collect runs in `unsharded`
-    # encode: the pixel rows, the tower's intermediates over this rank's share of temporal groups
-    # (sft.py training the tower: all of them, every SP peer) and the shares gathered
+    # encode: the pixel rows and the tower's intermediates of this rank's share of temporal groups
+    # (sft.py training the tower: all of them, every SP peer), and its embeddings
     share = groups if sft and train_vision else -(-groups // sp)
     patches = share * per_group * merge
-    enc = (4 * groups * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv)
-           + b * share * per_group * wide + (b * video * wide if sp > 1 and share < groups else 0))
+    enc = 4 * share * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv) + b * share * per_group * wide
     # sft.py training the tower: each sample's saved values until the pass's backward
     tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
     Pp = sp * -(-P // sp)
-    kv1 = rb * Pp * layers * 2 * K * D  # a prompt's KV cache
+    kv1 = rb * Pp // sp * layers * 2 * K * D  # a prompt's KV cache, this rank's columns of it
     nb = 1 if P > ROLLOUT_TOKENS else max(1, min(prompts, ROLLOUT_TOKENS // P))
     n = G // sp if G % sp == 0 else G  # samples of a prompt this rank decodes
     C = min(prefill_chunk or P, P)
-    pre = rr * Pp * wide * (2 if sp > 1 else 1) + (  # its spliced embeddings (SP: and a padded copy)
-        rb * (Pp // sp) * (3 * I + 4 * d) + 2 * rb * Pp * (Hp + 2 * kv) * D // sp + 2 * kv1 // layers
+    pre = rr * Pp // sp * wide + (  # its spliced embeddings (SP: this rank's columns)
+        rb * (Pp // sp) * (3 * I + 4 * d) + 2 * rb * Pp * (Hp + 2 * kv) * D // sp
         if sp > 1 else rb * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
     dec = nb * (n * T * layers * 2 * K * D * rb + 3 * 4 * n * H * Pp + 3 * 4 * n * V)
     ours = max(nb * kv1 + pre, (2 * nb if nb > 1 else 1) * kv1, nb * kv1 + dec) + cast
-    # the passes' rows: input embeddings of the whole row (SP: a padded copy, kept by layer 0's input)
-    emb = r * B * sp * l * wide
+    # the passes' rows: input embeddings of this rank's columns (kept by layer 0's input)
+    emb = r * B * l * wide
     a2a = 2 * b * B * l * (Hp + 2 * kv) * D if sp > 1 else 0  # Ulysses' all-to-all buffers
-    no_grad = (b * B * l * (3 * I + 4 * d) + a2a + emb * (2 if sp > 1 else 1) + cast
+    no_grad = (b * B * l * (3 * I + 4 * d) + a2a + emb + cast
                + 3 * 4 * min(chunk, B * T) * V + fs["root"] + max(fs["layer"], fs["embed"]))
-    # backward (the head's, a layer's) or the forward's end (the unpadded rows, under SP)
-    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"],
-               r * B * L * wide if sp > 1 else 0)
+    # backward: the head's or a layer's
+    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
              + (b * B * video * wide if sft else 0))  # sft.py's encoded samples

@@ -43,13 +43,19 @@ def max_diff(a, b):
 
 
 def rows_of(model, tok, specs, lengths, group):
+    """Rows as grpo.py builds them (`prepare`: with a group, each rank holds its share of the visual
+    embeddings)."""
     g, rows = torch.Generator().manual_seed(1), []
     for i, ((kind, grid), n) in enumerate(zip(specs, lengths)):
         s = M.random_samples(model, [grid], kind, seed=i)[0]
-        ids, pos = M.prompt_of(tok, model.config, s, f"Question {i}: what happens here?")
-        rows.append(dict(prompt=ids, pos=pos, visual=mr_sp.encode(model, s, group),
+        rows.append(dict(mr_sp.prepare(model, tok, s, f"Question {i}: what happens here?", group),
                          response=torch.randint(20, 500, (n,), generator=g).tolist()))  # no vision ids
     return rows
+
+
+def gathered(rows, group):
+    """The rows with their whole visual embeddings, as one process holds them."""
+    return [dict(r, visual=mr_sp.gather_visual(r["visual"], r["shares"], group), shares=None) for r in rows]
 
 
 def logprobs_and_grads(model, tok, rows, group):
@@ -73,6 +79,7 @@ def compare(model, tok, grids, lengths, group, single=True):
     where `single`; elsewhere None: at sp 8 on 2 cores, rank 0 alone computes the reference)."""
     rows = rows_of(model, tok, grids, lengths, group)
     lp2, ent2, _, g2 = logprobs_and_grads(model, tok, rows, group)
+    rows = gathered(rows, group)  # (every rank: a collective)
     if not single:
         return None
     lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, rows, None)
@@ -128,9 +135,11 @@ def worker(out):
         r = res[name] = {"encode": [], "cases": []}
         for grid in ENCODE_GRIDS:
             s = M.random_samples(model, [grid])[0]
-            one, two = mr_sp.encode(model, s), mr_sp.encode(model, s, group)
+            one, mine = mr_sp.encode(model, s), mr_sp.encode(model, s, group)
+            shares = mr_sp.shares_of(model.config, s["grid_thw"], 2)
+            two = mr_sp.gather_visual(mine, shares, group)
             r["encode"].append(dict(grid=grid, equal=torch.equal(one, two), diff=max_diff(one, two),
-                                    shape=list(two.shape)))
+                                    shape=list(two.shape), held=[len(mine), shares[rank]]))
         before = sp1_outputs(model, tok)
         r["cases"] = [compare(model, tok, grids, lengths, group) for grids, lengths in CASES]
         # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
@@ -146,7 +155,9 @@ def worker(out):
         kw = dict(nframes=n, max_pixels=56 * 56, proc=M.processor_config(model.config))
         whole = D.VideoDataset([dict(video=video)], **kw)[0]
         mine = D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0]
-        one, two = mr_sp.encode(model, whole), mr_sp.encode(model, mine, group)
+        one = mr_sp.encode(model, whole)
+        two = mr_sp.gather_visual(mr_sp.encode(model, mine, group),
+                                  mr_sp.shares_of(model.config, mine["grid_thw"], 2), group)
         got, mine = [None, None], dict(share=mine["share"], rows=len(mine["pixel_values"]),
                                        diff=max_diff(one, two), shape=list(two.shape))
         torch.distributed.all_gather_object(got, mine)
@@ -158,8 +169,11 @@ def worker(out):
         res["share_without_group"] = str(e)
     # each SP peer samples G/sp of every prompt's G: together the samples one process draws
     model, tok = M.load("tiny")
-    rows, kw = rows_of(model, tok, *CASES[0], None), dict(seeds=[5, 6], max_new=12, temperature=0.7, top_p=0.9)
-    one, two = mr_sp.rollout(model, tok, rows, 4, **kw), mr_sp.rollout(model, tok, rows, 4, group=group, **kw)
+    rows, kw = rows_of(model, tok, *CASES[0], group), dict(seeds=[5, 6], max_new=12, temperature=0.7, top_p=0.9)
+    one = mr_sp.rollout(model, tok, gathered(rows, group), 4, **kw)
+    two = mr_sp.rollout(model, tok, rows, 4, group=group, **kw)
+    cache, mask, _ = mr_sp._prefill_one(model, rows[0], torch.device("cpu"), group, 1024)
+    res["sp_cache"] = dict(columns=cache.layers[0].keys.shape[2], mask=mask.shape[1], prompt=len(rows[0]["prompt"]))
     res["sp_rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
                              logprob=max_diff(one[1], two[1]), distinct=len({tuple(t.tolist()) for t in one[0]}))
     # activation checkpointing: the same summed gradients at sp 1 and 2 (train mode: it is off in eval)
@@ -167,9 +181,9 @@ def worker(out):
     grpo.rl_params(model)
     model.train()
     rows = rows_of(model, tok, *CASES[1], group)
-    plain = [logprobs_and_grads(model, tok, rows, g)[3] for g in (None, group)]
+    plain = [logprobs_and_grads(model, tok, r, g)[3] for r, g in ((gathered(rows, group), None), (rows, group))]
     model.gradient_checkpointing_enable()
-    ckpt = [logprobs_and_grads(model, tok, rows, g)[3] for g in (None, group)]
+    ckpt = [logprobs_and_grads(model, tok, r, g)[3] for r, g in ((gathered(rows, group), None), (rows, group))]
     res["checkpointing_grad_diff"] = [max(max_diff(a[k], b[k]) for k in a) for a, b in zip(plain, ckpt)]
     # FSDP: rollouts in `unsharded` (each rank decoding its own number of steps: per-layer gathers
     # would hang) sample what the replicated model samples
@@ -226,8 +240,9 @@ def worker_7b(out):
     grpo.rl_params(model)
     first = par.rank == 0
     res = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)])
-    rows = rows_of(model, tok, *CASES[0], None)
+    rows = rows_of(model, tok, *CASES[0], par.group)
     got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, group=par.group)
+    rows = gathered(rows, par.group)
     if first:
         want = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)
         res["rollout"] = dict(tokens=torch.equal(want[0], got[0]) and torch.equal(want[2], got[2]),
@@ -268,6 +283,7 @@ def test_sharded_encoding_equals_unsharded_exactly(measured, config):
     enc = measured[config]["encode"]
     assert all(e["diff"] <= 1e-5 for e in enc), enc
     assert [e["shape"][0] for e in enc] == [5 * 16, 3 * 6, 16]
+    assert [e["held"] for e in enc] == [[3 * 16] * 2, [2 * 6] * 2, [16] * 2]  # rank 0's share, kept
     family, cfg = CONFIGS[config]
     k = cfg.get("vision_depth", 2) - 1 if "qwen3" in family else 0
     assert {e["shape"][1] for e in enc} == {cfg.get("hidden", 192) * (1 + k)}
@@ -334,6 +350,14 @@ def test_sp_peers_split_the_samples(measured):
     """Rollout with the SP group (2 samples of each prompt's 4 per peer, exchanged) = without it."""
     r = measured["sp_rollout"]
     assert r["tokens"] and r["logprob"] <= 1e-5 and r["distinct"] == 8, r
+
+
+def test_sp_peers_hold_their_columns_of_the_prompt_cache(measured):
+    """A rank keeps its columns' keys and values (the decode attends over the group), never the
+    whole prompt's: at a long video's length that is the rollout's largest tensor (28 GiB at 8,192
+    frames for Qwen2.5-VL-7B)."""
+    c = measured["sp_cache"]
+    assert c["columns"] == c["mask"] == -(-c["prompt"] // 2) and c["prompt"] > 100, c
 
 
 def test_activation_checkpointing_gradients_equal(measured):

@@ -133,7 +133,8 @@ def test_vision_special_tokens_never_sampled(setup):
             emb[tok.convert_tokens_to_ids(t)] = 3 * emb[first]
         ids, pos, mask, _ = M.layout([p["prompt"] for p in s["prompts"]], [p["pos"] for p in s["prompts"]],
                                      pad_id=tok.pad_token_id)
-        unmasked = M.generate(s["model"], M.splice(s["model"], ids, mr_sp.visuals(s["prompts"])), pos, mask, max_new=24,
+        embeds = mr_sp.splice_columns(s["model"], ids, s["prompts"], 0, ids.shape[1])
+        unmasked = M.generate(s["model"], embeds, pos, mask, max_new=24,
                               temperature=0, eos_ids=mr_sp.eos_ids(tok), pad_id=tok.pad_token_id)[0]
     assert torch.isin(unmasked, vision).any()  # without the ban, they would be emitted
     mr_sp.vllm_sync(s["llm"], s["model"])
