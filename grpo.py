@@ -45,19 +45,27 @@ The variant that runs, exactly:
    difference: float error if both describe one policy). --tis C (truncated importance sampling, Yao
    et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"): each
    token's policy-gradient loss times w = min(pi_old / pi_rollout, C), detached, per token or, at
-   --tis-level seq, with the ratio of the sequences' probabilities; tis_frac logs the share of
-   response tokens whose w was cut at C. Reference: frozen initial policy (none at --kl-coef 0),
-   stored and run as the policy is, so at step 0 its log-probs equal the policy's, in bf16 too.
-7. Loss per token (--loss), r = exp(logp - old_logp): clip: max(-A r, -A clip(r, 1 - clip_low,
-   1 + clip_high)) (PPO, arXiv 1707.06347, with DAPO's clip-higher), bounded by -A * dual_clip where
-   A < 0 (dual clip, arXiv 1912.09729); gspo: the same with every token's r the sequence's ratio
-   exp(mean over its tokens of logp - old_logp), as sg(s) * pi / sg(pi): value s, gradient s * grad
-   log pi (GSPO, arXiv 2507.18071; its paper's loss with --agg seq); cispo: -sg(clip(r,
-   1 - clip_low, 1 + clip_high)) * A * logp, every token keeps its gradient (CISPO, MiniMax-M1,
-   arXiv 2506.13585).
-   Plus kl_coef * KL(k1|k2|k3) to the reference. --mask-truncated: responses cut at --max-new
-   (no EOS) carry no loss. Aggregation (--agg) over the global mini-batch: token: mean over response
-   tokens; seq: mean of sequences' token means; drgrpo: token sum over sequences x --max-new.
+   --tis-level seq, with the ratio of the sequences' probabilities (log w needs no clamp: a w that
+   overflows to inf is cut at C); tis_frac logs the share of response tokens whose w was cut at C.
+   Reference: frozen initial policy (none at --kl-coef 0), stored and run as the policy is, so at
+   step 0 its log-probs equal the policy's, in bf16 too.
+7. Loss per token (--loss), r = exp(logp - old_logp) with log r clamped to +-20 as verl does (fp32's
+   exp is inf past 88 nats: the loss or gradient would be inf or NaN and the update skipped): clip:
+   max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) (PPO, arXiv 1707.06347, with DAPO's
+   clip-higher), bounded by -A * dual_clip where A < 0 (dual clip, arXiv 1912.09729); gspo: the same
+   without the dual clip (as its paper and verl), every token's r the sequence's ratio s = exp(mean
+   over its tokens of logp - old_logp), log s at most 10 (verl's bound), as sg(s) * pi / sg(pi):
+   value s, gradient s * grad log pi (GSPO, arXiv 2507.18071; its paper's loss with --agg seq);
+   cispo: -sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logp, every token keeps its gradient
+   (CISPO, MiniMax-M1, arXiv 2506.13585); clipped on both sides as in verl, where MiniMax-M1 and
+   TRL clip only above (--clip-low 1 gives theirs).
+   Plus kl_coef * KL(k1|k2|k3) to the reference (k3: its log-ratio clamped to +-20, its value to
+   +-10, as verl). --mask-truncated: responses cut at --max-new (no EOS) carry no loss.
+   Aggregation (--agg) over the global mini-batch: token: mean over response tokens; seq: mean of
+   sequences' token means; drgrpo: token sum over sequences x --max-new, TRL's dr_grpo and verl's
+   seq-mean-token-sum-norm divided by the number of sequences (verl sums over sequences, and its
+   divisor defaults to the padded width). With --mask-truncated the truncated rows leave drgrpo's
+   number of sequences too, so its divisor is no longer the constant Dr. GRPO intends.
 8. --epochs passes over the rollout batch in exactly --mini-batches updates each (mini-batch m: the
    m-th of near-equal slices of every rank's rows; one with no rows on any rank changes nothing;
    a micro-batch holds rows of one prompt, so no pass needs an attention mask); AdamW with gradient
@@ -133,7 +141,8 @@ g.add_argument("--tis-level", default="token", choices=["token", "seq"],
                help="--tis ratio per token or per sequence (its tokens' product); default token")
 g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below 1; default 0.2")
 g.add_argument("--clip-high", type=float, default=0.28, help="ratio clip above 1; default 0.28")
-g.add_argument("--dual-clip", type=float, default=3.0, help="max -A*ratio for A < 0 (0 = off); default 3")
+g.add_argument("--dual-clip", type=float, default=3.0,
+               help="--loss clip: max -A*ratio for A < 0 (0 = off); default 3")
 g.add_argument("--kl", default="k3", choices=["k1", "k2", "k3"], help="KL estimator; default k3")
 g.add_argument("--kl-coef", type=float, default=1e-2, help="KL weight (0 = no reference model); default 1e-2")
 g.add_argument("--agg", default="token", choices=["token", "seq", "drgrpo"],
@@ -239,7 +248,14 @@ def kl_estimate(logp, ref, kind):
         return -d
     if kind == "k2":
         return 0.5 * d * d
+    d = d.clamp(-20, 20)  # as verl: exp(d) of fp32 is inf past 88, and its gradient NaN
     return (d.exp() - d - 1).clamp(-10, 10)  # k3, clamped as in verl / Long-RL
+
+
+def clamp_keep_nan(x, lo, hi):
+    """x clamped to [lo, hi] with no gradient past them, as verl bounds log-ratios; a NaN keeps its
+    gradient (torch.clamp's is 0 there), so a NaN that reaches the loss still skips the update."""
+    return torch.where((x < lo) | (x > hi), x.clamp(lo, hi), x)
 
 
 def policy_loss(logp, old, adv, mask, kind, clip_low, clip_high, dual_clip):
@@ -249,14 +265,16 @@ def policy_loss(logp, old, adv, mask, kind, clip_low, clip_high, dual_clip):
     log_r = logp - old
     if kind == "gspo":  # the sequence's length-normalized log-ratio at each token, gradient of logp
         seq = (log_r * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)  # (N, 1)
-        log_r = logp - logp.detach() + seq.detach()
+        log_r = clamp_keep_nan(logp - logp.detach() + seq.detach(), -math.inf, 10)  # verl: log s <= 10
+    else:  # verl's bound: fp32's exp is inf past 88 nats, and then a loss or gradient inf or NaN
+        log_r = clamp_keep_nan(log_r, -20, 20)
     ratio = log_r.exp()
     if kind == "cispo":
         w = ratio.clamp(1 - clip_low, 1 + clip_high)
         return -w.detach() * a * logp, (w != ratio).float()
     pg1, pg2 = -a * ratio, -a * ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.maximum(pg1, pg2)
-    if dual_clip:
+    if dual_clip and kind == "clip":  # GSPO's paper and verl bound s by the clip alone
         pg = torch.where(a < 0, torch.minimum(pg, -a * dual_clip), pg)
     return pg, (pg != pg1).float()
 

@@ -107,6 +107,37 @@ def test_gspo_gradient_is_the_sequence_objectives():
     assert torch.allclose(logp.grad * MASK, lp.grad * MASK, atol=1e-6)
 
 
+def test_gspo_has_no_dual_clip():
+    """GSPO's paper and verl bound the sequence ratio by the clip alone: at --dual-clip 3 a sequence
+    ratio of 5 with A = -1 costs -A s = 5 with gradient s per token, where the clip's token loss
+    stops at 3 with none."""
+    old, logp = torch.zeros(1, 2), torch.full((1, 2), math.log(5.0), requires_grad=True)
+    for kind, value, grad in (("gspo", 5.0, 5.0), ("clip", 3.0, 0.0)):
+        pg, _ = grpo.policy_loss(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), kind, 0.2, 0.28, 3.0)
+        (g,) = torch.autograd.grad(pg.sum(), logp)
+        assert pg.tolist() == [pytest.approx([value] * 2)] and g.tolist() == [pytest.approx([grad] * 2)]
+
+
+def test_extreme_log_ratios_give_a_finite_loss_and_gradient():
+    """verl's bounds: log r clamped to +-20 (clip, cispo), log s to at most 10 (gspo), k3's
+    log-ratio to +-20. Unbounded, log r = 25 with A < 0 and no dual clip cost 7e10, and past 88
+    nats (fp32's exp) the loss or gradient was inf or NaN (A = 0: 0 * inf), so the update was
+    skipped. Past the bound the value stays at it, with no gradient."""
+    adv, mask = torch.tensor([-1.0, 0.0, 1.0]), torch.ones(3, 2)
+    for d in (25.0, 100.0, -100.0):
+        logp = torch.full((3, 2), -5.0, requires_grad=True)
+        for kind in ("clip", "gspo", "cispo"):
+            for dual in (0.0, 3.0):
+                pg, _ = grpo.policy_loss(logp, logp.detach() - d, adv, mask, kind, 0.2, 0.28, dual)
+                (g,) = torch.autograd.grad(pg.sum(), logp)
+                assert pg.isfinite().all() and g.isfinite().all(), (d, kind, dual)
+                if d == 25 and not dual and kind != "cispo":  # A = -1: -A e^20, or -A e^10 for gspo
+                    bound = math.exp(10 if kind == "gspo" else 20)
+                    assert pg[0].tolist() == pytest.approx([bound] * 2, rel=1e-6) and g[0].abs().max() == 0
+        kl = grpo.kl_estimate(logp, logp.detach() + d, "k3")
+        assert torch.autograd.grad(kl.sum(), logp)[0].isfinite().all() and (kl == 10).all()
+
+
 def test_cispo_hand_computed():
     """CISPO: -sg(clip(r, 1 - low, 1 + high)) * A * logp: value and gradient (-w * A) at every
     token, clipped ones too; no lower bound at --clip-low 1."""

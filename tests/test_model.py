@@ -1,6 +1,7 @@
 """model.py against its references: transformers' own forward, hand-computed positions, the naive
 generate, a full-vocabulary log-softmax.   Run: python -m pytest tests/test_model.py -q"""
 import json
+import math
 import subprocess
 import sys
 
@@ -300,6 +301,70 @@ def test_top_p_keeps_smallest_prefix():
     assert draws == {0, 1}  # 0.5 < 0.75 <= 0.8: the first two
     tok, lp = M.sample(logits, 1.0, 0.4, g)
     assert int(tok) == 0 and abs(float(lp) - torch.log(torch.tensor(0.5))) < 1e-6  # untruncated log-prob
+
+
+def nucleus(probs, top_p):
+    """The top-p reference, apart from M.sample's: probs (V,) renormalized over the smallest set of
+    the most likely tokens whose mass reaches top_p."""
+    sp, idx = probs.sort(descending=True)
+    keep = sp.cumsum(0) - sp < top_p
+    q = torch.zeros_like(probs).scatter(0, idx[keep], sp[keep])
+    return q / q.sum()
+
+
+def tv(a, b):
+    return 0.5 * float((a.double() - b.double()).abs().sum())
+
+
+def tv_bound(q, n, delta=1e-6):
+    """If n draws follow q (V,), the total variation between their frequencies and q stays under
+    this with probability 1 - delta: E[TV] <= 1/2 sum_i sqrt(q_i (1 - q_i) / n) (Jensen, per
+    token), and one draw moves TV by at most 1/n, so P(TV >= E[TV] + t) <= exp(-2 n t^2)
+    (McDiarmid). A sampler that follows w instead fails it (w.p. 1 - delta) if tv(w, q) exceeds
+    tv_bound(q) + tv_bound(w)."""
+    q = q.double()
+    return float(0.5 * (q * (1 - q) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def frequencies(toks, V):
+    return torch.bincount(toks, minlength=V).double() / len(toks)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sampler_draws_from_the_tempered_top_p_distribution(top_p):
+    """Every other sampling test compares log-probs, which M.sample computes apart from its draws.
+    200,000 draws at temperature 0.7 follow softmax(logits / 0.7), renormalized over its top-p set:
+    TV 0.0019 at top-p 1 and 0.0005 at 0.9 (seed 0), under bounds of 0.0074 and 0.0069 (false
+    failure 1e-6). The logits put each planted bug 10-18x the bound away: untempered draws (TV
+    0.086; at top-p 0.9, 0.125), the top-p set of the untempered distribution (0.073: 3 tokens, not
+    2), top-p ignored (0.078)."""
+    logits, T, n = torch.tensor([3.0, 2.5, 1.5, -0.5, -1.5, -2.0]), 0.7, 200_000
+    tempered, untempered = (logits / T).softmax(0), logits.softmax(0)
+    q, wrong = nucleus(tempered, top_p), [nucleus(untempered, top_p)]
+    if top_p < 1:  # the untempered top-p set; top-p ignored
+        wrong += [nucleus(tempered * (nucleus(untempered, top_p) > 0), 1.0), tempered]
+    assert all(tv(w, q) > tv_bound(q, n) + tv_bound(w, n) for w in wrong)  # the test's power
+    tok, _ = M.sample(logits.expand(n, -1), T, top_p, torch.Generator().manual_seed(0))
+    assert tv(frequencies(tok, len(q)), q) <= tv_bound(q, n)
+
+
+def test_decode_draws_from_the_tempered_top_p_distribution(tiny_a):
+    """The same through decode (the first token of 10,000 samples of one prompt, a generator per
+    prompt), on the tiny model's logits: at 0.7 and top-p 0.9, TV 0.039 over its 142 tokens (seed
+    0) under the bound 0.076; untempered draws are 0.23 away, and without top-p, or with the
+    untempered top-p set, 10% or 7% of the draws would fall outside the set, where none may."""
+    model, tok = tiny_a
+    embeds, p3, mask, *_ = batch(model, tok, ((2, 4, 6),))
+    T, top_p, n = 0.7, 0.9, 10_000
+    with torch.no_grad():
+        cache, h = M.prefill(model, embeds, p3, mask)
+        logits = M._next_logits(model, h, M.banned_ids(tok))[0]
+    q, untempered = nucleus((logits / T).softmax(0), top_p), nucleus(logits.softmax(0), top_p)
+    assert tv(untempered, q) > tv_bound(q, n) + tv_bound(untempered, n)  # the test's power
+    toks, _, _ = M.decode(model, cache, mask, h, p3.amax(dim=(0, 2)) + 1, n=n, max_new=1, temperature=T,
+                          top_p=top_p, generator=[torch.Generator().manual_seed(0)], **gen_kwargs(tok))
+    f = frequencies(toks[:, 0], len(q))
+    assert f[q == 0].sum() == 0 and tv(f, q) <= tv_bound(q, n)
 
 
 def test_chunked_logprobs_equal_full_logits_with_gradients(tiny_a):
