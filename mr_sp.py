@@ -24,11 +24,14 @@ What every stage calls for its videos and its long sequences:
   stop a run its GPU cannot hold), and `python mr_sp.py plan` prints it for any layout.
 
 With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
-1. `encode` splits a video's temporal patch groups over the ranks and all-gathers the embeddings;
-   each rank's sample holds only its share's pixels (data.VideoDataset with `sp`)
-2. `prefill_logprobs` splits the sequence over the ranks; text attention is Ulysses
+1. `encode` splits a video's temporal patch groups over the ranks; each rank's sample holds only its
+   share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's embeddings
+2. `prefill_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
+   rows they hold come by one all-to-all: `splice_columns`); text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
-   the sequence split for a head split, attention runs over the full sequence, and back.
+   the sequence split for a head split, attention runs over the full sequence, and back. A rollout
+   prefills the same way and each rank keeps its columns' KV cache; the decode attends over the
+   group (model.shared_prefix_attention). No rank holds a whole long video's embeddings or cache.
 """
 import atexit
 import dataclasses
@@ -384,7 +387,8 @@ def encode(model, sample, group=None):
 def shares_of(config, grid, sp):
     """Rows of a video's embeddings (grid_thw (1, 3)) that each of sp ranks encodes and holds."""
     t, h, w = [int(x) for x in torch.as_tensor(grid).view(-1)]
-    return [D.sp_share(t, i, sp)[1] * h * w // config.vision_config.spatial_merge_size ** 2 for i in range(sp)]
+    per = h * w // config.vision_config.spatial_merge_size ** 2  # tokens a temporal group
+    return [D.sp_share(t, i, sp)[1] * per for i in range(sp)]
 
 
 def gather_visual(visual, shares, group):
@@ -829,18 +833,19 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     (default sp).
 
     Held all step: the policy's fp32 weights and its reference's (grpo.py; none without `ref`),
-    AdamW's two fp32 states, and each prompt's cached video embeddings (grpo.py); `fsdp` divides the
-    first three by `world` (grpo.py shards the frozen vision tower too, sft.py what it trains) and
-    gathers in the compute dtype. Plus the largest phase:
-    - encode: the video's pixel rows (all on every rank), the vision tower's layer intermediates
-      over this rank's share of the temporal groups, the shares all-gathered; grpo.py with fsdp: the
-      whole policy gathered (`collect` runs in `unsharded`);
+    AdamW's two fp32 states, and this rank's share of each prompt's video embeddings (grpo.py);
+    `fsdp` divides the first three by `world` (grpo.py shards the frozen vision tower too, sft.py
+    what it trains) and gathers in the compute dtype. Plus the largest phase:
+    - encode: the pixel rows, the vision tower's layer intermediates and the embeddings of this
+      rank's share of the temporal groups; grpo.py with fsdp: the whole policy gathered (`collect`
+      runs in `unsharded`);
     - rollout (grpo.py): prompts prefilled one at a time; those of at most ROLLOUT_TOKENS tokens in
       all decode together, their caches stacked (a copy: twice their KV cache), a longer one alone.
       Prefill: sp=1 a `prefill_chunk` of layer intermediates and transformers' (chunk, P) mask, 5 B an
-      entry; sp>1 Ulysses over P/sp tokens, then each layer's cache all-gathered. Decode: this rank's
-      G/sp samples of each prompt, their own KV cache, one layer's fp32 scores over the prompt and
-      logits. With fsdp the policy gathered; `vllm`: the bytes vLLM's engine takes instead;
+      entry; sp>1 Ulysses over P/sp tokens, each rank keeping its columns' cache. Decode: this rank's
+      G/sp samples of each prompt, their own KV cache, one layer's fp32 scores of every rank's
+      samples over this rank's columns, and logits. With fsdp the policy gathered; `vllm`: the bytes
+      vLLM's engine takes instead (and its whole KV cache);
     - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows (right
       padding, no mask): a layer's intermediates, the rows' input embeddings, a logits chunk;
     - training pass: autograd's saved values per token and layer, counted on our path with
@@ -850,8 +855,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       the residual stream (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values
       in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
       (chunk x vocab logits, about 6 fp32 copies) or one layer's backward intermediates. Plus the
-      whole row's input embeddings under SP (every rank splices it; the first layer's input is a
-      view of it); with fsdp the root and a unit gathered (and their unsharded gradients); without
+      input embeddings of this rank's columns beyond the first layer's input (DeepStack's); with
+      fsdp the root and a unit gathered (and their unsharded gradients); without
       fsdp, in bf16, autocast's weight copies each layer saves; sft.py with a micro-batch of several
       samples (left padding): a (B, L, L) bool mask and the float copy each layer's SDPA saves
       (measured: 13 B an element with 3 layers); plus the policy's fp32 gradients;
@@ -863,11 +868,12 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`: bf16, 8 prompts a step, G=8, 1,024-token responses): 231,488 tokens a row, 28,936 a
-    rank. Peak 63.0 GiB a rank, 69.1 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
-    replicated), the reference 3.5, the 8 prompts' video embeddings 12.3, the rollout 36.2 (the
-    policy gathered in bf16, 15.4; a prompt's KV cache, 12.4), the training pass 19.7 (micro-batch 1,
-    checkpointed). The largest video that fits 79 GiB is 4,622 frames (`max_frames`; with one prompt
-    a step 6,856). The paper reports 3,600 frames (about 256k tokens) of RL on one 8 x A100 node."""
+    rank. Peak 37.9 GiB a rank, 42.8 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
+    replicated), the reference 3.5, this rank's share of the 8 prompts' video embeddings 1.5, the
+    rollout 21.7 (the policy gathered in bf16, 15.4; this rank's columns of a prompt's KV cache,
+    1.6), the training pass 18.3 (micro-batch 1, checkpointed). The largest video that fits 79 GiB
+    is 11,024 frames (`max_frames`). The paper reports 3,600 frames (about 256k tokens) of RL on one
+    8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t, vc = config.get_text_config(), config.vision_config
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
@@ -920,7 +926,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # (sft.py training the tower: all of them, every SP peer), and its embeddings
     share = groups if sft and train_vision else -(-groups // sp)
     patches = share * per_group * merge
-    enc = 4 * share * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv) + b * share * per_group * wide
+    enc = (4 * share * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv)
+           + b * share * per_group * wide)
     # sft.py training the tower: each sample's saved values until the pass's backward
     tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
