@@ -96,7 +96,8 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (torchrun when > 1)")
     p.add_argument("--G", type=int, default=8, help="rollouts (step), rows (prefill: 1); default 8")
     p.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
-    p.add_argument("--variants", default="cache", help="step: comma list of cache, reencode; default cache")
+    p.add_argument("--variants", default="cache", help="step: comma list of cache, reencode (no embedding "
+                   "cache), rowwise (--no-shared-prefix); default cache")
     p.add_argument("--repeats", type=int, default=1, help="steps/variant, alternating; default 1")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
     p.add_argument("--fsdp", action="store_true", help="grpo.py --fsdp (sharded over the ranks)")
@@ -313,7 +314,8 @@ def step(args):
     stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
     rounds of --variants, alternating. Variant reencode is the baseline without the embedding cache
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
-    every row of every pass. One line per step, then JSON: median times, the first measured step's
+    every row of every pass. Variant rowwise: the passes row by row (--no-shared-prefix), not one
+    prompt's rows packed. One line per step, then JSON: median times, the first measured step's
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
     # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
     warm, s = video_sample(16, args.size), video_sample(args.frames, args.size)
@@ -331,6 +333,7 @@ def step(args):
                     mr_sp.encode(model, s, par.group)
                 yield
 
+        gargs.shared_prefix = variant != "rowwise"
         out = grpo.step(gargs, i, policy, lambda at: [s] * len(at), 0, par,
                         lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, stats, phase)[0]
         rec["step"] = dict(s=sum(r["s"] for r in rec.values()), gb=max(r["gb"] for r in rec.values()))

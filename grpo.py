@@ -40,7 +40,9 @@ The variant that runs, exactly:
    arXiv 2501.03262, as verl's reinforce_plus_plus_baseline). Dynamic sampling (on unless
    --no-dynamic-sampling) drops groups whose rewards are all equal (no signal) and refills from the
    next prompts, giving up after 8 step-sized rounds of prompts.
-6. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1).
+6. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1);
+   with one epoch and one mini-batch (on-policy) none: each micro-batch's update pass gives them
+   (its log-probs detached, before any update: the same numbers, as TRL does).
    The engine's log-probs of its samples are compared with them (rollout_logprob_gap, max abs
    difference: float error if both describe one policy). --tis C (truncated importance sampling, Yao
    et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"): each
@@ -68,7 +70,9 @@ The variant that runs, exactly:
    number of sequences too, so its divisor is no longer the constant Dr. GRPO intends.
 8. --epochs passes over the rollout batch in exactly --mini-batches updates each (mini-batch m: the
    m-th of near-equal slices of every rank's rows; one with no rows on any rank changes nothing;
-   a micro-batch holds rows of one prompt, so no pass needs an attention mask); AdamW with gradient
+   a micro-batch holds rows of one prompt, so no pass needs an attention mask, and the prompt runs
+   once for all of them: each response attends to it, exactly as the rows one by one, at the cost
+   of about one row, not G (--no-shared-prefix: row by row)); AdamW with gradient
    clipping; data-parallel gradients summed with one all-reduce per tensor per
    update, so the loss is the global mean whatever the world size. grad_norm logs the mean over
    the step's updates, before clipping."""
@@ -153,6 +157,9 @@ g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates pe
 g.add_argument("--micro-batch", type=int, default=None,
                help="rows per forward/backward; default: 16 on CPU, on a GPU the largest "
                "of 16, 8, 4, 2, 1 that the plan fits, at most 32,768 tokens a rank")
+g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+               help="a micro-batch (one prompt's rows) runs the prompt once for all its responses, "
+               "exactly as row by row (--no-shared-prefix); default on")
 g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=True,
                help="drop equal-reward groups (no signal), refill from next prompts; default on")
 g.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate; default 3e-5")
@@ -489,15 +496,18 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
 def no_grad_logprobs(run, model, tok, micro, args, sp_group=None):
     """One pass over the micro-batches without gradients (old policy, reference)."""
     with torch.no_grad():
-        return [run(mr_sp.prefill_logprobs, model, tok, mb, args.temperature, sp_group)[0] for mb in micro]
+        return [run(mr_sp.prefill_logprobs, model, tok, mb, args.temperature, sp_group, args.shared_prefix)[0]
+                for mb in micro]
 
 
-def update(args, policy, micro, groups, old, refs, tis, stats, sp_group=None):
+def update(args, policy, micro, groups, old, refs, stats, sp_group=None):
     """--epochs passes over the micro-batches, an optimizer step per entry of groups (a mini-batch:
-    its micro-batch indices); old, refs (or None), tis (weights, or None) per micro-batch. Returns
-    metrics."""
+    its micro-batch indices); old and refs (or None) per micro-batch. old None: on-policy (one epoch,
+    one mini-batch), each micro-batch's own log-probs before any update, detached, filled into the
+    list returned. Returns metrics and the old log-probs."""
     model, tok, params, opt = policy.model, policy.tok, policy.params, policy.opt
     log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
+    olds, cut = list(old) if old is not None else [None] * len(micro), dict(cut=0.0, tokens=0.0)
     # global token and sequence counts of each mini-batch: the loss is their global mean
     # (weight-0 rows: --fsdp's copies, --mask-truncated's rows, count nothing)
     minis = [[x for i in idx for x in micro[i]] for idx in groups]
@@ -505,21 +515,29 @@ def update(args, policy, micro, groups, old, refs, tis, stats, sp_group=None):
                                 seqs=sum(x.get("keep", 1.0) for x in rows)), sp_group)
               for rows in minis]
     w = 1.0 / (args.epochs * max(sum(1 for n in counts if n["seqs"]), 1))  # logs: means of updates
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         for idx, n in zip(groups, counts):
             if not n["seqs"]:  # no rows on any rank: nothing to learn from, no AdamW step
                 continue
             n_tok, n_seq = n["tokens"], n["seqs"]
             for i in idx:
                 lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, micro[i], args.temperature,
-                                           sp_group)
+                                           sp_group, args.shared_prefix)
+                olds[i] = lp.detach() if olds[i] is None else olds[i]
                 keep = torch.tensor([x.get("keep", 1.0) for x in micro[i]], device=mask.device)
                 mask = mask * keep[:, None]
                 adv = torch.tensor([x["adv"] for x in micro[i]], dtype=lp.dtype, device=lp.device)
-                loss_tok, clipped = policy_loss(lp, old[i], adv, mask, args.loss, args.clip_low,
+                loss_tok, clipped = policy_loss(lp, olds[i], adv, mask, args.loss, args.clip_low,
                                                 args.clip_high, args.dual_clip)  # (N, T)
-                if tis is not None:
-                    loss_tok = loss_tok * tis[i]
+                if args.tis:  # the engine's log-probs laid out as the trainer's (N, T)
+                    eng, on = torch.zeros_like(lp), torch.zeros_like(lp)
+                    for b, x in enumerate(micro[i]):
+                        eng[b, :len(x["rollout_lp"])] = x["rollout_lp"]
+                        on[b, :len(x["rollout_lp"])] = x.get("keep", 1.0)  # weight-0 rows unmarked
+                    tw, c = tis_weights(olds[i], eng, on, args.tis, args.tis_level)
+                    loss_tok = loss_tok * tw
+                    if epoch == 0:
+                        cut = dict(cut=cut["cut"] + float(c.sum()), tokens=cut["tokens"] + float(on.sum()))
                 if refs is not None:
                     kl = kl_estimate(lp, refs[i], args.kl)
                     loss_tok = loss_tok + args.kl_coef * kl
@@ -538,7 +556,8 @@ def update(args, policy, micro, groups, old, refs, tis, stats, sp_group=None):
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] += w * float(gn)
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac", "entropy")}, sp_group))
-    return log
+    cut = mr_sp.dp_sum(cut, sp_group)
+    return dict(log, tis_frac=cut["cut"] / max(cut["tokens"], 1.0)), olds
 
 
 def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name: contextlib.nullcontext()):
@@ -570,31 +589,20 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     # sharded: each pass gathers, so every rank runs as many in each update
     micro, groups = mini_batches(batch.rows, args.mini_batches, args.micro_batch,
                                  sharded=policy.run is not mr_sp.call)
-    with timed("old"):
-        old = no_grad_logprobs(policy.run, model, tok, micro, args, par.group)
-    # the engine's log-probs of its samples against the trainer's: float error when both describe
-    # the same policy (at --top-p 1); a stale engine or other positions would show here
-    gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
-               for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
-    gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
-    tis, cut = None, dict(cut=0.0, tokens=0.0)
-    if args.tis:  # the engine's log-probs laid out as the trainer's (N, T); weight-0 rows unmarked
-        tis = []
-        for o, mb in zip(old, micro):
-            eng, mask = torch.zeros_like(o), torch.zeros_like(o)
-            for b, x in enumerate(mb):
-                eng[b, :len(x["rollout_lp"])] = x["rollout_lp"]
-                mask[b, :len(x["rollout_lp"])] = x.get("keep", 1.0)
-            w, c = tis_weights(o, eng, mask, args.tis, args.tis_level)
-            tis.append(w)
-            cut = dict(cut=cut["cut"] + float(c.sum()), tokens=cut["tokens"] + float(mask.sum()))
-        cut = mr_sp.dp_sum(cut, par.group)
+    with timed("old"):  # on-policy (one epoch, one mini-batch): the update's own, detached
+        old = (None if args.epochs == 1 and args.mini_batches == 1 else
+               no_grad_logprobs(policy.run, model, tok, micro, args, par.group))
     with timed("ref"):
         refs = (no_grad_logprobs(policy.run_ref, policy.ref, tok, micro, args, par.group)
                 if policy.ref is not None else None)
     model.train()
     with timed("update"):
-        log = update(args, policy, micro, groups, old, refs, tis, stats, par.group)
+        log, old = update(args, policy, micro, groups, old, refs, stats, par.group)
+    # the engine's log-probs of its samples against the trainer's: float error when both describe
+    # the same policy (at --top-p 1); a stale engine or other positions would show here
+    gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
+               for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
+    gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
     with timed("sync"):  # the next rollouts sample from the updated policy
         mr_sp.vllm_sleep(llm, False)
         mr_sp.vllm_sync(llm, model)
@@ -607,8 +615,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     busy = sum(times[k] for k in PHASES)
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n,
-               truncated=s["truncated"] / n, rollout_logprob_gap=gap,
-               tis_frac=cut["cut"] / max(cut["tokens"], 1.0), **log,
+               truncated=s["truncated"] / n, rollout_logprob_gap=gap, **log,
                time_encode=times["encode"], time_rollout=times["rollout"],
                time_prefill=times["old"] + times["ref"], time_update=times["update"],
                time_sync=times["sync"], tok_per_s=s["response_len"] / busy,

@@ -376,6 +376,51 @@ def layout(prompts, prompt_pos, responses=None, pad_id=0):
     return ids, pos, mask, P
 
 
+def pack(prompt, prompt_pos, responses, pad_id=0):
+    """One prompt's rows as one sequence [prompt | response 1 | ... | response B], each response
+    right-padded to T columns, which `packed_attention` runs as the B rows [prompt | response j]
+    (the prompt's layers once, not B times). Returns ids (1, P+B*T), pos (3, 1, P+B*T): each
+    response at the positions `layout` gives it, P, T, and `sources`."""
+    P, B, T = len(prompt), len(responses), max(len(r) for r in responses)
+    ids = torch.full((1, P + B * T), pad_id, dtype=torch.long)
+    ids[0, :P] = torch.as_tensor(prompt)
+    for j, r in enumerate(responses):
+        ids[0, P + j * T:P + j * T + len(r)] = torch.as_tensor(r, dtype=torch.long)
+    nxt = int(prompt_pos.max()) + 1
+    pos = torch.cat([prompt_pos, torch.arange(nxt, nxt + T).repeat(B).expand(3, -1)], 1)[:, None]
+    return ids, pos, P, T
+
+
+def sources(P, T, B):
+    """(B, T) column of a `pack`ed sequence whose hidden state predicts response j's token k: the
+    prompt's last column for every response's first token, then the response's own columns."""
+    at = P - 1 + torch.arange(B)[:, None] * T + torch.arange(T)
+    at[:, 0] = P - 1
+    return at
+
+
+def packed_attention(q, k, v, P, T, scale=None):
+    """Attention of a `pack`ed sequence, q (1, H, L, D), k, v (1, Hkv, L, D) -> (1, H, L, D): the
+    prompt's P columns causal over themselves; each block of T columns after (a response; the last
+    may be shorter: padding) over the prompt and causally over itself (the lower-right causal mask
+    of its T queries over P + T keys), exactly the rows [prompt | response] run one by one. A
+    block's keys are a copy of the prompt's and its own, so its attention is recomputed in backward
+    rather than saved (B copies of the prompt's keys and values a layer otherwise)."""
+    from torch.nn.attention.bias import causal_lower_right
+    kw = dict(scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = [F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, **kw)]
+
+    def block(q, kp, vp, kr, vr):
+        bias = causal_lower_right(q.shape[2], P + q.shape[2])
+        return F.scaled_dot_product_attention(q, torch.cat([kp, kr], 2), torch.cat([vp, vr], 2),
+                                              attn_mask=bias, **kw)
+
+    for s in range(P, q.shape[2], T):
+        args = (q[:, :, s:s + T], k[:, :, :P], v[:, :, :P], k[:, :, s:s + T], v[:, :, s:s + T])
+        out.append(checkpoint(block, *args, use_reentrant=False) if torch.is_grad_enabled() else block(*args))
+    return torch.cat(out, 2)
+
+
 # -----------------------------------------------------------------------------
 # Forward and per-token log-probs.
 

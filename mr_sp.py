@@ -581,26 +581,38 @@ def eos_ids(tok):
     return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
-def prefill_logprobs(model, tok, rows, temperature=1.0, group=None):
+def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True):
     """Log-probs and entropies (N, T) of each row's response, and the response mask (N, T).
 
-    rows: dicts with prompt (ids), pos (3, P), visual (embeddings or None), response (ids). With an
-    SP group every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2)."""
+    rows: dicts with prompt (ids), pos (3, P), visual (embeddings or None), response (ids). Rows of
+    one prompt (grpo.py's micro-batches) run `packed`: the prompt's columns once, each response
+    attending to them (`M.pack`, `M.packed_attention`), exactly as the rows one by one. Else the
+    rows side by side (`M.layout`), with no attention mask when they are right-padded only: causal
+    attention alone is exact for every real token (decided on the host, once a pass). With an SP
+    group every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2)."""
     dev = next(model.parameters()).device
-    ids, pos, mask, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows],
-                                 [r["response"] for r in rows], pad_id=tok.pad_token_id)
-    # no attention mask for right padding only (a micro-batch of one prompt's rows: grpo.mini_batches):
-    # causal attention alone is exact for every real token (decided on the host, once a pass)
-    causal = sp_mask_of(mask) is None
-    ids, pos, mask = ids.to(dev), pos.to(dev), mask.to(dev)
-    kw = dict(temperature=temperature, banned=M.banned_ids(tok))
-    attn = None if causal else mask
-    if group is None:
-        embeds = splice_columns(model, ids, rows, 0, ids.shape[1])
-        lp, ent = M.response_logprobs(model, embeds, pos, attn, P, ids[:, P:], **kw)
+    resp, pad = [r["response"] for r in rows], tok.pad_token_id
+    T = max(map(len, resp))
+    targets = torch.tensor([x + [pad] * (T - len(x)) for x in resp])
+    mask = (torch.arange(T) < torch.tensor([len(x) for x in resp])[:, None]).long()
+    if packed and len(rows) > 1 and all(r["prompt"] is rows[0]["prompt"] for r in rows):
+        ids, pos, P, T = M.pack(rows[0]["prompt"], rows[0]["pos"], resp, pad)
+        at, at_rows, attn, layout, rows = M.sources(P, T, len(resp)), 0, None, dict(packed=(P, T)), rows[:1]
+        use_ulysses(model)  # the attention that takes `packed` (without a group, SDPA otherwise)
     else:
-        lp, ent = sp_response_logprobs(model, ids, rows, pos, attn, P, group, **kw)
-    return lp, ent, mask[:, P:].to(lp.dtype)
+        ids, pos, full, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows], resp, pad)
+        at, at_rows, layout = (P - 1 + torch.arange(T)).expand(len(rows), T), torch.arange(len(rows))[:, None], {}
+        attn = None if sp_mask_of(full) is None else full.to(dev)
+    kw = dict(temperature=temperature, banned=M.banned_ids(tok))
+    ids, pos, targets = ids.to(dev), pos.to(dev), targets.to(dev)
+    if group is None:
+        n = int(at.max()) + 1  # columns run through the model: the ones after predict nothing
+        hidden = M.forward(model, splice_columns(model, ids[:, :n], rows, 0, n), pos[..., :n],
+                           None if attn is None else attn[:, :n], **layout)
+        lp, ent = M.token_logprobs(model, hidden[at_rows, at.to(dev)], targets, **kw)
+    else:
+        lp, ent = sp_response_logprobs(model, ids, rows, pos, attn, at_rows, at, targets, group, layout, **kw)
+    return lp, ent, mask.to(dev, lp.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -622,7 +634,7 @@ def ulysses_heads(H, K, sp):
 
 
 def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, sp_group=None,
-                      sp_mask=None, **kw):
+                      sp_mask=None, packed=None, **kw):
     """Text attention for transformers' registry (name "ulysses"). q (B, H, l, D) after rotary,
     k, v (B, Hkv, l, D): this rank's block of l = L/sp tokens. Returns (B, l, H, D).
 
@@ -631,8 +643,12 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     inverse all-to-all returns this rank's tokens with all heads (`ulysses_heads`: the zero heads
     that make the heads split are dropped). sp_mask (B, L) is the full sequence's padding mask
     (transformers' per-layer one covers only this block), or None when the rows are right-padded
-    only: the caller decides once a pass, since deciding here would sync the host every layer."""
+    only: the caller decides once a pass, since deciding here would sync the host every layer.
+    packed=(P, T), with or without sp_group: the sequence is one prompt's rows `M.pack`ed, and
+    attention is `M.packed_attention` (over all L tokens)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if sp_group is None and packed is not None:
+        return M.packed_attention(q, k, v, *packed, scale=scaling).transpose(1, 2), None
     if sp_group is None:
         return sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kw)
     sp = dist.get_world_size(sp_group)
@@ -651,8 +667,9 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     else:  # left padding: (B, 1, L, L) causal, real keys, and the diagonal (all-masked rows: NaN)
         causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
         mask = (causal & sp_mask.bool()[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                         dropout_p=dropout, scale=scaling, enable_gqa=hk != hq)
+    out = (M.packed_attention(q, k, v, *packed, scale=scaling) if packed is not None else
+           F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          dropout_p=dropout, scale=scaling, enable_gqa=hk != hq))
     y = out.unflatten(2, (sp, l)).permute(2, 0, 1, 3, 4)  # (B, hq, L, D) -> (sp, B, hq, l, D)
     y = _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3)  # (B, l, H', D)
     if Hp > H:  # the zero heads' outputs dropped
@@ -677,56 +694,54 @@ def use_ulysses(model):
         model.set_attn_implementation({"text_config": "ulysses"})
 
 
-def sp_response_logprobs(model, ids, rows, pos, mask, P, group, **kw):
-    """M.response_logprobs of `layout`'s ids (B, P+T) with the sequence split over group; the same
-    (B, T) results on each rank. Each rank splices only its columns (`splice_columns`).
+def sp_response_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, group, layout, **kw):
+    """`prefill_logprobs`' pass with the sequence split over group: targets (B, T), each predicted by
+    the hidden state at row at_rows, column at (host tensors); the same (B, T) results on each rank.
+    Each rank splices and runs only its columns (`splice_columns`).
 
-    Gradients: callers compute the same loss from these gathered tensors on every rank, and each rank
-    back-propagates its own columns' part (`_GatherBlocks`): its gradients are its share, and their
-    group sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
+    Gradients: callers compute the same loss from these summed tensors on every rank, and each rank
+    back-propagates its own columns' part (`_SumOver`): its gradients are its share, and their group
+    sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
     sp, r = dist.get_world_size(group), dist.get_rank(group)
     use_ulysses(model)
-    targets = ids[:, P:]
     B, T = targets.shape
-    n = P + T - 1  # columns run through the model: the last token predicts nothing
+    n = int(at.max()) + 1  # columns run through the model: the ones after predict nothing
     l = -(-n // sp)  # tokens per rank; the sequence is padded to sp*l with masked columns
     ids, pos = F.pad(ids[:, :n], (0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n))
     mask = None if mask is None else F.pad(mask[:, :n], (0, sp * l - n))  # None: right padding only
-    mine = slice(r * l, (r + 1) * l)
-    embeds = splice_columns(model, ids, rows, r * l, (r + 1) * l, group)
-    hidden = M.forward(model, embeds, pos[..., mine], sp_group=group, sp_mask=mask)
-    a, b = max(P - 1, r * l), min(P - 1 + T, (r + 1) * l)  # this rank's response-predicting columns
-    if b > a:  # column P-1+j predicts response token j
-        lp, ent = M.token_logprobs(model, hidden[:, a - r * l:b - r * l],
-                                   targets[:, a - P + 1:b - P + 1], **kw)
-        local = F.pad(torch.stack([lp, ent]), (a - r * l, (r + 1) * l - b))  # (2, B, l)
-    else:  # no response here, still tied to hidden (every rank must run every all-to-all's backward)
-        # and to lm_head: FSDP reduce-scatters a unit's gradients as one buffer of the parameters that
+    hidden = M.forward(model, splice_columns(model, ids, rows, r * l, (r + 1) * l, group),
+                       pos[..., r * l:(r + 1) * l], sp_group=group, sp_mask=mask, **layout)
+    own = (at >= r * l) & (at < (r + 1) * l)  # the targets this rank's columns predict
+    if own.any():
+        at_rows = torch.as_tensor(at_rows).expand(B, T)[own]
+        lp, ent = M.token_logprobs(model, hidden[at_rows, at[own] - r * l][None], targets[own.to(targets.device)][None],
+                                   **kw)
+        local = hidden.new_zeros(2, B, T, dtype=torch.float32).masked_scatter(
+            own.to(hidden.device), torch.cat([lp[0], ent[0]]))
+    else:  # none here, still tied to hidden (every rank must run every all-to-all's backward) and
+        # to lm_head: FSDP reduce-scatters a unit's gradients as one buffer of the parameters that
         # have one, which must be the same on every rank (a real token: 0 x a finite log-prob)
-        lp, ent = M.token_logprobs(model, hidden[:, -1:], targets[:, :1], **kw)
-        local = hidden.new_zeros(2, B, l, dtype=torch.float32) + 0.0 * (lp.sum() + ent.sum())
-    full = _GatherBlocks.apply(local, group)  # (2, B, sp*l)
-    return full[0, :, P - 1:P - 1 + T], full[1, :, P - 1:P - 1 + T]
+        lp, ent = M.token_logprobs(model, hidden[:1, -1:], targets[:1, :1], **kw)
+        local = hidden.new_zeros(2, B, T, dtype=torch.float32) + 0.0 * (lp.sum() + ent.sum())
+    full = _SumOver.apply(local, group)
+    return full[0], full[1]
 
 
-class _GatherBlocks(torch.autograd.Function):
-    """Every SP rank's (..., l) block of a sequence, all-gathered along the last dimension. Backward:
-    this rank's block of the gradient, no collective. Every rank computes the same loss from the same
-    gathered tensor, so its own block of that gradient is all of its block's; summing the sp equal
-    copies (torch.distributed.nn's all_gather) and dividing by sp gives the same, and on gloo that
-    backward scatters from group ranks read as global ranks, which fails for any SP group but the
-    first (dp > 1)."""
+class _SumOver(torch.autograd.Function):
+    """The sum over the group of each rank's part of a tensor (zero where another rank computes it).
+    Backward: the gradient as it is, no collective. Every rank computes the same loss from the same
+    sum, so each holds the whole gradient of it, and its part takes it where it computed values
+    (torch.distributed.nn's all_reduce would sum the sp equal copies: sp times too large)."""
 
     @staticmethod
     def forward(ctx, x, group):
-        ctx.block = slice(dist.get_rank(group) * x.shape[-1], (dist.get_rank(group) + 1) * x.shape[-1])
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, -1)
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[..., ctx.block], None
+        return grad, None
 
 
 # -----------------------------------------------------------------------------
@@ -826,7 +841,8 @@ MICRO_BATCHES, MICRO_TOKENS = (16, 8, 4, 2, 1), 32768
 
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new=1024, micro_batch=1,
          dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024,
-         prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0):
+         prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0,
+         packed=True):
     """Estimated memory per rank, in bytes, of one step of this code, grpo.py's (or sft.py's: `sft`)
     with `prompts` videos per data-parallel rank (grpo.py: their G rows each in `mini_batches`
     slices): the components and the peak (on a GPU `plan_run` adds ALLOWANCE). world = dp x sp ranks
@@ -896,13 +912,17 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     L = P + T
     # rows a pass: sft.py's samples; grpo.py's, one prompt's G at most, in one mini-batch's slice
     B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
-    l = -(-L // sp)  # tokens per rank in the training passes
+    # grpo.py's `packed` passes: a micro-batch's B rows (one prompt's) as one sequence
+    rows = B  # the rows whose responses a pass scores (logits), packed or not
+    if packed and not sft and B > 1:
+        B, L = 1, P + B * T
+    l = -(-L // sp)  # tokens per rank in the training passes (the packed sequence's)
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
     # values saved a token a layer; Ulysses' q and output after the all-to-all have the zero heads
     layer = 4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
     # bytes a token; checkpointed: each layer's input kept, one layer's values alive in its recompute
     kept = (r * d * layers if ckpt else b * layer * layers) + b * (2 * D + 2 * d)
-    logits = 6 * 4 * min(chunk, B * T) * V
+    logits = 6 * 4 * min(chunk, rows * T) * V
     # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
     # saved by every layer's SDPA (grpo.py's hold one prompt's rows: right padding, no mask)
     mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sft and B > 1 else 0
@@ -944,10 +964,12 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # the passes' rows: input embeddings of this rank's columns (kept by layer 0's input)
     emb = r * B * l * wide
     a2a = 2 * b * B * l * (Hp + 2 * kv) * D if sp > 1 else 0  # Ulysses' all-to-all buffers
+    # packed: a response's attention copies the prompt's keys and values (M.packed_attention)
+    blk = 2 * b * (P + T) * (kv // sp if sp > 1 else K) * D if rows > B else 0
     no_grad = (b * B * l * (3 * I + 4 * d) + a2a + emb + cast
-               + 3 * 4 * min(chunk, B * T) * V + fs["root"] + max(fs["layer"], fs["embed"]))
+               + 3 * 4 * min(chunk, rows * T) * V + fs["root"] + max(fs["layer"], fs["embed"]) + blk)
     # backward: the head's or a layer's
-    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"])
+    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"] + blk)
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
              + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
@@ -990,7 +1012,8 @@ def _plan_args(a, config, world, capacity):
              mini_batches=1 if sft else a.mini_batches, sft=sft,
              train_vision=sft and (a.vision == "train" or (a.vision == "auto" and a.init in M.TINY)),
              rollout_dtype=getattr(a, "rollout_dtype", None),
-             vllm=int(a.vllm_mem * capacity) if not sft and a.engine == "vllm" and capacity else 0)
+             vllm=int(a.vllm_mem * capacity) if not sft and a.engine == "vllm" and capacity else 0,
+             packed=getattr(a, "shared_prefix", False))
     comms = (world > 1) + (a.sp > 1)  # NCCL communicators
     m["allowance"] = (ALLOWANCE["context"] + comms * ALLOWANCE["communicator"]
                       + ALLOWANCE["fragmentation"] * m["peak"] if capacity else 0)
@@ -1174,6 +1197,8 @@ def plan_parser():
     g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates a pass; default 2")
     g.add_argument("--micro-batch", type=int, default=None, help="rows per forward; default: the "
                    f"largest of {', '.join(map(str, MICRO_BATCHES))} that fits")
+    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="a micro-batch's rows run their prompt once; default on")
     g.add_argument("--sp", type=int, default=None, help="sequence-parallel degree; default 1, or chosen "
                    "with --world")
     g.add_argument("--fsdp", action="store_true", help="policy and reference sharded over --world ranks")

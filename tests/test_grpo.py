@@ -226,7 +226,8 @@ def rollout_batch():
     G = 4
     toks, lps, lens = mr_sp.rollout(model, tok, batch, G, [mr_sp.seed_of(0, i) for i in range(2)], max_new=24,
                                     temperature=1.0)
-    rows = [dict(batch[j // G], response=toks[j, :lens[j]].tolist(), adv=1.0 - (j % 2)) for j in range(2 * G)]
+    rows = [dict(batch[j // G], response=toks[j, :lens[j]].tolist(), adv=1.0 - (j % 2),
+                 rollout_lp=lps[j, :lens[j]]) for j in range(2 * G)]
     return model, tok, rows, lps, lens
 
 
@@ -243,7 +244,7 @@ def test_trainer_logprobs_equal_rollout_engine(rollout_batch):
 def test_first_update_ratio_is_exactly_one(rollout_batch):
     model, tok, rows, _, _ = rollout_batch
     micro = [rows[:3], rows[3:]]
-    args = type("A", (), dict(temperature=1.0))
+    args = type("A", (), dict(temperature=1.0, shared_prefix=True))
     old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     for mb, o in zip(micro, old):
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, mb)  # with grad, as the update runs it
@@ -256,7 +257,7 @@ def test_reference_equals_policy_at_step_0(rollout_batch, tmp_path):
     model, tok, rows, _, _ = rollout_batch
     M.save(model, tok, str(tmp_path))
     policy, ref = M.load(str(tmp_path))[0], grpo.load_ref(str(tmp_path), "cpu")
-    args, lps = type("A", (), dict(temperature=0.9)), {}
+    args, lps = type("A", (), dict(temperature=0.9, shared_prefix=True)), {}
     for bf16 in (False, True):
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             (lp,), (ref_lp,) = (grpo.no_grad_logprobs(mr_sp.call, m, tok, [rows], args) for m in (policy, ref))
@@ -267,7 +268,8 @@ def test_reference_equals_policy_at_step_0(rollout_batch, tmp_path):
 
 def update_args(**kw):
     base = dict(epochs=1, mini_batches=1, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
-                kl="k3", kl_coef=0.0, agg="token", loss="clip", max_new=24, grad_clip=1e9)
+                kl="k3", kl_coef=0.0, agg="token", loss="clip", max_new=24, grad_clip=1e9, tis=0.0,
+                tis_level="token", shared_prefix=True)
     return type("A", (), {**base, **kw})
 
 
@@ -284,14 +286,14 @@ def test_update_moves_weights_and_nan_loss_skips_the_update(rollout_batch, capsy
     old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     old[1] = old[1].clone()
     old[1][0, 0] = float("nan")  # a NaN reaches the loss
-    grpo.update(args, policy, micro, [[0, 1]], old, None, None, stats)
+    grpo.update(args, policy, micro, [[0, 1]], old, None, stats)
     assert stats["skipped_updates"] == 1 and "update skipped" in capsys.readouterr().err
     assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
     old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     with torch.no_grad():
         ents = [mr_sp.prefill_logprobs(model, tok, mb)[1:] for mb in micro]
     mean_entropy = sum(float((e * m).sum()) for e, m in ents) / sum(float(m.sum()) for _, m in ents)
-    log = grpo.update(args, policy, micro, [[0, 1]], old, None, None, stats)
+    log = grpo.update(args, policy, micro, [[0, 1]], old, None, stats)[0]
     assert stats["skipped_updates"] == 1 and log["clip_frac"] == 0.0  # ratio 1: nothing clipped
     assert log["entropy"] == pytest.approx(mean_entropy, rel=1e-5)  # a token mean over the whole batch
     moved = sum(int((a != p).sum()) for a, p in zip(before, params))
@@ -444,7 +446,7 @@ def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p():
     toks, lps, lens = mr_sp.rollout(model, tok, batch, G, [mr_sp.seed_of(0, i) for i in range(2)],
                                     max_new=24, temperature=T, top_p=0.9)
     rows = [dict(batch[j // G], response=toks[j, :lens[j]].tolist()) for j in range(2 * G)]
-    args = type("A", (), dict(temperature=T))
+    args = type("A", (), dict(temperature=T, shared_prefix=True))
     (old,) = grpo.no_grad_logprobs(mr_sp.call, model, tok, [rows], args)
     lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=T)
     assert mask.sum(1).tolist() == lens.tolist() and mask.sum() > 2 * G
@@ -456,9 +458,34 @@ def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p():
     assert (at_1 - lps[:, :old.shape[1]])[mask.bool()].abs().max() > 1e-2
 
 
+def test_on_policy_update_takes_old_log_probs_from_its_own_pass(rollout_batch):
+    """One epoch, one mini-batch: update with no old log-probs uses each micro-batch's own, detached,
+    and returns them: bitwise the no-grad pass's, and so the same gradients (the pass grpo.step
+    skips)."""
+    model, tok, rows, _, _ = rollout_batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro, args = [rows[:3], rows[3:]], update_args(kl_coef=0.0)
+    grads = []
+
+    class Recorder:
+        def step(self):
+            grads.append([p.grad.clone() for p in params])
+
+        def zero_grad(self, set_to_none=True):
+            for p in params:
+                p.grad = None
+
+    old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
+    _, given = grpo.update(args, grpo.Policy(model, tok, params, Recorder()), micro, [[0, 1]], old, None, {})
+    _, own = grpo.update(args, grpo.Policy(model, tok, params, Recorder()), micro, [[0, 1]], None, None, {})
+    assert all(torch.equal(a, b) for a, b in zip(old, own)) and given == old
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and any(float(g.abs().sum()) for g in grads[0])
+
+
 def test_update_equals_the_loss_of_the_whole_batch(rollout_batch):
     """update over micro-batches of unequal size equals one backward of the whole batch's loss, with
-    the KL term, TIS weights and each aggregation inside it (the gradients the optimizer gets)."""
+    the KL term, TIS weights (the rollout's log-probs against old ones off the current policy: some
+    cut at 1.5) and each aggregation inside it (the gradients the optimizer gets)."""
     model, tok, rows, _, _ = rollout_batch
     params = [p for p in model.parameters() if p.requires_grad]
     micro = [rows[:3], rows[3:]]
@@ -467,11 +494,10 @@ def test_update_equals_the_loss_of_the_whole_batch(rollout_batch):
     gen = torch.Generator().manual_seed(0)  # old and reference policies off the current one: ratios
     old = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in lp0]  # outside the clip range too
     refs = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in lp0]
-    tis = [torch.rand(x.shape, generator=gen) * 2 for x in lp0]
     pad = lambda xs: torch.cat([F.pad(x, (0, 24 - x.shape[1])) for x in xs])  # noqa: E731
     for loss, agg, with_tis in (("clip", "seq", False), ("clip", "drgrpo", True),
                                 ("gspo", "seq", True), ("cispo", "token", False)):
-        args = update_args(loss=loss, agg=agg, kl_coef=0.1, max_new=24)
+        args = update_args(loss=loss, agg=agg, kl_coef=0.1, max_new=24, tis=1.5 if with_tis else 0.0)
         grads = []
 
         class Recorder:  # hands update's gradients to the test instead of stepping
@@ -483,9 +509,12 @@ def test_update_equals_the_loss_of_the_whole_batch(rollout_batch):
                     p.grad = None
 
         log = grpo.update(args, grpo.Policy(model, tok, params, Recorder()), micro, [[0, 1]], old,
-                          refs, tis if with_tis else None, {"skipped_updates": 0})
+                          refs, {"skipped_updates": 0})[0]
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows)
-        o, r, w = pad(old)[:, :lp.shape[1]], pad(refs)[:, :lp.shape[1]], pad(tis)[:, :lp.shape[1]]
+        o, r = pad(old)[:, :lp.shape[1]], pad(refs)[:, :lp.shape[1]]
+        eng = torch.cat([F.pad(x["rollout_lp"], (0, lp.shape[1] - len(x["rollout_lp"])))[None] for x in rows])
+        w, c = grpo.tis_weights(o, eng, mask, 1.5, "token")
+        assert not with_tis or (0 < log["tis_frac"] < 1 and log["tis_frac"] == pytest.approx(float(c.sum() / mask.sum())))
         adv = torch.tensor([x["adv"] for x in rows])
         pg, _ = grpo.policy_loss(lp, o, adv, mask, loss, 0.2, 0.28, 3.0)
         kl = grpo.kl_estimate(lp, r, "k3")

@@ -58,8 +58,15 @@ def gathered(rows, group):
     return [dict(r, visual=mr_sp.gather_visual(r["visual"], r["shares"], group), shares=None) for r in rows]
 
 
-def logprobs_and_grads(model, tok, rows, group):
-    lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=0.9, group=group)
+def group_rows(model, tok, lengths, group, grid=(4, 8, 8)):
+    """One prompt's rows (the same prompt object, as grpo.py's), responses of these lengths."""
+    g, s = torch.Generator().manual_seed(3), M.random_samples(model, [grid], "video", seed=7)[0]
+    p = mr_sp.prepare(model, tok, s, "Question: what happens here?", group)
+    return [dict(p, response=torch.randint(20, 500, (n,), generator=g).tolist()) for n in lengths]
+
+
+def logprobs_and_grads(model, tok, rows, group, packed=True):
+    lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=0.9, group=group, packed=packed)
     w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
     (((lp * w + 0.1 * ent) * mask).sum() / mask.sum()).backward()  # a token mean, as in grpo.py
     grads = {}
@@ -74,15 +81,17 @@ def logprobs_and_grads(model, tok, rows, group):
     return lp.detach(), ent.detach(), mask, grads
 
 
-def compare(model, tok, grids, lengths, group, single=True):
+def compare(model, tok, grids, lengths, group, single=True, packed=False):
     """One case's log-probs, entropies and summed gradients with the group against one process (run
-    where `single`; elsewhere None: at sp 8 on 2 cores, rank 0 alone computes the reference)."""
-    rows = rows_of(model, tok, grids, lengths, group)
+    where `single`; elsewhere None: at sp 8 on 2 cores, rank 0 alone computes the reference).
+    packed: grids is one prompt's, whose rows run packed with the group, row by row without."""
+    rows = (group_rows(model, tok, lengths, group, grids) if packed else
+            rows_of(model, tok, grids, lengths, group))
     lp2, ent2, _, g2 = logprobs_and_grads(model, tok, rows, group)
     rows = gathered(rows, group)  # (every rank: a collective)
     if not single:
         return None
-    lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, rows, None)
+    lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, rows, None, packed=False)
     P, valid = max(len(x["prompt"]) for x in rows), mask.bool()  # padding's values are arbitrary
     return dict(
         columns=P + max(lengths) - 1, logprob=max_diff(lp1[valid], lp2[valid]),
@@ -142,6 +151,7 @@ def worker(out):
                                     shape=list(two.shape), held=[len(mine), shares[rank]]))
         before = sp1_outputs(model, tok)
         r["cases"] = [compare(model, tok, grids, lengths, group) for grids, lengths in CASES]
+        r["cases"].append(compare(model, tok, (4, 8, 8), (5, 9, 1, 7), group, packed=True))
         # after the switch to "ulysses", calls without a group are SDPA exactly as before (rollouts)
         r["sp1_unchanged_by_switch"] = all(torch.equal(x, y) for x, y in zip(before, sp1_outputs(model, tok)))
     # a video file read as an SP share (data.VideoDataset with sp): each rank keeps and encodes
@@ -194,14 +204,22 @@ def worker(out):
     untied, _ = M.load("tiny", tie=False)
     grpo.rl_params(untied)
     untied.train()
-    train_rows = rows_of(untied, tok, *CASES[1], None)
+    train_rows, one_prompt = rows_of(untied, tok, *CASES[1], None), group_rows(untied, tok, (6, 2, 9), None)
     want_g = logprobs_and_grads(untied, tok, train_rows, None)[3]
+    want_pg = logprobs_and_grads(untied, tok, one_prompt, None, packed=False)[3]
     run = mr_sp.shard(untied)
-    lp, ent, mask = run(mr_sp.prefill_logprobs, untied, tok, train_rows, 0.9)
-    w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
-    (((lp * w + 0.1 * ent) * mask).sum() / mask.sum() / 2).backward()  # both ranks: the same rows
-    got_g = {k: p.grad.full_tensor() for k, p in untied.named_parameters() if p.requires_grad}
+
+    def fsdp_grads(rows):  # (packed where the rows are one prompt's)
+        lp, ent, mask = run(mr_sp.prefill_logprobs, untied, tok, rows, 0.9)
+        w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+        (((lp * w + 0.1 * ent) * mask).sum() / mask.sum() / 2).backward()  # both ranks: the same rows
+        got = {k: p.grad.full_tensor() for k, p in untied.named_parameters() if p.requires_grad}
+        untied.zero_grad(set_to_none=True)
+        return got
+
+    got_g, got_pg = fsdp_grads(train_rows), fsdp_grads(one_prompt)
     res["fsdp_untied_grad_diff"] = max(max_diff(want_g[k], got_g[k]) for k in want_g)
+    res["fsdp_packed_grad_diff"] = max(max_diff(want_pg[k], got_pg[k]) for k in want_pg)
     res["fsdp_untied_units"] = sum(isinstance(m, FSDPModule) for m in untied.modules())
     want = mr_sp.rollout(model, tok, rows, 2, seeds=[1, 2], max_new=n, temperature=0.7, top_p=0.9)
     run = mr_sp.shard(model)
@@ -239,7 +257,8 @@ def worker_7b(out):
     model, tok = M.load("tiny", hidden=448, heads=28, kv_heads=4, layers=2, tie=False)
     grpo.rl_params(model)
     first = par.rank == 0
-    res = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)])
+    res = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)] +
+               [compare(model, tok, (2, 8, 8), (6, 3, 9), par.group, first, packed=True)])
     rows = rows_of(model, tok, *CASES[0], par.group)
     got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, group=par.group)
     rows = gathered(rows, par.group)
@@ -299,8 +318,34 @@ def test_sp_share_of_a_video_file_encodes_as_the_whole_video(measured):
     assert measured["share_without_group"].startswith("a sample holding an SP rank's share")
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_packed_rows_equal_row_by_row(config, ckpt):
+    """One prompt's rows run packed (the prompt's columns once, each response attending to them and
+    to itself) give the row-by-row log-probs, entropies and gradients, with activation
+    checkpointing too; the decoder then sees one sequence of P + B*T - 1 columns, not B of P + T."""
+    family, cfg = CONFIGS[config]
+    model, tok = M.load(family, **cfg)
+    grpo.rl_params(model)
+    model.train()
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    rows, seen = group_rows(model, tok, (5, 9, 1, 7), None), []
+    hook = model.model.language_model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
+    lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, rows, None, packed=False)
+    lp2, ent2, mask2, g2 = logprobs_and_grads(model, tok, rows, None)
+    hook.remove()
+    P, v = len(rows[0]["prompt"]), mask.bool()
+    assert seen[0][:2] == (4, P + 9 - 1) and seen[-1][:2] == (1, P + 4 * 9 - 1), seen
+    assert torch.equal(mask, mask2) and mask.sum(1).tolist() == [5, 9, 1, 7]
+    assert max_diff(lp1[v], lp2[v]) <= 1e-5 and max_diff(ent1[v], ent2[v]) <= 1e-5
+    assert max(max_diff(g1[k], g2[k]) for k in g1) <= 1e-5 and max(x.abs().max() for x in g1.values()) > 1e-3
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_ulysses_logprobs_and_grads_equal_single_process(measured, config):
+    """Each case at sp 2 against one process; the last, one prompt's rows packed at sp 2 against
+    them row by row in one process."""
     cases = measured[config]["cases"]
     assert any(c["columns"] % 2 for c in cases)  # a sequence that needs padding to a multiple of sp
     for c in cases:
@@ -373,6 +418,7 @@ def test_fsdp_untied_gradients_equal_replicated(measured):
     """Untied embeddings are an FSDP unit of their own, lm_head sits in the root (3 layers + 1, vision
     frozen, plus the root): the summed gradients of a training pass equal the replicated model's."""
     assert measured["fsdp_untied_units"] == 3 + 1 and measured["fsdp_untied_grad_diff"] <= 1e-6
+    assert measured["fsdp_packed_grad_diff"] <= 1e-6  # one prompt's rows packed, against row by row
 
 
 def test_bad_configs_fail_clearly(monkeypatch):

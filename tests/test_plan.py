@@ -48,7 +48,11 @@ def test_the_cli_prints_what_grpo_plans(capsys, flags, world, config, cli_flags)
     got = cli(capsys, "--config", config, *cli_flags)
     assert got == json.loads(json.dumps(want)) and got["fits"]
     assert got["activation_checkpointing"] is (config != "tiny") and got["world"] == world
-    assert got["micro_batch"] == (16 if config == "tiny" else 1)  # 231,488-token rows: one a pass
+    # a micro-batch of one prompt's 8 rows is one packed sequence of P + 8 x 1,024 tokens (the 7B:
+    # 239,680, about one row's); --no-shared-prefix: 231,488-token rows, one a pass
+    assert got["micro_batch"] == 16 and got["rows"] == 1
+    if config != "tiny":
+        assert cli(capsys, "--config", config, *cli_flags, "--no-shared-prefix")["micro_batch"] == 1
 
 
 def test_world_8_picks_the_most_data_parallel_layout_that_runs(capsys):
