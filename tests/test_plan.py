@@ -58,8 +58,8 @@ def test_the_cli_prints_what_grpo_plans(capsys, flags, world, config, cli_flags)
 def test_world_8_picks_the_most_data_parallel_layout_that_runs(capsys):
     """Qwen2.5-VL-7B at 3,600 frames on 8 ranks of 76 GiB: the layout chosen fits with the allowance,
     every layout with more data parallelism (less sp) does not, and the most frames that fit there
-    pass the paper's 3,600. Issue 21 asked for 8,192; the honest plan says 4,588 here (8 prompts a
-    step keep their video embeddings, the rollout holds the policy gathered and a prompt's cache)."""
+    pass the paper's 3,600; at sp 8 (the layout --world 8 picks for 8,192 frames) they pass 8,192:
+    no rank holds a whole video's embeddings or prompt cache (mr_sp.encode, sp_prefill)."""
     p = cli(capsys, "--frames", "3600", "--fsdp", "--world", "8", "--gpu-gb", "76")
     assert p["sp"] in (1, 2, 4, 8) and p["dp"] * p["sp"] == 8 and p["fits"]
     assert p["gib"]["total"] <= 76 and p["gib"]["allowance"] > 1
@@ -69,6 +69,8 @@ def test_world_8_picks_the_most_data_parallel_layout_that_runs(capsys):
         args.sp = sp
         assert not mr_sp.plan_run(args, cfg, 8, 76 * GIB)["fits"]
     assert p["max_frames"] >= 3600
+    p = cli(capsys, "--frames", "8192", "--fsdp", "--world", "8", "--gpu-gb", "76")
+    assert p["sp"] == 8 and p["fits"] and p["gib"]["total"] <= 76 and p["max_frames"] >= 8192
     with pytest.raises(SystemExit, match="--prompts 8 must be divisible by the data-parallel size"):
         cli(capsys, "--frames", "3600", "--world", "16", "--sp", "1")
 
