@@ -133,9 +133,11 @@ def main(args):
             # A trained tower needs the graph, so every SP peer encodes the whole video with it. The
             # gradient stays exact: each peer's prefill back-propagates only into its share of the
             # sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 one.
+            whole = train_vision or par.group is None or not s["kind"]  # else this peer's share
             visual = (M.encode(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
                       if train_vision and s["kind"] else mr_sp.encode(model, s, par.group))
-            rows_mb.append(dict(prompt=prompt, pos=pos, visual=visual, response=target))
+            shares = None if whole else mr_sp.shares_of(model.config, s["grid_thw"], par.sp)
+            rows_mb.append(dict(prompt=prompt, pos=pos, visual=visual, shares=shares, response=target))
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=par.group)
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
