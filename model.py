@@ -411,7 +411,9 @@ def packed_attention(q, k, v, P, T, scale=None):
     out = [F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, **kw)]
 
     def block(q, kp, vp, kr, vr):
-        bias = causal_lower_right(q.shape[2], P + q.shape[2])
+        t = q.shape[2]  # CUDA: flash attention's own lower-right causal; elsewhere SDPA builds the mask
+        bias = (causal_lower_right(t, P + t) if q.is_cuda else
+                torch.ones(t, P + t, dtype=torch.bool, device=q.device).tril(P))
         return F.scaled_dot_product_attention(q, torch.cat([kp, kr], 2), torch.cat([vp, vr], 2),
                                               attn_mask=bias, **kw)
 

@@ -238,7 +238,10 @@ def test_rehearsal_on_four_processes(tmp_path):
     assert sorted(r["layouts"]) == ["sp2", "sp4"]
     for name, x in r["layouts"].items():
         assert x["killed_after_step"] == 1 and x["resumed_bitwise"], (name, x)
-        assert x["max_weight_diff_vs_one"] <= 1e-5 and x["weights_over_1e-5"] == 0, (name, x)
+        # AdamW's first step is lr * g / (|g| + eps): an element whose gradient is within float error
+        # of eps moves by a float-error-sized share of lr (one of 10.4M here: |g| 4.5e-9 at one process,
+        # 1.2e-8 at sp 4, 2.3e-5 apart after the step); a wrong gradient moves thousands
+        assert x["weights_over_1e-5"] <= 10 and x["max_weight_diff_vs_one"] <= 1e-4, (name, x)
         for phase, m in x["memory"].items():
             assert 0.8 <= m["ratio_min"] and max(m["measured"]) - m["planned"] <= 0.25, (name, phase, m)
 
