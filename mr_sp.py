@@ -13,7 +13,7 @@ What every stage calls for its videos and its long sequences:
   padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
   embeddings).
 - `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy);
-  rows of one prompt, padded on the right, need no attention mask.
+  rows of one prompt run packed, the prompt once for all their responses (model.packed_attention).
 - `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
 - `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
@@ -863,7 +863,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       samples over this rank's columns, and logits. With fsdp the policy gathered; `vllm`: the bytes
       vLLM's engine takes instead (and its whole KV cache);
     - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows (right
-      padding, no mask): a layer's intermediates, the rows' input embeddings, a logits chunk;
+      padding, no mask; `packed`: one sequence of the prompt and the rows' responses, and a
+      response's copy of the prompt's keys and values): a layer's intermediates, the input
+      embeddings, a logits chunk;
     - training pass: autograd's saved values per token and layer, counted on our path with
       torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
       Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 per local token (H' = H unless
@@ -884,10 +886,10 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`: bf16, 8 prompts a step, G=8, 1,024-token responses): 231,488 tokens a row, 28,936 a
-    rank. Peak 37.9 GiB a rank, 42.8 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
+    rank. Peak 38.5 GiB a rank, 43.4 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
     replicated), the reference 3.5, this rank's share of the 8 prompts' video embeddings 1.5, the
     rollout 21.7 (the policy gathered in bf16, 15.4; this rank's columns of a prompt's KV cache,
-    1.6), the training pass 18.3 (micro-batch 1, checkpointed). The largest video that fits 79 GiB
+    1.6), the training pass 18.9 (a prompt's 8 rows packed, checkpointed; one row: 18.3). The largest video that fits 79 GiB
     is 11,024 frames (`max_frames`). The paper reports 3,600 frames (about 256k tokens) of RL on one
     8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
@@ -915,8 +917,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # grpo.py's `packed` passes: a micro-batch's B rows (one prompt's) as one sequence
     rows = B  # the rows whose responses a pass scores (logits), packed or not
     if packed and not sft and B > 1:
-        B, L = 1, P + B * T
-    l = -(-L // sp)  # tokens per rank in the training passes (the packed sequence's)
+        B = 1
+    l = -(-(P + rows * T if rows > B else L) // sp)  # tokens per rank in a pass (packed: its sequence's)
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
     # values saved a token a layer; Ulysses' q and output after the all-to-all have the zero heads
     layer = 4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
@@ -1130,7 +1132,7 @@ def plan_line(p):
             f"{p['capacity_gib']:.2f}: {'fits' if p['fits'] else 'OVER'}" if p["capacity_gib"]
             else f"peak {g['peak']} GiB a rank (CPU)")
     return (f"plan | {p['model']}, {p['frames']} frames: {p['tokens']:,} tokens a row, "
-            f"{p['tokens_per_rank']:,} a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
+            f"{p['tokens_per_rank']:,} a pass a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
             f"micro-batch {p['micro_batch']}, checkpointing {ckpt} | GiB a rank: state {g['state']} "
             f"ref {g['ref']} embeds {g['video_embeds']}; encode {g['encode']} rollout {g['rollout']} "
             f"no-grad {g['no_grad_pass']} train {g['training_pass']} | {peak} | host {g['host']}, "
@@ -1233,7 +1235,7 @@ def plan_main(argv=None):
     p = tried.get(a.sp) or plan_run(a, cfg, world, cap)
     tried = ", ".join(f"sp {k}: {q['gib']['total']:.1f} GiB" for k, q in tried.items())
     print(f"{a.config}, {p['frames']} frames = {p['video_tokens']:,} video tokens, {p['tokens']:,} per "
-          f"row, {p['tokens_per_rank']:,} per rank at dp {p['dp']} x sp {p['sp']} (world {world})"
+          f"row, {p['tokens_per_rank']:,} a pass per rank at dp {p['dp']} x sp {p['sp']} (world {world})"
           + (f"; layouts tried: {tried}" if tried else ""))
     for k in COMPONENTS:
         print(f"{k:>14} | {p['gib'][k]:9.2f} GiB")
