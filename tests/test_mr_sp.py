@@ -190,10 +190,11 @@ def worker(out):
     model, tok = M.load("tiny")
     grpo.rl_params(model)
     model.train()
-    rows = rows_of(model, tok, *CASES[1], group)
-    plain = [logprobs_and_grads(model, tok, r, g)[3] for r, g in ((gathered(rows, group), None), (rows, group))]
+    rows, packed = rows_of(model, tok, *CASES[1], group), group_rows(model, tok, (6, 2, 9), group)
+    runs = [(gathered(x, group), None) for x in (rows, packed)] + [(rows, group), (packed, group)]
+    plain = [logprobs_and_grads(model, tok, r, g)[3] for r, g in runs]
     model.gradient_checkpointing_enable()
-    ckpt = [logprobs_and_grads(model, tok, r, g)[3] for r, g in ((gathered(rows, group), None), (rows, group))]
+    ckpt = [logprobs_and_grads(model, tok, r, g)[3] for r, g in runs]
     res["checkpointing_grad_diff"] = [max(max_diff(a[k], b[k]) for k in a) for a, b in zip(plain, ckpt)]
     # FSDP: rollouts in `unsharded` (each rank decoding its own number of steps: per-layer gathers
     # would hang) sample what the replicated model samples
@@ -406,7 +407,9 @@ def test_sp_peers_hold_their_columns_of_the_prompt_cache(measured):
 
 
 def test_activation_checkpointing_gradients_equal(measured):
-    """Every decoder layer recomputed in backward: the unchecked gradients, sp 1 and sp 2 (fp32)."""
+    """Every decoder layer recomputed in backward: the unchecked gradients, sp 1 and sp 2 (fp32), rows
+    of two prompts side by side and one prompt's rows packed."""
+    assert len(measured["checkpointing_grad_diff"]) == 4
     assert all(d <= 1e-6 for d in measured["checkpointing_grad_diff"]), measured["checkpointing_grad_diff"]
 
 
