@@ -234,7 +234,11 @@ def shard(model, params=None, dtype=torch.float32):
         blocks.append(model.get_input_embeddings())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     units = [fully_shard(b, mp_policy=mp) for b in blocks if any(p in params for p in b.parameters())]
-    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params, mp_policy=mp)
+    # the root's inputs are the pass's rows as they are: casting them would rebuild every row's dict
+    # and list (one prompt's rows would no longer share a prompt: `prefill_logprobs` packs those)
+    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params,
+                       mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                      cast_forward_inputs=False))
     for u in units + [root]:
         u.set_gradient_divide_factor(1.0)
         u.set_force_sum_reduction_for_comms(True)
