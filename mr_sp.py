@@ -35,6 +35,7 @@ With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal
 """
 import atexit
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -234,11 +235,7 @@ def shard(model, params=None, dtype=torch.float32):
         blocks.append(model.get_input_embeddings())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     units = [fully_shard(b, mp_policy=mp) for b in blocks if any(p in params for p in b.parameters())]
-    # the root's inputs are the pass's rows as they are: casting them would rebuild every row's dict
-    # and list (one prompt's rows would no longer share a prompt: `prefill_logprobs` packs those)
-    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params,
-                       mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                                      cast_forward_inputs=False))
+    root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params, mp_policy=mp)
     for u in units + [root]:
         u.set_gradient_divide_factor(1.0)
         u.set_force_sum_reduction_for_comms(True)
@@ -445,6 +442,11 @@ def splice_columns(model, ids, rows, a, b, group=None):
     return M.splice(model, ids[:, a:b], torch.cat(parts) if parts else None)
 
 
+# Each prepared prompt's key: rows with one key are one prompt's (`prefill_logprobs` packs them). Not
+# the prompt list's identity: FSDP's root casts a pass's inputs by rebuilding every dict and list.
+_KEYS = itertools.count()
+
+
 def prepare(model, tok, sample, text, group=None):
     """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, its video's
     or image's embeddings encoded once (None: text only; over an SP group, this rank's share of
@@ -454,8 +456,8 @@ def prepare(model, tok, sample, text, group=None):
     ids, pos = M.prompt_of(tok, model.config, sample, text)
     kind, grid, times = sample.get("kind"), sample.get("grid_thw"), sample.get("frame_times")
     shares = shares_of(model.config, grid, dist.get_world_size(group)) if group is not None and kind else None
-    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), shares=shares, kind=kind,
-                grid_thw=grid, second_per_grid=sample.get("second_per_grid"), frame_times=times,
+    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), shares=shares, key=next(_KEYS),
+                kind=kind, grid_thw=grid, second_per_grid=sample.get("second_per_grid"), frame_times=times,
                 engine_prompt=M.build_prompt(tok, model.config, text, kind, grid, times, expand=False))
 
 
@@ -599,13 +601,15 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True)
     T = max(map(len, resp))
     targets = torch.tensor([x + [pad] * (T - len(x)) for x in resp])
     mask = (torch.arange(T) < torch.tensor([len(x) for x in resp])[:, None]).long()
-    if packed and len(rows) > 1 and all(r["prompt"] is rows[0]["prompt"] for r in rows):
+    if packed and len(rows) > 1 and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"]
+                                                                          for r in rows):
         ids, pos, P, T = M.pack(rows[0]["prompt"], rows[0]["pos"], resp, pad)
         at, at_rows, attn, layout, rows = M.sources(P, T, len(resp)), 0, None, dict(packed=(P, T)), rows[:1]
         use_ulysses(model)  # the attention that takes `packed` (without a group, SDPA otherwise)
     else:
         ids, pos, full, P = M.layout([r["prompt"] for r in rows], [r["pos"] for r in rows], resp, pad)
-        at, at_rows, layout = (P - 1 + torch.arange(T)).expand(len(rows), T), torch.arange(len(rows))[:, None], {}
+        at, at_rows = (P - 1 + torch.arange(T)).expand(len(rows), T), torch.arange(len(rows))[:, None]
+        layout = {}
         attn = None if sp_mask_of(full) is None else full.to(dev)
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
     ids, pos, targets = ids.to(dev), pos.to(dev), targets.to(dev)
@@ -718,8 +722,8 @@ def sp_response_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, grou
     own = (at >= r * l) & (at < (r + 1) * l)  # the targets this rank's columns predict
     if own.any():
         at_rows = torch.as_tensor(at_rows).expand(B, T)[own]
-        lp, ent = M.token_logprobs(model, hidden[at_rows, at[own] - r * l][None], targets[own.to(targets.device)][None],
-                                   **kw)
+        lp, ent = M.token_logprobs(model, hidden[at_rows, at[own] - r * l][None],
+                                   targets[own.to(targets.device)][None], **kw)
         local = hidden.new_zeros(2, B, T, dtype=torch.float32).masked_scatter(
             own.to(hidden.device), torch.cat([lp[0], ent[0]]))
     else:  # none here, still tied to hidden (every rank must run every all-to-all's backward) and
@@ -893,9 +897,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     rank. Peak 38.5 GiB a rank, 43.4 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
     replicated), the reference 3.5, this rank's share of the 8 prompts' video embeddings 1.5, the
     rollout 21.7 (the policy gathered in bf16, 15.4; this rank's columns of a prompt's KV cache,
-    1.6), the training pass 18.9 (a prompt's 8 rows packed, checkpointed; one row: 18.3). The largest video that fits 79 GiB
-    is 11,024 frames (`max_frames`). The paper reports 3,600 frames (about 256k tokens) of RL on one
-    8 x A100 node."""
+    1.6), the training pass 18.9 (a prompt's 8 rows packed, checkpointed; one row: 18.3). The
+    largest video that fits 79 GiB is 11,024 frames (`max_frames`). The paper reports 3,600 frames
+    (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t, vc = config.get_text_config(), config.vision_config
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
