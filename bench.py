@@ -2,6 +2,7 @@
 
     python bench.py learning --jobs 3  # SFT -> GRPO, synth task, 3 seeds at once (~1 h, 2 cores)
     python bench.py learning --seeds 0 --sft-steps 100 --grpo-steps 10  # a quick look
+    python bench.py learning --data data/motion --jobs 3  # another task (data.py synth --family motion)
     python bench.py learning --seeds 0 --sft runs/sft/model --variants algorithms  # grpo.py's
     python bench.py mrsp  # MR-SP: embedding cache, sp=2 memory, engine, planner (~15 min)
     python bench.py hour  # one GRPO step on a 3,600-frame video, tiny model, sp=2 under torchrun
@@ -18,7 +19,9 @@ RL); GRPO from that checkpoint on the other two thirds; greedy eval again. --sft
 for every seed instead of training one. --variants "name=grpo.py arguments;...": one GRPO run from
 the SFT checkpoint per variant, the same budget each ("algorithms": ALGORITHMS, grpo.py's). Last
 line: JSON with chance, blind_acc, sft_acc, grpo_acc (the first variant's), held-out means over
-seeds, per_seed, seeds, and per variant: acc, the training reward over the first and last 10 steps.
+seeds, by_category (chance: a uniform guess, 1 / options or 1 / the category's answers; blind, sft,
+grpo: mean and standard deviation over seeds), per_seed, seeds, and per variant: acc, the training
+reward over the first and last 10 steps. --data: any task folder with train.jsonl and test.jsonl.
 mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
 alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training prefill +
@@ -61,7 +64,7 @@ lp = sub.add_parser("learning", help="does GRPO improve on SFT? (held-out accura
 lp.add_argument("--seeds", default="0,1,2", help="comma list of training seeds; default 0,1,2")
 lp.add_argument("--data", default="data/synth", help="task folder (written if absent); default data/synth")
 lp.add_argument("--out", default="runs/bench_learning", help="runs go to OUT/seed<k>/{sft,grpo}")
-lp.add_argument("--sft-steps", type=int, default=300, help="SFT steps; default 300")
+lp.add_argument("--sft-steps", type=int, default=None, help="SFT steps; default: sft.py's (from its --epochs)")
 lp.add_argument("--grpo-steps", type=int, default=200, help="GRPO steps; default 200")
 lp.add_argument("--grpo-args", default="", help="extra grpo.py arguments, quoted")
 lp.add_argument("--sft-args", default="", help="extra sft.py arguments, quoted")
@@ -199,16 +202,16 @@ def learning_stages(seed, args, d, run):
         (["--limit", str(args.limit)] if args.limit else [])
     sft_model = args.sft or f"{d}/sft/model"
     if not args.sft:
-        run("sft.py", "--data", args.data, "--seed", str(seed), "--steps", str(args.sft_steps),
-            "--out", f"{d}/sft", *args.sft_args.split())
+        run("sft.py", "--data", args.data, "--seed", str(seed), "--out", f"{d}/sft",
+            *(["--steps", str(args.sft_steps)] if args.sft_steps else []), *args.sft_args.split())
     sft = run(*ev, "--model", sft_model, "--out", f"{d}/eval_sft")
-    ctl = dict(blind_acc=None, sft_sampled_acc=None, sft_pass8=None)
+    ctl = dict(blind_acc=None, blind_by_category=None, sft_sampled_acc=None, sft_pass8=None)
     if args.controls:
         blind = run(*ev, "--model", sft_model, "--blind", "--out", f"{d}/eval_blind")
         pass8 = run("eval.py", "--data", args.data, "--limit", "200", "--model", sft_model, "--n", "8",
                     "--temperature", "1.0", "--out", f"{d}/eval_pass8", *args.eval_args.split())
-        ctl = dict(blind_acc=blind["accuracy"], sft_sampled_acc=pass8["accuracy"],
-                   sft_pass8=pass8["pass@8"])  # headroom for RL
+        ctl = dict(blind_acc=blind["accuracy"], blind_by_category=blind["by_category"],
+                   sft_sampled_acc=pass8["accuracy"], sft_pass8=pass8["pass@8"])  # headroom for RL
     variants = {}
     for spec in (ALGORITHMS if args.variants == "algorithms" else args.variants).split(";"):
         name, _, extra = spec.partition("=")
@@ -226,6 +229,17 @@ def learning_stages(seed, args, d, run):
                variants=variants)
     print(json.dumps({"seed": seed, **res}), flush=True)
     return res
+
+
+def chance(rows):
+    """{category: accuracy of a uniform guess}: 1 / options, or without options 1 / the answers the
+    category's rows have (a number, a direction, yes or no)."""
+    answers, out = collections.defaultdict(set), collections.defaultdict(list)
+    for r in rows:
+        answers[r["category"]].add(D.normalize(r["answer"]))
+    for r in rows:
+        out[r["category"]].append(1 / len(r["options"] or answers[r["category"]]))
+    return {c: statistics.mean(v) for c, v in sorted(out.items())}
 
 
 def learning(args):
@@ -246,7 +260,19 @@ def learning(args):
     print(f"{'variant':>12} | {'held-out':>8} | {'reward first 10':>15} | {'last 10':>7}")
     for v, x in var.items():
         print(f"{v:>12} | {x['acc']:8.3f} | {x['reward_first']:15.3f} | {x['reward_last']:7.3f}")
-    print(json.dumps(dict(chance=0.25, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"),
+    by_cat = {}  # category: chance, then means and standard deviations over seeds
+    for c, ch in chance(D.load_rows(os.path.join(args.data, "test.jsonl"))).items():
+        by_cat[c] = dict(chance=ch)
+        for k in ("blind", "sft", "grpo"):
+            xs = [(r[f"{k}_by_category"] or {}).get(c) for r in res.values()]
+            if None not in xs:
+                by_cat[c][k], by_cat[c][k + "_std"] = statistics.mean(xs), statistics.pstdev(xs)
+    print(f"{'category':>12} | {'chance':>6} | {'blind':>6} | {'sft':>13} | {'grpo':>13}")
+    for c, x in by_cat.items():
+        pm = lambda k: f"{x[k]:.3f} +- {x[k + '_std']:.3f}" if k in x else "-".rjust(13)  # noqa: E731
+        print(f"{c:>12} | {x['chance']:6.3f} | {x.get('blind', float('nan')):6.3f} | {pm('sft')} | {pm('grpo')}")
+    print(json.dumps(dict(chance=by_cat and statistics.mean(x["chance"] for x in by_cat.values()),
+                          by_category=by_cat, blind_acc=mean("blind_acc"), sft_acc=mean("sft_acc"),
                           grpo_acc=mean("grpo_acc"), grpo_minus_sft=mean("grpo_acc") - mean("sft_acc"),
                           sft_pass8=mean("sft_pass8"), n_test=mean("n_test"), seeds=seeds,
                           variants=var, per_seed=res, minutes=round((time.time() - t0) / 60, 1))))

@@ -699,11 +699,137 @@ def write_mp4(path, frames, fps):
         c.mux(s.encode())
 
 
-def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0):
+# Two more task families, unlike "flash" above: answers as words, numbers and yes/no as well as
+# letters, a moving square as well as flashes, and a category that needs frames far apart. "motion"
+# is checked beside "flash" when defaults change; "aside" is kept for a final check, not tuned on.
+FAMILIES = {"flash": CATEGORIES, "motion": ["direction", "count", "when", "return"],
+            "aside": ["longest", "corner", "jumps", "after"]}
+SIDES = {"left": (0.5, 0), "right": (0.5, 1), "top": (0, 0.5), "bottom": (1, 0.5)}  # (row, col)
+CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
+DIRECTIONS = {"right": "left", "left": "right", "down": "top", "up": "bottom"}  # way: side it starts
+QUARTERS = ["in the first quarter", "in the second quarter", "in the third quarter", "in the last quarter"]
+
+
+def motion_scenario(rng, category, n):
+    """One video of n frames as drawing instructions: flashes [(start, length, color)], the square's
+    (row, col) per frame (0..1 of the free space) or None; its question, options (empty: the answer
+    is the choice itself), choices, answer index and trace(claim) ending in choice `claim`."""
+    flash, square, cols = [], None, list(COLORS)
+    steady = lambda corner: np.tile(CORNERS[corner], (n, 1)).astype(float)  # noqa: E731
+    if category == "direction":  # "... moves right": from the left side to the right side
+        ans = int(rng.integers(4))
+        start = DIRECTIONS[list(DIRECTIONS)[ans]]
+        a, b = np.array(SIDES[start]), 1 - np.array(SIDES[start])
+        square = a + (b - a) * np.linspace(0, 1, n)[:, None]
+        return dict(flash=flash, square=square, options=[], choices=list(DIRECTIONS), answer=ans,
+                    question="A white square slides across the screen. Which way does it move? "
+                             "Answer with one word: left, right, up or down.",
+                    trace=lambda c: f"The square starts at the {DIRECTIONS[list(DIRECTIONS)[c]]} and "
+                                    f"crosses the screen, so it moves {list(DIRECTIONS)[c]}.")
+    if category == "count":  # brief flashes, a number for an answer
+        k, slots = int(rng.integers(1, 5)), n // 8
+        flash = [(8 * s + 3, 3, cols[rng.integers(len(cols))]) for s in sorted(rng.choice(slots, k, replace=False))]
+        return dict(flash=flash, square=None, options=[], choices=["1", "2", "3", "4"], answer=k - 1,
+                    question="The screen flashes briefly now and then. How many flashes are there? "
+                             "Answer with a number.",
+                    trace=lambda c: f"I count {c + 1} brief flash{'es' * (c > 0)}, so the answer is {c + 1}.")
+    if category == "when":  # one brief flash: which quarter of the video
+        q, color = int(rng.integers(4)), cols[rng.integers(len(cols))]
+        flash = [(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, color)]
+        return dict(flash=flash, square=None, options=QUARTERS, choices=QUARTERS, answer=q,
+                    question=f"The screen flashes {color} once, briefly. When?",
+                    trace=lambda c: f"The {color} flash comes {QUARTERS[c]} of the video, "
+                                    f"so the answer is {LETTERS[c]}.")
+    if category == "return":  # the first and the last frames decide: far apart
+        names = list(CORNERS)
+        start, same = int(rng.integers(4)), bool(rng.integers(2))
+        end = start if same else int(rng.choice([j for j in range(4) if j != start]))
+        square, hops = steady(names[start]), [names[j] for j in rng.integers(4, size=3)]
+        for i, corner in enumerate(hops):  # wanders in between
+            square[n // 4 + i * n // 6:] = CORNERS[corner]
+        square[3 * n // 4:] = CORNERS[names[end]]
+        said = lambda c: names[end] if c == int(not same) else \
+            names[start] if c == 0 else names[(start + 1) % 4]  # a wrong claim: what was misread  # noqa: E731
+        return dict(flash=flash, square=square, options=[], choices=["yes", "no"], answer=int(not same),
+                    question="A white square jumps between the corners. Does it end in the corner where it "
+                             "started? Answer yes or no.",
+                    trace=lambda c: f"The square starts {names[start]} and ends {said(c)}, "
+                                    f"so the answer is {['yes', 'no'][c]}.")
+    if category == "longest":  # steady colors of different lengths
+        four = [OPTION_COLORS[j] for j in rng.permutation(4)]
+        lens = rng.permutation([6, 10, 14])
+        t = 2
+        for color, m in zip(four[:3], lens):
+            flash.append((t, int(m * n // 48), color))
+            t += int(m * n // 48) + n // 16
+        ans = OPTION_COLORS.index(four[int(np.argmax(lens))])
+        return dict(flash=flash, square=None, options=OPTION_COLORS, choices=OPTION_COLORS, answer=ans,
+                    question="Three colors fill the screen one after another. Which stays longest?",
+                    trace=lambda c: f"{OPTION_COLORS[c].capitalize()} stays on the screen longer than the "
+                                    f"others, so the answer is {LETTERS[c]}.")
+    if category == "corner":  # where the square spends most of the time, a two-word answer
+        names = list(CORNERS)
+        home = int(rng.integers(4))
+        square = steady(names[home])
+        for s in rng.choice(range(1, 8), 2, replace=False):  # two brief visits elsewhere
+            square[s * n // 8:s * n // 8 + n // 16] = CORNERS[names[(home + 1 + rng.integers(3)) % 4]]
+        return dict(flash=flash, square=square, options=[], choices=names, answer=home,
+                    question="Where does the white square spend most of the video? Answer top left, "
+                             "top right, bottom left or bottom right.",
+                    trace=lambda c: f"The square stays in the {names[c]} corner most of the time, "
+                                    f"so the answer is {names[c]}.")
+    if category == "jumps":  # a number: how often the square changes corner
+        names, k = list(CORNERS), int(rng.integers(0, 4))
+        at = [int(rng.integers(4))]
+        for _ in range(k):
+            at.append(int((at[-1] + 1 + rng.integers(3)) % 4))
+        square = steady(names[at[0]])
+        for i, c in enumerate(at[1:], 1):
+            square[i * n // (k + 1):] = CORNERS[names[c]]
+        return dict(flash=flash, square=square, options=[], choices=["0", "1", "2", "3"], answer=k,
+                    question="How many times does the white square jump to another corner? "
+                             "Answer with a number.",
+                    trace=lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.")
+    if category != "after":
+        raise ValueError(f"unknown task category {category!r}: one of {FAMILIES}")
+    order = [OPTION_COLORS[j] for j in rng.permutation(4)]
+    cue = order[int(rng.integers(3))]
+    nxt = order[order.index(cue) + 1]
+    order.insert(int(rng.integers(5)), cols[4 + rng.integers(2)])  # purple or cyan, not an option
+    flash = [(2 + i * n // 5, 3, c) for i, c in enumerate(order)]
+    ans = OPTION_COLORS.index(nxt)
+    return dict(flash=flash, square=None, options=OPTION_COLORS, choices=OPTION_COLORS, answer=ans,
+                question=f"Colors flash one at a time. Which of these flashes next after {cue}?",
+                trace=lambda c: f"After {cue} the next of these colors to flash is {OPTION_COLORS[c]}, "
+                                f"so the answer is {LETTERS[c]}.")
+
+
+def motion_frames(sc, n_frames, size, rng):
+    """uint8 (F, size, size, 3): the flash family's background, its flashes, a white square (a
+    quarter of the side) at its position in each frame."""
+    coarse = rng.normal(0, 10, (size // 4 + 1, size // 4 + 1))
+    tex = np.kron(coarse, np.ones((4, 4)))[:size, :size, None]
+    video = np.empty((n_frames, size, size, 3), np.float32)
+    video[:] = rng.uniform(95, 145) + tex
+    for start, length, color in sc["flash"]:
+        video[start:start + length] = np.array(COLORS[color]) + 0.5 * tex
+    if sc["square"] is not None:
+        side = size // 4
+        for f, (r, c) in enumerate(sc["square"]):
+            y, x = round(r * (size - side)), round(c * (size - side))
+            video[f, y:y + side, x:x + side] = 245
+    return video.clip(0, 255).round().astype(np.uint8)
+
+
+def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0, family="flash"):
     """Write out/videos/*.mp4, out/{train,test}.jsonl. Video i depends only on (seed, i)."""
     from tqdm import tqdm
     if n_frames < 8 or size < 16 or size % 2:
         raise ValueError("need --frames >= 8 and an even --size >= 16")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}: one of {', '.join(FAMILIES)}")
+    if family != "flash" and n_frames < 32:
+        raise ValueError(f"the {family} family needs --frames >= 32 (brief events, a moving square)")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     n_test = round(n * test_frac) if n_test is None else n_test
@@ -712,20 +838,27 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
     splits = {"train": [], "test": []}
     for i in tqdm(range(n), desc="synth", unit="video", file=sys.stderr):
         rng = np.random.default_rng([seed, i])
-        category = CATEGORIES[i % len(CATEGORIES)]
-        sc = synth_scenario(rng, category, n_pos)
+        category = FAMILIES[family][i % 4]
+        if family == "flash":
+            sc = synth_scenario(rng, category, n_pos)
+            frames = synth_frames(sc, n_frames, size, rng)
+            sc.update(choices=sc["options"], trace=lambda c: synth_trace(sc, category, c))
+        else:
+            sc = motion_scenario(rng, category, n_frames)
+            frames = motion_frames(sc, n_frames, size, rng)
         video = f"videos/{i:06d}.mp4"
-        write_mp4(out / video, synth_frames(sc, n_frames, size, rng), fps)
+        write_mp4(out / video, frames, fps)
         split = "test" if i >= n - n_test else "train"
         claim, noisy = sc["answer"], np.random.default_rng([seed, i, 1])
         if split == "train" and noisy.random() < noise:  # own stream: noise leaves videos alone
-            claim = int(noisy.choice([j for j in range(4) if j != sc["answer"]]))
-        row = dict(id=f"synth{seed}-{i:06d}", video=video, question=sc["question"],
-                   options=sc["options"], answer=LETTERS[sc["answer"]], category=category,
-                   reasoning=synth_trace(sc, category, claim),
+            claim = int(noisy.choice([j for j in range(len(sc["choices"])) if j != sc["answer"]]))
+        said = lambda j: LETTERS[j] if sc["options"] else sc["choices"][j]  # noqa: E731
+        row = dict(id=f"{'synth' if family == 'flash' else family}{seed}-{i:06d}", video=video,
+                   question=sc["question"], options=sc["options"], answer=said(sc["answer"]),
+                   category=category, reasoning=sc["trace"](claim),
                    trace_correct=claim == sc["answer"], frames=n_frames, fps=fps)
         if claim != sc["answer"]:
-            row["trace_answer"] = LETTERS[claim]
+            row["trace_answer"] = said(claim)
         splits[split].append(json.dumps(row))
     for split, lines in splits.items():
         (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -788,6 +921,9 @@ def main(argv=None):
     s.add_argument("--fps", type=int, default=8, help="frame rate written into the mp4; default 8")
     s.add_argument("--test-frac", type=float, default=0.2, help="test.jsonl fraction; default 0.2")
     s.add_argument("--n-test", type=int, default=None, help="test videos (overrides --test-frac)")
+    s.add_argument("--family", default="flash", choices=list(FAMILIES),
+                   help="flash (the default task), motion (words, numbers, yes/no; a moving square), "
+                   "aside (kept for a final check of defaults); default flash")
     s.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="fraction of train traces "
                    f"reasoning to a wrong trace_answer (true answer kept); default {DEFAULT_NOISE}")
     args = p.parse_args(argv)
@@ -795,7 +931,7 @@ def main(argv=None):
         return probe(args)
     t0 = time.time()
     counts = synth(args.out, args.n, args.frames, args.seed, args.size, args.fps, args.n_test,
-                   args.test_frac, args.noise)
+                   args.test_frac, args.noise, args.family)
     print(json.dumps(dict(out=args.out, **counts, frames=args.frames, seconds=round(time.time() - t0, 2))))
     return 0
 

@@ -39,7 +39,8 @@ The variant that runs, exactly:
    response token of the step's global batch, all data-parallel ranks (REINFORCE++-baseline,
    arXiv 2501.03262, as verl's reinforce_plus_plus_baseline). Dynamic sampling (on unless
    --no-dynamic-sampling) drops groups whose rewards are all equal (no signal) and refills from the
-   next prompts, giving up after 8 step-sized rounds of prompts.
+   next prompts; after 8 step-sized rounds of prompts it trains on the groups it found, saying so
+   (flat_groups, the share of samples in such groups, and rollout_entropy are logged every step).
 6. Old log-probs: a no-grad pass before the updates, on their micro-batches (first ratio exactly 1);
    with one epoch and one mini-batch (on-policy) none: each micro-batch's update pass gives them
    (its log-probs detached, before any update: the same numbers, as TRL does).
@@ -400,7 +401,9 @@ def rl_params(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-SCORES = ("reward", "accuracy", "format", "response_len", "truncated", "samples")  # sums
+# sums over scored samples; flat: samples of groups whose rewards are all equal; nll: their tokens'
+# -log p under the sampling policy (over response_len: an estimate of its entropy, nats a token)
+SCORES = ("reward", "accuracy", "format", "response_len", "truncated", "samples", "flat", "nll")
 PHASES = ("encode", "rollout", "old", "ref", "update")  # a step's, timed and their peak memory
 
 
@@ -436,12 +439,14 @@ def score_groups(args, tok, samples, prompts, out, reward_fn, stats):
         sizes = [len(x["response"]) for x in group]  # EOS included: cut at --max-new without one
         cut = [float(n == args.max_new and x["response"][-1] not in eos)
                for x, n in zip(group, sizes)]
-        scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0),
-                    x["reward"].get("format", 0.0), n, c, 1.0] for x, n, c in zip(group, sizes, cut)]
         shaping = [overlong_penalty(n, args.max_new, args.overlong_buffer, args.overlong_penalty)
                    for n in sizes]
         rs = torch.tensor([x["reward"]["overall"] + p for x, p in zip(group, shaping)])
-        if args.dynamic_sampling and bool((rs == rs[0]).all()):
+        flat = float((rs == rs[0]).all())
+        scored += [[x["reward"]["overall"], x["reward"].get("accuracy", 0.0),
+                    x["reward"].get("format", 0.0), n, c, 1.0, flat, -float(x["rollout_lp"].sum())]
+                   for x, n, c in zip(group, sizes, cut)]
+        if args.dynamic_sampling and flat:
             stats["dropped_groups"] += 1
             continue
         for x, a, c in zip(group, group_advantages(rs, args.G, args.adv).tolist(), cut):
@@ -481,13 +486,24 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
                                     group=par.group, chunk=args.prefill_chunk)
             kept, sc = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
             rows, scored, want = rows + kept, scored + sc, want - len(kept) // args.G
-        if not args.dynamic_sampling or (lockstep and not mr_sp.all_reduce(torch.tensor([want]), "max")):
+        if not args.dynamic_sampling:
             break
-        if want > 0 and k > 8 * per:  # else a never-formatting policy (from scratch) reads all the data
-            raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and still short "
-                               "of groups whose rewards differ (a policy that never answers, a "
-                               "reward that cannot tell samples apart, or unreadable videos?); "
-                               "--no-dynamic-sampling trains on them anyway")
+        short, over = want > 0, want > 0 and k > 8 * per  # over: else a sharp policy reads all the data
+        if lockstep:  # every rank decides alike: vLLM's engines step together
+            short, over = mr_sp.all_reduce(torch.tensor([short, over], dtype=torch.int64), "max").tolist()
+        if not short:
+            break
+        if over:
+            if want > 0 and not scored:
+                raise RuntimeError(f"dynamic sampling: {k} prompts read for one step and not one "
+                                   "video readable")
+            if want > 0:
+                print(f"step {step + 1}: dynamic sampling read {k} prompts and found {per - want} of "
+                      f"{per} groups whose rewards differ: training on those (a sharp policy samples "
+                      "one answer G times: see flat_groups and rollout_entropy in metrics.jsonl; an "
+                      "SFT checkpoint that learned its rows by heart, or a reward that cannot tell "
+                      "samples apart?)", file=sys.stderr)
+            break
     consumed = int(mr_sp.all_reduce(torch.tensor([k]), "max")) * par.dp  # furthest any rank read
     sums = torch.tensor(scored, dtype=torch.float64).reshape(-1, len(SCORES)).sum(0)
     return Collected(rows, consumed, dict(zip(SCORES, sums.tolist())))
@@ -615,7 +631,8 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     busy = sum(times[k] for k in PHASES)
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n,
-               truncated=s["truncated"] / n, rollout_logprob_gap=gap, **log,
+               truncated=s["truncated"] / n, flat_groups=s["flat"] / n,
+               rollout_entropy=s["nll"] / max(s["response_len"], 1.0), rollout_logprob_gap=gap, **log,
                time_encode=times["encode"], time_rollout=times["rollout"],
                time_prefill=times["old"] + times["ref"], time_update=times["update"],
                time_sync=times["sync"], tok_per_s=s["response_len"] / busy,
@@ -679,7 +696,7 @@ def main(args):
                 mr_sp.log_step(args.out, rec, " | ".join([
                     f"step {i + 1}", f"reward {rec['reward']:.3f}", f"acc {rec['accuracy']:.3f}",
                     f"fmt {rec['format']:.2f}", f"len {rec['response_len']:.0f}", f"kl {rec['kl']:.4f}",
-                    f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}",
+                    f"clip {rec['clip_frac']:.3f}", f"ent {rec['entropy']:.2f}", f"flat {rec['flat_groups']:.2f}",
                     f"gnorm {rec['grad_norm']:.2f}", f"lp gap {rec['rollout_logprob_gap']:.0e}"
                     + (f" tis cut {rec['tis_frac']:.3f}" if args.tis else ""),
                     f"encode {rec['time_encode']:.1f}s rollout {rec['time_rollout']:.1f}s "

@@ -8,11 +8,20 @@
     python sft.py --init /ckpt/Qwen2.5-VL-7B-Instruct --data /data/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
-given the row's video, image or no visual input, and question, averaged over the global batch's target tokens. Writes --out: model/ (HF
-folder; state.pt: optimizer, step, for --resume), args.json, plan.json (the run's memory plan, made
-from the config at start: mr_sp.plan_start), metrics.jsonl; the same with --fsdp.
+given the row's video, image or no visual input, and question, averaged over the global batch's target tokens.
+Validation: every --eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL
+part) get their loss, the mean entropy of the model's next-token distribution over the target, and
+greedy answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
+heart (training loss near 0) while held-out answers get worse, and a hard one still improves after many
+epochs: model/ is the step with the lowest validation loss, not the last (accuracy on a few hundred rows
+moves by several points between evaluations; the loss is smooth), and the run stops after --patience
+validations without a lower one. Writes --out: model/ (HF folder: the best step,
+its numbers in val.json; the last step's without --val), last/ (the last checkpoint, with state.pt:
+optimizer, step, for --resume), args.json, plan.json (the run's memory plan, made from the config at
+start: mr_sp.plan_start), metrics.jsonl (a line per step; "val_*" lines per validation); the same with --fsdp.
 """
 import argparse
+import collections
 import functools
 import json
 import math
@@ -42,7 +51,8 @@ g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
                help="vision tower: auto trains tiny's (random init), freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
-g.add_argument("--steps", type=int, default=300, help="optimizer steps; default 300")
+g.add_argument("--epochs", type=float, default=15, help="passes over the rows, sets --steps; default 15")
+g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --epochs over the rows")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
 g.add_argument("--micro-batch", type=int, default=None,
                help="samples per pass (accumulated); default: 16 on CPU, on a GPU the largest "
@@ -64,6 +74,12 @@ g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalActi
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
+g.add_argument("--val", type=int, default=128, help="held-out rows validated (0: none, model/ is the last "
+               "step); --part sft: rows of the RL part, else the part's last (at most a quarter); default 128")
+g.add_argument("--eval-every", type=int, default=None, help="validate every N steps and at the end; "
+               "default: 10 times a run")
+g.add_argument("--patience", type=int, default=3, help="stop after N validations without a lower "
+               "validation loss (0: never); default 3")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 # -----------------------------------------------------------------------------
 
@@ -89,10 +105,48 @@ def epoch_order(seed, epoch, n_rows):
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
+def split_val(rows, part, n):
+    """(training rows, validation rows) of the part: --part sft validates on the first n rows of the
+    RL part (SFT never sees them; RL trains on them later, rewarded by the truth), another part on
+    its own last n (at most a quarter of it), which it then does not train on."""
+    train = D.split_rows(rows, part)
+    if part == "sft":
+        return train, D.split_rows(rows, "rl")[:n]
+    n = min(n, len(train) // 4)  # a small part keeps three quarters to train on
+    return train[:len(train) - n], train[len(train) - n:]
+
+
+def validate(model, tok, ds, par, categories, end, batch=16):
+    """Sums over this data-parallel rank's validation rows (SP peers run the same): the target's
+    negative log-likelihood, entropy and tokens (teacher-forced), greedy answers' accuracy and format
+    (the task's reward), per category too."""
+    sums = collections.Counter({k: 0.0 for k in ["nll", "entropy", "tokens", "correct", "format", "rows"] +
+                                [f"{k}_{c}" for c in categories for k in ("correct", "rows")]})
+    mine = range(par.dp_rank, len(ds), par.dp)
+    with torch.no_grad():
+        for b in range(0, len(mine), batch):
+            samples = list(ds.iter_samples(mine[b:b + batch]))
+            if not samples:
+                continue
+            prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
+            targets = [tok.encode(D.target_text(s), add_special_tokens=False) + [end] for s in samples]
+            for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
+                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)], group=par.group)
+                sums.update(nll=-float((lp * mask).sum()), entropy=float((ent * mask).sum()),
+                            tokens=float(mask.sum()))
+            toks, _, lens = mr_sp.rollout(model, tok, prompts, 1, temperature=0.0, group=par.group,
+                                          max_new=max(map(len, targets)) + 16)
+            for i, s in enumerate(samples):
+                r = D.reward(tok.decode(toks[i, :lens[i]].tolist(), skip_special_tokens=True), s)
+                sums.update({"correct": r["accuracy"], "format": r["format"], "rows": 1.0,
+                             f"correct_{s['category']}": r["accuracy"], f"rows_{s['category']}": 1.0})
+    return dict(sums)
+
+
 def main(args):
     par = mr_sp.init_parallel(args.sp)
     ckpt = os.path.join(args.out, "model")
-    src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    src, state = M.resume(os.path.join(args.out, "last")) if args.resume else (args.init, None)
     # planned from the config alone, before any weights load: unset flags resolved, a layout that
     # cannot run (--batch over dp) or a GPU it does not fit refused
     mr_sp.plan_start(args, mr_sp.plan_config(src), par)
@@ -114,15 +168,20 @@ def main(args):
         else:
             opt.load_state_dict(state["opt"])
         start = state["step"]
-    rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
+    rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
+    args.steps = args.steps or math.ceil(args.epochs * len(rows) / args.batch)
+    args.eval_every = args.eval_every or max(1, args.steps // 10)
     # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
-    ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
-                        proc=M.processor_config(model.config),
-                        sp=None if train_vision else (par.rank % par.sp, par.sp))
+    ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
+                                 proc=M.processor_config(model.config),
+                                 sp=None if train_vision else (par.rank % par.sp, par.sp)) for r in (rows, val))
+    categories = sorted({r["category"] for r in val})
+    best = state.get("best") if state else None  # (validation loss, step) of model/
     end = tok.convert_tokens_to_ids("<|im_end|>")
     if par.rank == 0:
         mr_sp.open_log(args, start)
-        print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), "
+        print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {args.steps} "
+              f"steps ({args.steps * args.batch / len(rows):.1f} epochs), {len(val)} validation rows, "
               f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
@@ -180,14 +239,44 @@ def main(args):
                            tokens=n_tok, seconds=dt, bad_samples=ds.n_bad)
                 mr_sp.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
                            f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
-            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+            last = step + 1 == args.steps
+            if val and ((step + 1) % args.eval_every == 0 or last):
+                model.eval()
+                v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories, end),
+                                 par.group)
+                model.train()
+                rec = dict(step=step + 1, val_loss=v["nll"] / max(v["tokens"], 1.0),
+                           val_acc=v["correct"] / max(v["rows"], 1.0), val_format=v["format"] / max(v["rows"], 1.0),
+                           val_entropy=v["entropy"] / max(v["tokens"], 1.0), val_rows=v["rows"],
+                           val_by_category={c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
+                better = best is None or rec["val_loss"] < best[0]
+                best = (rec["val_loss"], step + 1) if better else best
+                sd = mr_sp.full_state(model)[0] if fsdp and better else None  # collective
+                if par.rank == 0:
+                    mr_sp.log_step(args.out, rec, f"val {step + 1} | loss {rec['val_loss']:.4f} | acc "
+                                   f"{rec['val_acc']:.3f} | fmt {rec['val_format']:.2f} | entropy "
+                                   f"{rec['val_entropy']:.3f} | best: step {best[1]}")
+                    if better:
+                        M.save(model, tok, ckpt, state_dict=sd, write=lambda d: open(
+                            os.path.join(d, "val.json"), "w").write(json.dumps(rec)))
+            # the loss has not improved for --patience validations: stop (what follows is memorizing)
+            stop = bool(val and args.patience and best and step + 1 - best[1] >= args.patience * args.eval_every)
+            if par.rank == 0 and stop:
+                print(f"step {step + 1}: no lower validation loss in {args.patience} validations; "
+                      f"stopping (model/: step {best[1]})")
+            last = last or stop
+            if (args.save_every and (step + 1) % args.save_every == 0) or last:
                 sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
                 if par.rank == 0:
-                    state = {"opt": osd, "step": step + 1}
-                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
-                           state_dict=sd)
+                    state = {"opt": osd, "step": step + 1, "best": best}
+                    for d in [os.path.join(args.out, "last")] + [ckpt] * (last and not val):
+                        M.save(model, tok, d, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
+                               state_dict=sd)
+            if stop:
+                break
     if par.rank == 0:
-        print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad}))
+        print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad,
+                          "best_step": best and best[1], "val_loss": best and best[0]}))
     mr_sp.shutdown()
 
 

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import data as D
+import model as M
 import mr_sp
+import sft
 from bench import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +90,10 @@ def test_two_processes_equal_one(task, tmp_path, script):
         ["reward", "kl", "clip_frac", "entropy", "grad_norm"]
     m1, m2 = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     assert {k: m2[k] for k in keys} == pytest.approx({k: m1[k] for k in keys}, rel=1e-5, abs=1e-8)
+    if script == "sft":  # the validation rows split over the ranks: the same numbers
+        v1, v2 = metrics(tmp_path / "one")[1], metrics(tmp_path / "two")[1]
+        assert v1["val_rows"] == 8 and v2.pop("val_by_category") == v1.pop("val_by_category")
+        assert v2 == pytest.approx(v1, rel=1e-5)
     if script != "sft":  # the step did change the policy, so equality is not vacuous
         run("model.py", "save", "--out", str(tmp_path / "init"))
         assert max_diff(one, weights(tmp_path / "init")) > 5e-5
@@ -113,6 +119,10 @@ def test_sequence_parallel_equals_one_process(task, tmp_path, script):
     keys = ["tokens", "loss", "grad_norm"] if script != "grpo" else \
         ["groups", "reward", "response_len", "kl", "clip_frac", "entropy", "grad_norm"]
     assert {k: sp[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, rel=1e-5, abs=1e-8)  # kl ~7e-4
+    if script != "grpo":  # validation: each video encoded over the SP group, the same numbers
+        v1, v2 = metrics(tmp_path / "one")[1], metrics(tmp_path / "sp")[1]
+        assert v1["val_rows"] == 8 and v2.pop("val_by_category") == v1.pop("val_by_category")
+        assert v2 == pytest.approx(v1, rel=1e-5)
     assert one["grad_norm"] > 0.1
 
 
@@ -142,24 +152,28 @@ def test_resume_after_kill_equals_uninterrupted(task, tmp_path, script):
     killed = tmp_path / "killed"
     p = subprocess.Popen([sys.executable] + cmd + ["--out", str(killed)], cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (killed / "model" / "state.pt").exists() and p.poll() is None:
+    state = killed / ("last" if script == "sft" else "model") / "state.pt"  # sft.py's model/: its best step
+    while not state.exists() and p.poll() is None:
         time.sleep(0.02)
     p.kill()
     p.wait()
-    step = torch.load(killed / "model" / "state.pt", weights_only=False)["step"]
+    step = torch.load(state, weights_only=False)["step"]
     assert 1 <= step < 4  # killed mid-run, after a checkpoint
     run(*cmd, "--out", str(killed), "--resume")
-    assert [m["step"] for m in metrics(killed)] == [1, 2, 3, 4]  # steps after the checkpoint logged once
+    # steps after the checkpoint logged once (sft.py validates each step here: a line more a step)
+    assert [m["step"] for m in metrics(killed)] == [m["step"] for m in metrics(tmp_path / "full")]
+    assert sorted({m["step"] for m in metrics(killed)}) == [1, 2, 3, 4]
     full, resumed = weights(tmp_path / "full" / "model"), weights(killed / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)  # bitwise: same data, seeds, optimizer state
 
 
-def with_broken_video(task, data, k):
-    """A copy of the task whose k-th row in both scripts' seed-0 data order has an unreadable video."""
+def with_broken_video(task, data, k, n=None):
+    """A copy of the task whose k-th row in both scripts' seed-0 data order of its first n rows
+    (default all; sft.py trains on the first 24 of 32, validating on the rest) has an unreadable video."""
     shutil.copytree(task, data)
     (data / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
     rows = (data / "train.jsonl").read_text().splitlines()
-    bad = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[k].item()  # sft.epoch_order(0, 0, n)
+    bad = torch.randperm(n or len(rows), generator=torch.Generator().manual_seed(0))[k].item()  # sft.epoch_order(0, 0, n)
     rows[bad] = json.dumps(json.loads(rows[bad]) | {"video": "videos/broken.mp4"})
     (data / "train.jsonl").write_text("\n".join(rows) + "\n")
 
@@ -170,21 +184,22 @@ def test_fsdp_equals_one_process_and_resumes(task, tmp_path):
     needs as many passes on every rank); and a --fsdp run stopped after a checkpoint and resumed ends bitwise
     equal to the uninterrupted one."""
     data = tmp_path / "data"
-    with_broken_video(task, data, 3)
+    with_broken_video(task, data, 3, n=24)
     # lr 1e-4 and a constant schedule: see the SP test on the lr; a run of --steps 1 is then the first step of 2
     cmd = SFT + ["--data", str(data), "--lr", "1e-4", "--schedule", "constant"]
     run(*cmd, "--steps", "2", "--out", str(tmp_path / "one"))
     one = metrics(tmp_path / "one")
     assert one[0]["bad_samples"] == 1 and one[0]["grad_norm"] > 0.1
-    keys = ["tokens", "loss", "grad_norm"]
+    keys = ["tokens", "loss", "grad_norm", "val_loss", "val_acc", "val_entropy", "val_rows"]  # validated each step
     for name, extra in (("fsdp", []), ("sp", ["--sp", "2"])):
         run(*cmd, "--steps", "2", "--fsdp", *extra, "--out", str(tmp_path / name), nproc=2)
         assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / name / "model")) <= 1e-5
-        assert [{k: m[k] for k in keys} for m in metrics(tmp_path / name)] == \
-            [pytest.approx({k: m[k] for k in keys}, rel=1e-5) for m in one]
+        assert [{k: m[k] for k in keys if k in m} for m in metrics(tmp_path / name)] == \
+            [pytest.approx({k: m[k] for k in keys if k in m}, rel=1e-5) for m in one]
+    assert [m["step"] for m in one] == [1, 1, 2, 2]
     run(*cmd, "--steps", "1", "--fsdp", "--out", str(tmp_path / "resumed"), nproc=2)
     run(*cmd, "--steps", "2", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"), nproc=2)
-    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [1, 2]
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [1, 1, 2, 2]
     full, resumed = weights(tmp_path / "fsdp" / "model"), weights(tmp_path / "resumed" / "model")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
@@ -285,6 +300,46 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(task, tmp_path, nproc):
     assert set(flat) <= set(ids) and len(ids) >= 10  # 2 steps of 4 prompts, plus refills
 
 
+def test_every_group_flat_warns_and_trains_on(task, tmp_path):
+    """A policy whose G samples of a prompt are rewarded alike (a sharp SFT checkpoint, here a constant
+    reward): dynamic sampling reads its 8 rounds, says so with the numbers, and the run goes on (it
+    stopped at step 1): no group to learn from, so no update; flat_groups and rollout_entropy logged."""
+    out = run(*GRPO, "--data", task, "--steps", "2", "--prompts", "2", "--reward", "toy_rewards:constant",
+              "--out", str(tmp_path / "run"))
+    assert out.stderr.count("dynamic sampling read 18 prompts and found 0 of 2 groups") == 2
+    m = metrics(tmp_path / "run")
+    assert [(x["groups"], x["flat_groups"]) for x in m] == [(0, 1.0), (0, 1.0)]
+    assert all(x["rollout_entropy"] > 0.1 for x in m)  # a random tiny policy: far from sharp
+    run("model.py", "save", "--out", str(tmp_path / "init"))
+    assert max_diff(weights(tmp_path / "run" / "model"), weights(tmp_path / "init")) == 0
+
+
+def test_sft_keeps_the_best_validated_step(task, tmp_path):
+    """SFT on 4 rows for up to 40 epochs learns them by heart (training loss near 0) while the
+    held-out loss turns up: the validation lines show it, the run stops after 3 validations without
+    a lower loss, and model/ is the best step's weights (its validation loss recomputed from model/
+    equals the logged one), not the last step's (last/)."""
+    data, out = tmp_path / "data", tmp_path / "sft"
+    shutil.copytree(task, data)
+    rows = (data / "train.jsonl").read_text().splitlines()[:12]  # --part sft: 4 to train, the RL part's 8 to validate
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    run(*SFT, "--data", str(data), "--part", "sft", "--val", "8", "--epochs", "40", "--eval-every", "5",
+        "--lr", "3e-3", "--out", str(out))
+    m = metrics(out)
+    train, val = [x for x in m if "loss" in x], [x for x in m if "val_loss" in x]
+    best = min(val, key=lambda x: x["val_loss"])
+    assert [x["step"] for x in val] == list(range(5, best["step"] + 16, 5)) and len(train) == best["step"] + 15
+    assert train[-1]["loss"] < 0.05 and val[-1]["val_loss"] > 1.1 * best["val_loss"]
+    assert json.loads((out / "model" / "val.json").read_text()) == best
+    model, tok = M.load(str(out / "model"))
+    rows = D.split_rows(D.load_rows(data / "train.jsonl"), "rl")
+    ds = D.VideoDataset(rows, nframes=8, proc=M.processor_config(model.config))
+    v = sft.validate(model.eval(), tok, ds, mr_sp.init_parallel(1), sorted({r["category"] for r in rows}),
+                     tok.convert_tokens_to_ids("<|im_end|>"))
+    assert v["nll"] / v["tokens"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert max_diff(weights(out / "model"), weights(out / "last")) > 1e-3
+
+
 def test_bf16_passes_see_every_update(task, tmp_path):
     """autocast keeps its bf16 copy of a weight until its region ends: with --dtype bfloat16 (one
     region around the run) every linear layer ran on its step-1 copy in every pass (only the weights
@@ -308,7 +363,7 @@ def test_bf16_sft_tracks_fp32(task, tmp_path):
     for dtype in ("float32", "bfloat16"):
         out = str(tmp_path / dtype)
         run(*SFT, "--data", task, "--steps", "4", "--lr", "1e-3", "--dtype", dtype, "--out", out)
-        loss[dtype] = [m["loss"] for m in metrics(out)]
+        loss[dtype] = [m["loss"] for m in metrics(out) if "loss" in m]
     assert all(abs(b / f - 1) < 0.05 for f, b in zip(loss["float32"], loss["bfloat16"])), loss
 
 
@@ -318,7 +373,7 @@ def test_short_pipeline_learns(task, tmp_path):
     reads flat here (first 4 steps 0.564, last 4 0.559); seed 1 rises (0.474 -> 0.600)."""
     sft = tmp_path / "sft"
     run(*SFT, "--data", task, "--steps", "40", "--batch", "8", "--micro-batch", "8", "--out", str(sft))
-    losses = [m["loss"] for m in metrics(sft)]
+    losses = [m["loss"] for m in metrics(sft) if "loss" in m]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     g = tmp_path / "grpo"
     run("grpo.py", "--init", str(sft / "model"), "--data", task, "--part", "all", "--frames", "8", "--steps", "12",

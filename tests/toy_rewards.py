@@ -29,3 +29,8 @@ def flat_listed_logged(text, row):
 def letter_e(text, row):
     """A reward a random tiny policy climbs within a few GRPO steps: the share of "e" in its text."""
     return text.count("e") / max(len(text), 1)
+
+
+def constant(text, row):
+    """Every sample of every prompt rewarded alike: the groups of a policy too sharp to vary."""
+    return 0.5
