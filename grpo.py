@@ -322,8 +322,8 @@ def mini_batches(rows, n, size, sharded=False):
     sharded (FSDP): every rank runs as many passes in each update, its missing ones as weight-0
     copies of its first micro-batch (a rank with no rows fails, then: it has nothing to copy)."""
     parts = [rows[m * len(rows) // n:(m + 1) * len(rows) // n] for m in range(n)]
-    parts = [[mb for _, g in itertools.groupby(p, key=lambda x: id(x["prompt"])) for mb in
-              chunks(list(g), size)] for p in parts]  # a prompt's rows: adjacent, one prompt list
+    parts = [[mb for _, g in itertools.groupby(p, key=lambda x: x["key"]) for mb in
+              chunks(list(g), size)] for p in parts]  # a prompt's rows: adjacent, its prepare key
     if sharded:
         most = mr_sp.all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
         if sum(most) > sum(map(len, parts)) and not rows:
