@@ -8,17 +8,18 @@
     python sft.py --init /ckpt/Qwen2.5-VL-7B-Instruct --data /data/LongVideo-Reason --dtype bfloat16 --lr 1e-5
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
-given the row's video, image or no visual input, and question, averaged over the global batch's target tokens.
-Validation: every --eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL
-part) get their loss, the mean entropy of the model's next-token distribution over the target, and
-greedy answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
-heart (training loss near 0) while held-out answers get worse, and a hard one still improves after many
-epochs: model/ is the step with the lowest validation loss, not the last (accuracy on a few hundred rows
-moves by several points between evaluations; the loss is smooth), and the run stops after --patience
-validations without a lower one. Writes --out: model/ (HF folder: the best step,
-its numbers in val.json; the last step's without --val), last/ (the last checkpoint, with state.pt:
-optimizer, step, for --resume), args.json, plan.json (the run's memory plan, made from the config at
-start: mr_sp.plan_start), metrics.jsonl (a line per step; "val_*" lines per validation); the same with --fsdp.
+given the row's video, image or no visual input, and question, averaged over the global batch's
+target tokens. Validation: every --eval-every steps, --val rows SFT does not train on (with --part
+sft, rows of the RL part) get their loss, the mean entropy of the model's next-token distribution
+over the target, and greedy answers graded by the task's reward (accuracy, by category). A small
+dataset can be learned by heart (training loss near 0) while held-out answers get worse, and a hard
+one still improves after many epochs: model/ is the step with the lowest validation loss, not the
+last (accuracy on a few hundred rows moves by several points between evaluations; the loss is
+smooth), and the run stops after --patience validations without a lower one. Writes --out: model/
+(HF folder: the best step, its numbers in val.json; the last step's without --val), last/ (the last
+checkpoint, with state.pt: optimizer, step, for --resume), args.json, plan.json (the run's memory
+plan, made from the config at start: mr_sp.plan_start), metrics.jsonl (a line per step; "val_*"
+lines per validation); the same with --fsdp.
 """
 import argparse
 import collections
@@ -28,6 +29,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -74,8 +76,9 @@ g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalActi
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
 g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
-g.add_argument("--val", type=int, default=128, help="held-out rows validated (0: none, model/ is the last "
-               "step); --part sft: rows of the RL part, else the part's last (at most a quarter); default 128")
+g.add_argument("--val", type=int, default=128, help="held-out rows validated (0: none, model/ is the "
+               "last step); --part sft: the RL part's first, else the part's last (at most a quarter); "
+               "default 128")
 g.add_argument("--eval-every", type=int, default=None, help="validate every N steps and at the end; "
                "default: 10 times a run")
 g.add_argument("--patience", type=int, default=3, help="stop after N validations without a lower "
@@ -120,8 +123,9 @@ def validate(model, tok, ds, par, categories, end, batch=16):
     """Sums over this data-parallel rank's validation rows (SP peers run the same): the target's
     negative log-likelihood, entropy and tokens (teacher-forced), greedy answers' accuracy and format
     (the task's reward), per category too."""
-    sums = collections.Counter({k: 0.0 for k in ["nll", "entropy", "tokens", "correct", "format", "rows"] +
-                                [f"{k}_{c}" for c in categories for k in ("correct", "rows")]})
+    names = ["nll", "entropy", "tokens", "correct", "format", "rows"]
+    sums = collections.Counter({k: 0.0 for k in names + [f"{k}_{c}" for c in categories
+                                                         for k in ("correct", "rows")]})
     mine = range(par.dp_rank, len(ds), par.dp)
     with torch.no_grad():
         for b in range(0, len(mine), batch):
@@ -131,7 +135,8 @@ def validate(model, tok, ds, par, categories, end, batch=16):
             prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
             targets = [tok.encode(D.target_text(s), add_special_tokens=False) + [end] for s in samples]
             for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
-                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)], group=par.group)
+                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)],
+                                                       group=par.group)
                 sums.update(nll=-float((lp * mask).sum()), entropy=float((ent * mask).sum()),
                             tokens=float(mask.sum()))
             toks, _, lens = mr_sp.rollout(model, tok, prompts, 1, temperature=0.0, group=par.group,
@@ -174,7 +179,8 @@ def main(args):
     # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
-                                 sp=None if train_vision else (par.rank % par.sp, par.sp)) for r in (rows, val))
+                                 sp=None if train_vision else (par.rank % par.sp, par.sp))
+                  for r in (rows, val))
     categories = sorted({r["category"] for r in val})
     best = state.get("best") if state else None  # (validation loss, step) of model/
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -242,13 +248,14 @@ def main(args):
             last = step + 1 == args.steps
             if val and ((step + 1) % args.eval_every == 0 or last):
                 model.eval()
-                v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories, end),
-                                 par.group)
+                v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories,
+                                                 end), par.group)
                 model.train()
-                rec = dict(step=step + 1, val_loss=v["nll"] / max(v["tokens"], 1.0),
-                           val_acc=v["correct"] / max(v["rows"], 1.0), val_format=v["format"] / max(v["rows"], 1.0),
-                           val_entropy=v["entropy"] / max(v["tokens"], 1.0), val_rows=v["rows"],
-                           val_by_category={c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
+                n_rows, n_tok = max(v["rows"], 1.0), max(v["tokens"], 1.0)
+                rec = dict(step=step + 1, val_loss=v["nll"] / n_tok, val_acc=v["correct"] / n_rows,
+                           val_format=v["format"] / n_rows, val_entropy=v["entropy"] / n_tok,
+                           val_rows=v["rows"], val_by_category={
+                               c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
                 better = best is None or rec["val_loss"] < best[0]
                 best = (rec["val_loss"], step + 1) if better else best
                 sd = mr_sp.full_state(model)[0] if fsdp and better else None  # collective
@@ -257,10 +264,11 @@ def main(args):
                                    f"{rec['val_acc']:.3f} | fmt {rec['val_format']:.2f} | entropy "
                                    f"{rec['val_entropy']:.3f} | best: step {best[1]}")
                     if better:
-                        M.save(model, tok, ckpt, state_dict=sd, write=lambda d: open(
-                            os.path.join(d, "val.json"), "w").write(json.dumps(rec)))
+                        M.save(model, tok, ckpt, state_dict=sd,
+                               write=lambda d: Path(d, "val.json").write_text(json.dumps(rec)))
             # the loss has not improved for --patience validations: stop (what follows is memorizing)
-            stop = bool(val and args.patience and best and step + 1 - best[1] >= args.patience * args.eval_every)
+            stop = bool(val and args.patience and best and
+                        step + 1 - best[1] >= args.patience * args.eval_every)
             if par.rank == 0 and stop:
                 print(f"step {step + 1}: no lower validation loss in {args.patience} validations; "
                       f"stopping (model/: step {best[1]})")
@@ -270,13 +278,14 @@ def main(args):
                 if par.rank == 0:
                     state = {"opt": osd, "step": step + 1, "best": best}
                     for d in [os.path.join(args.out, "last")] + [ckpt] * (last and not val):
-                        M.save(model, tok, d, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
-                               state_dict=sd)
+                        M.save(model, tok, d, state_dict=sd,
+                               write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
             if stop:
                 break
     if par.rank == 0:
-        print(json.dumps({"out": ckpt, "steps": args.steps, "bad_samples": ds.n_bad,
-                          "best_step": best and best[1], "val_loss": best and best[0]}))
+        print(json.dumps({"out": ckpt, "steps": step + 1 if start < args.steps else start,
+                          "bad_samples": ds.n_bad, "best_step": best and best[1],
+                          "val_loss": best and best[0]}))
     mr_sp.shutdown()
 
 
