@@ -706,102 +706,104 @@ FAMILIES = {"flash": CATEGORIES, "motion": ["direction", "count", "when", "retur
             "aside": ["longest", "corner", "jumps", "after"]}
 SIDES = {"left": (0.5, 0), "right": (0.5, 1), "top": (0, 0.5), "bottom": (1, 0.5)}  # (row, col)
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
-DIRECTIONS = {"right": "left", "left": "right", "down": "top", "up": "bottom"}  # way: side it starts
-QUARTERS = ["in the first quarter", "in the second quarter", "in the third quarter", "in the last quarter"]
+DIRECTIONS = {"right": "left", "left": "right", "down": "top", "up": "bottom"}  # way: its first side
+QUARTERS = [f"in the {q} quarter" for q in ("first", "second", "third", "last")]
 
 
 def motion_scenario(rng, category, n):
     """One video of n frames as drawing instructions: flashes [(start, length, color)], the square's
     (row, col) per frame (0..1 of the free space) or None; its question, options (empty: the answer
     is the choice itself), choices, answer index and trace(claim) ending in choice `claim`."""
-    flash, square, cols = [], None, list(COLORS)
-    steady = lambda corner: np.tile(CORNERS[corner], (n, 1)).astype(float)  # noqa: E731
+    cols, names = list(COLORS), list(CORNERS)
+
+    def qa(question, choices, answer, trace, lettered=False, flash=(), square=None):
+        return dict(question=question, choices=choices, answer=answer, trace=trace,
+                    options=choices if lettered else [], flash=list(flash), square=square)
+
+    def steady(corner):  # (n, 2): the square in one corner throughout
+        return np.tile(CORNERS[corner], (n, 1)).astype(float)
+
     if category == "direction":  # "... moves right": from the left side to the right side
+        ways = list(DIRECTIONS)
         ans = int(rng.integers(4))
-        start = DIRECTIONS[list(DIRECTIONS)[ans]]
-        a, b = np.array(SIDES[start]), 1 - np.array(SIDES[start])
-        square = a + (b - a) * np.linspace(0, 1, n)[:, None]
-        return dict(flash=flash, square=square, options=[], choices=list(DIRECTIONS), answer=ans,
-                    question="A white square slides across the screen. Which way does it move? "
-                             "Answer with one word: left, right, up or down.",
-                    trace=lambda c: f"The square starts at the {DIRECTIONS[list(DIRECTIONS)[c]]} and "
-                                    f"crosses the screen, so it moves {list(DIRECTIONS)[c]}.")
+        a = np.array(SIDES[DIRECTIONS[ways[ans]]])
+        return qa("A white square slides across the screen. Which way does it move? Answer with "
+                  "one word: left, right, up or down.", ways, ans,
+                  lambda c: f"The square starts at the {DIRECTIONS[ways[c]]} and crosses the "
+                            f"screen, so it moves {ways[c]}.",
+                  square=a + (1 - 2 * a) * np.linspace(0, 1, n)[:, None])
     if category == "count":  # brief flashes, a number for an answer
-        k, slots = int(rng.integers(1, 5)), n // 8
-        flash = [(8 * s + 3, 3, cols[rng.integers(len(cols))]) for s in sorted(rng.choice(slots, k, replace=False))]
-        return dict(flash=flash, square=None, options=[], choices=["1", "2", "3", "4"], answer=k - 1,
-                    question="The screen flashes briefly now and then. How many flashes are there? "
-                             "Answer with a number.",
-                    trace=lambda c: f"I count {c + 1} brief flash{'es' * (c > 0)}, so the answer is {c + 1}.")
+        k = int(rng.integers(1, 5))
+        slots = sorted(rng.choice(n // 8, k, replace=False))
+        return qa("The screen flashes briefly now and then. How many flashes are there? Answer "
+                  "with a number.", ["1", "2", "3", "4"], k - 1,
+                  lambda c: f"I count {c + 1} brief flash{'es' * (c > 0)}, so the answer is "
+                            f"{c + 1}.",
+                  flash=[(8 * s + 3, 3, cols[rng.integers(len(cols))]) for s in slots])
     if category == "when":  # one brief flash: which quarter of the video
         q, color = int(rng.integers(4)), cols[rng.integers(len(cols))]
-        flash = [(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, color)]
-        return dict(flash=flash, square=None, options=QUARTERS, choices=QUARTERS, answer=q,
-                    question=f"The screen flashes {color} once, briefly. When?",
-                    trace=lambda c: f"The {color} flash comes {QUARTERS[c]} of the video, "
-                                    f"so the answer is {LETTERS[c]}.")
+        return qa(f"The screen flashes {color} once, briefly. When?", QUARTERS, q,
+                  lambda c: f"The {color} flash comes {QUARTERS[c]} of the video, so the answer is "
+                            f"{LETTERS[c]}.", lettered=True,
+                  flash=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, color)])
     if category == "return":  # the first and the last frames decide: far apart
-        names = list(CORNERS)
         start, same = int(rng.integers(4)), bool(rng.integers(2))
         end = start if same else int(rng.choice([j for j in range(4) if j != start]))
         square, hops = steady(names[start]), [names[j] for j in rng.integers(4, size=3)]
         for i, corner in enumerate(hops):  # wanders in between
             square[n // 4 + i * n // 6:] = CORNERS[corner]
         square[3 * n // 4:] = CORNERS[names[end]]
-        said = lambda c: names[end] if c == int(not same) else \
-            names[start] if c == 0 else names[(start + 1) % 4]  # a wrong claim: what was misread  # noqa: E731
-        return dict(flash=flash, square=square, options=[], choices=["yes", "no"], answer=int(not same),
-                    question="A white square jumps between the corners. Does it end in the corner where it "
-                             "started? Answer yes or no.",
-                    trace=lambda c: f"The square starts {names[start]} and ends {said(c)}, "
-                                    f"so the answer is {['yes', 'no'][c]}.")
+
+        def seen(c):  # where a trace claiming c says the square ends (a wrong claim: misread)
+            return (names[end] if c == int(not same) else names[start] if c == 0 else
+                    names[(start + 1) % 4])
+        return qa("A white square jumps between the corners. Does it end in the corner where it "
+                  "started? Answer yes or no.", ["yes", "no"], int(not same),
+                  lambda c: f"The square starts {names[start]} and ends {seen(c)}, so the answer "
+                            f"is {['yes', 'no'][c]}.", square=square)
     if category == "longest":  # steady colors of different lengths
         four = [OPTION_COLORS[j] for j in rng.permutation(4)]
-        lens = rng.permutation([6, 10, 14])
-        t = 2
+        lens, flash, t = rng.permutation([6, 10, 14]), [], 2
         for color, m in zip(four[:3], lens):
             flash.append((t, int(m * n // 48), color))
             t += int(m * n // 48) + n // 16
-        ans = OPTION_COLORS.index(four[int(np.argmax(lens))])
-        return dict(flash=flash, square=None, options=OPTION_COLORS, choices=OPTION_COLORS, answer=ans,
-                    question="Three colors fill the screen one after another. Which stays longest?",
-                    trace=lambda c: f"{OPTION_COLORS[c].capitalize()} stays on the screen longer than the "
-                                    f"others, so the answer is {LETTERS[c]}.")
+        return qa("Three colors fill the screen one after another. Which stays longest?",
+                  OPTION_COLORS, OPTION_COLORS.index(four[int(np.argmax(lens))]),
+                  lambda c: f"{OPTION_COLORS[c].capitalize()} stays on the screen longer than the "
+                            f"others, so the answer is {LETTERS[c]}.", lettered=True, flash=flash)
     if category == "corner":  # where the square spends most of the time, a two-word answer
-        names = list(CORNERS)
         home = int(rng.integers(4))
         square = steady(names[home])
         for s in rng.choice(range(1, 8), 2, replace=False):  # two brief visits elsewhere
-            square[s * n // 8:s * n // 8 + n // 16] = CORNERS[names[(home + 1 + rng.integers(3)) % 4]]
-        return dict(flash=flash, square=square, options=[], choices=names, answer=home,
-                    question="Where does the white square spend most of the video? Answer top left, "
-                             "top right, bottom left or bottom right.",
-                    trace=lambda c: f"The square stays in the {names[c]} corner most of the time, "
-                                    f"so the answer is {names[c]}.")
+            away = names[(home + 1 + rng.integers(3)) % 4]
+            square[s * n // 8:s * n // 8 + n // 16] = CORNERS[away]
+        return qa("Where does the white square spend most of the video? Answer top left, top "
+                  "right, bottom left or bottom right.", names, home,
+                  lambda c: f"The square stays in the {names[c]} corner most of the time, so the "
+                            f"answer is {names[c]}.", square=square)
     if category == "jumps":  # a number: how often the square changes corner
-        names, k = list(CORNERS), int(rng.integers(0, 4))
+        k = int(rng.integers(0, 4))
         at = [int(rng.integers(4))]
         for _ in range(k):
             at.append(int((at[-1] + 1 + rng.integers(3)) % 4))
         square = steady(names[at[0]])
         for i, c in enumerate(at[1:], 1):
             square[i * n // (k + 1):] = CORNERS[names[c]]
-        return dict(flash=flash, square=square, options=[], choices=["0", "1", "2", "3"], answer=k,
-                    question="How many times does the white square jump to another corner? "
-                             "Answer with a number.",
-                    trace=lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.")
+        return qa("How many times does the white square jump to another corner? Answer with a "
+                  "number.", ["0", "1", "2", "3"], k,
+                  lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.",
+                  square=square)
     if category != "after":
         raise ValueError(f"unknown task category {category!r}: one of {FAMILIES}")
     order = [OPTION_COLORS[j] for j in rng.permutation(4)]
     cue = order[int(rng.integers(3))]
     nxt = order[order.index(cue) + 1]
     order.insert(int(rng.integers(5)), cols[4 + rng.integers(2)])  # purple or cyan, not an option
-    flash = [(2 + i * n // 5, 3, c) for i, c in enumerate(order)]
-    ans = OPTION_COLORS.index(nxt)
-    return dict(flash=flash, square=None, options=OPTION_COLORS, choices=OPTION_COLORS, answer=ans,
-                question=f"Colors flash one at a time. Which of these flashes next after {cue}?",
-                trace=lambda c: f"After {cue} the next of these colors to flash is {OPTION_COLORS[c]}, "
-                                f"so the answer is {LETTERS[c]}.")
+    return qa(f"Colors flash one at a time. Which of these flashes next after {cue}?",
+              OPTION_COLORS, OPTION_COLORS.index(nxt),
+              lambda c: f"After {cue} the next of these colors to flash is {OPTION_COLORS[c]}, so "
+                        f"the answer is {LETTERS[c]}.", lettered=True,
+              flash=[(2 + i * n // 5, 3, c) for i, c in enumerate(order)])
 
 
 def motion_frames(sc, n_frames, size, rng):
@@ -821,7 +823,8 @@ def motion_frames(sc, n_frames, size, rng):
     return video.clip(0, 255).round().astype(np.uint8)
 
 
-def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0, family="flash"):
+def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0,
+          family="flash"):
     """Write out/videos/*.mp4, out/{train,test}.jsonl. Video i depends only on (seed, i)."""
     from tqdm import tqdm
     if n_frames < 8 or size < 16 or size % 2:
@@ -829,7 +832,7 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
     if family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}: one of {', '.join(FAMILIES)}")
     if family != "flash" and n_frames < 32:
-        raise ValueError(f"the {family} family needs --frames >= 32 (brief events, a moving square)")
+        raise ValueError(f"the {family} family needs --frames >= 32 (brief events, moving square)")
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     n_test = round(n * test_frac) if n_test is None else n_test
