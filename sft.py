@@ -53,7 +53,7 @@ g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
                help="vision tower: auto trains tiny's (random init), freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
-g.add_argument("--epochs", type=float, default=15, help="passes over the rows, sets --steps; default 15")
+g.add_argument("--epochs", type=float, default=6, help="passes over the rows, sets --steps; default 6")
 g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --epochs over the rows")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
 g.add_argument("--micro-batch", type=int, default=None,
