@@ -836,6 +836,7 @@ def model_costs(config):
 ALLOWANCE = dict(context=2**30, communicator=2**30, fragmentation=0.05)
 TEXT = 64  # prompt tokens besides the video's: the chat template, question and options
 SFT_TARGET = 1024  # sft.py's target tokens as planned (reasoning and answer; grpo.py plans --max-new)
+VAL_BATCH = 16  # sft.py's validation rows a batch (a rank's): their embeddings held, decoded together
 # On CPU the host's memory is shared with everything else on it: an unset --activation-checkpointing
 # turns on where the training pass would pass this per rank. It buys little below: a tiny-model pass
 # of 8,292 tokens is 1.29 GiB without, 0.34 with (README).
@@ -850,7 +851,7 @@ MICRO_BATCHES, MICRO_TOKENS = (16, 8, 4, 2, 1), 32768
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new=1024, micro_batch=1,
          dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024,
          prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0,
-         packed=True):
+         packed=True, val=0):
     """Estimated memory per rank, in bytes, of one step of this code, grpo.py's (or sft.py's: `sft`)
     with `prompts` videos per data-parallel rank (grpo.py: their G rows each in `mini_batches`
     slices): the components and the peak (on a GPU `plan_run` adds ALLOWANCE). world = dp x sp ranks
@@ -886,7 +887,11 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       fsdp, in bf16, autocast's weight copies each layer saves; sft.py with a micro-batch of several
       samples (left padding): a (B, L, L) bool mask and the float copy each layer's SDPA saves
       (measured: 13 B an element with 3 layers); plus the policy's fp32 gradients;
-    - optimizer: the gradients and AdamW's foreach temporaries, about the parameters' size (fp32).
+    - optimizer: the gradients and AdamW's foreach temporaries, about the parameters' size (fp32);
+    - validation (sft.py with `val`, its rows a batch): in `unsharded` (with fsdp the whole model
+      gathered), the batch's video embeddings (this rank's shares), then the largest of a sample's
+      encode, the batch's greedy rollout (G 1, every SP peer decoding it) and a row's teacher-forced
+      no-grad pass.
     Beside the peak: `host`, a step's videos in host memory per rank (frames as uint8 and their fp32
     pixel rows, an SP peer's share) and `load`, the fp32 weights from_pretrained puts on the host.
     Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
@@ -963,7 +968,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
     Pp = sp * -(-P // sp)
     kv1 = rb * Pp // sp * layers * 2 * K * D  # a prompt's KV cache, this rank's columns of it
-    nb = 1 if P > ROLLOUT_TOKENS else max(1, min(prompts, ROLLOUT_TOKENS // P))
+    nb = 1 if P > ROLLOUT_TOKENS else max(1, min(val if sft else prompts, ROLLOUT_TOKENS // P))
     n = G // sp if G % sp == 0 else G  # samples of a prompt this rank decodes
     C = min(prefill_chunk or P, P)
     pre = rr * Pp // sp * wide + (  # its spliced embeddings (SP: this rank's columns)
@@ -983,22 +988,32 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
              + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
+    # sft.py's validation: grpo.py's collect at G 1 (its no-grad pass one row, not a micro-batch)
+    s1 = -(-groups // sp)
+    enc1 = 4 * s1 * tp * per_group * px ** 2 * 3 + b * s1 * per_group * merge * (3 * Iv + 6 * dv)
+    l1 = -(-L // sp)
+    row = (b * l1 * (3 * I + 4 * d) + (2 * b * l1 * (Hp + 2 * kv) * D if sp > 1 else 0) + r * l1 * wide
+           + cast + 3 * 4 * min(chunk, T) * V)
+    check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide + max(enc1, ours, row)
+             if sft and val else 0)
     phase = dict(encode=enc + (b * B * video * wide + fs["root"] if sft else gathered),
                  rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
-                 training_pass=train, optimizer=4 * trained / W)  # AdamW's foreach temporaries
+                 training_pass=train, optimizer=4 * trained / W,  # AdamW's foreach temporaries
+                 validation=check)
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
     m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds"))
-                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
+                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"], phase["validation"],
                        phase["training_pass"] + m["grads"], phase["optimizer"] + m["grads"]))
-    m["host"] = prompts * groups * tp * per_group * px ** 2 * 3 * (1 + 4) / sp  # uint8 + fp32 rows
+    m["host"] = max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * (1 + 4) / sp  # uint8 + fp32 rows
     m["load"] = 4 * c["params"]
     m.update(tokens=L, video_tokens=video, tokens_per_rank=l, rows=B)
     return m
 
 
 COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "encode", "rollout",
-              "no_grad_pass", "training_pass", "optimizer", "peak", "allowance", "total", "host", "load")
+              "no_grad_pass", "training_pass", "optimizer", "validation", "peak", "allowance", "total",
+              "host", "load")
 
 
 def check_layout(world, sp, n=None, flag="--prompts"):
@@ -1017,13 +1032,13 @@ def _plan_args(a, config, world, capacity):
     m = plan(config, a.frames, a.sp, a.max_pixels, getattr(a, "text", TEXT), 1 if sft else a.G,
              SFT_TARGET if sft else a.max_new, a.micro_batch, a.dtype, not sft and a.kl_coef != 0,
              world, a.fsdp and world > 1, a.activation_checkpointing,
-             prefill_chunk=0 if sft else a.prefill_chunk,
+             prefill_chunk=1024 if sft else a.prefill_chunk,  # sft.py's: validation's rollout
              prompts=(a.batch if sft else a.prompts) // (world // a.sp),
              mini_batches=1 if sft else a.mini_batches, sft=sft,
              train_vision=sft and (a.vision == "train" or (a.vision == "auto" and a.init in M.TINY)),
              rollout_dtype=getattr(a, "rollout_dtype", None),
              vllm=int(a.vllm_mem * capacity) if not sft and a.engine == "vllm" and capacity else 0,
-             packed=getattr(a, "shared_prefix", False))
+             packed=getattr(a, "shared_prefix", False), val=min(a.val, VAL_BATCH) if sft else 0)
     comms = (world > 1) + (a.sp > 1)  # NCCL communicators
     m["allowance"] = (ALLOWANCE["context"] + comms * ALLOWANCE["communicator"]
                       + ALLOWANCE["fragmentation"] * m["peak"] if capacity else 0)
@@ -1082,6 +1097,7 @@ def _advice(args, a, config, world, capacity):
     saves = [("--micro-batch 1", dict(micro_batch=1))] * (a.micro_batch > 1)
     saves += [("--activation-checkpointing", dict(activation_checkpointing=True))] * (
         not a.activation_checkpointing)
+    saves += [("--val 0", dict(val=0))] * bool(getattr(a, "val", 0))  # sft.py's gathered validation
     fsdp = [("--fsdp", dict(fsdp=True))] * (not a.fsdp)
     sps = [k for k in range(a.sp + 1, world + 1) if not check_layout(world, k, n, flag)]
     opts = saves + fsdp * (world > 1)
@@ -1143,7 +1159,7 @@ def plan_line(p):
             f"{p['tokens_per_rank']:,} a pass a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
             f"micro-batch {p['micro_batch']}, checkpointing {ckpt} | GiB a rank: state {g['state']} "
             f"ref {g['ref']} embeds {g['video_embeds']}; encode {g['encode']} rollout {g['rollout']} "
-            f"no-grad {g['no_grad_pass']} train {g['training_pass']} | {peak} | host {g['host']}, "
+            f"no-grad {g['no_grad_pass']} train {g['training_pass']} val {g['validation']} | {peak} | host {g['host']}, "
             f"load {g['load']}")
 
 

@@ -119,7 +119,7 @@ def split_val(rows, part, n):
     return train[:len(train) - n], train[len(train) - n:]
 
 
-def validate(model, tok, ds, par, categories, end, batch=16):
+def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH):
     """Sums over this data-parallel rank's validation rows (SP peers run the same): the target's
     negative log-likelihood, entropy and tokens (teacher-forced), greedy answers' accuracy and format
     (the task's reward), per category too."""

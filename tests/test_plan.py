@@ -141,3 +141,22 @@ def test_gpu_check_runs_at_a_miniature_on_cpu():
     assert all(any("scaled_dot_product" in op for op in r["kernels"][k]) for k in phases), r["kernels"]
     assert any("backward" in op for op in r["kernels"]["update"]) and r["train_tok_s"] > 0 < r["rollout_tok_s"]
     assert r["tokens"] > 64 and r["step_s"] > 0
+
+
+def test_sft_plans_its_validation_with_the_model_gathered():
+    """sft.py validates in `unsharded`: under --fsdp every rank gathers the whole model (Qwen2.5-VL-7B
+    in fp32: 31 GiB) beside its shards. Planned, a 7B SFT on 8 x 48 GiB that trains within its shards
+    is over by validation and told --val 0 (which fits when planned again); in bf16 it gathers half;
+    without FSDP there is nothing to gather."""
+    cfg = mr_sp.plan_config("qwen2.5-vl-7b")
+    whole = mr_sp.model_costs(cfg)["params"]
+    base = ["--init", "7b", "--frames", "64", "--fsdp", "--batch", "64"]
+    p = mr_sp.plan_run(sft.ap.parse_args(base), cfg, 8, 48 * 2**30)
+    g = p["gib"]
+    assert g["validation"] * 2**30 > 4 * whole and g["validation"] > g["training_pass"], g
+    assert not p["fits"] and "--val 0" in p["advice"], (p["advice"], g)
+    assert mr_sp.plan_run(sft.ap.parse_args(base + ["--val", "0"]), cfg, 8, 48 * 2**30)["fits"]
+    g16 = mr_sp.plan_run(sft.ap.parse_args(base + ["--dtype", "bfloat16"]), cfg, 8)["gib"]
+    assert 2 * whole < g16["validation"] * 2**30 < 4 * whole, g16
+    g1 = mr_sp.plan_run(sft.ap.parse_args(base[:-3] + ["--batch", "8"]), cfg, 1)["gib"]
+    assert 0 < g1["validation"] < g1["weights"], g1
