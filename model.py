@@ -1,4 +1,5 @@
-"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+and Qwen3.5.
 
     python model.py check --hf DIR     # our path vs transformers' full forward on a local HF folder
     python model.py check --hf tiny-qwen3-vl   # the same on a tiny model built in code (see TINY)
@@ -90,14 +91,26 @@ def tiny_tokenizer(vocab_size=1024):
                                   additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
 
 
-FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}  # model_type: class
+FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",  # model_type: class
+            "qwen3_5": "Qwen3_5"}
+# Qwen3-VL's vision (16-pixel patches, mean and std 0.5, a video as timestamped one-group grids), which
+# Qwen3.5 keeps (without DeepStack); Qwen3.5's language model is hybrid: Gated DeltaNet layers
+# ("linear_attention", a causal convolution and a recurrent state, no KV cache) and gated attention.
+QWEN3 = ("qwen3_vl", "qwen3_5")
+
+
+def recurrent(config):
+    """Whether the language model has Gated DeltaNet layers (Qwen3.5): a state carried along the
+    sequence, so a layer's output at a token depends on every token before it in its own row, which
+    packing several rows into one sequence or splitting one over ranks would change."""
+    return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ())
 # --init names of the tiny models built in code: (family, tiny_config arguments). "tiny:<name>" are
 # miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings, vision
 # tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths, so what
 # the real shape runs into (Ulysses over 28 heads, FSDP over an untied lm_head) shows on a CPU. The
 # real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each miniature against its.
 TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwen2.5-vl": ("qwen2_5_vl", {}),
-        "tiny-qwen3-vl": ("qwen3_vl", {}),
+        "tiny-qwen3-vl": ("qwen3_vl", {}), "tiny-qwen3.5": ("qwen3_5", dict(layers=4)),
         "tiny:qwen2.5-vl-7b": ("qwen2_5_vl", dict(hidden=448, heads=28, kv_heads=4, tie=False,
                                                   vision_depth=4, fullatt=(1, 3))),
         "tiny:qwen2.5-vl-3b": ("qwen2_5_vl", dict(hidden=256, heads=16, kv_heads=2, tie=True,
@@ -106,7 +119,8 @@ TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwe
 
 
 def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128,
-                vision_depth=2, vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True):
+                vision_depth=2, vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True,
+                attention_every=4):
     """A small config of one family (FIELD_NOTES section 6's probe model by default). init_std 0.1:
     the library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
     pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
@@ -129,13 +143,25 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
     elif family == "qwen2_5_vl":
         vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
                       window_size=window, fullatt_block_indexes=list(fullatt), tokens_per_second=2)
-    elif family == "qwen3_vl":
+    elif family in QWEN3:
         h = head_dim // 2
         text.update(head_dim=head_dim, rope_parameters=dict(
             rope_type="default", rope_theta=5e6, mrope_interleaved=True,
             mrope_section=[h - 2 * (h * 5 // 16), h * 5 // 16, h * 5 // 16]))
         vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                      num_position_embeddings=64, deepstack_visual_indexes=list(range(vision_depth - 1)))
+                      num_position_embeddings=64)
+        if family == "qwen3_vl":
+            vision.update(deepstack_visual_indexes=list(range(vision_depth - 1)))
+        else:  # Qwen3.5: a quarter of each head rotary (11:11:10 of its 32 frequencies), attention every
+            # 4th layer (attention_every); GDN heads as its releases pair them (value heads 2x key heads)
+            r = head_dim // 8
+            text.update(rope_parameters=dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
+                                             partial_rotary_factor=0.25,
+                                             mrope_section=[r - 2 * (r // 3), r // 3, r // 3]),
+                        layer_types=["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
+                                     for i in range(layers)],
+                        linear_num_key_heads=kv_heads, linear_num_value_heads=2 * kv_heads,
+                        linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
     else:
         raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
     return getattr(transformers, FAMILIES[family] + "Config")(
@@ -208,7 +234,7 @@ def processor_config(config):
     """The family's preprocessor_config.json, the values Qwen ships (sizes from the config): vLLM and
     transformers' AutoProcessor need it to load a folder; data.py patchifies and normalizes with its
     patch_size, image_mean and image_std (Qwen3-VL: 16-pixel patches, mean and std 0.5)."""
-    vc, clip = config.vision_config, config.model_type != "qwen3_vl"
+    vc, clip = config.vision_config, config.model_type not in QWEN3
     return dict(image_processor_type="Qwen2VLImageProcessor",
                 processor_class=FAMILIES[config.model_type] + "Processor",
                 patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
@@ -266,7 +292,7 @@ def build_prompt(tok, config, text, kind=None, grid_thw=None, frame_times=None, 
     start, end, pad = map(tok.convert_tokens_to_ids, ("<|vision_start|>", "<|vision_end|>", f"<|{kind}_pad|>"))
     head, tail = s.split(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
     n = n_visual_tokens(grid_thw, config.vision_config.spatial_merge_size)
-    if config.model_type != "qwen3_vl" or kind != "video":
+    if config.model_type not in QWEN3 or kind != "video":
         return enc(head) + [start] + [pad] * (n if expand else 1) + [end] + enc(tail)
     if not expand:
         return enc(head) + [pad] + enc(tail)
@@ -327,7 +353,7 @@ def positions(ids, grid_thw, second_per_grid, config):
     runs = []  # (llm grid, temporal step) of each run of pad tokens
     for g, spg in zip(torch.as_tensor(grid_thw).view(-1, 3).tolist(), second_per_grid):
         t, h, w = g[0], g[1] // merge, g[2] // merge
-        if config.model_type == "qwen3_vl":
+        if config.model_type in QWEN3:
             runs += [((1, h, w), 0.0)] * t
         else:
             runs.append(((t, h, w), float(spg) * tps if tps else 1.0))
@@ -588,6 +614,13 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
     from transformers.masking_utils import sdpa_mask
     cfg = model.config.get_text_config()
     own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, group=group)
+    for a, b in zip(cache.layers, own.layers):
+        if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed-size
+            # state (the convolution's last inputs, the recurrence's heads x dk x dv), copied per sample
+            conv, rec = (x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states))
+            b.lazy_initialization(conv, rec)
+            b.update_conv_state(conv)  # its first update is the prefill's: stored as given
+            b.update_recurrent_state(rec)
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
     h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=h.device)
@@ -717,7 +750,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare our path with transformers' full forward")
-    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or a "
+    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a "
                    f"tiny name ({', '.join(TINY)}); default tiny")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")

@@ -35,11 +35,13 @@ With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal
 """
 import atexit
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 import zlib
@@ -537,7 +539,14 @@ def _stack(parts, config):
     P = max(m.shape[1] for _, m, _ in parts)
     pad = lambda x: F.pad(x, (0, 0, P - x.shape[2], 0))  # noqa: E731  (B, Hkv, t, D), on the left
     cache = DynamicCache(config=config)
-    for i in range(len(parts[0][0].layers)):
+    for i, layer in enumerate(cache.layers):
+        if hasattr(layer, "recurrent_states"):  # a GDN layer's fixed-size states: no padding
+            conv, rec = (torch.cat([getattr(c.layers[i], k)[0] for c, _, _ in parts])
+                         for k in ("conv_states", "recurrent_states"))
+            layer.lazy_initialization(conv, rec)
+            layer.update_conv_state(conv)
+            layer.update_recurrent_state(rec)
+            continue
         cache.update(torch.cat([pad(c.layers[i].keys) for c, _, _ in parts]),
                      torch.cat([pad(c.layers[i].values) for c, _, _ in parts]), i)
     return (cache, torch.cat([F.pad(m, (P - m.shape[1], 0)) for _, m, _ in parts]),
@@ -601,8 +610,8 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True)
     T = max(map(len, resp))
     targets = torch.tensor([x + [pad] * (T - len(x)) for x in resp])
     mask = (torch.arange(T) < torch.tensor([len(x) for x in resp])[:, None]).long()
-    if packed and len(rows) > 1 and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"]
-                                                                          for r in rows):
+    packed = packed and len(rows) > 1 and not M.recurrent(model.config)  # GDN: a row's state is its own
+    if packed and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"] for r in rows):
         ids, pos, P, T = M.pack(rows[0]["prompt"], rows[0]["pos"], resp, pad)
         at, at_rows, attn, layout, rows = M.sources(P, T, len(resp)), 0, None, dict(packed=(P, T)), rows[:1]
         use_ulysses(model)  # the attention that takes `packed` (without a group, SDPA otherwise)
@@ -685,6 +694,55 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     return y, None
 
 
+def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_group=None, sp_mask=None,
+                packed=None, **kw):
+    """A Gated DeltaNet layer (Qwen3.5) under Ulysses, in place of its forward (`use_ulysses`).
+    hidden_states (B, l, d): this rank's block of l = L/sp tokens. Its projections run on the rank's
+    tokens; an all-to-all scatters heads and gathers the sequence, so the causal convolution and the
+    delta-rule recurrence run over all L tokens for this rank's nk/sp key and nv/sp value heads (each
+    value head with its own key head, as transformers pairs them); the inverse all-to-all returns
+    this rank's tokens with every head, and the gated norm and output projection run on them.
+    Without sp_group: the layer's own forward (rollouts, sp=1). sp_mask (B, L): left padding, whose
+    columns' inputs are zeroed as transformers zeroes them (None: right padding only)."""
+    if sp_group is None:
+        return type(m).forward(m, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
+    if cache_params is not None or packed is not None:
+        raise NotImplementedError("a GDN layer under Ulysses runs training passes only (issue 22)")
+    Q = sys.modules[type(m).__module__]  # transformers' module: its kernels, or their references
+    sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
+    nk, nv, dk, dv = m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
+    # key heads sp does not divide: each repeated for its value heads (nv of them; sp must divide nv)
+    rep = 1 if nk % sp == 0 else nv // nk
+    if nv % sp or (nk * rep) % sp:
+        raise NotImplementedError(f"GDN heads {nk} key, {nv} value over sp {sp}: sp must divide {nv}")
+    hk, hv, (B, l, _) = nk * rep // sp, nv // sp, hidden_states.shape
+    if sp_mask is not None:
+        hidden_states = hidden_states * sp_mask[:, r * l:(r + 1) * l, None].to(hidden_states.dtype)
+    q, k, v = m.in_proj_qkv(hidden_states).split([nk * dk, nk * dk, nv * dv], -1)
+    q, k = (t.unflatten(-1, (nk, dk)).repeat_interleave(rep, 2).flatten(2) for t in (q, k))
+    parts = [t.unflatten(-1, (sp, -1)) for t in (q, k, v, m.in_proj_b(hidden_states), m.in_proj_a(hidden_states))]
+    x = _all_to_all(torch.cat(parts, -1).movedim(2, 0), sp_group)  # (sp, B, l, c): token block i from rank i
+    q, k, v, b, a = x.movedim(0, 1).flatten(1, 2).split([hk * dk, hk * dk, hv * dv, hv, hv], -1)  # (B, L, .)
+    # the convolution's channels of this rank's heads ([q | k | v], each key head's of its original)
+    qc = ((torch.arange(r * hk, (r + 1) * hk) // rep)[:, None] * dk + torch.arange(dk)).flatten()
+    ch = torch.cat([qc, qc + nk * dk, torch.arange(r * hv * dv, (r + 1) * hv * dv) + 2 * nk * dk]).to(x.device)
+    mixed = Q.causal_conv1d_fn(torch.cat([q, k, v], -1).transpose(1, 2), m.conv1d.weight.squeeze(1)[ch],
+                               None, activation=m.activation).transpose(1, 2)
+    L = mixed.shape[1]
+    q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], -1)
+    q, k, v = q.reshape(B, L, hk, dk), k.reshape(B, L, hk, dk), v.reshape(B, L, hv, dv)
+    heads = slice(r * hv, (r + 1) * hv)
+    g = -m.A_log[heads].float().exp() * F.softplus(a.float() + m.dt_bias[heads])
+    if nv // (nk * rep) > 1:
+        q, k = q.repeat_interleave(nv // (nk * rep), 2), k.repeat_interleave(nv // (nk * rep), 2)
+    out, _ = Q.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=b.sigmoid(), initial_state=None,
+                                            output_final_state=False, use_qk_l2norm_in_kernel=True)
+    y = _all_to_all(out.reshape(B, sp, l, hv * dv).movedim(1, 0), sp_group)  # token block j to rank j
+    y = y.movedim(0, 2).reshape(B * l * nv, dv)  # this rank's tokens, heads in rank order = all heads
+    y = m.norm(y, m.in_proj_z(hidden_states).reshape(B * l * nv, dv))
+    return m.out_proj(y.reshape(B, l, nv * dv))
+
+
 def sp_mask_of(mask):
     """What ulysses_attention takes as sp_mask: None when the rows are right-padded only (causal
     alone is exact), else the mask. One host sync, made once a pass by its callers."""
@@ -694,6 +752,9 @@ def sp_mask_of(mask):
 def use_ulysses(model):
     """Switch the text attention to `ulysses_attention` (vision attention unchanged). Without an SP
     group it is SDPA with transformers' own masks, so rollouts on the same model are unaffected."""
+    for m in model.model.language_model.modules():
+        if hasattr(m, "in_proj_qkv") and "forward" not in vars(m):  # a Gated DeltaNet layer (Qwen3.5)
+            m.forward = functools.partial(ulysses_gdn, m)
     if model.config.text_config._attn_implementation != "ulysses":
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
@@ -1169,6 +1230,9 @@ def plan_start(args, config, par):
     --out/plan.json (rank 0). A plan over the GPU's memory stops the run with the flags that fit;
     on CPU a plan over the host's memory is noted, not stopped (it swaps, or another job leaves).
     Takes the baseline of peak_memory, which grpo.py logs per phase to compare with this plan."""
+    if args.sp > 1 and M.recurrent(config):
+        raise SystemExit(f"--sp {args.sp}: sequence parallelism through {config.model_type}'s Gated DeltaNet "
+                         f"layers is not built yet (issue 22); run --sp 1")
     cuda = par.device.type == "cuda"
     runtime_baseline(config)
     p = plan_run(args, config, par.world, torch.cuda.get_device_properties(par.device).total_memory

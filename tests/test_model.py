@@ -1,5 +1,6 @@
 """model.py against its references: transformers' own forward, hand-computed positions, the naive
 generate, a full-vocabulary log-softmax.   Run: python -m pytest tests/test_model.py -q"""
+import contextlib
 import json
 import math
 import subprocess
@@ -15,10 +16,13 @@ import model as M
 # Two tiny configurations of each family that differ in what could break: head counts, GQA ratio,
 # vision depth (Qwen3-VL: 1 or 2 DeepStack features), vision window attention (Qwen2.5-VL: B's
 # 56-pixel window splits a 112-pixel frame into 4 windows in blocks 0 and 2), depth.
-FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl"]
+FAMILIES = ["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl", "tiny-qwen3.5"]
 B = dict(hidden=128, heads=4, kv_heads=1, layers=2, vision_hidden=64, vision_heads=2, vision_depth=3,
          window=56, fullatt=(1,))
-CONFIGS = {f"{f[5:]}-{c}": (f, kw) for f in FAMILIES for c, kw in (("A", {}), ("B", B))}
+# Qwen3.5's B: its layer types in another order (GDN, attention, GDN: A's are GDN x 3, attention) and
+# 2 GDN key heads, 4 value heads (A's 3 and 6: Ulysses at sp 2 splits B's as they are, repeats A's)
+CONFIGS = {f"{f[5:]}-{c}": (f, kw) for f in FAMILIES for c, kw in (
+    ("A", {}), ("B", dict(B, layers=3, attention_every=2, kv_heads=2) if "3.5" in f else B))}
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -30,6 +34,14 @@ def tiny(request):
 @pytest.fixture(scope="module")
 def tiny_a():
     return M.load("tiny")
+
+
+def tol(model):
+    """Log-prob tolerance of a cached path against a recompute. Qwen3.5's delta rule runs in fp32
+    whatever the model's dtype, in a chunked form (prefill, a whole forward) and a step form
+    (decode) that round differently: up to 6e-5 apart over 32 tokens, 1e-6 with the rule in float64
+    (`test_gdn_decode_equals_recompute_in_float64`)."""
+    return 1e-4 if model.config.model_type == "qwen3_5" else 1e-5
 
 
 def video_inputs(model, tok, grids, seed=0, kind="video"):
@@ -114,20 +126,23 @@ def test_positions_hand_computed_qwen2_vl_and_qwen3_vl():
     pos = M.positions([t, v, v, v, v, t, v, v, v, v, t], [[2, 4, 4]], [3.0], cfg)
     assert pos.T.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 2], [1, 2, 1], [1, 2, 2], [3, 3, 3],
                               [4, 4, 4], [4, 4, 5], [4, 5, 4], [4, 5, 5], [6, 6, 6]]
+    # Qwen3.5: Qwen3-VL's rule, one-group grids (time is in the text)
+    assert torch.equal(M.positions([t, v, v, v, v, t, v, v, v, v, t], [[2, 4, 4]], [3.0],
+                                   M.tiny_config(tok, "qwen3_5")), pos)
     # an image is a one-group grid (same rule in every family): (1, 2x4 merged) at 1, text at 5
     pos = M.positions([t] + [im] * 8 + [t], [[1, 4, 8]], [1.0], cfg)
     assert pos.T.tolist()[-1] == [5, 5, 5] and pos[:, 1:9].tolist() == [
         [1] * 8, [1, 1, 1, 1, 2, 2, 2, 2], [1, 2, 3, 4, 1, 2, 3, 4]]
 
 
-@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+@pytest.mark.parametrize("family", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5"])
 def test_positions_vs_transformers(family):
     """Qwen2.5-VL: equal to transformers' get_rope_index where the rules agree (one temporal group),
     different where they do not (text after a multi-group video): that difference is the pitfall
-    we avoid. Qwen3-VL's grids are one group each, so the rules always agree there."""
+    we avoid. Qwen3-VL's (and Qwen3.5's) grids are one group each: the rules always agree there."""
     model, tok = M.load(family)
     cfg = model.config
-    for grid, same in (([1, 4, 6], True), ([3, 4, 6], cfg.model_type == "qwen3_vl")):
+    for grid, same in (([1, 4, 6], True), ([3, 4, 6], cfg.model_type in M.QWEN3)):
         ids = M.build_prompt(tok, cfg, "Which color came first?", "video", [grid], [0.5 * k for k in range(2 * grid[0])])
         ours = M.positions(ids, [grid], [2.0], cfg)
         ids_t = torch.tensor([ids])
@@ -260,7 +275,39 @@ def test_kv_cache_generate_equals_recompute(tiny, temperature, top_p, n, chunk):
     if temperature:
         assert not torch.equal(t1[0], t1[1])  # the n samples of one prompt differ
     # dividing logits by the temperature scales their fp32 rounding differences by 1/temperature
-    assert (l1 - l2).abs().max() <= 1e-5 / min(1.0, temperature or 1.0)
+    assert (l1 - l2).abs().max() <= tol(model) / min(1.0, temperature or 1.0)
+
+
+@contextlib.contextmanager
+def gdn_in_float64():
+    """transformers' Gated DeltaNet delta rule (both forms) computing in float64: its source with its
+    fp32 casts made float64, for checks whose fp32 rounding would hide what they test."""
+    import inspect
+    import transformers.models.qwen3_5.modeling_qwen3_5 as Q
+    names = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "l2norm")
+    saved = {n: getattr(Q, n) for n in names}
+    for n in names:
+        ns = dict(vars(Q))
+        exec(inspect.getsource(saved[n]).replace("torch.float32", "torch.float64"), ns)
+        setattr(Q, n, ns[n])
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(Q, n, f)
+
+
+@gdn_in_float64()
+def test_gdn_decode_equals_recompute_in_float64():
+    """What `tol` allows Qwen3.5 is the fp32 rounding of its delta rule: with the rule's two forms
+    run in float64, the engine's sampled tokens and log-probs equal the naive recompute's within the
+    fp32 log-softmax's rounding."""
+    model, tok = M.load("tiny-qwen3.5", dtype=torch.float64)
+    embeds, p3, mask, *_ = batch(model, tok, ((4, 8, 8), (2, 4, 6)))
+    out = [fn(model, embeds, p3, mask, n=2, max_new=32, temperature=0.7, top_p=0.9, **gen_kwargs(tok), **kw,
+              generator=[torch.Generator().manual_seed(3 + j) for j in range(4)])
+           for fn, kw in ((M.generate, dict(chunk=7)), (M.generate_naive, {}))]
+    assert torch.equal(out[0][0], out[1][0]) and (out[0][1] - out[1][1]).abs().max() <= 2e-6
 
 
 def test_generate_stops_at_eos_and_pads_after(tiny_a):
@@ -396,7 +443,7 @@ def test_trainer_logprobs_equal_rollout_logprobs(tiny):
     with torch.no_grad():
         lp, _ = M.response_logprobs(model, embeds2, p32, mask2, P2, ids2[:, P2:], banned=M.banned_ids(tok))
     valid = mask2[:, P2:].bool()
-    assert (lp - lps[:, :lp.shape[1]])[valid].abs().max() <= 1e-5
+    assert (lp - lps[:, :lp.shape[1]])[valid].abs().max() <= tol(model)
 
 
 def test_padding_never_changes_a_rows_logprobs(tiny_a):
