@@ -91,10 +91,10 @@ def tiny_tokenizer(vocab_size=1024):
                                   additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
 
 
-FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",  # model_type: class
-            "qwen3_5": "Qwen3_5"}
-# Qwen3-VL's vision (16-pixel patches, mean and std 0.5, a video as timestamped one-group grids), which
-# Qwen3.5 keeps (without DeepStack); Qwen3.5's language model is hybrid: Gated DeltaNet layers
+FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",
+            "qwen3_5": "Qwen3_5"}  # model_type: class
+# Qwen3-VL's vision (16-pixel patches, mean and std 0.5, a video as timestamped one-group grids),
+# which Qwen3.5 keeps (without DeepStack); Qwen3.5's language model is hybrid: Gated DeltaNet layers
 # ("linear_attention", a causal convolution and a recurrent state, no KV cache) and gated attention.
 QWEN3 = ("qwen3_vl", "qwen3_5")
 
@@ -152,16 +152,16 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
                       num_position_embeddings=64)
         if family == "qwen3_vl":
             vision.update(deepstack_visual_indexes=list(range(vision_depth - 1)))
-        else:  # Qwen3.5: a quarter of each head rotary (11:11:10 of its 32 frequencies), attention every
-            # 4th layer (attention_every); GDN heads as its releases pair them (value heads 2x key heads)
+        else:  # Qwen3.5: a quarter of each head rotary (11:11:10 of its 32 frequencies), attention
+            # every 4th layer (attention_every); GDN heads paired as its releases (value = 2 x key)
             r = head_dim // 8
-            text.update(rope_parameters=dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
-                                             partial_rotary_factor=0.25,
-                                             mrope_section=[r - 2 * (r // 3), r // 3, r // 3]),
-                        layer_types=["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
-                                     for i in range(layers)],
-                        linear_num_key_heads=kv_heads, linear_num_value_heads=2 * kv_heads,
-                        linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
+            rope = dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
+                        partial_rotary_factor=0.25, mrope_section=[r - 2 * (r // 3), r // 3, r // 3])
+            types = ["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
+                     for i in range(layers)]
+            text.update(rope_parameters=rope, layer_types=types, linear_num_key_heads=kv_heads,
+                        linear_num_value_heads=2 * kv_heads, linear_key_head_dim=head_dim,
+                        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
     else:
         raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
     return getattr(transformers, FAMILIES[family] + "Config")(
@@ -196,6 +196,11 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
         config = tiny_config(tok, family, **{**kw, **tiny_kwargs})
         config._attn_implementation = attn
         model = getattr(transformers, FAMILIES[family] + "ForConditionalGeneration")(config)
+        for m in model.modules():
+            if hasattr(m, "A_log"):  # GDN: transformers draws A in [0.01, 16]: most heads forget
+                # all but the last few tokens, and a state handed to the wrong prompt or sample
+                # would go unseen; decays of 0.9 to 0.999 a token keep each head's memory of a prompt
+                m.A_log.data.copy_(torch.linspace(0.001, 0.05, len(m.A_log)).log())
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); pass a "
@@ -615,8 +620,8 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
     cfg = model.config.get_text_config()
     own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, group=group)
     for a, b in zip(cache.layers, own.layers):
-        if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed-size
-            # state (the convolution's last inputs, the recurrence's heads x dk x dv), copied per sample
+        if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed
+            # state (the convolution's last inputs, the recurrence's heads x dk x dv), one per sample
             conv, rec = (x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states))
             b.lazy_initialization(conv, rec)
             b.update_conv_state(conv)  # its first update is the prefill's: stored as given
@@ -750,8 +755,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare our path with transformers' full forward")
-    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a "
-                   f"tiny name ({', '.join(TINY)}); default tiny")
+    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), "
+                   f"or a tiny name ({', '.join(TINY)}); default tiny")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")
     s.add_argument("--out", required=True, help="output folder")

@@ -568,7 +568,7 @@ def sp_prefill(model, ids, p, pos, group):
     mine = slice(r * l, (r + 1) * l)
     cache = DynamicCache(config=model.config.get_text_config())
     h = M.forward(model, splice_columns(model, ids, [p], r * l, (r + 1) * l, group), pos[..., mine], None,
-                  cache, sp_group=group, sp_mask=None)  # right padding only: causal alone is exact
+                  cache, sp_group=group, sp_mask=None, sp_len=P)  # right padding only: causal is exact
     mask = (torch.arange(r * l, (r + 1) * l, device=ids.device) < P).long()[None]
     last = (h[:, P - 1 - r * l].clone() if r * l <= P - 1 < (r + 1) * l
             else h.new_zeros(h.shape[0], h.shape[2]))  # (a copy: gloo reduces a strided view wrongly)
@@ -610,8 +610,9 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True)
     T = max(map(len, resp))
     targets = torch.tensor([x + [pad] * (T - len(x)) for x in resp])
     mask = (torch.arange(T) < torch.tensor([len(x) for x in resp])[:, None]).long()
-    packed = packed and len(rows) > 1 and not M.recurrent(model.config)  # GDN: a row's state is its own
-    if packed and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"] for r in rows):
+    packed = packed and len(rows) > 1 and not M.recurrent(model.config)  # GDN: each row's own state
+    if packed and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"]
+                                                         for r in rows):
         ids, pos, P, T = M.pack(rows[0]["prompt"], rows[0]["pos"], resp, pad)
         at, at_rows, attn, layout, rows = M.sources(P, T, len(resp)), 0, None, dict(packed=(P, T)), rows[:1]
         use_ulysses(model)  # the attention that takes `packed` (without a group, SDPA otherwise)
@@ -695,7 +696,7 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
 
 
 def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_group=None, sp_mask=None,
-                packed=None, **kw):
+                packed=None, sp_len=None, **kw):
     """A Gated DeltaNet layer (Qwen3.5) under Ulysses, in place of its forward (`use_ulysses`).
     hidden_states (B, l, d): this rank's block of l = L/sp tokens. Its projections run on the rank's
     tokens; an all-to-all scatters heads and gathers the sequence, so the causal convolution and the
@@ -703,44 +704,80 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     value head with its own key head, as transformers pairs them); the inverse all-to-all returns
     this rank's tokens with every head, and the gated norm and output projection run on them.
     Without sp_group: the layer's own forward (rollouts, sp=1). sp_mask (B, L): left padding, whose
-    columns' inputs are zeroed as transformers zeroes them (None: right padding only)."""
+    columns' inputs are zeroed as transformers zeroes them (None: right padding only). With a cache
+    (`sp_prefill`: one prompt of sp_len tokens, right-padded to sp*l): the state after token sp_len
+    (the padding's steps skipped: no decay, no update), each rank's heads' gathered into the layer's
+    cache whole, as one process's prefill leaves it, so every rank decodes with all heads."""
     if sp_group is None:
-        return type(m).forward(m, hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kw)
-    if cache_params is not None or packed is not None:
-        raise NotImplementedError("a GDN layer under Ulysses runs training passes only (issue 22)")
+        return type(m).forward(m, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                               **kw)
+    if packed is not None:
+        raise NotImplementedError("packed rows through a GDN layer (each row's state is its own)")
     Q = sys.modules[type(m).__module__]  # transformers' module: its kernels, or their references
     sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
     nk, nv, dk, dv = m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
-    # key heads sp does not divide: each repeated for its value heads (nv of them; sp must divide nv)
+    # key heads sp does not divide: each repeated for its value heads (sp must divide nv)
     rep = 1 if nk % sp == 0 else nv // nk
     if nv % sp or (nk * rep) % sp:
-        raise NotImplementedError(f"GDN heads {nk} key, {nv} value over sp {sp}: sp must divide {nv}")
+        raise NotImplementedError(f"GDN heads {nk} key, {nv} value: sp {sp} must divide {nv}")
     hk, hv, (B, l, _) = nk * rep // sp, nv // sp, hidden_states.shape
     if sp_mask is not None:
         hidden_states = hidden_states * sp_mask[:, r * l:(r + 1) * l, None].to(hidden_states.dtype)
     q, k, v = m.in_proj_qkv(hidden_states).split([nk * dk, nk * dk, nv * dv], -1)
     q, k = (t.unflatten(-1, (nk, dk)).repeat_interleave(rep, 2).flatten(2) for t in (q, k))
-    parts = [t.unflatten(-1, (sp, -1)) for t in (q, k, v, m.in_proj_b(hidden_states), m.in_proj_a(hidden_states))]
-    x = _all_to_all(torch.cat(parts, -1).movedim(2, 0), sp_group)  # (sp, B, l, c): token block i from rank i
-    q, k, v, b, a = x.movedim(0, 1).flatten(1, 2).split([hk * dk, hk * dk, hv * dv, hv, hv], -1)  # (B, L, .)
+    b, a = m.in_proj_b(hidden_states), m.in_proj_a(hidden_states)
+    parts = [t.unflatten(-1, (sp, -1)) for t in (q, k, v, b, a)]  # (B, l, sp, c/sp): a rank's heads each
+    x = _all_to_all(torch.cat(parts, -1).movedim(2, 0), sp_group)  # (sp, B, l, c): token block i, rank i
+    x = x.movedim(0, 1).flatten(1, 2)  # (B, L, c)
+    q, k, v, b, a = x.split([hk * dk, hk * dk, hv * dv, hv, hv], -1)
     # the convolution's channels of this rank's heads ([q | k | v], each key head's of its original)
     qc = ((torch.arange(r * hk, (r + 1) * hk) // rep)[:, None] * dk + torch.arange(dk)).flatten()
-    ch = torch.cat([qc, qc + nk * dk, torch.arange(r * hv * dv, (r + 1) * hv * dv) + 2 * nk * dk]).to(x.device)
-    mixed = Q.causal_conv1d_fn(torch.cat([q, k, v], -1).transpose(1, 2), m.conv1d.weight.squeeze(1)[ch],
-                               None, activation=m.activation).transpose(1, 2)
+    vc = torch.arange(r * hv * dv, (r + 1) * hv * dv) + 2 * nk * dk
+    ch = torch.cat([qc, qc + nk * dk, vc]).to(x.device)
+    raw = torch.cat([q, k, v], -1).transpose(1, 2)  # (B, channels, L)
+    mixed = Q.causal_conv1d_fn(raw, m.conv1d.weight.squeeze(1)[ch], None, activation=m.activation)
+    mixed = mixed.transpose(1, 2)
     L = mixed.shape[1]
     q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], -1)
     q, k, v = q.reshape(B, L, hk, dk), k.reshape(B, L, hk, dk), v.reshape(B, L, hv, dv)
     heads = slice(r * hv, (r + 1) * hv)
-    g = -m.A_log[heads].float().exp() * F.softplus(a.float() + m.dt_bias[heads])
+    g, beta = -m.A_log[heads].float().exp() * F.softplus(a.float() + m.dt_bias[heads]), b.sigmoid()
+    if cache_params is not None:  # the padding after sp_len leaves the state as it is
+        real = (torch.arange(L, device=g.device) < sp_len)[None, :, None]
+        g, beta = g * real, beta * real
     if nv // (nk * rep) > 1:
         q, k = q.repeat_interleave(nv // (nk * rep), 2), k.repeat_interleave(nv // (nk * rep), 2)
-    out, _ = Q.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=b.sigmoid(), initial_state=None,
-                                            output_final_state=False, use_qk_l2norm_in_kernel=True)
-    y = _all_to_all(out.reshape(B, sp, l, hv * dv).movedim(1, 0), sp_group)  # token block j to rank j
-    y = y.movedim(0, 2).reshape(B * l * nv, dv)  # this rank's tokens, heads in rank order = all heads
+    out, state = Q.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
+                                                output_final_state=cache_params is not None,
+                                                use_qk_l2norm_in_kernel=True)
+    if cache_params is not None:
+        conv = raw[..., max(0, sp_len - m.conv_kernel_size):sp_len]  # the last real tokens' inputs
+        _gdn_cache(m, cache_params, conv, state, rep, sp_group)
+    y = _all_to_all(out.reshape(B, sp, l, hv * dv).movedim(1, 0), sp_group)  # token block j, rank j
+    y = y.movedim(0, 2).reshape(B * l * nv, dv)  # this rank's tokens; heads in rank order: all heads
     y = m.norm(y, m.in_proj_z(hidden_states).reshape(B * l * nv, dv))
     return m.out_proj(y.reshape(B, l, nv * dv))
+
+
+def _gdn_cache(m, cache, conv, state, rep, group):
+    """A GDN layer's cache from each rank's share (`ulysses_gdn`): conv (B, c, <= K) its heads' last
+    convolution inputs [q | k | v] (a key head repeated `rep` times kept once), state (B, hv, dk, dv)
+    its value heads' recurrent state; all-gathered and laid out as transformers' own prefill stores
+    them (the convolution's inputs left-padded with zeros to K, as it pads a short prompt)."""
+    sp, nk, dk = dist.get_world_size(group), m.num_k_heads, m.head_k_dim
+    conv = F.pad(conv, (m.conv_kernel_size - conv.shape[-1], 0)).contiguous()
+    convs = [torch.empty_like(conv) for _ in range(sp)]
+    states = [torch.empty_like(state) for _ in range(sp)]
+    dist.all_gather(convs, conv, group=group)
+    dist.all_gather(states, state.contiguous(), group=group)
+    hk = nk * rep // sp
+    q, k, v = zip(*[c.split([hk * dk, hk * dk, c.shape[1] - 2 * hk * dk], 1) for c in convs])
+    q, k = (torch.cat(t, 1).unflatten(1, (nk, rep, dk))[:, :, 0].flatten(1, 2) for t in (q, k))
+    conv, state = torch.cat([q, k, torch.cat(v, 1)], 1), torch.cat(states, 1)
+    layer = cache.layers[m.layer_idx]
+    layer.lazy_initialization(conv, state)
+    layer.update_conv_state(conv)  # its first update is a prefill's: stored as given
+    layer.update_recurrent_state(state)
 
 
 def sp_mask_of(mask):
@@ -753,7 +790,7 @@ def use_ulysses(model):
     """Switch the text attention to `ulysses_attention` (vision attention unchanged). Without an SP
     group it is SDPA with transformers' own masks, so rollouts on the same model are unaffected."""
     for m in model.model.language_model.modules():
-        if hasattr(m, "in_proj_qkv") and "forward" not in vars(m):  # a Gated DeltaNet layer (Qwen3.5)
+        if hasattr(m, "in_proj_qkv") and "forward" not in vars(m):  # a Gated DeltaNet (Qwen3.5)
             m.forward = functools.partial(ulysses_gdn, m)
     if model.config.text_config._attn_implementation != "ulysses":
         from transformers import AttentionInterface, AttentionMaskInterface
@@ -897,7 +934,7 @@ def model_costs(config):
 ALLOWANCE = dict(context=2**30, communicator=2**30, fragmentation=0.05)
 TEXT = 64  # prompt tokens besides the video's: the chat template, question and options
 SFT_TARGET = 1024  # sft.py's target tokens as planned (reasoning and answer; grpo.py plans --max-new)
-VAL_BATCH = 16  # sft.py's validation rows a batch (a rank's): their embeddings held, decoded together
+VAL_BATCH = 16  # sft.py's validation rows a batch (a rank's): embeddings held, decoded together
 # On CPU the host's memory is shared with everything else on it: an unset --activation-checkpointing
 # turns on where the training pass would pass this per rank. It buys little below: a tiny-model pass
 # of 8,292 tokens is 1.29 GiB without, 0.34 with (README).
@@ -1053,8 +1090,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     s1 = -(-groups // sp)
     enc1 = 4 * s1 * tp * per_group * px ** 2 * 3 + b * s1 * per_group * merge * (3 * Iv + 6 * dv)
     l1 = -(-L // sp)
-    row = (b * l1 * (3 * I + 4 * d) + (2 * b * l1 * (Hp + 2 * kv) * D if sp > 1 else 0) + r * l1 * wide
-           + cast + 3 * 4 * min(chunk, T) * V)
+    row = (b * l1 * (3 * I + 4 * d) + (2 * b * l1 * (Hp + 2 * kv) * D if sp > 1 else 0)
+           + r * l1 * wide + cast + 3 * 4 * min(chunk, T) * V)
     check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide + max(enc1, ours, row)
              if sft and val else 0)
     phase = dict(encode=enc + (b * B * video * wide + fs["root"] if sft else gathered),
@@ -1064,9 +1101,10 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
     m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds"))
-                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"], phase["validation"],
-                       phase["training_pass"] + m["grads"], phase["optimizer"] + m["grads"]))
-    m["host"] = max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * (1 + 4) / sp  # uint8 + fp32 rows
+                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
+                       phase["validation"], phase["training_pass"] + m["grads"],
+                       phase["optimizer"] + m["grads"]))
+    m["host"] = max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * 5 / sp  # uint8 + fp32 rows
     m["load"] = 4 * c["params"]
     m.update(tokens=L, video_tokens=video, tokens_per_rank=l, rows=B)
     return m
@@ -1220,7 +1258,8 @@ def plan_line(p):
             f"{p['tokens_per_rank']:,} a pass a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
             f"micro-batch {p['micro_batch']}, checkpointing {ckpt} | GiB a rank: state {g['state']} "
             f"ref {g['ref']} embeds {g['video_embeds']}; encode {g['encode']} rollout {g['rollout']} "
-            f"no-grad {g['no_grad_pass']} train {g['training_pass']} val {g['validation']} | {peak} | host {g['host']}, "
+            f"no-grad {g['no_grad_pass']} train {g['training_pass']} val {g['validation']} "
+            f"| {peak} | host {g['host']}, "
             f"load {g['load']}")
 
 
@@ -1230,9 +1269,6 @@ def plan_start(args, config, par):
     --out/plan.json (rank 0). A plan over the GPU's memory stops the run with the flags that fit;
     on CPU a plan over the host's memory is noted, not stopped (it swaps, or another job leaves).
     Takes the baseline of peak_memory, which grpo.py logs per phase to compare with this plan."""
-    if args.sp > 1 and M.recurrent(config):
-        raise SystemExit(f"--sp {args.sp}: sequence parallelism through {config.model_type}'s Gated DeltaNet "
-                         f"layers is not built yet (issue 22); run --sp 1")
     cuda = par.device.type == "cuda"
     runtime_baseline(config)
     p = plan_run(args, config, par.world, torch.cuda.get_device_properties(par.device).total_memory

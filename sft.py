@@ -41,8 +41,8 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a tiny model "
-               f"built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); default tiny")
+g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a "
+               f"tiny model built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); default tiny")
 g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task if absent)")
 g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")

@@ -434,12 +434,14 @@ def test_step_runs_every_mini_batch_and_logs_the_mean_grad_norm(monkeypatch):
     assert rec["grad_norm"] == pytest.approx(sum(norms) / 4, rel=1e-9) and len(set(norms)) == 4
 
 
-def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p():
+@pytest.mark.parametrize("family", ["tiny", "tiny-qwen3.5"])
+def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p(family):
     """Below temperature 1 and top-p 1 (where every other consistency check runs): the engine's
     log-probs of its samples equal the trainer's at the same temperature (the distribution before
     top-p, which both use), the first update's ratio is exactly 1, and scoring at temperature 1
-    would not match (the check sees the temperature)."""
-    model, tok = M.load("tiny")
+    would not match (the check sees the temperature). Qwen3.5: the two prompts' GDN states stacked
+    for one decode (mr_sp._stack), their rows scored side by side."""
+    model, tok = M.load(family)
     rows0 = video_rows(model, [0, 1])
     batch = [mr_sp.prepare(model, tok, s, D.question_text(s)) for s in rows0]
     G, T = 4, 0.7

@@ -113,12 +113,7 @@ def test_sequence_parallel_equals_one_process(task, tmp_path, script):
     cmd = (SFT if script != "grpo" else GRPO + ["--mini-batches", "1"]) + ["--data", task, "--steps", "1"]
     cmd += ["--lr", "1e-5"] + ["--vision", "freeze"] * (script == "sft-freeze")
     run(*cmd, "--out", str(tmp_path / "one"))
-    sp = ["--sp", "2"]
-    if family == "tiny-qwen3.5":
-        out = run(*cmd, "--out", str(tmp_path / "sp"), *sp, nproc=2, check=False)
-        assert out.returncode and "--sp 2: sequence parallelism through qwen3_5" in out.stderr, out.stderr[-2000:]
-        sp = []
-    run(*cmd, "--out", str(tmp_path / "sp"), *sp, nproc=2)
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
     assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
     one, sp = metrics(tmp_path / "one")[0], metrics(tmp_path / "sp")[0]
     keys = ["tokens", "loss", "grad_norm"] if script != "grpo" else \
@@ -411,8 +406,7 @@ def mixed_task(task, data):
 def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, family):
     """sft.py --init <family>, grpo.py from its checkpoint and eval.py on rows with a video, an image or
     no visual input; and GRPO with --sp 2 equals one process on them (Qwen3-VL: DeepStack features split
-    with the sequence). Qwen3.5 (Gated DeltaNet layers): --sp 2 refused at start, 2 data-parallel
-    processes (each rollout batch stacking two prompts' states) equal one."""
+    with the sequence; Qwen3.5: its Gated DeltaNet layers by their own all-to-all)."""
     data = tmp_path / "data"
     mixed_task(task, data)
     run(*SFT, "--init", family, "--data", str(data), "--steps", "2", "--out", str(tmp_path / "sft"))
@@ -420,12 +414,7 @@ def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, f
         "--data", str(data), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
     run(*cmd, "--out", str(tmp_path / "one"))
     assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
-    sp = ["--sp", "2"]
-    if family == "tiny-qwen3.5":
-        out = run(*cmd, "--out", str(tmp_path / "sp"), *sp, nproc=2, check=False)
-        assert out.returncode and "--sp 2: sequence parallelism through qwen3_5" in out.stderr, out.stderr[-2000:]
-        sp = []
-    run(*cmd, "--out", str(tmp_path / "sp"), *sp, nproc=2)
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
     assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
     out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(data), "--frames", "8",
               "--max-new", "8", "--out", str(tmp_path / "eval"))
