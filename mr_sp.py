@@ -1443,7 +1443,7 @@ def vllm_rollout(llm, tok, prompts, G, seeds=None, max_new=64, temperature=1.0, 
                     f"{kind}_grid_thw": torch.as_tensor(p["grid_thw"]).view(-1, 3)}
             if kind == "video" and family == "qwen2_5_vl":
                 item["second_per_grid_ts"] = torch.tensor([float(p["second_per_grid"])], dtype=torch.float64)
-            if kind == "video" and family == "qwen3_vl":
+            if kind == "video" and family in M.QWEN3:
                 item["timestamps"] = [M.group_times(p["frame_times"])]  # a batch of one video
             req["multi_modal_data"] = {kind: item}
         reqs.append(req)

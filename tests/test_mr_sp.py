@@ -28,6 +28,7 @@ import model as M
 import mr_sp
 
 from test_model import CONFIGS  # two configs of each family; B: GQA with 1 KV head (< sp)
+from test_model import gdn_in_float64
 
 # (samples, response lengths) per micro-batch: left padding with rank 0 holding no response column;
 # a response that straddles the ranks' boundary; an image and a text-only row beside a video; one
@@ -36,25 +37,6 @@ V, I = "video", "image"
 CASES = [(((V, (4, 8, 8)), (V, (2, 4, 6))), (5, 2)), (((V, (1, 4, 4)), (V, (2, 4, 4))), (60, 33)),
          (((I, (1, 4, 6)), (None, ()), (V, (2, 4, 4))), (6, 9, 3)), (((V, (3, 8, 8)),), (7,))]
 ENCODE_GRIDS = [(5, 8, 8), (3, 4, 6), (1, 8, 8)]  # uneven splits; one rank with no temporal group
-
-
-@contextlib.contextmanager
-def gdn_in_float64():
-    """transformers' Gated DeltaNet delta rule (both forms) computing in float64: its source with its
-    fp32 casts made float64, for checks whose fp32 rounding would blur what they test."""
-    import inspect
-    import transformers.models.qwen3_5.modeling_qwen3_5 as Q
-    names = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "l2norm")
-    saved = {n: getattr(Q, n) for n in names}
-    for n in names:
-        ns = dict(vars(Q))
-        exec(inspect.getsource(saved[n]).replace("torch.float32", "torch.float64"), ns)
-        setattr(Q, n, ns[n])
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(Q, n, f)
 
 
 def max_diff(a, b):
