@@ -104,6 +104,8 @@ def recurrent(config):
     sequence, so a layer's output at a token depends on every token before it in its own row, which
     packing several rows into one sequence or splitting one over ranks would change."""
     return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ())
+
+
 # --init names of the tiny models built in code: (family, tiny_config arguments). "tiny:<name>" are
 # miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings, vision
 # tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths, so what
@@ -593,6 +595,14 @@ def _merge_over(o, lse, group):
     return (o * (lse - total).exp()).sum(0), total
 
 
+def set_state(layer, conv, rec):
+    """A GDN layer's cache (transformers' LinearAttentionLayer) set to a prompt's state: conv (B,
+    channels, kernel) the convolution's last inputs, rec (B, heads, dk, dv) the recurrent state."""
+    layer.lazy_initialization(conv, rec)
+    layer.update_conv_state(conv)  # its first update is a prefill's: stored as given
+    layer.update_recurrent_state(rec)
+
+
 def prefill(model, embeds, pos, mask, chunk=1024):
     """A left-padded prompt batch, embeds (B, P, H), pos (3, B, P), mask (B, P), run `chunk` tokens
     at a time (activations bounded by the chunk, not the prompt; 0: all at once) into a KV cache.
@@ -622,10 +632,7 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
     for a, b in zip(cache.layers, own.layers):
         if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed
             # state (the convolution's last inputs, the recurrence's heads x dk x dv), one per sample
-            conv, rec = (x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states))
-            b.lazy_initialization(conv, rec)
-            b.update_conv_state(conv)  # its first update is the prefill's: stored as given
-            b.update_recurrent_state(rec)
+            set_state(b, *(x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states)))
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
     h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)
     toks, lps, done = [], [], torch.zeros(len(nxt), dtype=torch.bool, device=h.device)

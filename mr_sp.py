@@ -541,11 +541,8 @@ def _stack(parts, config):
     cache = DynamicCache(config=config)
     for i, layer in enumerate(cache.layers):
         if hasattr(layer, "recurrent_states"):  # a GDN layer's fixed-size states: no padding
-            conv, rec = (torch.cat([getattr(c.layers[i], k)[0] for c, _, _ in parts])
-                         for k in ("conv_states", "recurrent_states"))
-            layer.lazy_initialization(conv, rec)
-            layer.update_conv_state(conv)
-            layer.update_recurrent_state(rec)
+            M.set_state(layer, *(torch.cat([getattr(c.layers[i], k)[0] for c, _, _ in parts])
+                                 for k in ("conv_states", "recurrent_states")))
             continue
         cache.update(torch.cat([pad(c.layers[i].keys) for c, _, _ in parts]),
                      torch.cat([pad(c.layers[i].values) for c, _, _ in parts]), i)
@@ -773,11 +770,7 @@ def _gdn_cache(m, cache, conv, state, rep, group):
     hk = nk * rep // sp
     q, k, v = zip(*[c.split([hk * dk, hk * dk, c.shape[1] - 2 * hk * dk], 1) for c in convs])
     q, k = (torch.cat(t, 1).unflatten(1, (nk, rep, dk))[:, :, 0].flatten(1, 2) for t in (q, k))
-    conv, state = torch.cat([q, k, torch.cat(v, 1)], 1), torch.cat(states, 1)
-    layer = cache.layers[m.layer_idx]
-    layer.lazy_initialization(conv, state)
-    layer.update_conv_state(conv)  # its first update is a prefill's: stored as given
-    layer.update_recurrent_state(state)
+    M.set_state(cache.layers[m.layer_idx], torch.cat([q, k, torch.cat(v, 1)], 1), torch.cat(states, 1))
 
 
 def sp_mask_of(mask):
