@@ -141,7 +141,7 @@ def worker(out):
     res = {}
     for name, (family, cfg) in CONFIGS.items():
         # Qwen3.5 in float64, its delta rule too: in fp32 the rule rounds differently with the heads
-        # a rank holds, up to 1.5e-5 in a gradient; in float64 within 6e-7
+        # a rank holds, up to 1.5e-5 in a gradient; in float64 within 2e-7
         gdn, stack = "3.5" in name, contextlib.ExitStack()
         if gdn:
             stack.enter_context(gdn_in_float64())
