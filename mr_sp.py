@@ -13,7 +13,8 @@ What every stage calls for its videos and its long sequences:
   padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
   embeddings).
 - `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy);
-  rows of one prompt run packed, the prompt once for all their responses (model.packed_attention).
+  rows of one prompt run packed, the prompt once for all their responses (model.packed_attention;
+  not through GDN layers, whose state would carry one response into the next).
 - `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
 - `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
@@ -29,9 +30,11 @@ With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal
 2. `prefill_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
    rows they hold come by one all-to-all: `splice_columns`); text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
-   the sequence split for a head split, attention runs over the full sequence, and back. A rollout
-   prefills the same way and each rank keeps its columns' KV cache; the decode attends over the
-   group (model.shared_prefix_attention). No rank holds a whole long video's embeddings or cache.
+   the sequence split for a head split, attention runs over the full sequence, and back (Qwen3.5's
+   Gated DeltaNet layers likewise: `ulysses_gdn`). A rollout prefills the same way and each rank
+   keeps its columns' KV cache (a GDN layer's fixed-size state: whole, gathered); the decode attends
+   over the group (model.shared_prefix_attention). No rank holds a whole long video's embeddings or
+   cache.
 """
 import atexit
 import dataclasses
