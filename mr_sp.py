@@ -1053,10 +1053,12 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     gathered = b * (lm + vis) if W > 1 and not sft else 0  # grpo.py's collect runs in `unsharded`
     # encode: the pixel rows and the tower's intermediates of this rank's share of temporal groups
     # (sft.py training the tower: all of them, every SP peer), and its embeddings
+    def pixels_and_tower(share):  # the pixel rows and tower intermediates of `share` temporal groups
+        return 4 * share * tp * per_group * px ** 2 * 3 + b * share * per_group * merge * (3 * Iv + 6 * dv)
+
     share = groups if sft and train_vision else -(-groups // sp)
     patches = share * per_group * merge
-    enc = (4 * share * tp * per_group * px ** 2 * 3 + b * patches * (3 * Iv + 6 * dv)
-           + b * share * per_group * wide)
+    enc = pixels_and_tower(share) + b * share * per_group * wide
     # sft.py training the tower: each sample's saved values until the pass's backward
     tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
@@ -1084,12 +1086,11 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
              + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
     # sft.py's validation: grpo.py's collect at G 1 (its no-grad pass one row, not a micro-batch)
     s1 = -(-groups // sp)
-    enc1 = 4 * s1 * tp * per_group * px ** 2 * 3 + b * s1 * per_group * merge * (3 * Iv + 6 * dv)
     l1 = -(-L // sp)
     row = (b * l1 * (3 * I + 4 * d) + (2 * b * l1 * (Hp + 2 * kv) * D if sp > 1 else 0)
            + r * l1 * wide + cast + 3 * 4 * min(chunk, T) * V)
-    check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide + max(enc1, ours, row)
-             if sft and val else 0)
+    check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide
+             + max(pixels_and_tower(s1), ours, row) if sft and val else 0)
     phase = dict(encode=enc + (b * B * video * wide + fs["root"] if sft else gathered),
                  rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
                  training_pass=train, optimizer=4 * trained / W,  # AdamW's foreach temporaries
