@@ -39,6 +39,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -92,8 +93,8 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
                    ("prefill", "training prefill + backward of one row (random video embeds), peak memory"),
                    ("generate", "one rollout call, G samples of one prompt (random video embeds), memory")):
     p = sub.add_parser(name, help=what)
-    p.add_argument("--config", default="small", choices=["tiny", "small"],
-                   help="model (mr_sp.SMALL); default small")
+    p.add_argument("--config", default="small", choices=["small", *M.TINY],
+                   help="model (mr_sp.SMALL, or a model.TINY name); default small")
     p.add_argument("--frames", type=int, default=256, help="frames of the video; default 256")
     p.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (torchrun when > 1)")
@@ -114,6 +115,7 @@ ep.add_argument("--frames", type=int, default=8192, help="memory runs' video (2 
 ep.add_argument("--sp-frames", type=int, default=4096, help="sp=1 vs sp=2 timing runs' video; default 4096")
 ep.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 ep.add_argument("--repeats", type=int, default=3, help="timing runs per sp, alternating; default 3")
+ep.add_argument("--config", default="small", help="generate's --config; default small")
 gp = sub.add_parser("gpu", help="the prepared GPU check: the 7B's widths, a few layers, a rank's share")
 gp.add_argument("--config", default="qwen2.5-vl-7b", help="mr_sp.plan_config name; default qwen2.5-vl-7b")
 gp.add_argument("--layers", type=int, default=4, help="decoder layers at the real widths; default 4")
@@ -140,6 +142,7 @@ rh.add_argument("--prompts", type=int, default=0, help="prompts a step (0: the l
 rh.add_argument("--out", default="runs/rehearse", help="runs and the task go here; default runs/rehearse")
 pp = sub.add_parser("planner", help="mr_sp.plan vs measured GRPO step peaks, each grpo.py option")
 pp.add_argument("--frames", type=int, default=512, help="frames of the video; default 512")
+pp.add_argument("--configs", default="tiny,small", help="comma list of step's --config; default tiny,small")
 pp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
 rp.add_argument("--model", default="tiny", help="HF folder or 'tiny' (built in code); default tiny")
@@ -303,12 +306,13 @@ def measured(rec, name, base):
     r["s"], r["gb"] = r["s"] + time.perf_counter() - t0, max(r["gb"], (rss()[1] - base) / 2**30)
 
 
-def video_sample(frames, size, seed=0):
-    """Synthetic video as data.VideoDataset gives it: `frames` frames at 1 fps, size x size px."""
+def video_sample(frames, size, seed=0, proc=None):
+    """Synthetic video as data.VideoDataset gives it: `frames` frames at 1 fps, size x size px (about:
+    sides rounded to the patches of proc, model.processor_config; default Qwen2.5-VL's)."""
     rng = np.random.default_rng(seed)
     sc = D.synth_scenario(rng, "absent", (len(D.synth_slots(frames)) - 1) // 2)
     pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size,
-                                min_pixels=size * size)
+                                min_pixels=size * size, proc=proc)
     return dict(id=f"bench-{frames}", kind="video", pixel_values=pixels, grid_thw=grid, second_per_grid=2.0,
                 frame_times=list(map(float, range(frames))), question=sc["question"], options=sc["options"])
 
@@ -318,14 +322,17 @@ def worker_setup(args, ref=True):
     algorithm setting its default), and the policy (and reference) as grpo.py builds them."""
     par = mr_sp.init_parallel(args.sp)
     M.tiny_tokenizer()
+    init = "tiny" if args.config == "small" else args.config
+    family = M.TINY[init][0]  # its modeling module imported before the baseline, as grpo.py's is
+    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     base = rss()[0]  # the Python runtime: everything the planner counts comes above it
     gargs = grpo.ap.parse_args(
-        ["--init", "tiny", "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),
+        ["--init", init, "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),
          "--micro-batch", str(args.G), "--sp", str(args.sp), "--seed", str(args.seed),
          "--prefill-chunk", str(args.prefill_chunk)]
         + ["--fsdp"] * args.fsdp + [ckpt_flag(args.activation_checkpointing)]
         + ([] if ref else ["--kl-coef", "0"]))
-    policy = grpo.build_policy(gargs, par, "tiny", **(mr_sp.SMALL if args.config == "small" else {}))
+    policy = grpo.build_policy(gargs, par, init, **(mr_sp.SMALL if args.config == "small" else {}))
     return par, base, gargs, policy
 
 
@@ -344,7 +351,8 @@ def step(args):
     prompt's rows packed. One line per step, then JSON: median times, the first measured step's
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
     # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
-    warm, s = video_sample(16, args.size), video_sample(args.frames, args.size)
+    proc = M.processor_config(mr_sp.plan_config(args.config))
+    warm, s = video_sample(16, args.size, proc=proc), video_sample(args.frames, args.size, proc=proc)
     par, base, gargs, policy = worker_setup(args)
     model, tok, stats = policy.model, policy.tok, collections.Counter()
     reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G * gargs.epochs)
@@ -429,19 +437,29 @@ def generate(args):
 
 def prefill(args):
     """One training prefill + backward of --G rows (default 1), a --frames video and --max-new token
-    response: the pass's peak memory above that before it (weights, inputs resident)."""
+    response: the pass's peak memory above that before it (weights, inputs resident), and at --sp > 1
+    the values a rank's forward all-to-alls carry a token of its own and layer, by layer kind."""
     par, base, gargs, policy = worker_setup(args, ref=False)
     model, tok = policy.model.train(), policy.tok
     prompt, g = long_prompt(args, model, tok)
     rows = [dict(prompt, response=torch.randint(20, 500, (args.max_new,), generator=g).tolist())
             for _ in range(args.G)]
-    rec = {}
+    rec, sent, calls, send = {}, collections.Counter(), collections.Counter(), mr_sp._all_to_all
+
+    def counted(x, group):  # a rank's all-to-all values a token of its own (x: (sp, B, ..., l, c))
+        caller = sys._getframe(1).f_code.co_name  # ulysses_attention or ulysses_gdn: in, then out
+        sent[caller] += x.numel() / x.shape[1] / x.shape[-2]
+        calls[caller] += 1
+        return send(x, group)
+    mr_sp._all_to_all = counted
     with measured(rec, "pass", rss()[0]):
         lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, rows, 1.0, par.group)
         ((lp * mask).sum() / mask.sum()).backward()
+    mr_sp._all_to_all = send
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
                tokens=len(prompt["prompt"]) + args.max_new, video_tokens=len(prompt["visual"]),
                pass_s=gather_max(rec["pass"]["s"]), pass_gb_per_rank=gather_max(rec["pass"]["gb"]),
+               a2a_values_per_token_and_layer={k: v / (calls[k] / 2) for k, v in sent.items()},
                peak_rss_gb_per_rank=gather_max(rss()[1]) / 2**30)
     if par.rank == 0:
         print(json.dumps(out), flush=True)
@@ -559,11 +577,11 @@ def mrsp(args):
 
 
 def engine(args):
-    """bench.py generate (small model, one prompt, G samples) as issue 12 measures the engine: the
+    """bench.py generate (--config, one prompt, G samples) as issue 12 measures the engine: the
     rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
     unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
-    run = lambda *a, sp=1, timing=False: launch(["generate", "--max-new", args.max_new, *a], sp,  # noqa: E731
-                                                 quiet=True, timing=timing)
+    run = lambda *a, sp=1, timing=False: launch(["generate", "--config", args.config,  # noqa: E731
+                                                  "--max-new", args.max_new, *a], sp, quiet=True, timing=timing)
     mem = {G: run("--frames", args.frames, "--G", G) for G in (1, 8)}
     whole = run("--frames", args.frames, "--G", 8, "--prefill-chunk", 0)
     times = {1: [], 2: []}
@@ -571,7 +589,9 @@ def engine(args):
         for sp in (1, 2)[::1 if i % 2 == 0 else -1]:
             times[sp].append(run("--frames", args.sp_frames, "--G", 8, sp=sp, timing=True)["rollout_s"])
     gb = lambda r: r["rollout_gb_per_rank"]  # noqa: E731
-    plan = lambda r: mr_sp.plan(mr_sp.plan_config("small"), args.frames, 1, 56 * 56,  # noqa: E731
+    cfg = mr_sp.plan_config(args.config)
+    side = 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # 2 x 2 tokens a frame pair
+    plan = lambda r: mr_sp.plan(cfg, args.frames, 1, side * side,  # noqa: E731
                                 r["tokens"] - 2 * args.frames, r["G"], args.max_new, 1, "float32",
                                 prefill_chunk=r["chunk"])["rollout"] / 2**30
     out = dict(tokens=mem[1]["tokens"], gb_G1=gb(mem[1]), gb_G8=gb(mem[8]),
@@ -695,16 +715,18 @@ def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
 
 def planner(args):
     """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
-    56x56 frames): tiny and small models, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
+    frames of 2 x 2 tokens: 56x56 px, Qwen3's 64x64): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
     processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
     out = {}
-    for config in ("tiny", "small"):
+    for config in args.configs.split(","):
+        cfg = mr_sp.plan_config(config)
+        side = 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
         for sp in (1, 2):
             for opt in ("plain", "fsdp", "checkpointing"):
                 nproc, ckpt = 2 if opt == "fsdp" else sp, opt == "checkpointing"
-                r = launch(["step", "--config", config, "--frames", args.frames, "--max-new", args.max_new,
-                            ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
-                m = mr_sp.plan(mr_sp.plan_config(config), args.frames, sp, 56 * 56,
+                r = launch(["step", "--config", config, "--frames", args.frames, "--size", side,
+                            "--max-new", args.max_new, ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
+                m = mr_sp.plan(cfg, args.frames, sp, side * side,
                                r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
                                True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
                 got = r["cache"]["first_step_gb_per_rank"]

@@ -117,12 +117,14 @@ TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwe
                                                   vision_depth=4, fullatt=(1, 3))),
         "tiny:qwen2.5-vl-3b": ("qwen2_5_vl", dict(hidden=256, heads=16, kv_heads=2, tie=True,
                                                   vision_depth=4, fullatt=(1, 3))),
-        "tiny:qwen3-vl-8b": ("qwen3_vl", dict(hidden=512, heads=32, kv_heads=8, tie=False, vision_depth=4))}
+        "tiny:qwen3-vl-8b": ("qwen3_vl", dict(hidden=512, heads=32, kv_heads=8, tie=False, vision_depth=4)),
+        "tiny:qwen3.5-9b": ("qwen3_5", dict(hidden=512, heads=16, kv_heads=4, gdn_heads=(16, 32), layers=4,
+                                            tie=False, vision_depth=4))}
 
 
 def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128,
                 vision_depth=2, vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True,
-                attention_every=4):
+                attention_every=4, gdn_heads=None):
     """A small config of one family (FIELD_NOTES section 6's probe model by default). init_std 0.1:
     the library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
     pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
@@ -155,14 +157,16 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
         if family == "qwen3_vl":
             vision.update(deepstack_visual_indexes=list(range(vision_depth - 1)))
         else:  # Qwen3.5: a quarter of each head rotary (11:11:10 of its 32 frequencies), attention
-            # every 4th layer (attention_every); GDN heads paired as its releases (value = 2 x key)
+            # every 4th layer (attention_every); GDN (key, value) heads gdn_heads, default paired as
+            # its releases (value = 2 x key, key = kv_heads)
             r = head_dim // 8
             rope = dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
                         partial_rotary_factor=0.25, mrope_section=[r - 2 * (r // 3), r // 3, r // 3])
             types = ["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
                      for i in range(layers)]
-            text.update(rope_parameters=rope, layer_types=types, linear_num_key_heads=kv_heads,
-                        linear_num_value_heads=2 * kv_heads, linear_key_head_dim=head_dim,
+            nk, nv = gdn_heads or (kv_heads, 2 * kv_heads)
+            text.update(rope_parameters=rope, layer_types=types, linear_num_key_heads=nk,
+                        linear_num_value_heads=nv, linear_key_head_dim=head_dim,
                         linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
     else:
         raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")

@@ -148,13 +148,24 @@ def peak_memory():
 
 
 def shutdown():
-    """Leave the process group together: a rank tearing gloo down while another works (rank 0 on
-    the checkpoint) can abort the job. Only init_distributed's: in-process vLLM ends its own, and
-    under torchrun also ours (its engine's finalizer destroys the default group at exit)."""
+    """Leave the process group together, then the process: a rank tearing gloo down while another
+    works (rank 0 on the checkpoint) can abort the job, and so, once in CI, did a worker's C++
+    teardown at interpreter exit after a finished run had saved everything ("terminate called
+    without an active exception", exit -6; not reproduced in 160 runs here). So a torchrun worker
+    leaves with os._exit(0) once the group is destroyed and its output flushed; nothing after this
+    call runs (Python's exit handlers neither: the scripts register none). Only init_distributed's:
+    in-process vLLM ends its own, and under torchrun also ours (its engine's finalizer destroys the
+    default group at exit)."""
     if dist.is_initialized() and "RANK" in os.environ:
         dist.barrier()
         if not _vllm_spmd:
             dist.destroy_process_group()
+            for w in _writers.values():
+                if w:
+                    w.close()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 _vllm_spmd = False  # set by vllm_engine under torchrun
@@ -878,6 +889,14 @@ REAL = {
         vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                            out_hidden_size=4096, deepstack_visual_indexes=[8, 16, 24]),
         tie_word_embeddings=False)),
+    "qwen3.5-9b": ("qwen3_5", dict(  # Qwen3.5-9B: 24 Gated DeltaNet layers, 8 gated attention (every 4th)
+        text_config=dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                         num_attention_heads=16, num_key_value_heads=4, head_dim=256,
+                         linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                         linear_value_head_dim=128, linear_conv_kernel_dim=4),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           out_hidden_size=4096),
+        tie_word_embeddings=False)),
 }
 
 
@@ -912,7 +931,8 @@ def model_costs(config):
         vis, lm = m.model.visual, m.model.language_model
         merge = config.vision_config.spatial_merge_size ** 2  # patches a token; the merger's: once
         _costs[id(config)] = config, dict(
-            params=n(m), trainable=n(m) - n(vis), vision=n(vis), layer=n(lm.layers[0]),
+            params=n(m), trainable=n(m) - n(vis), vision=n(vis), layers=n(lm.layers),
+            layer=max(n(x) for x in lm.layers),  # Qwen3.5's: its GDN and attention layers differ
             vision_root=n(vis) - n(vis.blocks),  # patch embedding, merger(s): FSDP's root
             head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too
             vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
@@ -942,6 +962,37 @@ CPU_PASS = 2 * 2**30
 MICRO_BATCHES, MICRO_TOKENS = (16, 8, 4, 2, 1), 32768
 
 
+def gdn_heads(t, sp=1):
+    """(key heads, value heads, key dim, value dim) of text config t's Gated DeltaNet layers as a rank
+    runs them at sp (zeros without GDN layers): ulysses_gdn repeats each key head for its value
+    heads when sp does not divide the key heads."""
+    if not M.recurrent(t):
+        return 0, 0, 0, 0
+    nk, nv = t.linear_num_key_heads, t.linear_num_value_heads
+    return nv if sp > 1 and nk % sp else nk, nv, t.linear_key_head_dim, t.linear_value_head_dim
+
+
+def saved_bytes(t, b, sp=1):
+    """Bytes autograd saves a token of a rank's in an attention layer and in a Gated DeltaNet layer of
+    text config t, compute dtype b bytes (4 fp32, 2 bf16 under autocast), at sp; counted with
+    torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py checks them so). Attention: 4I + 8d
+    + 2*Hkv*D + H + 2 values at sp=1, Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 (the zero
+    heads of `ulysses_heads` in q and the output), Qwen3.5's output gate 7*H'*D more. In bf16 a layer
+    also saves its norms' fp32 inputs and outputs beside the bf16 copies its projections take: 8d
+    bytes. GDN: the PyTorch reference's, fit on 11 head shapes within 2.5% (its chunked delta rule
+    runs in fp32 in either dtype: 64-token chunks, a state (dk x dv) a value head and chunk);
+    flash-linear-attention's kernels save less."""
+    d, I, H, K = t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads
+    D = getattr(t, "head_dim", None) or d // H
+    Hp, kv = ulysses_heads(H, K, sp)
+    layer = (4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
+             + 7 * Hp * D * M.recurrent(t))
+    nk, nv, kd, vd = gdn_heads(t, sp)
+    gdn = (b * (4 * I + 6 * d + 5 * nk * kd) + 8 * (4 - b) * d + (32 + 3 * b) * nv * (kd + vd)
+           + (9 + 3 * b) * 64 * nv + (12 - 2 * b) * nv * kd * vd // 64) if nv else 0
+    return b * layer + 8 * (4 - b) * d, gdn
+
+
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new=1024, micro_batch=1,
          dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024,
          prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0,
@@ -969,11 +1020,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       padding, no mask; `packed`: one sequence of the prompt and the rows' responses, and a
       response's copy of the prompt's keys and values): a layer's intermediates, the input
       embeddings, a logits chunk;
-    - training pass: autograd's saved values per token and layer, counted on our path with
-      torch.autograd.graph.saved_tensors_hooks (tiny models): 4I + 8d + 2*Hkv*D + H + 2 at sp=1,
-      Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 per local token (H' = H unless
-      `ulysses_heads` adds zero heads); `ckpt` (activation checkpointing) keeps each layer's input,
-      the residual stream (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values
+    - training pass: autograd's saved values per token and layer (`saved_bytes`); `ckpt`
+      (activation checkpointing) keeps each layer's input, the residual stream (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values
       in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
       (chunk x vocab logits, about 6 fp32 copies) or one layer's backward intermediates. Plus the
       input embeddings of this rank's columns beyond the first layer's input (DeepStack's); with
@@ -986,6 +1034,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       gathered), the batch's video embeddings (this rank's shares), then the largest of a sample's
       encode, the batch's greedy rollout (G 1, every SP peer decoding it) and a row's teacher-forced
       no-grad pass.
+    Qwen3.5: its GDN layers hold no KV cache but a fixed-size state per sequence (prompt, sample),
+    and its passes and prefill the larger of the MLP's and the GDN mixer's intermediates.
     Beside the peak: `host`, a step's videos in host memory per rank (frames as uint8 and their fp32
     pixel rows, an SP peer's share) and `load`, the fp32 weights from_pretrained puts on the host.
     Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
@@ -993,17 +1043,20 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`: bf16, 8 prompts a step, G=8, 1,024-token responses): 231,488 tokens a row, 28,936 a
-    rank. Peak 38.5 GiB a rank, 43.4 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
+    rank. Peak 40.1 GiB a rank, 45.1 with ALLOWANCE: policy weights, gradients and AdamW 14.5 (116
     replicated), the reference 3.5, this rank's share of the 8 prompts' video embeddings 1.5, the
     rollout 21.7 (the policy gathered in bf16, 15.4; this rank's columns of a prompt's KV cache,
-    1.6), the training pass 18.9 (a prompt's 8 rows packed, checkpointed; one row: 18.3). The
-    largest video that fits 79 GiB is 11,024 frames (`max_frames`). The paper reports 3,600 frames
+    1.6), the training pass 20.5 (a prompt's 8 rows packed, checkpointed; one row: 19.9). The
+    largest video that fits 79 GiB is 10,094 frames (`max_frames`). The paper reports 3,600 frames
     (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
     t, vc = config.get_text_config(), config.vision_config
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                              t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
     D = getattr(t, "head_dim", None) or d // H  # Qwen3-VL's is its own
+    # Qwen3.5's Gated DeltaNet layers (a fixed-size state, no KV cache); the others attention
+    gdn = (getattr(t, "layer_types", None) or [])[:layers].count("linear_attention")
+    att = layers - gdn
     dv = getattr(vc, "embed_dim", None) or vc.hidden_size  # Qwen2-VL's tower width is embed_dim
     Iv, depth = getattr(vc, "intermediate_size", None) or int(dv * vc.mlp_ratio), vc.depth
     b = 2 if dtype == "bfloat16" else 4  # activations and gathered weights; policy weights stay fp32
@@ -1023,30 +1076,34 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
     # grpo.py's `packed` passes: a micro-batch's B rows (one prompt's) as one sequence
     rows = B  # the rows whose responses a pass scores (logits), packed or not
-    if packed and not sft and B > 1:
+    if packed and not sft and B > 1 and not gdn:  # GDN layers: rows side by side
         B = 1
     l = -(-(P + rows * T if rows > B else L) // sp)  # tokens per rank in a pass (packed: its sequence's)
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
-    # values saved a token a layer; Ulysses' q and output after the all-to-all have the zero heads
-    layer = 4 * I + (7 * d + 2 * Hp * D if sp > 1 else 8 * d) + 2 * kv * D + Hp + 2
+    saved, saved_gdn = saved_bytes(t, b, sp)
+    nk, nv, kd, vd = gdn_heads(t, sp)
+    # a no-grad GDN mixer's fp32 working set a token (measured peak, 8 shapes within 5%)
+    mixer = 4 * nv * (8 * (kd + vd) + 3 * 64)
+    # values a token Ulysses' all-to-alls carry in a layer: attention's q, k, v; GDN's q, k, v, b, a
+    a2a_width = max((Hp + 2 * kv) * D, 2 * nk * kd + nv * (vd + 2))
     # bytes a token; checkpointed: each layer's input kept, one layer's values alive in its recompute
-    kept = (r * d * layers if ckpt else b * layer * layers) + b * (2 * D + 2 * d)
+    kept = (r * d * layers if ckpt else saved * att + saved_gdn * gdn) + b * (2 * D + 2 * d)
     logits = 6 * 4 * min(chunk, rows * T) * V
     # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
     # saved by every layer's SDPA (grpo.py's hold one prompt's rows: right padding, no mask)
-    mask = B * L * L * (1 + 4 * (1 if ckpt else layers)) if sft and B > 1 else 0
+    mask = B * L * L * (1 + 4 * (1 if ckpt else att)) if sft and B > 1 else 0
     lm, vis = c["trainable"], c["vision"]  # language model and lm_head; the vision tower
     trained = lm + vis * train_vision
     Wv = W if not sft or train_vision else 1  # FSDP over the tower: grpo.py's all, sft.py's trained
     # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
     # lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer, the
     # untied embeddings, at a time
-    fs = dict(root=b * (lm - layers * c["layer"] - c["head"] + (c["vision_root"] if Wv > 1 else 0)),
+    fs = dict(root=b * (lm - c["layers"] - c["head"] + (c["vision_root"] if Wv > 1 else 0)),
               layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
     # bf16 without FSDP: autocast's copy of lm_head's weight in a pass, and of every layer's weights
     # saved for the backward (checkpointed: the recomputed layer's)
     cast = b * V * d if b == 2 and W == 1 else 0
-    saved_casts = b * c["layer"] * (1 if ckpt else layers) if b == 2 and W == 1 else 0
+    saved_casts = b * (c["layer"] if ckpt else c["layers"]) if b == 2 and W == 1 else 0
     m = dict(weights=4 * lm / W + 4 * vis / Wv, ref=0 if sft else 4 * lm / W * ref,
              grads=4 * trained / W, adam=8 * trained / W,  # the video's embeddings: this rank's share
              video_embeds=0 if sft else prompts * b * -(-groups // sp) * per_group * wide)
@@ -1063,31 +1120,37 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
     Pp = sp * -(-P // sp)
-    kv1 = rb * Pp // sp * layers * 2 * K * D  # a prompt's KV cache, this rank's columns of it
+    # a GDN layer's state of a sequence: fp32 recurrent state, the convolution's last inputs
+    state = gdn * (4 * nv * kd * vd + rb * (2 * t.linear_num_key_heads * kd + nv * vd)
+                   * t.linear_conv_kernel_dim) if gdn else 0
+    # a prompt's KV cache, this rank's columns of it; GDN states whole on every rank
+    kv1 = rb * Pp // sp * att * 2 * K * D + state
+    work = max(rb * (3 * I + 4 * d), mixer)  # a layer's intermediates a token: MLP or GDN mixer
     nb = 1 if P > ROLLOUT_TOKENS else max(1, min(val if sft else prompts, ROLLOUT_TOKENS // P))
     n = G // sp if G % sp == 0 else G  # samples of a prompt this rank decodes
     C = min(prefill_chunk or P, P)
     pre = rr * Pp // sp * wide + (  # its spliced embeddings (SP: this rank's columns)
-        rb * (Pp // sp) * (3 * I + 4 * d) + 2 * rb * Pp * (Hp + 2 * kv) * D // sp
-        if sp > 1 else rb * C * (3 * I + 4 * d) + (5 * C * P if C < P else 0))
-    dec = nb * (n * T * layers * 2 * K * D * rb + 3 * 4 * n * H * Pp + 3 * 4 * n * V)
+        Pp // sp * work + 2 * rb * Pp * a2a_width // sp
+        if sp > 1 else C * work + (5 * C * P if C < P else 0))
+    dec = nb * (n * T * att * 2 * K * D * rb + n * state + 3 * 4 * n * H * Pp + 3 * 4 * n * V)
     ours = max(nb * kv1 + pre, (2 * nb if nb > 1 else 1) * kv1, nb * kv1 + dec) + cast
     # the passes' rows: input embeddings of this rank's columns (kept by layer 0's input)
     emb = r * B * l * wide
-    a2a = 2 * b * B * l * (Hp + 2 * kv) * D if sp > 1 else 0  # Ulysses' all-to-all buffers
+    a2a = 2 * b * B * l * a2a_width if sp > 1 else 0  # Ulysses' all-to-all buffers
     # packed: a response's attention copies the prompt's keys and values (M.packed_attention)
     blk = 2 * b * (P + T) * (kv // sp if sp > 1 else K) * D if rows > B else 0
-    no_grad = (b * B * l * (3 * I + 4 * d) + a2a + emb + cast
+    no_grad = (B * l * max(b * (3 * I + 4 * d), mixer) + a2a + emb + cast
                + 3 * 4 * min(chunk, rows * T) * V + fs["root"] + max(fs["layer"], fs["embed"]) + blk)
     # backward: the head's or a layer's
-    back = max(logits + cast, b * B * l * ((layer if ckpt else 0) + 3 * I + 2 * d) + 2 * fs["layer"] + blk)
+    back = max(logits + cast, B * l * ((max(saved, saved_gdn) if ckpt else 0) + b * (3 * I + 2 * d))
+               + 2 * fs["layer"] + blk)
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
              + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
     # sft.py's validation: grpo.py's collect at G 1 (its no-grad pass one row, not a micro-batch)
     s1 = -(-groups // sp)
     l1 = -(-L // sp)
-    row = (b * l1 * (3 * I + 4 * d) + (2 * b * l1 * (Hp + 2 * kv) * D if sp > 1 else 0)
+    row = (l1 * max(b * (3 * I + 4 * d), mixer) + (2 * b * l1 * a2a_width if sp > 1 else 0)
            + r * l1 * wide + cast + 3 * 4 * min(chunk, T) * V)
     check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide
              + max(pixels_and_tower(s1), ours, row) if sft and val else 0)
@@ -1296,7 +1359,7 @@ def plan_parser():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cmd", choices=["plan"], help="the planner (the only command)")
     ap.add_argument("--config", default="qwen2.5-vl-7b", help="tiny | small | a model.TINY name | "
-                    "qwen2.5-vl-7b | qwen2.5-vl-3b | qwen3-vl-8b | HF folder; default qwen2.5-vl-7b")
+                    "qwen2.5-vl-7b | qwen2.5-vl-3b | qwen3-vl-8b | qwen3.5-9b | HF folder; default qwen2.5-vl-7b")
     ap.add_argument("--world", type=int, default=0, help="ranks, dp x sp; without --sp the layout is "
                     "chosen: the most data parallel that fits --gpu-gb; default --sp (dp 1)")
     ap.add_argument("--gpu-gb", type=float, default=79.0,

@@ -504,12 +504,18 @@ def test_per_prompt_generators_make_samples_independent_of_batching(tiny_a):
 @pytest.mark.parametrize("name", [n for n in M.TINY if n.startswith("tiny:")])
 def test_miniature_has_its_real_models_structure(name):
     """Each miniature of a real checkpoint (mr_sp.REAL, the planner's) has its query and KV heads,
+    Gated DeltaNet heads and layer pattern (Qwen3.5),
     tied or untied embeddings, patch layout, window and full-attention vision blocks (the last one
     full), DeepStack taps; and our path equals transformers' forward from pixels on it."""
     import mr_sp
     mini, real = mr_sp.plan_config(name), mr_sp.plan_config(name.split(":")[1])
     t, rt = mini.get_text_config(), real.get_text_config()
     assert (t.num_attention_heads, t.num_key_value_heads) == (rt.num_attention_heads, rt.num_key_value_heads)
+    assert M.recurrent(mini) == M.recurrent(real)
+    if M.recurrent(real):  # Qwen3.5: its Gated DeltaNet heads, and attention every 4th layer
+        gdn = ("linear_num_key_heads", "linear_num_value_heads")
+        assert [getattr(t, k) for k in gdn] == [getattr(rt, k) for k in gdn]
+        assert t.layer_types == rt.layer_types[:len(t.layer_types)] and "full_attention" in t.layer_types
     assert (mini.model_type, mini.tie_word_embeddings) == (real.model_type, real.tie_word_embeddings)
     v, rv = mini.vision_config, real.vision_config
     for key in ("patch_size", "spatial_merge_size", "temporal_patch_size"):
