@@ -271,22 +271,30 @@ def worker(out):
 
 
 def worker_7b(out):
-    """Qwen2.5-VL-7B's attention layout (28 query heads, 4 KV heads, untied) at sp 8: groups of 7
-    query heads padded to 8, KV heads repeated to 8. Two cases: left padding (rank 0 holds no
-    response column) and one unpadded row; and a greedy rollout prefilled under SP."""
+    """At sp 8, the real models' head layouts. Qwen2.5-VL-7B's attention (28 query heads, 4 KV heads,
+    untied): groups of 7 query heads padded to 8, KV heads repeated to 8. Qwen3.5-9B's miniature (16
+    query, 4 KV heads; GDN layers' 16 key and 32 value heads: 2 and 4 a rank), in float64 as the
+    2-process worker runs Qwen3.5. Two cases each: left padding (rank 0 holds no response column)
+    and one unpadded row (the 7B also one prompt's rows packed); a greedy rollout prefilled under SP."""
     par = mr_sp.init_parallel(8)
-    model, tok = M.load("tiny", hidden=448, heads=28, kv_heads=4, layers=2, tie=False)
-    grpo.rl_params(model)
-    first = par.rank == 0
-    res = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)] +
-               [compare(model, tok, (2, 8, 8), (6, 3, 9), par.group, first, packed=True)])
-    rows = rows_of(model, tok, *CASES[0], par.group)
-    got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, group=par.group)
-    rows = gathered(rows, par.group)
+    first, res = par.rank == 0, {}
+    for name in ("qwen2.5-vl-7b", "qwen3.5-9b"):
+        gdn = name == "qwen3.5-9b"
+        with gdn_in_float64() if gdn else contextlib.nullcontext():
+            model, tok = (M.load("tiny:qwen3.5-9b", dtype=torch.float64) if gdn else
+                          M.load("tiny", hidden=448, heads=28, kv_heads=4, layers=2, tie=False))
+            grpo.rl_params(model)
+            r = res[name] = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)])
+            if not gdn:  # packed rows run side by side through GDN layers
+                r["cases"].append(compare(model, tok, (2, 8, 8), (6, 3, 9), par.group, first, packed=True))
+            rows = rows_of(model, tok, *CASES[0], par.group)
+            got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, group=par.group)
+            rows = gathered(rows, par.group)
+            if first:
+                want = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)
+                r["rollout"] = dict(tokens=torch.equal(want[0], got[0]) and torch.equal(want[2], got[2]),
+                                    logprob=max_diff(want[1], got[1]), length=got[0].shape[1])
     if first:
-        want = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)
-        res["rollout"] = dict(tokens=torch.equal(want[0], got[0]) and torch.equal(want[2], got[2]),
-                              logprob=max_diff(want[1], got[1]), length=got[0].shape[1])
         with open(out, "w") as f:
             json.dump(res, f)
     mr_sp.shutdown()
@@ -395,13 +403,16 @@ def test_heads_padded_to_whole_groups_equal_single_process(measured):
         assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c
 
 
-def test_qwen25_vl_7b_heads_at_sp8_equal_single_process(measured_7b):
-    """28 query heads and 4 KV heads on 8 ranks: log-probs, entropies, summed gradients and greedy
-    rollout tokens (prefilled with Ulysses) as one process computes them."""
-    for c in measured_7b["cases"]:
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen3.5-9b"])
+def test_real_heads_at_sp8_equal_single_process(measured_7b, name):
+    """Qwen2.5-VL-7B's 28 query and 4 KV heads, Qwen3.5-9B's 16 and 4 with its GDN layers' 16 key
+    and 32 value heads, on 8 ranks: log-probs, entropies, summed gradients and greedy rollout tokens
+    (prefilled with Ulysses; a GDN layer's state gathered from the 8 ranks' heads) as one process
+    computes them."""
+    for c in measured_7b[name]["cases"]:
         assert c["finite"] and c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5, c
         assert c["grad"] <= 1e-5 and c["grad_scale"] > 1e-3, c
-    r = measured_7b["rollout"]
+    r = measured_7b[name]["rollout"]
     assert r["tokens"] and r["logprob"] <= 1e-5 and r["length"] > 1, r
 
 
