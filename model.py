@@ -101,8 +101,8 @@ QWEN3 = ("qwen3_vl", "qwen3_5")
 
 def recurrent(config):
     """Whether the language model has Gated DeltaNet layers (Qwen3.5): a state carried along the
-    sequence, so a layer's output at a token depends on every token before it in its own row, which
-    packing several rows into one sequence or splitting one over ranks would change."""
+    sequence instead of a KV cache, which the rollout engine, Ulysses and packed passes carry
+    (`decode`, `mr_sp.ulysses_gdn`)."""
     return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ())
 
 

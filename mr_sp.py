@@ -621,7 +621,7 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True)
     T = max(map(len, resp))
     targets = torch.tensor([x + [pad] * (T - len(x)) for x in resp])
     mask = (torch.arange(T) < torch.tensor([len(x) for x in resp])[:, None]).long()
-    packed = packed and len(rows) > 1 and not M.recurrent(model.config)  # GDN: each row's own state
+    packed = packed and len(rows) > 1
     if packed and rows[0].get("key") is not None and all(r.get("key") == rows[0]["key"]
                                                          for r in rows):
         ids, pos, P, T = M.pack(rows[0]["prompt"], rows[0]["pos"], resp, pad)
@@ -714,18 +714,19 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     delta-rule recurrence run over all L tokens for this rank's nk/sp key and nv/sp value heads (each
     value head with its own key head, as transformers pairs them); the inverse all-to-all returns
     this rank's tokens with every head, and the gated norm and output projection run on them.
-    Without sp_group: the layer's own forward (rollouts, sp=1). sp_mask (B, L): left padding, whose
-    columns' inputs are zeroed as transformers zeroes them (None: right padding only). With a cache
-    (`sp_prefill`: one prompt of sp_len tokens, right-padded to sp*l): the state after token sp_len
-    (the padding's steps skipped: no decay, no update), each rank's heads' gathered into the layer's
-    cache whole, as one process's prefill leaves it, so every rank decodes with all heads."""
-    if sp_group is None:
+    Without sp_group and packed: the layer's own forward (rollouts, sp=1). sp_mask (B, L): left
+    padding, whose columns' inputs are zeroed as transformers zeroes them (None: right padding
+    only). packed=(P, T), with or without sp_group: one prompt's rows `M.pack`ed; the prompt's
+    columns run once and each response continues from its final state and last convolution inputs,
+    as the rows [prompt | response] one by one. With a cache (`sp_prefill`: one prompt of sp_len
+    tokens, right-padded to sp*l): the state after token sp_len (the padding's steps skipped: no
+    decay, no update), each rank's heads' gathered into the layer's cache whole, as one process's
+    prefill leaves it, so every rank decodes with all heads."""
+    if sp_group is None and packed is None:
         return type(m).forward(m, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
                                **kw)
-    if packed is not None:
-        raise NotImplementedError("packed rows through a GDN layer (each row's state is its own)")
     Q = sys.modules[type(m).__module__]  # transformers' module: its kernels, or their references
-    sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
+    sp, r = (dist.get_world_size(sp_group), dist.get_rank(sp_group)) if sp_group is not None else (1, 0)
     nk, nv, dk, dv = m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
     # key heads sp does not divide: each repeated for its value heads (sp must divide nv)
     rep = 1 if nk % sp == 0 else nv // nk
@@ -738,36 +739,54 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     q, k = (t.unflatten(-1, (nk, dk)).repeat_interleave(rep, 2).flatten(2) for t in (q, k))
     b, a = m.in_proj_b(hidden_states), m.in_proj_a(hidden_states)
     parts = [t.unflatten(-1, (sp, -1)) for t in (q, k, v, b, a)]  # (B, l, sp, c/sp): a rank's heads each
-    x = _all_to_all(torch.cat(parts, -1).movedim(2, 0), sp_group)  # (sp, B, l, c): token block i, rank i
-    x = x.movedim(0, 1).flatten(1, 2)  # (B, L, c)
+    x = torch.cat(parts, -1).movedim(2, 0)  # (sp, B, l, c/sp)
+    x = (_all_to_all(x, sp_group) if sp > 1 else x).movedim(0, 1).flatten(1, 2)  # (B, L, c): rank r's heads
     q, k, v, b, a = x.split([hk * dk, hk * dk, hv * dv, hv, hv], -1)
     # the convolution's channels of this rank's heads ([q | k | v], each key head's of its original)
     qc = ((torch.arange(r * hk, (r + 1) * hk) // rep)[:, None] * dk + torch.arange(dk)).flatten()
     vc = torch.arange(r * hv * dv, (r + 1) * hv * dv) + 2 * nk * dk
-    ch = torch.cat([qc, qc + nk * dk, vc]).to(x.device)
+    w = m.conv1d.weight.squeeze(1)[torch.cat([qc, qc + nk * dk, vc]).to(x.device)]
     raw = torch.cat([q, k, v], -1).transpose(1, 2)  # (B, channels, L)
-    mixed = Q.causal_conv1d_fn(raw, m.conv1d.weight.squeeze(1)[ch], None, activation=m.activation)
-    mixed = mixed.transpose(1, 2)
-    L = mixed.shape[1]
-    q, k, v = mixed.split([hk * dk, hk * dk, hv * dv], -1)
-    q, k, v = q.reshape(B, L, hk, dk), k.reshape(B, L, hk, dk), v.reshape(B, L, hv, dv)
-    heads = slice(r * hv, (r + 1) * hv)
+    L, heads = raw.shape[-1], slice(r * hv, (r + 1) * hv)
     g, beta = -m.A_log[heads].float().exp() * F.softplus(a.float() + m.dt_bias[heads]), b.sigmoid()
     if cache_params is not None:  # the padding after sp_len leaves the state as it is
         real = (torch.arange(L, device=g.device) < sp_len)[None, :, None]
         g, beta = g * real, beta * real
-    if nv // (nk * rep) > 1:
-        q, k = q.repeat_interleave(nv // (nk * rep), 2), k.repeat_interleave(nv // (nk * rep), 2)
-    out, state = Q.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=None,
-                                                output_final_state=cache_params is not None,
-                                                use_qk_l2norm_in_kernel=True)
+    rule = functools.partial(_gdn_rule, Q, m, w, (hk * dk, hk * dk, hv * dv))
+    if packed is None:
+        out, state = rule(raw, g, beta, final=cache_params is not None)
+    else:  # B = 1: [prompt | response 1 | ... ], responses T columns each (the last may be cut short)
+        P, T = packed
+        n, K = -(-(L - P) // T), m.conv_kernel_size
+        out, state = rule(raw[..., :P], g[:, :P], beta[:, :P], final=True)
+        blocks = lambda t: F.pad(t[:, P:], (0, 0, 0, n * T - L + P)).unflatten(1, (n, T))[0]  # noqa: E731
+        tail = F.pad(raw[..., max(0, P - K + 1):P], (max(0, K - 1 - P), 0))  # the convolution's K - 1 inputs
+        resp, _ = rule(blocks(raw.transpose(1, 2)).transpose(1, 2), blocks(g), blocks(beta),
+                       conv0=tail.expand(n, -1, -1), state0=state.expand(n, -1, -1, -1).contiguous())
+        out = torch.cat([out, resp.flatten(0, 1)[None, :L - P]], 1)
     if cache_params is not None:
         conv = raw[..., max(0, sp_len - m.conv_kernel_size):sp_len]  # the last real tokens' inputs
         _gdn_cache(m, cache_params, conv, state, rep, sp_group)
-    y = _all_to_all(out.reshape(B, sp, l, hv * dv).movedim(1, 0), sp_group)  # token block j, rank j
-    y = y.movedim(0, 2).reshape(B * l * nv, dv)  # this rank's tokens; heads in rank order: all heads
+    y = out.reshape(B, sp, l, hv * dv).movedim(1, 0)  # token block j, for rank j
+    y = (_all_to_all(y, sp_group) if sp > 1 else y).movedim(0, 2).reshape(B * l * nv, dv)  # all heads
     y = m.norm(y, m.in_proj_z(hidden_states).reshape(B * l * nv, dv))
     return m.out_proj(y.reshape(B, l, nv * dv))
+
+
+def _gdn_rule(Q, m, w, split, raw, g, beta, conv0=None, state0=None, final=False):
+    """A GDN layer's mixer over whole sequences for some of its heads (`ulysses_gdn`'s): raw (B, c, L)
+    their [q | k | v] inputs (split: the three widths), w (c, K) their convolution weights, g and beta
+    (B, L, hv) their gates; conv0 (B, c, K - 1) the convolution's inputs before the sequence (default
+    zeros), state0 (B, hv, dk, dv) the recurrence's state before it (default zeros). Returns the
+    outputs (B, L, hv, dv) and, if final, the state after the sequence."""
+    x = raw if conv0 is None else torch.cat([conv0, raw], -1)
+    mixed = Q.causal_conv1d_fn(x, w, None, activation=m.activation)[..., x.shape[-1] - raw.shape[-1]:]
+    q, k, v = mixed.transpose(1, 2).split(split, -1)
+    q, k, v = (t.unflatten(-1, (-1, d)) for t, d in ((q, m.head_k_dim), (k, m.head_k_dim), (v, m.head_v_dim)))
+    if v.shape[2] > q.shape[2]:  # value heads sharing a key head
+        q, k = (t.repeat_interleave(v.shape[2] // q.shape[2], 2) for t in (q, k))
+    return Q.torch_chunk_gated_delta_rule(q, k, v, g=g, beta=beta, initial_state=state0,
+                                          output_final_state=final, use_qk_l2norm_in_kernel=True)
 
 
 def _gdn_cache(m, cache, conv, state, rep, group):
@@ -1076,7 +1095,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
     # grpo.py's `packed` passes: a micro-batch's B rows (one prompt's) as one sequence
     rows = B  # the rows whose responses a pass scores (logits), packed or not
-    if packed and not sft and B > 1 and not gdn:  # GDN layers: rows side by side
+    if packed and not sft and B > 1:
         B = 1
     l = -(-(P + rows * T if rows > B else L) // sp)  # tokens per rank in a pass (packed: its sequence's)
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
