@@ -142,7 +142,7 @@ rh.add_argument("--prompts", type=int, default=0, help="prompts a step (0: the l
 rh.add_argument("--out", default="runs/rehearse", help="runs and the task go here; default runs/rehearse")
 pp = sub.add_parser("planner", help="mr_sp.plan vs measured GRPO step peaks, each grpo.py option")
 pp.add_argument("--frames", type=int, default=512, help="frames of the video; default 512")
-pp.add_argument("--configs", default="tiny,small", help="comma list of step's --config; default tiny,small")
+pp.add_argument("--configs", default="tiny,small", help="step's --config, comma list; default tiny,small")
 pp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 rp = sub.add_parser("rollout", help="rollout tokens/s: vLLM vs our engine, same model and batch")
 rp.add_argument("--model", default="tiny", help="HF folder or 'tiny' (built in code); default tiny")
@@ -307,8 +307,8 @@ def measured(rec, name, base):
 
 
 def video_sample(frames, size, seed=0, proc=None):
-    """Synthetic video as data.VideoDataset gives it: `frames` frames at 1 fps, size x size px (about:
-    sides rounded to the patches of proc, model.processor_config; default Qwen2.5-VL's)."""
+    """Synthetic video as data.VideoDataset gives it: `frames` frames at 1 fps, about size x size px
+    (sides rounded to the patches of proc, model.processor_config; default Qwen2.5-VL's)."""
     rng = np.random.default_rng(seed)
     sc = D.synth_scenario(rng, "absent", (len(D.synth_slots(frames)) - 1) // 2)
     pixels, grid = D.preprocess(D.synth_frames(sc, frames, size, rng), max_pixels=size * size,
@@ -580,8 +580,8 @@ def engine(args):
     """bench.py generate (--config, one prompt, G samples) as issue 12 measures the engine: the
     rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
     unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
-    run = lambda *a, sp=1, timing=False: launch(["generate", "--config", args.config,  # noqa: E731
-                                                  "--max-new", args.max_new, *a], sp, quiet=True, timing=timing)
+    run = lambda *a, sp=1, timing=False: launch(  # noqa: E731
+        ["generate", "--config", args.config, "--max-new", args.max_new, *a], sp, quiet=True, timing=timing)
     mem = {G: run("--frames", args.frames, "--G", G) for G in (1, 8)}
     whole = run("--frames", args.frames, "--G", 8, "--prefill-chunk", 0)
     times = {1: [], 2: []}
@@ -590,8 +590,7 @@ def engine(args):
             times[sp].append(run("--frames", args.sp_frames, "--G", 8, sp=sp, timing=True)["rollout_s"])
     gb = lambda r: r["rollout_gb_per_rank"]  # noqa: E731
     cfg = mr_sp.plan_config(args.config)
-    side = 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # 2 x 2 tokens a frame pair
-    plan = lambda r: mr_sp.plan(cfg, args.frames, 1, side * side,  # noqa: E731
+    plan = lambda r: mr_sp.plan(cfg, args.frames, 1, frame_side(cfg) ** 2,  # noqa: E731
                                 r["tokens"] - 2 * args.frames, r["G"], args.max_new, 1, "float32",
                                 prefill_chunk=r["chunk"])["rollout"] / 2**30
     out = dict(tokens=mem[1]["tokens"], gb_G1=gb(mem[1]), gb_G8=gb(mem[8]),
@@ -713,19 +712,26 @@ def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
     return rows * L * per_token * (2 + passes * (3 + ckpt)) / flops
 
 
+def frame_side(cfg):
+    """The side in pixels of a frame of 2 x 2 tokens (a temporal group's, the planner's --max-pixels):
+    56 for Qwen2/2.5-VL's 14-pixel patches, 64 for Qwen3's 16."""
+    return 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+
+
 def planner(args):
     """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
-    frames of 2 x 2 tokens: 56x56 px, Qwen3's 64x64): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
+    `frame_side` frames): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
     processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
     out = {}
     for config in args.configs.split(","):
         cfg = mr_sp.plan_config(config)
-        side = 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
+        side = frame_side(cfg)
         for sp in (1, 2):
             for opt in ("plain", "fsdp", "checkpointing"):
                 nproc, ckpt = 2 if opt == "fsdp" else sp, opt == "checkpointing"
                 r = launch(["step", "--config", config, "--frames", args.frames, "--size", side,
-                            "--max-new", args.max_new, ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp, quiet=True, nproc=nproc)
+                            "--max-new", args.max_new, ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp,
+                           quiet=True, nproc=nproc)
                 m = mr_sp.plan(cfg, args.frames, sp, side * side,
                                r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
                                True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
