@@ -1040,8 +1040,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       response's copy of the prompt's keys and values): a layer's intermediates, the input
       embeddings, a logits chunk;
     - training pass: autograd's saved values per token and layer (`saved_bytes`); `ckpt`
-      (activation checkpointing) keeps each layer's input, the residual stream (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values
-      in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
+      (activation checkpointing) keeps each layer's input, the residual stream (fp32 unless FSDP
+      gathers the embeddings in bf16), and one layer's values in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
       (chunk x vocab logits, about 6 fp32 copies) or one layer's backward intermediates. Plus the
       input embeddings of this rank's columns beyond the first layer's input (DeepStack's); with
       fsdp the root and a unit gathered (and their unsharded gradients); without
