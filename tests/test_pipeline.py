@@ -405,8 +405,8 @@ def mixed_task(task, data):
 @pytest.mark.parametrize("family", ["tiny-qwen3-vl", "tiny-qwen2-vl", "tiny-qwen3.5"])
 def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, family):
     """sft.py --init <family>, grpo.py from its checkpoint and eval.py on rows with a video, an image or
-    no visual input; and GRPO with --sp 2 equals one process on them (Qwen3-VL: DeepStack features split
-    with the sequence; Qwen3.5: its Gated DeltaNet layers by their own all-to-all)."""
+    no visual input; and GRPO with --sp 2 --fsdp equals one process on them (Qwen3-VL: DeepStack features
+    split with the sequence; Qwen3.5: its Gated DeltaNet layers by their own all-to-all, packed rows too)."""
     data = tmp_path / "data"
     mixed_task(task, data)
     run(*SFT, "--init", family, "--data", str(data), "--steps", "2", "--out", str(tmp_path / "sft"))
@@ -414,7 +414,7 @@ def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, f
         "--data", str(data), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
     run(*cmd, "--out", str(tmp_path / "one"))
     assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
-    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
     assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
     out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(data), "--frames", "8",
               "--max-new", "8", "--out", str(tmp_path / "eval"))
