@@ -39,7 +39,6 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -323,8 +322,7 @@ def worker_setup(args, ref=True):
     par = mr_sp.init_parallel(args.sp)
     M.tiny_tokenizer()
     init = "tiny" if args.config == "small" else args.config
-    family = M.TINY[init][0]  # its modeling module imported before the baseline, as grpo.py's is
-    importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    mr_sp.runtime_baseline(mr_sp.plan_config(init))  # its modeling module imported first, as grpo.py does
     base = rss()[0]  # the Python runtime: everything the planner counts comes above it
     gargs = grpo.ap.parse_args(
         ["--init", init, "--prompts", str(par.dp), "--G", str(args.G), "--max-new", str(args.max_new),

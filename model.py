@@ -166,8 +166,8 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
                      for i in range(layers)]
             nk, nv = gdn_heads or (kv_heads, 2 * kv_heads)
             # tie in text_config too: vLLM 0.32 reads it there for Qwen3.5 (else a zero lm_head)
-            text.update(rope_parameters=rope, layer_types=types, linear_num_key_heads=nk, tie_word_embeddings=tie,
-                        linear_num_value_heads=nv, linear_key_head_dim=head_dim,
+            text.update(rope_parameters=rope, layer_types=types, tie_word_embeddings=tie,
+                        linear_num_key_heads=nk, linear_num_value_heads=nv, linear_key_head_dim=head_dim,
                         linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
     else:
         raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
