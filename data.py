@@ -1,9 +1,10 @@
 """Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic task.
 
-    python data.py probe VIDEO --frames 32   # decode + preprocess one video; last line is JSON
+    python data.py probe VIDEO --frames 32   # decode, preprocess; its audio; last line JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
     python data.py synth --out data/synth --n 1000 --frames 256 --seed 0  # videos/*.mp4, {train,test}.jsonl
     python -m pytest tests/test_data.py -q
+    python -m pytest tests/test_audio.py -q
 
 In Python (what model.py and the training scripts use):
     frames, info = read_video(path, nframes=32)  # uint8 (T, H, W, 3), T even, upright
@@ -13,6 +14,9 @@ In Python (what model.py and the training scripts use):
     rows = load_rows("data/synth/train.jsonl")   # normalized rows: a video, an image, or neither (text)
     ds = VideoDataset(rows, nframes=32, proc=model.processor_config(config))  # the family's patches
     ds.iter_samples(range(rank, len(ds), world))  # skips bad videos and images, counting them
+    wave, info = read_audio(path, start, end)    # 16 kHz mono float32 of [start, end) s; or NoAudio
+    feats, mask = audio_features(wave)           # Qwen2.5-Omni's log-mels (1, 128, n), mask (1, n)
+    audio_tokens(n)                              # the thinker's tokens for n mel frames: 25/second
 
 Sampling as in Long-RL / qwen-vl-utils: n rounded to even, indices linspace(0, total-1, n).round();
 second_per_grid = 2 / sampled_fps feeds M-RoPE's temporal positions. Position i is the i-th frame
@@ -40,6 +44,7 @@ The letter follows from what was seen; questions need events from the whole vide
 """
 import argparse
 import bisect
+import itertools
 import json
 import math
 import os
@@ -423,6 +428,103 @@ def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
                                          proc=proc)
     return dict(kind="image", pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=1.0,
                 info=dict(height=a.shape[0], width=a.shape[1]))
+
+
+# -----------------------------------------------------------------------------
+# audio: the sound Qwen2.5-Omni's thinker hears, as its processor prepares it
+
+# Qwen2.5-Omni's preprocessor_config.json: WhisperFeatureExtractor with feature_size 128,
+# sampling_rate 16000, n_fft 400, hop_length 160, dither 0, chunk_length 300 (pads, cuts to 300 s)
+AUDIO_RATE, N_FFT, HOP, N_MELS = 16000, 400, 160, 128
+
+
+class NoAudio(VideoError):
+    """A file without an audio stream: the caller decides (video only, or refuse the row)."""
+
+
+def read_audio(path, start=None, end=None):
+    """The audio of a video or audio file: its best audio stream (ffmpeg's pick, as for video),
+    decoded, resampled to 16 kHz by libswresample, channels averaged to mono (as librosa.load, which
+    Qwen's own loader uses), float32 in [-1, 1]. start, end: seconds from the first sample; keeps
+    samples [round(start * 16000), round(end * 16000)), the span the sampled frames cover, and stops
+    decoding there. Returns the 1-D wave and an info dict: stream, audio_streams, codec,
+    sample_rate and channels (the file's). No audio stream raises NoAudio; anything else wrong
+    (missing, undecodable, nothing in the span) a VideoError naming the file."""
+    import av
+    if not os.path.isfile(path):
+        raise VideoError(path, "is a directory" if os.path.isdir(path) else "no such file")
+    lo = round((start or 0) * AUDIO_RATE)
+    hi = sys.maxsize if end is None else round(end * AUDIO_RATE)
+    kept, n = [], 0  # n: samples at 16 kHz before the current frame
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.best("audio")
+            if s is None:
+                raise NoAudio(path, "no audio stream")
+            info = dict(stream=s.index, audio_streams=len(c.streams.audio),
+                        codec=s.codec_context.name, sample_rate=s.rate, channels=s.channels)
+            # the file's channels through the resampler, averaged after: swresample's own downmix
+            # to float mono sums them at 1/sqrt(2) each, 1.41x a mean for a centred sound
+            resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
+            for frame in itertools.chain(c.decode(s), [None]):  # None: flush the resampler
+                for g in resampler.resample(frame):
+                    a = g.to_ndarray().mean(0)  # (channels, samples) -> (samples,)
+                    kept.append(a[max(lo - n, 0):max(hi - n, 0)])
+                    n += len(a)
+                if n >= hi:
+                    break
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(path, f"PyAV failed on its audio ({_short(e)})") from e
+    wave = np.concatenate(kept) if kept else np.zeros(0, np.float32)
+    if not len(wave):
+        raise VideoError(path, f"no audio in [{start or 0}, {end}) s ({n / AUDIO_RATE:.2f} s read)")
+    return wave.astype(np.float32, copy=False), info
+
+
+def mel_filters(n_mels=N_MELS, n_fft=N_FFT, rate=AUDIO_RATE):
+    """(n_fft/2 + 1, n_mels) float64: triangles on the Slaney mel scale (linear below 1 kHz, log
+    above) from 0 to rate/2, each scaled to unit area: librosa's and Whisper's bank
+    (transformers.audio_utils.mel_filter_bank with norm and mel_scale "slaney")."""
+    def mel(f):
+        return torch.where(f < 1000, 3 * f / 200, 15 + torch.log(f / 1000) * 27 / math.log(6.4))
+
+    def hz(m):
+        return torch.where(m < 15, 200 * m / 3, 1000 * torch.exp((m - 15) * math.log(6.4) / 27))
+
+    top = mel(torch.tensor(rate / 2, dtype=torch.float64))
+    edges = hz(torch.linspace(0, top, n_mels + 2, dtype=torch.float64))  # band i: edges i, i+1, i+2
+    d = edges[None] - torch.linspace(0, rate // 2, n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    rise, fall = -d[:, :-2] / (edges[1:-1] - edges[:-2]), d[:, 2:] / (edges[2:] - edges[1:-1])
+    return torch.minimum(rise, fall).clamp(min=0) * 2 / (edges[2:] - edges[:-2])
+
+
+def audio_features(wave):
+    """16 kHz mono wave (numpy or torch, 1-D) -> input_features (1, 128, n) float32 and
+    feature_attention_mask (1, n) int64 of ones, as Qwen2.5-Omni's thinker takes them; n =
+    ceil(len / 160) frames of 10 ms. Equal to its processor's features (WhisperFeatureExtractor:
+    power STFT, n_fft 400, hop 160, Hann; 128 Slaney mels; log10 floored at 1e-10 and at 8 below the
+    clip's max; (x + 4) / 4) on the frames its mask keeps. The processor pads every clip with
+    zeros to 300 s and cuts longer ones to 300 s; here nothing is padded or cut: a longer clip gets
+    the same rule (what the processor gives with a longer chunk_length). Several clips in one
+    batch: pad each to the longest (any value) with zeros in the mask."""
+    x = torch.as_tensor(wave, dtype=torch.float32)
+    n = -(-len(x) // HOP)
+    # The processor's zero padding, as far as it matters: the last frames' windows reach 200
+    # samples past the end, and frames past the end that still overlap the sound count for the max
+    x = F.pad(x, (0, N_FFT))
+    spec = torch.stft(x, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True)
+    mel = (mel_filters().float().T @ spec.abs() ** 2).clamp(min=1e-10).log10()  # (128, frames)
+    mel = torch.maximum(mel, mel.max() - 8.0)  # 80 dB below the loudest
+    return ((mel[:, :n] + 4.0) / 4.0)[None], torch.ones(1, n, dtype=torch.long)
+
+
+def audio_tokens(n_frames):
+    """Tokens the thinker's audio encoder makes of n mel frames (int or tensor): conv2 (stride 2)
+    halves them, an average pool (stride 2) halves them again: 25 a second.
+    Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths, and the processor's own count."""
+    return ((n_frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 # -----------------------------------------------------------------------------
@@ -871,14 +973,31 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
 # -----------------------------------------------------------------------------
 # command line
 
+def probe_audio(path):
+    """probe's audio part: a dict for the JSON (None: no audio stream) and a line to print."""
+    try:
+        wave, a = read_audio(path)
+    except NoAudio:
+        return None, "no audio"
+    except VideoError as e:
+        return {"error": str(e)}, f"audio: {e}"
+    n = -(-len(wave) // HOP)  # mel frames, as audio_features makes them
+    a.update(seconds=round(len(wave) / AUDIO_RATE, 3), mel_frames=n, audio_tokens=audio_tokens(n))
+    return a, (f"audio stream #{a['stream']} of {a['audio_streams']} ({a['codec']}, "
+               f"{a['sample_rate']} Hz, {a['channels']} ch): {len(wave) / AUDIO_RATE:.2f} s, "
+               f"{n} mel frames, {a['audio_tokens']} audio tokens (Qwen2.5-Omni)")
+
+
 def probe(args):
+    audio, line = probe_audio(args.video)
     try:
         x = video_inputs(args.video, nframes=args.frames if args.fps is None else None,
                          fps=args.fps, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
                          reader=args.reader)
     except VideoError as e:
         print(f"probe: {e}", file=sys.stderr)
-        print(json.dumps({"video": args.video, "error": str(e)}))
+        print(line)  # an audio file has no video stream, yet its audio is worth knowing
+        print(json.dumps({"video": args.video, "error": str(e), "audio": audio}))
         return 1
     info, (gt, gh, gw) = x["info"], x["grid_thw"][0].tolist()
     keep = ("reader", "stream", "video_streams", "codec", "pix_fmt", "total_frames",
@@ -900,14 +1019,15 @@ def probe(args):
     print(f"frames {info['height']}x{info['width']}{shown} -> {gh * PATCH}x{gw * PATCH}, grid "
           f"{res['grid_thw']}, pixel_values {tuple(x['pixel_values'].shape)}, "
           f"{res['video_tokens']} video tokens")
-    print(json.dumps(res))
+    print(line)
+    print(json.dumps(dict(res, audio=audio)))
     return 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="longrl: probe a video, or write the synthetic task")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("probe", help="decode + preprocess: sizes, tokens, time; last line JSON")
+    q = sub.add_parser("probe", help="decode + preprocess: sizes, tokens, time; audio; JSON last")
     q.add_argument("video", help="path to a video file")
     q.add_argument("--frames", type=int, default=32, help="uniform frames, made even; default 32")
     q.add_argument("--fps", type=float, default=None, help="frames per second; replaces --frames")
