@@ -479,7 +479,8 @@ def read_audio(path, start=None, end=None):
         raise VideoError(path, f"PyAV failed on its audio ({_short(e)})") from e
     wave = np.concatenate(kept) if kept else np.zeros(0, np.float32)
     if not len(wave):
-        raise VideoError(path, f"no audio in [{start or 0}, {end}) s ({n / AUDIO_RATE:.2f} s read)")
+        span = "" if start is None and end is None else f" in [{start or 0}, {end}) s"
+        raise VideoError(path, f"no audio{span} ({n / AUDIO_RATE:.2f} s read)")
     return wave.astype(np.float32, copy=False), info
 
 

@@ -112,7 +112,7 @@ def chirp(seconds):  # 100 Hz to 7.9 kHz, through every mel band
     return (0.5 * np.sin(2 * np.pi * (100 * t + 7800 / (2 * seconds) * t ** 2))).astype(np.float32)
 
 
-def loud_end(n):  # quiet noise, loud in its last 40 samples: frames past the end set the max
+def loud_end(n):  # quiet noise, loud in its last 40 samples: a frame past the end sets the max
     w = np.random.default_rng(0).normal(0, 1e-3, n).astype(np.float32)
     w[-40:] = 0.9
     return w
@@ -121,7 +121,7 @@ def loud_end(n):  # quiet noise, loud in its last 40 samples: frames past the en
 SIGNALS = {  # each is a length in samples too: several not a multiple of the hop (160)
     "tones 1 s": tone(1, 440, 1000), "tones 2.0001 s": tone(2.0001, 440, 1000),
     "chirp 3.3 s": chirp(3.3), "silence": np.zeros(12345, np.float32),
-    "under a hop": tone(0.007, 1000), "loud end": loud_end(5000),
+    "under a hop": tone(0.007, 1000), "loud end": loud_end(4800),
     "31 s, past Whisper's default 30": tone(31.01, 250, 3000),
 }
 
