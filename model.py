@@ -1,12 +1,13 @@
-"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL
-and Qwen3.5.
+"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3.5 and the Qwen2.5-Omni thinker (which also hears).
 
     python model.py check --hf DIR     # our path vs transformers' full forward on a local HF folder
     python model.py check --hf tiny-qwen3-vl   # the same on a tiny model built in code (see TINY)
+    python model.py check --hf tiny-qwen2.5-omni   # and a video with its sound, audio alone
     python model.py save --out DIR --family tiny-qwen3-vl   # write a tiny model as a Hugging Face folder
 
-In order: the tiny models (tokenizer, config of each family), load/save, encode images and videos,
-prompts, splice, our M-RoPE positions, batch layout, forward, per-token log-probs, generation
+In order: the tiny models (tokenizer, config of each family), load/save, encode images, videos and
+audio, prompts, splice, our M-RoPE positions, batch layout, forward, per-token log-probs, generation
 (chunked `prefill` into a KV cache, `decode` of n samples sharing it through
 `shared_prefix_attention`) and its naive no-cache reference.
 
@@ -15,6 +16,10 @@ Conventions shared by every stage:
   (kind, pixel_values, grid_thw, second_per_grid, frame_times). `encode` turns it into the
   embeddings that RL caches and reuses; Qwen3-VL's DeepStack features travel with them,
   concatenated along the hidden dimension, and `forward` adds them after the first layers.
+- Qwen2.5-Omni's thinker also hears: a sample may carry audio as data.audio_features gives it
+  (input_features (1, 128, n), feature_attention_mask (1, n)), alone (kind "audio") or as a video's
+  own sound (kind "video": interleaved with it in time chunks, its use_audio_in_video);
+  `encode_audio` turns it into embeddings, `splice` places them at the <|AUDIO|> tokens.
 - The families differ here only in data (config values, prompt expansion, position rule), never
   in which functions run: one `if` per difference, no per-family copies.
 - Position ids are always ours (`positions`, each family's original rule, which vLLM computes),
@@ -25,6 +30,7 @@ Conventions shared by every stage:
   sampling and when scoring, so the sampler and the trainer describe the same distribution."""
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -37,7 +43,15 @@ from torch.utils.checkpoint import checkpoint
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
            "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-VISION_SPECIAL = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2.5-Omni's tokenizer names the same roles otherwise (at the same ids in its releases:
+# <|vision_bos|> is 151652, as <|vision_start|> is in Qwen2.5-VL's) and has three audio tokens
+OMNI_NAMES = {"<|vision_start|>": "<|vision_bos|>", "<|vision_end|>": "<|vision_eos|>",
+              "<|image_pad|>": "<|IMAGE|>", "<|video_pad|>": "<|VIDEO|>"}
+AUDIO_SPECIAL = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+OMNI_SPECIAL = SPECIAL[:3] + AUDIO_SPECIAL + [OMNI_NAMES.get(s, s) for s in SPECIAL[3:]]
+# the media tokens, Qwen2.5-Omni's among them
+VISION_SPECIAL = (["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+                  + list(OMNI_NAMES.values()) + AUDIO_SPECIAL)
 # Qwen2.5-VL's chat template, reduced to text and video parts.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -47,6 +61,10 @@ CHAT_TEMPLATE = (
     "{% if part['type'] in ('video', 'image') %}<|vision_start|><|{{ part['type'] }}_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+OMNI_TEMPLATE = CHAT_TEMPLATE.replace(  # Qwen2.5-Omni's: its names, and audio parts
+    "{% if part['type'] in ('video', 'image') %}<|vision_start|><|{{ part['type'] }}_pad|><|vision_end|>",
+    "{% if part['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif part['type'] in ('video', 'image') %}<|vision_bos|><|{{ part['type'] | upper }}|><|vision_eos|>")
 # Text the tiny tokenizer's merges are learned from; any text still encodes (byte-level BPE).
 CORPUS = """You are a helpful assistant. Watch the video and answer the question.
 Think step by step inside <think> </think>, then give the letter of the correct option inside \
@@ -76,27 +94,31 @@ What happens in this video? Describe the video. The person in the video moves th
 # -----------------------------------------------------------------------------
 # The tiny model, built in code: no download, varied outputs from a random init.
 
-def tiny_tokenizer(vocab_size=1024):
+def tiny_tokenizer(vocab_size=1024, omni=False):
     """Byte-level BPE trained in-process on CORPUS (at most vocab_size ids; CORPUS yields ~580),
-    with Qwen's special tokens and chat template."""
+    with Qwen's special tokens and chat template (omni: Qwen2.5-Omni's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    special, template = (OMNI_SPECIAL, OMNI_TEMPLATE) if omni else (SPECIAL, CHAT_TEMPLATE)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=SPECIAL[1:], chat_template=CHAT_TEMPLATE)
+                                  additional_special_tokens=special[1:], chat_template=template)
 
 
 FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL",
-            "qwen3_5": "Qwen3_5"}  # model_type: class
+            "qwen3_5": "Qwen3_5", "qwen2_5_omni_thinker": "Qwen2_5OmniThinker"}  # model_type: class
 # Qwen3-VL's vision (16-pixel patches, mean and std 0.5, a video as timestamped one-group grids),
 # which Qwen3.5 keeps (without DeepStack); Qwen3.5's language model is hybrid: Gated DeltaNet layers
 # ("linear_attention", a causal convolution and a recurrent state, no KV cache) and gated attention.
 QWEN3 = ("qwen3_vl", "qwen3_5")
+# Qwen2.5-Omni's thinker: Qwen2.5-VL's vision and language model, an audio tower (Whisper's encoder),
+# and TMRoPE: 25 temporal positions a second (position_id_per_seconds), audio a position a token (40 ms)
+OMNI = "qwen2_5_omni_thinker"
 
 
 def recurrent(config):
@@ -113,6 +135,7 @@ def recurrent(config):
 # real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each miniature against its.
 TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwen2.5-vl": ("qwen2_5_vl", {}),
         "tiny-qwen3-vl": ("qwen3_vl", {}), "tiny-qwen3.5": ("qwen3_5", dict(layers=4)),
+        "tiny-qwen2.5-omni": (OMNI, {}),
         "tiny:qwen2.5-vl-7b": ("qwen2_5_vl", dict(hidden=448, heads=28, kv_heads=4, tie=False,
                                                   vision_depth=4, fullatt=(1, 3))),
         "tiny:qwen2.5-vl-3b": ("qwen2_5_vl", dict(hidden=256, heads=16, kv_heads=2, tie=True,
@@ -134,19 +157,30 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
     head_dim = hidden // heads
     t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24 (Qwen3-VL 24:20:20)
     section = [t, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]
-    ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL}
+    names = OMNI_NAMES if family == OMNI else {}
+    ids = {s: tok.convert_tokens_to_ids(names.get(s, s)) for s in SPECIAL + AUDIO_SPECIAL}
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=65536, initializer_range=init_std,
                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=section),
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=vision_depth, num_heads=vision_heads, initializer_range=init_std)
+    vision, extra = dict(depth=vision_depth, num_heads=vision_heads, initializer_range=init_std), {}
     if family == "qwen2_vl":  # no window attention, no seconds in M-RoPE
         vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
-    elif family == "qwen2_5_vl":
+    elif family in ("qwen2_5_vl", OMNI):
         vision.update(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
-                      window_size=window, fullatt_block_indexes=list(fullatt), tokens_per_second=2)
+                      window_size=window, fullatt_block_indexes=list(fullatt))
+        if family == "qwen2_5_vl":
+            vision.update(tokens_per_second=2)
+        else:  # the audio tower as released (128 mels, attention within windows of 2 s: n_window
+            # 100) at the vision tower's width and depth; 25 positions a second, chunks of 2 s: defaults
+            extra = dict(audio_config=dict(num_mel_bins=128, n_window=100, d_model=vision_hidden,
+                                           encoder_layers=vision_depth, encoder_attention_heads=vision_heads,
+                                           encoder_ffn_dim=2 * vision_hidden, output_dim=hidden,
+                                           initializer_range=init_std),
+                         audio_token_id=ids["<|AUDIO|>"], audio_start_token_id=ids["<|audio_bos|>"],
+                         audio_end_token_id=ids["<|audio_eos|>"], initializer_range=init_std)
     elif family in QWEN3:
         h = head_dim // 2
         text.update(head_dim=head_dim, rope_parameters=dict(
@@ -174,7 +208,7 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
     return getattr(transformers, FAMILIES[family] + "Config")(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie)
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie, **extra)
 
 
 # -----------------------------------------------------------------------------
@@ -193,13 +227,14 @@ def attn_implementation(device):
 
 def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
     """(model, tokenizer) from a local Hugging Face folder of any family, or a tiny model built in
-    code (TINY: "tiny" is Qwen2.5-VL's; "tiny:qwen2.5-vl-7b" a miniature of the real one)."""
+    code (TINY: "tiny" is Qwen2.5-VL's; "tiny:qwen2.5-vl-7b" a miniature of the real one). A whole
+    Qwen2.5-Omni folder (thinker, talker, token2wav) gives its thinker alone."""
     import transformers
     attn = attn_implementation(device)
     if path in TINY:
-        tok = tiny_tokenizer()
-        torch.manual_seed(seed)
         family, kw = TINY[path]
+        tok = tiny_tokenizer(omni=family == OMNI)
+        torch.manual_seed(seed)
         config = tiny_config(tok, family, **{**kw, **tiny_kwargs})
         config._attn_implementation = attn
         model = getattr(transformers, FAMILIES[family] + "ForConditionalGeneration")(config)
@@ -213,8 +248,13 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); pass a "
                                     f"local folder or one of {', '.join(TINY)} (no downloads here)")
         tok = transformers.AutoTokenizer.from_pretrained(path)
-        model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype,
-                                                                         attn_implementation=attn)
+        with open(os.path.join(path, "config.json")) as f:
+            whole_omni = json.load(f).get("model_type") == "qwen2_5_omni"
+        # the thinker class reads a whole folder's thinker_config and its weights under thinker.* (the
+        # talker's and token2wav's it reports as unexpected and leaves)
+        cls = (transformers.Qwen2_5OmniThinkerForConditionalGeneration if whole_omni
+               else transformers.AutoModelForImageTextToText)
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         if model.config.model_type not in FAMILIES:
             raise ValueError(f"{path}: model_type {model.config.model_type!r}, "
                              f"not one of {', '.join(FAMILIES)}")
@@ -247,12 +287,17 @@ def processor_config(config):
     transformers' AutoProcessor need it to load a folder; data.py patchifies and normalizes with its
     patch_size, image_mean and image_std (Qwen3-VL: 16-pixel patches, mean and std 0.5)."""
     vc, clip = config.vision_config, config.model_type not in QWEN3
-    return dict(image_processor_type="Qwen2VLImageProcessor",
-                processor_class=FAMILIES[config.model_type] + "Processor",
-                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                merge_size=vc.spatial_merge_size, min_pixels=3136, max_pixels=12845056,
-                image_mean=[0.48145466, 0.4578275, 0.40821073] if clip else [0.5] * 3,
-                image_std=[0.26862954, 0.26130258, 0.27577711] if clip else [0.5] * 3)
+    out = dict(image_processor_type="Qwen2VLImageProcessor",
+               processor_class=FAMILIES[config.model_type].replace("Thinker", "") + "Processor",
+               patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+               merge_size=vc.spatial_merge_size, min_pixels=3136, max_pixels=12845056,
+               image_mean=[0.48145466, 0.4578275, 0.40821073] if clip else [0.5] * 3,
+               image_std=[0.26862954, 0.26130258, 0.27577711] if clip else [0.5] * 3)
+    if config.model_type == OMNI:  # its audio feature extractor's too (data.audio_features computes them)
+        out.update(feature_extractor_type="WhisperFeatureExtractor", feature_size=128, sampling_rate=16000,
+                   hop_length=160, n_fft=400, chunk_length=300, padding_value=0.0, dither=0.0,
+                   return_attention_mask=True)
+    return out
 
 
 def resume(out):
@@ -269,41 +314,73 @@ def resume(out):
 # Pixels in, embeddings out; text in, token ids out. A sample's visual input is one video, one image,
 # or none (text only); images and video frames alike are rows of 2 x patch x patch pixel patches.
 
+def parts(model):
+    """(the module holding the towers and their get_*_features, the language model): model.model and
+    model.model.language_model; Qwen2.5-Omni's thinker holds its towers itself (visual, audio_tower),
+    and its language model is model.model."""
+    if model.config.model_type == OMNI:
+        return model, model.model
+    return model.model, model.model.language_model
+
+
 def encode(model, pixel_values, grid_thw):
     """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what RL
     caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack
     features, added to the first decoder layers' hidden states at the visual positions, ride along
     concatenated: width (1 + k) * hidden, [embeddings | feature 0 | ...], as vLLM takes them."""
-    visual = model.model.visual
+    visual = parts(model)[0].visual
     out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
     return torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], -1)
+
+
+def encode_audio(model, input_features, feature_attention_mask):
+    """Qwen2.5-Omni's audio tower: log-mels (B, 128, n) and their mask (B, n) (data.audio_features;
+    clips of different lengths padded to the longest) -> (tokens, hidden), the clips' in order, 25 a
+    second (data.audio_tokens)."""
+    tower, keep = model.audio_tower, feature_attention_mask.bool()
+    feats = input_features.transpose(1, 2)[keep].T  # (128, kept frames of all clips)
+    return tower(feats.to(tower.dtype), feature_lens=keep.sum(-1)).last_hidden_state
 
 
 def n_visual_tokens(grid_thw, merge=2):
     return int(torch.as_tensor(grid_thw).prod(-1).sum()) // (merge * merge)
 
 
-def pad_ids(config):
-    """The ids a visual embedding replaces: <|video_pad|> and <|image_pad|>."""
+def pad_ids(config, audio=False):
+    """The ids a visual embedding replaces: <|video_pad|> and <|image_pad|>; audio: those an audio
+    embedding replaces (Qwen2.5-Omni's <|AUDIO|>; none in the other families)."""
+    if audio:
+        ids = [config.audio_token_id] if config.model_type == OMNI else []
+        return torch.tensor(ids, dtype=torch.long)
     return torch.tensor([config.video_token_id, config.image_token_id])
 
 
-def build_prompt(tok, config, text, kind=None, grid_thw=None, frame_times=None, expand=True):
-    """Chat-template ids of a user turn (a video or an image, then text; kind None: text only)
+def build_prompt(tok, config, text, kind=None, grid_thw=None, frame_times=None, expand=True,
+                 second_per_grid=None, audio=0):
+    """Chat-template ids of a user turn (a video, an image or audio, then text; kind None: text only)
     with the assistant turn opened. The template's <|vision_start|><|*_pad|><|vision_end|> is
     expanded without tokenizing the pads: one pad per visual token; for a Qwen3-VL video, one
     "<t seconds>" (tokenized alone, as vLLM does) and its own start/end per temporal group, t the
-    mean time of the group's frames (frame_times, seconds, one per sampled frame). expand=False:
-    the ids vLLM expands to the same (one pad; for a Qwen3-VL video, the pad alone)."""
+    mean time of the group's frames (frame_times, seconds, one per sampled frame). Qwen2.5-Omni
+    (its own names for these tokens): audio is the number of audio tokens, of kind "audio" or of a
+    video's own sound, laid out with it as `audio_in_video` says (which needs second_per_grid).
+    expand=False: the ids vLLM expands to the same (one pad; for a Qwen3-VL video, the pad alone)."""
     content = ([{"type": kind}] if kind else []) + [{"type": "text", "text": text}]
     s = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                 tokenize=False)
     if kind is None:
         return tok.encode(s, add_special_tokens=False)
     enc = lambda x: tok.encode(x, add_special_tokens=False)  # noqa: E731
-    start, end, pad = map(tok.convert_tokens_to_ids, ("<|vision_start|>", "<|vision_end|>", f"<|{kind}_pad|>"))
-    head, tail = s.split(f"<|vision_start|><|{kind}_pad|><|vision_end|>")
-    n = n_visual_tokens(grid_thw, config.vision_config.spatial_merge_size)
+    if kind == "audio":
+        start, pad, end = config.audio_start_token_id, config.audio_token_id, config.audio_end_token_id
+    else:
+        start, end = config.vision_start_token_id, config.vision_end_token_id
+        pad = getattr(config, f"{kind}_token_id")
+    head, tail = s.split("".join(tok.convert_ids_to_tokens([start, pad, end])))
+    if kind == "video" and audio and expand:
+        mid = audio_in_video(config, grid_thw, second_per_grid, audio)
+        return enc(head) + [start] + mid + [end] + enc(tail)
+    n = audio if kind == "audio" else n_visual_tokens(grid_thw, config.vision_config.spatial_merge_size)
     if config.model_type not in QWEN3 or kind != "video":
         return enc(head) + [start] + [pad] * (n if expand else 1) + [end] + enc(tail)
     if not expand:
@@ -322,6 +399,36 @@ def group_times(frame_times):
     return [(a + b) / 2 for a, b in zip(frame_times[::2], frame_times[1::2])]
 
 
+def audio_in_video(config, grid_thw, second_per_grid, n_audio):
+    """Qwen2.5-Omni's video with its own sound (use_audio_in_video): the ids it puts between
+    <|vision_bos|> and <|vision_eos|>, <|audio_bos|> ... <|audio_eos|>. Video tokens by their temporal
+    position (`temporal`) and audio tokens by theirs (0, 1, ...: 25 a second) are cut into chunks of
+    seconds_per_chunk x 25 positions (`chunk_bounds`); video chunk j, then audio chunk j."""
+    t, h, w = torch.as_tensor(grid_thw).view(3).tolist()
+    merge = config.vision_config.spatial_merge_size
+    video = temporal(config, t, second_per_grid).repeat_interleave(h * w // merge ** 2).tolist()
+    size = int(config.position_id_per_seconds * config.seconds_per_chunk)
+    v, a = chunk_bounds(video, size), chunk_bounds(range(n_audio), size)
+    out = [config.audio_start_token_id]
+    for (v0, v1), (a0, a1) in itertools.zip_longest(v, a, fillvalue=(0, 0)):
+        out += [config.video_token_id] * (v1 - v0) + [config.audio_token_id] * (a1 - a0)
+    return out + [config.audio_end_token_id]
+
+
+def chunk_bounds(values, size):
+    """[start, end) of each chunk of nondecreasing values: chunk k - 1 closes before the first value
+    at or past k * size, then k advances by one, at most once a value (transformers' get_chunked_index,
+    which Qwen2.5-Omni's processor and get_rope_index share). So values that leap several chunks, as a
+    temporal group longer than a chunk does, open one chunk a token: 0, 0, 100, 100 at size 50 give
+    [0, 0], [100], [100], not [0, 0], [], [100, 100]."""
+    out, start, k = [], 0, 1
+    for i, v in enumerate(values):
+        if v >= k * size:
+            out.append((start, i))
+            start, k = i, k + 1
+    return out + [(start, len(values))]
+
+
 @functools.lru_cache(maxsize=8)  # per tokenizer: get_vocab() of a 150k vocabulary is not free
 def banned_ids(tok):
     """Vision special tokens: the policy must never emit them (a sampled <|video_pad|> would ask
@@ -329,19 +436,22 @@ def banned_ids(tok):
     return torch.tensor([tok.convert_tokens_to_ids(s) for s in VISION_SPECIAL if s in tok.get_vocab()])
 
 
-def splice(model, input_ids, visual):
-    """Token embeddings with the visual embeddings (None: text only) placed, in order, at the
-    <|video_pad|> and <|image_pad|> positions. With DeepStack features (`encode`), the result is as
-    wide as they are, zero past the token embedding at text positions (`forward` splits it)."""
+def splice(model, input_ids, visual, audio=None):
+    """Token embeddings with the visual embeddings (None: none) placed, in order, at the
+    <|video_pad|> and <|image_pad|> positions, and Qwen2.5-Omni's audio embeddings (`encode_audio`)
+    at its <|AUDIO|> positions. With DeepStack features (`encode`), the result is as wide as they
+    are, zero past the token embedding at text positions (`forward` splits it)."""
     x = model.get_input_embeddings()(input_ids)
-    slots = torch.isin(input_ids, pad_ids(model.config).to(input_ids.device))
-    n = 0 if visual is None else visual.shape[0]
-    if int(slots.sum()) != n:
-        raise ValueError(f"{int(slots.sum())} visual pad tokens but {n} visual embeddings")
-    if visual is None:
-        return x
-    x = F.pad(x, (0, visual.shape[-1] - x.shape[-1]))
-    return x.masked_scatter(slots[..., None], visual.to(x.dtype))
+    for what, emb, ids in (("visual", visual, pad_ids(model.config)),
+                           ("audio", audio, pad_ids(model.config, audio=True))):
+        slots = torch.isin(input_ids, ids.to(input_ids.device))
+        n = 0 if emb is None else emb.shape[0]
+        if int(slots.sum()) != n:
+            raise ValueError(f"{int(slots.sum())} {what} pad tokens but {n} {what} embeddings")
+        if emb is not None:
+            x = F.pad(x, (0, emb.shape[-1] - x.shape[-1]))
+            x = x.masked_scatter(slots[..., None], emb.to(x.dtype))
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -354,36 +464,60 @@ def splice(model, input_ids, visual):
 # Qwen2.5-VL's product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
 # (i * second_per_grid) * tokens_per_second, truncate differently for some frame rates (at 31/14 s
 # per group, group 7 is 30 instead of 31), and rollout and training would disagree there.
+# Qwen2.5-Omni (TMRoPE, its get_rope_index): temporal(i) int(i * second_per_grid * 25) in float32 as
+# transformers forms it (at 2/3 s per group, group 3 is 50; float64 gives 49); audio tokens advance by
+# 1 in all three, as text; a video's own sound (`audio_in_video`) starts with the video at s, each
+# token at s + k in all three, and the pairs <|vision_bos|><|audio_bos|> and <|audio_eos|><|vision_eos|>
+# around them each share one position.
+
+def temporal(config, t, second_per_grid):
+    """(t,) temporal position offsets of a video's t temporal groups, each family's arithmetic."""
+    if config.model_type == OMNI:
+        s = torch.tensor(float(second_per_grid))  # float32
+        return (torch.arange(t) * s * config.position_id_per_seconds).long()
+    tps = getattr(config.vision_config, "tokens_per_second", None)
+    step = float(second_per_grid) * tps if tps else 1.0
+    return torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # float64 math
+
 
 def positions(ids, grid_thw, second_per_grid, config):
     """(L,) token ids of one sequence -> (3, L) position ids. grid_thw: (n, 3) in patches, one row
     per video or image in order; second_per_grid: n floats (seconds covered by one temporal group;
-    any value for an image)."""
+    any value for an image). Audio needs no grid: its tokens are counted in ids."""
     ids = torch.as_tensor(ids)
-    vc = config.vision_config
-    merge, tps = vc.spatial_merge_size, getattr(vc, "tokens_per_second", None)
-    runs = []  # (llm grid, temporal step) of each run of pad tokens
+    merge = config.vision_config.spatial_merge_size
+    runs = []  # (llm grid, temporal offsets) of each run of pad tokens
     for g, spg in zip(torch.as_tensor(grid_thw).view(-1, 3).tolist(), second_per_grid):
         t, h, w = g[0], g[1] // merge, g[2] // merge
         if config.model_type in QWEN3:
-            runs += [((1, h, w), 0.0)] * t
+            runs += [((1, h, w), torch.zeros(1, dtype=torch.long))] * t
         else:
-            runs.append(((t, h, w), float(spg) * tps if tps else 1.0))
-    is_vis = torch.isin(ids, pad_ids(config))
+            runs.append(((t, h, w), temporal(config, t, spg)))
+    audio = torch.isin(ids, pad_ids(config, audio=True))
+    is_vis = torch.isin(ids, pad_ids(config)) | audio
+    tied = torch.zeros(len(ids), dtype=torch.bool)  # a token at the position of the one before it
+    if config.model_type == OMNI:
+        a, b = ids[:-1], ids[1:]
+        tied[1:] = (((a == config.vision_start_token_id) & (b == config.audio_start_token_id))
+                    | ((a == config.audio_end_token_id) & (b == config.vision_end_token_id)))
     cuts = [0] + ((is_vis[1:] != is_vis[:-1]).nonzero()[:, 0] + 1).tolist() + [len(ids)]
     pos, cur, v = [], 0, 0
     for i, j in zip(cuts[:-1], cuts[1:]):  # runs of text tokens and of pad tokens
-        if not is_vis[i]:
-            pos.append(torch.arange(cur, cur + j - i).expand(3, -1))
+        if not is_vis[i] or audio[i:j].all():  # text, or audio alone
+            pos.append((cur - 1 + (~tied[i:j]).long().cumsum(0)).expand(3, -1))
         else:
             if v >= len(runs):
                 raise ValueError(f"more runs of visual pad tokens than grids ({len(runs)})")
-            (t, h, w), step = runs[v]
-            if j - i != t * h * w:
-                raise ValueError(f"run {v}: {j - i} visual pad tokens but grid {t}x{h}x{w} = {t * h * w}")
-            tt = torch.tensor([int(i * step) for i in range(t)], dtype=torch.long)  # float64 math
+            (t, h, w), tt = runs[v]
+            video = ~audio[i:j]  # all of the run but a video's own sound
+            if int(video.sum()) != t * h * w:
+                raise ValueError(f"run {v}: {int(video.sum())} visual pad tokens but grid {t}x{h}x{w} = "
+                                 f"{t * h * w}")
             grid = torch.stack(torch.meshgrid(tt, torch.arange(h), torch.arange(w), indexing="ij"))
-            pos.append(grid.reshape(3, -1) + cur)
+            p = torch.zeros(3, j - i, dtype=torch.long)
+            p[:, video] = grid.reshape(3, -1)
+            p[:, ~video] = torch.arange(j - i - t * h * w)
+            pos.append(p + cur)
             v += 1
         cur = int(pos[-1].max()) + 1
     if v != len(runs):
@@ -473,8 +607,8 @@ def forward(model, embeds, pos, mask=None, cache=None, **kw):
         embeds, deep = embeds[..., :H], embeds[..., H:].flatten(0, 1)
         kw.update(visual_pos_masks=torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device),
                   deepstack_visual_embeds=list(deep.split(H, -1)))
-    out = model.model.language_model(inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
-                                      past_key_values=cache, use_cache=cache is not None, **kw)
+    out = parts(model)[1](inputs_embeds=embeds, position_ids=pos, attention_mask=mask,
+                          past_key_values=cache, use_cache=cache is not None, **kw)
     return out.last_hidden_state
 
 
@@ -701,65 +835,109 @@ def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, t
 # -----------------------------------------------------------------------------
 # python model.py check / save
 
-def random_samples(model, grids=((4, 8, 8), (2, 4, 6)), kind="video", seed=0):
-    """Samples as data.py gives them, of random pixels, one per grid (sampled at 1 fps, 2 fps, ...;
-    kind "image": grids (1, h, w); None: text only): inputs for `check` and the tests."""
+def random_samples(model, grids=((4, 8, 8), (2, 4, 6)), kind="video", seed=0, second_per_grid=None):
+    """Samples as data.py gives them, of random pixels, one per grid (sampled at 1 fps, 2 fps, ...,
+    or second_per_grid[i] seconds a temporal group; kind "image": grids (1, h, w); None: text only):
+    inputs for `check` and the tests."""
     g = torch.Generator().manual_seed(seed)
     vc = model.config.vision_config
     row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     out = []
     for i, grid in enumerate(grids):
-        spg = 2.0 / (1 + i)
+        spg = second_per_grid[i] if second_per_grid else 2.0 / (1 + i)
         out.append(dict(kind=kind, grid_thw=torch.tensor([grid]), second_per_grid=spg,
                         pixel_values=torch.randn(grid[0] * grid[1] * grid[2], row, generator=g),
                         frame_times=[k * spg / 2 for k in range(2 * grid[0])]) if kind else dict(kind=None))
     return out
 
 
+def random_audio(seconds, seed=0):
+    """A sample's sound as data.audio_features gives it (100 frames a second), of random log-mels."""
+    n = round(100 * seconds)
+    return dict(input_features=torch.randn(1, 128, n, generator=torch.Generator().manual_seed(seed)),
+                feature_attention_mask=torch.ones(1, n, dtype=torch.long))
+
+
 def prompt_of(tok, config, sample, text):
     """A sample's prompt ids and (3, P) positions; sample: data.py's (kind, and for a video or an
-    image grid_thw, second_per_grid, frame_times)."""
-    kind = sample.get("kind")
-    ids = build_prompt(tok, config, text, kind, sample.get("grid_thw"), sample.get("frame_times"))
-    if kind is None:
+    image grid_thw, second_per_grid, frame_times; with sound, feature_attention_mask)."""
+    kind, audio = sample.get("kind"), 0
+    if "feature_attention_mask" in sample:
+        from data import audio_tokens
+        audio = int(audio_tokens(sample["feature_attention_mask"].sum()))
+    ids = build_prompt(tok, config, text, kind, sample.get("grid_thw"), sample.get("frame_times"),
+                       second_per_grid=sample.get("second_per_grid"), audio=audio)
+    if kind in (None, "audio"):
         return ids, positions(ids, [], [], config)
     return ids, positions(ids, sample["grid_thw"], [sample["second_per_grid"]], config)
 
 
 def reference_features(model, sample):
     """transformers' own encode of a sample (its get_*_features), laid out as `encode` returns it."""
-    f = getattr(model.model, f"get_{sample['kind']}_features")(sample["pixel_values"], sample["grid_thw"])
+    get = getattr(parts(model)[0], f"get_{sample['kind']}_features")
+    f = get(sample["pixel_values"], sample["grid_thw"])
     deep = getattr(f, "deepstack_features", None) or []
     return torch.cat([torch.cat(f.pooler_output), *map(torch.cat, deep)], -1)
 
 
+def reference_audio(model, sample):
+    """transformers' own encode of a sample's sound (the Qwen2.5-Omni thinker's get_audio_features)."""
+    f = model.get_audio_features(sample["input_features"], sample["feature_attention_mask"])
+    return f.last_hidden_state
+
+
 def reference_logits(model, ids, pos, sample):
-    """transformers' full forward from pixels (from ids alone for text) at the given positions."""
-    kind = sample.get("kind")
-    px = {} if kind is None else {"pixel_values_videos" if kind == "video" else "pixel_values":
-                                  sample["pixel_values"], f"{kind}_grid_thw": sample["grid_thw"]}
-    return model(input_ids=ids, position_ids=pos, **px).logits
+    """transformers' full forward from pixels and audio features (from ids alone for text) at the
+    given positions; pos None (Qwen2.5-Omni): at its own, get_rope_index's."""
+    kind, kw = sample.get("kind"), {}
+    if kind in ("video", "image"):
+        kw = {"pixel_values_videos" if kind == "video" else "pixel_values": sample["pixel_values"],
+              f"{kind}_grid_thw": sample["grid_thw"]}
+    if "input_features" in sample:
+        kw.update(input_features=sample["input_features"], use_audio_in_video=kind == "video",
+                  feature_attention_mask=sample["feature_attention_mask"])
+    if pos is None:  # it computes positions only given a mask (and a video's seconds)
+        kw.update(attention_mask=torch.ones_like(ids),
+                  video_second_per_grid=torch.tensor([float(sample.get("second_per_grid", 1.0))]))
+    return model(input_ids=ids, position_ids=pos, **kw).logits
 
 
 def check(path, dtype=torch.float32):
-    """Our path (encode, splice, our positions, forward) vs transformers' own forward from pixels
-    given the same position ids, for videos, an image and text alone. Returns max abs differences
-    of the visual embeddings (DeepStack features included) and of the logits of each kind."""
+    """Our path (encode, encode_audio, splice, our positions, forward) vs transformers' own forward
+    from pixels and audio features, for videos, an image and text alone; on Qwen2.5-Omni also audio
+    alone and videos with their sound. transformers is given our positions (its Qwen2.5-VL rule is not
+    the original: FIELD_NOTES section 4), except on Qwen2.5-Omni, whose get_rope_index is the original
+    rule: there it computes its own, so the logits compare the positions too. Returns max abs
+    differences of the visual embeddings (DeepStack features included), the audio embeddings and the
+    logits of each kind."""
     model, tok = load(path, dtype=dtype)
+    omni = model.config.model_type == OMNI
     out = {"model": path, "family": model.config.model_type, "dtype": str(dtype).split(".")[-1]}
-    diff = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    cases = {"video": random_samples(model, ((4, 8, 8), (2, 4, 6))),
+             "image": random_samples(model, ((1, 8, 12),), "image"), "text": [dict(kind=None)]}
+    if omni:  # at 2 and 4 s a temporal group: one chunk of 2 s a group, and a group leaping two chunks
+        cases["audio"] = [dict(kind="audio", **random_audio(3.1))]
+        cases["video_audio"] = [dict(s, **random_audio(sec, seed=1)) for s, sec in zip(
+            random_samples(model, ((4, 8, 8), (2, 4, 6)), second_per_grid=(2.0, 4.0)), (3.1, 7.3))]
+
+    def record(key, a, b):
+        out[key] = max(out.get(key, 0.0), (a.float() - b.float()).abs().max().item())
+
     with torch.no_grad():
-        for kind, grids in (("video", ((4, 8, 8), (2, 4, 6))), ("image", ((1, 8, 12),)), (None, [()])):
-            for s in random_samples(model, grids, kind):
+        for case, samples in cases.items():
+            for s in samples:
                 ids, pos = prompt_of(tok, model.config, s, "Question: what happens here?")
                 ids, pos = torch.tensor([ids]), pos[:, None]
-                vis = None if kind is None else encode(model, s["pixel_values"], s["grid_thw"])
-                if kind:
-                    key = "visual_embeds_max_abs_diff"
-                    out[key] = max(out.get(key, 0.0), diff(vis, reference_features(model, s)))
-                key = f"logits_{kind or 'text'}_max_abs_diff"
-                ours = model.lm_head(forward(model, splice(model, ids, vis), pos))
-                out[key] = max(out.get(key, 0.0), diff(ours, reference_logits(model, ids, pos, s)))
+                vis = aud = None
+                if "pixel_values" in s:
+                    vis = encode(model, s["pixel_values"], s["grid_thw"])
+                    record("visual_embeds_max_abs_diff", vis, reference_features(model, s))
+                if "input_features" in s:
+                    aud = encode_audio(model, s["input_features"], s["feature_attention_mask"])
+                    record("audio_embeds_max_abs_diff", aud, reference_audio(model, s))
+                ours = model.lm_head(forward(model, splice(model, ids, vis, aud), pos))
+                ref = reference_logits(model, ids, None if omni else pos, s)
+                record(f"logits_{case}_max_abs_diff", ours, ref)
     return out
 
 
@@ -767,7 +945,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="compare our path with transformers' full forward")
-    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), "
+    c.add_argument("--hf", default="tiny", help="local HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
+                   "a Qwen2.5-Omni thinker or a whole Qwen2.5-Omni), "
                    f"or a tiny name ({', '.join(TINY)}); default tiny")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     s = sub.add_parser("save", help="write the tiny model as a Hugging Face folder")

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import model as M
+from data import audio_tokens
 
 # Two tiny configurations of each family that differ in what could break: head counts, GQA ratio,
 # vision depth (Qwen3-VL: 1 or 2 DeepStack features), vision window attention (Qwen2.5-VL: B's
@@ -559,3 +560,240 @@ def test_decode_reads_the_prompt_cache_in_its_dtype():
     with NewTensors() as new:
         toks = M.decode(model, cache, mask, h, pos.amax(dim=(0, 2)) + 1, 2, max_new=3, temperature=0.7)[0]
     assert toks.shape == (2, 3) and new.most[torch.float32] < values, (new.most, values)
+
+
+# -----------------------------------------------------------------------------
+# Qwen2.5-Omni's thinker: audio alone, a video with its own sound (TMRoPE), its folders
+
+@pytest.fixture(scope="module")
+def omni():
+    return M.load("tiny-qwen2.5-omni")
+
+
+def omni_ids(cfg):
+    return (cfg.video_token_id, cfg.audio_token_id, cfg.vision_start_token_id, cfg.audio_start_token_id,
+            cfg.audio_end_token_id, cfg.vision_end_token_id)
+
+
+def test_omni_positions_hand_computed(omni):
+    """TMRoPE written out by hand, at the released 25 positions a second and chunks of 2 s: two text
+    tokens, then a video of 2 temporal groups of 1x2 merged tokens at 2 s a group (temporal 0 and
+    50) with 3 tokens of its own sound. Layout: video chunk 0 (2 tokens), audio chunk 0 (all 3),
+    video chunk 1. <|vision_bos|><|audio_bos|> share position 2; video and audio both start at 3,
+    audio one position a token in all three; <|audio_eos|><|vision_eos|> share max + 1 = 54."""
+    model, tok = omni
+    cfg, t = model.config, 11
+    V, A, vb, ab, ae, ve = omni_ids(cfg)
+    ids = [t, t, vb, ab, V, V, A, A, A, V, V, ae, ve, t]
+    built = M.build_prompt(tok, cfg, "Why?", "video", [[2, 2, 4]], second_per_grid=2.0, audio=3)
+    assert built[built.index(vb):built.index(ve) + 1] == ids[2:13]
+    assert M.positions(ids, [[2, 2, 4]], [2.0], cfg).T.tolist() == [
+        [0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 2],  # text, the bos pair
+        [3, 3, 3], [3, 3, 4], [3, 3, 3], [4, 4, 4], [5, 5, 5], [53, 3, 3], [53, 3, 4],  # V V A A A V V
+        [54, 54, 54], [54, 54, 54], [55, 55, 55]]  # the eos pair, text
+    # audio alone is text to TMRoPE: <|audio_bos|> A A A <|audio_eos|>, one position a token
+    assert M.positions([t, ab, A, A, A, ae, t], [], [], cfg).T.tolist() == [[k] * 3 for k in range(7)]
+
+
+def test_omni_layout_of_a_group_longer_than_a_chunk(omni):
+    """At 4 s a temporal group (0.5 fps, as long videos are sampled) a group's temporal position leaps
+    two chunks of 2 s. Qwen2.5-Omni's rule (`chunk_bounds`; transformers' processor and get_rope_index)
+    opens one chunk per token: video temporal positions 0, 0, 100, 100 chunk as [0, 0], [100], [100],
+    so 60 audio tokens (2.4 s) interleave as V2 A50 V1 A10 V1, not V2 A50 V2 A10 (chunks by time)."""
+    model, tok = omni
+    cfg = model.config
+    V, A, vb, ab, ae, ve = omni_ids(cfg)
+    assert M.chunk_bounds([0, 0, 100, 100], 50) == [(0, 2), (2, 3), (3, 4)]
+    ids = M.build_prompt(tok, cfg, "Why?", "video", [[2, 2, 4]], second_per_grid=4.0, audio=60)
+    a, b = ids.index(vb), ids.index(ve) + 1
+    assert ids[a:b] == [vb, ab] + [V] * 2 + [A] * 50 + [V] + [A] * 10 + [V] + [ae, ve]
+    s = a + 1  # video and audio start after the bos pair (text before it: one position a token)
+    expect = ([[s, s, s], [s, s, s + 1]] + [[s + k] * 3 for k in range(50)] + [[s + 100, s, s]]
+              + [[s + k] * 3 for k in range(50, 60)] + [[s + 100, s, s + 1]] + [[s + 101] * 3] * 2)
+    assert M.positions(ids, [[2, 2, 4]], [4.0], cfg)[:, a + 2:b].T.tolist() == expect
+
+
+def test_omni_temporal_index_in_transformers_arithmetic(omni):
+    """get_rope_index forms i * second_per_grid * 25 in float32: at 2/3 s a group (3 fps) group 3 is
+    at 50, in the second chunk; float64 (our Qwen2.5-VL rule's, and vLLM's) gives 49, in the first."""
+    cfg = omni[0].config
+    assert M.temporal(cfg, 4, 2 / 3).tolist() == [0, 16, 33, 50] and int(3 * (2 / 3 * 25)) == 49
+
+
+@pytest.mark.parametrize("kind,spg,seconds", [
+    (None, None, 0), ("image", None, 0), ("video", 2 / 3, 0), ("audio", None, 3.1),
+    ("audio+image", None, 3.1), ("video", 2.0, 3.1), ("video", 4.0, 7.3), ("video", 2 / 3, 4.0),
+    ("video", 31 / 14, 1.0), ("video", 1.0, 12.0)])
+def test_omni_positions_equal_get_rope_index(omni, kind, spg, seconds):
+    """Our prompt layout and positions vs transformers' get_rope_index (use_audio_in_video for a video
+    with sound; the original rule: text after a video at max + 1): text, an image, a video, audio
+    alone (beside an image too: get_rope_index's own audio branch), and videos with their sound at
+    3, 1, 0.5, 0.45 fps (a group in one chunk, leaping two, float32's 50 at 3 fps), sound shorter
+    and longer than the video."""
+    model, tok = omni
+    cfg, frames = model.config, round(100 * seconds)
+    n = int(audio_tokens(frames)) if seconds else 0
+    grid = [[4, 4, 6]] if kind == "video" else [[1, 4, 6]]
+    if kind == "audio+image":  # an audio turn, then an image turn
+        ids = M.build_prompt(tok, cfg, "Hear.", "audio", audio=n)
+        ids += M.build_prompt(tok, cfg, "See.", "image", grid)
+    else:
+        ids = M.build_prompt(tok, cfg, "Why?", kind, grid, second_per_grid=spg, audio=n)
+    vision = kind in ("video", "image", "audio+image")
+    ours = M.positions(ids, grid if vision else [], [spg or 1.0], cfg)
+    ids_t = torch.tensor([ids])
+    kw = {f"{'video' if kind == 'video' else 'image'}_grid_thw": torch.tensor(grid)} if vision else {}
+    theirs, _ = model.get_rope_index(ids_t, attention_mask=torch.ones_like(ids_t), **kw,
+                                     use_audio_in_video=kind == "video" and n > 0, audio_seqlens=torch.tensor([frames]),
+                                     second_per_grids=torch.tensor([spg or 1.0]))
+    assert torch.equal(ours, theirs[:, 0])
+    assert (ids_t == cfg.audio_token_id).sum() == n
+
+
+def test_omni_check_equals_transformers():
+    """`model.py check --hf tiny-qwen2.5-omni`: our path vs the thinker's own forward from pixels and
+    log-mels at its own positions: a video, a video with its sound (4 chunks; a group leaping two),
+    audio alone, an image, text."""
+    out = M.check("tiny-qwen2.5-omni")
+    diffs = {k: v for k, v in out.items() if k.endswith("max_abs_diff")}
+    kinds = ("visual_embeds", "audio_embeds", "logits_video", "logits_video_audio", "logits_audio",
+             "logits_image", "logits_text")
+    assert sorted(diffs) == sorted(f"{k}_max_abs_diff" for k in kinds)
+    assert max(diffs.values()) <= 1e-5, diffs
+
+
+def test_omni_encode_audio_of_padded_clips_equals_each_alone(omni):
+    """Clips of 3.1 s and 1.3 s in one batch, the shorter padded with garbage its mask drops: the
+    same embeddings as each encoded alone, in order (the tower's 2 s windows are per clip), up to
+    fp32 rounding of other batch shapes (3e-6 seen)."""
+    model = omni[0]
+    a, b = M.random_audio(3.1, seed=1), M.random_audio(1.3, seed=2)
+    feats = torch.randn(2, 128, 310)
+    feats[0], feats[1, :, :130] = a["input_features"][0], b["input_features"][0]
+    mask = (torch.arange(310) < torch.tensor([[310], [130]])).long()
+    with torch.no_grad():
+        both = M.encode_audio(model, feats, mask)
+        alone = [M.encode_audio(model, x["input_features"], x["feature_attention_mask"]) for x in (a, b)]
+    assert both.shape == (77 + 32, model.config.text_config.hidden_size)
+    assert (both - torch.cat(alone)).abs().max() <= 1e-5
+
+
+def test_omni_splice_rejects_audio_count_mismatch(omni):
+    model, tok = omni
+    ids = torch.tensor([M.build_prompt(tok, model.config, "?", "audio", audio=5)])
+    with pytest.raises(ValueError, match="5 audio pad tokens but 4 audio embeddings"):
+        M.splice(model, ids, None, torch.zeros(4, model.config.text_config.hidden_size))
+
+
+def own_thinker_config(tok):
+    """A Qwen2.5-Omni thinker config written here, not by tiny_config: untied, 4 query heads over 2 KV
+    heads, vision windows of 56 pixels, audio attention windows of 1 s (n_window 50) and time chunks
+    of 1 s, so that nothing can lean on tiny_config's values or the release's. init 0.1, as tiny's:
+    the library's 0.02 makes near-constant logits, which a wrong position barely moves."""
+    from transformers import Qwen2_5OmniThinkerConfig
+    ids = {s: tok.convert_tokens_to_ids(s) for s in M.OMNI_SPECIAL}
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=96,
+                          output_dim=128, n_window=50, initializer_range=0.1),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=128,
+                           window_size=56, fullatt_block_indexes=[1], initializer_range=0.1),
+        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6])),
+        audio_token_id=ids["<|AUDIO|>"], audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"], image_token_id=ids["<|IMAGE|>"], video_token_id=ids["<|VIDEO|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        seconds_per_chunk=1, tie_word_embeddings=False, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def omni_folders(tmp_path_factory):
+    """Folders transformers writes from own_thinker_config: a thinker alone, and a whole Qwen2.5-Omni
+    (thinker, talker, token2wav, the thinker's weights under thinker.*), with the tiny Omni tokenizer.
+    Returns their paths and the whole model's thinker."""
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+    tok, root = M.tiny_tokenizer(omni=True), tmp_path_factory.mktemp("omni")
+    torch.manual_seed(0)
+    Thinker(own_thinker_config(tok)).save_pretrained(root / "thinker")
+    talker = dict(vocab_size=64, embedding_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]))
+    talker.update({f"tts_{k}_token_id": i for i, k in enumerate(
+        ("text_start", "text_end", "text_pad", "codec_start", "codec_end", "codec_pad", "codec_mask"))})
+    token2wav = dict(
+        dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, emb_dim=16,
+                        enc_emb_dim=16, enc_dim=16, enc_channels=[16, 16, 16, 16, 48], enc_attention_channels=8,
+                        enc_se_channels=8, num_embeds=64, look_ahead_layers=[1], look_backward_layers=[0]),
+        bigvgan_config=dict(upsample_initial_channel=32, resblock_kernel_sizes=[3], upsample_rates=[2],
+                            resblock_dilation_sizes=[[1, 3, 5]], upsample_kernel_sizes=[4]))
+    whole = Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniConfig(
+        thinker_config=own_thinker_config(tok).to_dict(), talker_config=talker, token2wav_config=token2wav))
+    whole.save_pretrained(root / "whole")
+    for d in ("thinker", "whole"):
+        tok.save_pretrained(root / d)
+    return root / "thinker", root / "whole", whole.thinker
+
+
+def test_check_command_on_a_thinker_folder_written_by_transformers(omni_folders):
+    out = subprocess.run([sys.executable, "model.py", "check", "--hf", str(omni_folders[0])],
+                         capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    diffs = {k: v for k, v in res.items() if k.endswith("max_abs_diff")}
+    assert out.returncode == 0 and res["family"] == "qwen2_5_omni_thinker" and len(diffs) == 7, res
+    assert max(diffs.values()) <= 1e-5, res
+
+
+def test_load_takes_the_thinker_of_a_whole_omni_folder(omni_folders):
+    """A whole Qwen2.5-Omni folder loads as its thinker, every weight the whole model's thinker's
+    (stored under thinker.*; the talker's and token2wav's left), and passes the check."""
+    _, whole, thinker = omni_folders
+    model, _ = M.load(str(whole))
+    assert type(model) is type(thinker) and not model.config.tie_word_embeddings
+    ours, theirs = model.state_dict(), thinker.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    diffs = {k: v for k, v in M.check(str(whole)).items() if k.endswith("max_abs_diff")}
+    assert len(diffs) == 7 and max(diffs.values()) <= 1e-5, diffs
+
+
+def test_omni_saved_folder_loads_back_and_in_transformers(omni, tmp_path):
+    """Our saved thinker folder: transformers loads it (AutoModelForImageTextToText) with the same
+    logits on a video with its sound at its own positions; load reads back the same weights, the
+    tokenizer the same prompts; the feature extractor config is the release's."""
+    model, tok = omni
+    M.save(model, tok, str(tmp_path / "ckpt"))
+    from transformers import AutoFeatureExtractor, AutoModelForImageTextToText
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(loaded) is type(model)
+    s = dict(M.random_samples(model, ((2, 8, 8),))[0], **M.random_audio(2.5))
+    ids = torch.tensor([M.prompt_of(tok, model.config, s, "What do you hear?")[0]])
+    with torch.no_grad():
+        assert torch.equal(M.reference_logits(model, ids, None, s), M.reference_logits(loaded, ids, None, s))
+    model2, tok2 = M.load(str(tmp_path / "ckpt"))
+    assert model2.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert M.prompt_of(tok2, model2.config, s, "?")[0] == M.prompt_of(tok, model.config, s, "?")[0]
+    fe = AutoFeatureExtractor.from_pretrained(tmp_path / "ckpt")
+    assert (type(fe).__name__, fe.feature_size, fe.sampling_rate, fe.hop_length, fe.n_fft) == (
+        "WhisperFeatureExtractor", 128, 16000, 160, 400)
+
+
+def test_omni_kv_cache_generate_equals_recompute(omni):
+    """The engine on videos with their sound (rows of different lengths, left padding): each prompt
+    prefilled once in chunks of 7, its samples sharing the cache, vs re-running every row whole."""
+    model, tok = omni
+    samples = [dict(s, **M.random_audio(sec, seed=i)) for i, (s, sec) in
+               enumerate(zip(M.random_samples(model, ((4, 8, 8), (2, 4, 6))), (3.1, 1.3)))]
+    prompts, pos = zip(*[M.prompt_of(tok, model.config, s, "What happens?") for s in samples])
+    ids, p3, mask, _ = M.layout(prompts, pos, pad_id=tok.pad_token_id)
+    with torch.no_grad():
+        vis = torch.cat([M.encode(model, s["pixel_values"], s["grid_thw"]) for s in samples])
+        aud = torch.cat([M.encode_audio(model, s["input_features"], s["feature_attention_mask"])
+                         for s in samples])
+    embeds = M.splice(model, ids, vis, aud)
+    assert mask[1, 0] == 0
+    out = [fn(model, embeds, p3, mask, n=2, max_new=24, temperature=1.0, **gen_kwargs(tok), **kw,
+              generator=[torch.Generator().manual_seed(j) for j in range(4)])
+           for fn, kw in ((M.generate, dict(chunk=7)), (M.generate_naive, {}))]
+    assert torch.equal(out[0][0], out[1][0]) and (out[0][1] - out[1][1]).abs().max() <= 1e-5
+    assert not torch.isin(out[0][0], M.banned_ids(tok)).any() and len(M.banned_ids(tok)) == 8
