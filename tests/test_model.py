@@ -796,4 +796,5 @@ def test_omni_kv_cache_generate_equals_recompute(omni):
               generator=[torch.Generator().manual_seed(j) for j in range(4)])
            for fn, kw in ((M.generate, dict(chunk=7)), (M.generate_naive, {}))]
     assert torch.equal(out[0][0], out[1][0]) and (out[0][1] - out[1][1]).abs().max() <= 1e-5
+    assert not torch.equal(out[0][0][0], out[0][0][1])  # a prompt's 2 samples differ: the draws vary
     assert not torch.isin(out[0][0], M.banned_ids(tok)).any() and len(M.banned_ids(tok)) == 8
