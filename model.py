@@ -180,7 +180,8 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
                                            encoder_ffn_dim=2 * vision_hidden, output_dim=hidden,
                                            initializer_range=init_std),
                          audio_token_id=ids["<|AUDIO|>"], audio_start_token_id=ids["<|audio_bos|>"],
-                         audio_end_token_id=ids["<|audio_eos|>"], initializer_range=init_std)
+                         audio_end_token_id=ids["<|audio_eos|>"],
+                         initializer_range=init_std)  # the thinker's own: an untied lm_head's init
     elif family in QWEN3:
         h = head_dim // 2
         text.update(head_dim=head_dim, rope_parameters=dict(
