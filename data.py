@@ -3,6 +3,7 @@
     python data.py probe VIDEO --frames 32   # decode, preprocess; its audio; last line JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
     python data.py synth --out data/synth --n 1000 --frames 256 --seed 0  # videos/*.mp4, {train,test}.jsonl
+    python data.py synth --out data/sound --family sound --frames 64  # with a soundtrack
     python -m pytest tests/test_data.py -q
     python -m pytest tests/test_audio.py -q
 
@@ -13,6 +14,8 @@ In Python (what model.py and the training scripts use):
     x = image_inputs(path)                       # an image: one temporal patch, grid [[1, H/14, W/14]]
     rows = load_rows("data/synth/train.jsonl")   # normalized rows: a video, an image, or neither (text)
     ds = VideoDataset(rows, nframes=32, proc=model.processor_config(config))  # the family's patches
+    # a row's "audio" (a file, or "video": its own track) reaches a model that hears (Qwen2.5-Omni's
+    # proc) as input_features; VideoDataset(..., mute=True): silence instead (audio-blind control)
     ds.iter_samples(range(rank, len(ds), world))  # skips bad videos and images, counting them
     wave, info = read_audio(path, start, end)    # 16 kHz mono float32 of [start, end) s; or NoAudio
     feats, mask = audio_features(wave)           # Qwen2.5-Omni's log-mels (1, 128, n), mask (1, n)
@@ -532,9 +535,13 @@ def audio_tokens(n_frames):
 # QA rows
 
 def load_rows(path, video_root=None):
-    """jsonl rows, normalized to id, video (absolute), question, options, answer, reasoning,
-    category; other fields kept. Long-RL's fields work too (problem with the options in it, answer,
-    videos: a path or [path]). Relative video paths start at video_root, else the jsonl's folder."""
+    """jsonl rows, normalized to id, video (absolute), image, audio, question, options, answer,
+    reasoning, category; other fields kept. Long-RL's fields work too (problem with the options in
+    it, answer, videos: a path or [path]). Relative paths start at video_root, else the jsonl's
+    folder. audio (optional; absolute path or None): a file, or "video" for the video's own track
+    (normalized to the video's path): the sound of the video, or a row's only input without one.
+    Never implied: rows without the field are silent even for a model that hears (Qwen's processor
+    too takes a video's sound only when asked, use_audio_in_video)."""
     path = Path(path)
     root = Path(video_root) if video_root is not None else path.resolve().parent
     rows, seen = [], {}
@@ -574,6 +581,17 @@ def _normalize(row, where, root, default_id):
         media[k] = os.path.abspath(root / v) if v else None
     if media["video"] and media["image"]:
         raise ValueError(f"{where}: a row has a video, an image or neither, not both")
+    audio = row.get("audio")  # a file's path, or "video": the video's own track
+    if audio is not None:
+        if not isinstance(audio, str) or not audio:
+            raise ValueError(f"{where}: audio must be a file's path or \"video\" (the video's own "
+                             f"track), got {audio!r}")
+        if media["image"]:
+            raise ValueError(f"{where}: audio goes with a video or alone, not with an image")
+        if audio == "video" and not media["video"]:
+            raise ValueError(f"{where}: audio \"video\" asks for the video's own track, and "
+                             "the row has no video")
+        audio = media["video"] if audio == "video" else os.path.abspath(root / audio)
     question = row.pop("problem", None) if "question" not in row else row["question"]
     for name, value in (("question", question), ("answer", row.get("answer"))):
         if value is None or value == "":
@@ -586,7 +604,7 @@ def _normalize(row, where, root, default_id):
         raise ValueError(f"{where}: answer {answer!r} is not one of the option letters "
                          f"{LETTERS[:len(options)]}")
     rid = row.get("id")
-    row.update(id=default_id if rid is None or rid == "" else str(rid), **media,
+    row.update(id=default_id if rid is None or rid == "" else str(rid), **media, audio=audio,
                question=str(question), options=options, answer=answer,
                reasoning=str(row.get("reasoning") or ""), category=str(row.get("category") or ""))
     return row
@@ -662,13 +680,28 @@ class VideoDataset:
     and normalization; see `preprocess`). ds[i] raises VideoError; iter_samples skips bad videos
     and images and records them. Rows with neither are text only. sp: (rank in the SP group, SP
     degree) to keep only that rank's share of each video's pixel rows (video_inputs; mr_sp.encode
-    encodes it); images stay whole on every rank."""
+    encodes it); images stay whole on every rank.
+
+    Sound: a model hears when proc has an audio feature extractor (model.processor_config gives
+    Qwen2.5-Omni's). Then a video row with audio gets input_features and feature_attention_mask
+    (audio_features) of its [0, total_frames / video_fps) s: the clip the sampled frames are spread
+    over, which their grid spans (Qwen's own loader takes the track from video_start to video_end,
+    default the whole: the same but for a track running past the last frame), whole on every SP
+    rank; a row with audio alone, kind "audio" and the whole file. Audio that is missing, corrupt
+    or absent (NoAudio) makes a bad sample, never a silent one. A model that does not hear gets a
+    video row's frames alone (it warns once) and skips a row of audio alone. mute: the features of
+    silence as long as the sound (decoded all the same, so the same samples are skipped): the
+    audio-blind control."""
 
     def __init__(self, rows, nframes=32, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
-                 skip_bad=True, reader=None, proc=None, sp=None):
+                 skip_bad=True, reader=None, proc=None, sp=None, mute=False):
         self.rows, self.nframes, self.fps, self.reader, self.proc = rows, nframes, fps, reader, proc
         self.sp = sp if sp and sp[1] > 1 else None
         self.max_pixels, self.min_pixels, self.skip_bad = max_pixels, min_pixels, skip_bad
+        self.hears, self.mute = "feature_extractor_type" in (proc or {}), mute
+        if not self.hears and any(r.get("audio") for r in rows):
+            warnings.warn("rows ask for audio, and this model does not hear: their videos are "
+                          "shown without their sound", stacklevel=2)
         self.bad = []  # (id, reason), one entry per bad sample
         self._bad_ids = set()
 
@@ -683,11 +716,27 @@ class VideoDataset:
         row = self.rows[i]
         size = dict(max_pixels=self.max_pixels, min_pixels=self.min_pixels, proc=self.proc)
         if row.get("video"):
-            return {**row, **video_inputs(row["video"], self.nframes, self.fps, reader=self.reader,
-                                          sp=self.sp, **size)}
-        if row.get("image"):
+            x = video_inputs(row["video"], self.nframes, self.fps, reader=self.reader, sp=self.sp,
+                             **size)
+            fps = x["info"]["video_fps"]  # unknown (0): the whole track
+            end = x["info"]["total_frames"] / fps if fps else None
+        elif row.get("image"):
             return {**row, **image_inputs(row["image"], **size)}
-        return {**row, "kind": None}  # text only
+        elif row.get("audio"):
+            if not self.hears:
+                raise VideoError(row["audio"], "audio alone, and this model does not hear")
+            x, end = {"kind": "audio"}, None
+        else:
+            return {**row, "kind": None}  # text only
+        if row.get("audio") and self.hears:
+            x.update(self.sound(row["audio"], end))
+        return {**row, **x}
+
+    def sound(self, path, end=None):
+        """input_features, feature_attention_mask of [0, end) s of path's audio (mute: silence)."""
+        wave, _ = read_audio(path, end=end)
+        return dict(zip(("input_features", "feature_attention_mask"),
+                        audio_features(np.zeros_like(wave) if self.mute else wave)))
 
     def iter_samples(self, indices=None):
         """Yield samples in the given order, skipping (never replacing) those whose video fails."""
@@ -788,8 +837,9 @@ def synth_frames(sc, n_frames, size, rng):
     return video.clip(0, 255).round().astype(np.uint8)
 
 
-def write_mp4(path, frames, fps):
-    """H.264 (mpeg4 if this PyAV has no H.264 encoder), yuv420p; frame sides must be even."""
+def write_mp4(path, frames, fps, audio=None):
+    """H.264 (mpeg4 if this PyAV has no H.264 encoder), yuv420p; frame sides must be even. audio: a
+    16 kHz mono float wave, muxed as AAC (ffmpeg's own encoder, in every PyAV build)."""
     import av
     h264 = "libx264" in av.codecs_available
     with av.open(str(path), "w") as c:
@@ -797,16 +847,29 @@ def write_mp4(path, frames, fps):
         s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
         # near-lossless either way: event colors must stay clear after yuv420 and decoding
         s.options = {"crf": "12", "preset": "veryfast"} if h264 else {"b": "4M"}
+        if audio is not None:  # every stream is added before the first packet writes the header
+            a = c.add_stream("aac", rate=AUDIO_RATE, layout="mono")
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode())
+        if audio is not None:
+            for i in range(0, len(audio), 1024):  # AAC's frame size
+                f = av.AudioFrame.from_ndarray(audio[None, i:i + 1024], "fltp", "mono")
+                f.sample_rate, f.pts = AUDIO_RATE, i
+                c.mux(a.encode(f))
+            c.mux(a.encode())
 
 
 # Two more task families, unlike "flash" above: answers as words, numbers and yes/no as well as
 # letters, a moving square as well as flashes, and a category that needs frames far apart. "motion"
 # is checked beside "flash" when defaults change; "aside" is kept for a final check, not tuned on.
+# "sound" has a soundtrack: three categories only it answers (the screen shows nothing), and
+# "flashes", which only the frames answer (the sound is a faint hiss): with the audio silenced the
+# first three fall to chance and "flashes" should not move. "beeps" and "flashes" are one count at
+# the same times, heard or seen.
 FAMILIES = {"flash": CATEGORIES, "motion": ["direction", "count", "when", "return"],
-            "aside": ["longest", "corner", "jumps", "after"]}
+            "aside": ["longest", "corner", "jumps", "after"],
+            "sound": ["beeps", "pitch", "heard_when", "flashes"]}
 SIDES = {"left": (0.5, 0), "right": (0.5, 1), "top": (0, 0.5), "bottom": (1, 0.5)}  # (row, col)
 CORNERS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 DIRECTIONS = {"right": "left", "left": "right", "down": "top", "up": "bottom"}  # way: its first side
@@ -814,14 +877,19 @@ QUARTERS = [f"in the {q} quarter" for q in ("first", "second", "third", "last")]
 
 
 def motion_scenario(rng, category, n):
-    """One video of n frames as drawing instructions: flashes [(start, length, color)], the square's
-    (row, col) per frame (0..1 of the free space) or None; its question, options (empty: the answer
-    is the choice itself), choices, answer index and trace(claim) ending in choice `claim`."""
+    """One video of n frames as drawing and sound instructions: flashes [(start, length, color)],
+    the square's (row, col) per frame (0..1 of the free space) or None, beeps [(start, length, Hz)]
+    (the sound family); its question, options (empty: the answer is the choice itself), choices,
+    answer index and trace(claim) ending in choice `claim`."""
     cols, names = list(COLORS), list(CORNERS)
 
-    def qa(question, choices, answer, trace, lettered=False, flash=(), square=None):
+    def qa(question, choices, answer, trace, lettered=False, flash=(), square=None, beeps=()):
         return dict(question=question, choices=choices, answer=answer, trace=trace,
-                    options=choices if lettered else [], flash=list(flash), square=square)
+                    options=choices if lettered else [], flash=list(flash), square=square,
+                    beeps=list(beeps))
+
+    def hz():  # a beep's pitch: not what its question asks, so drawn anew for each
+        return float(rng.uniform(500, 1000))
 
     def steady(corner):  # (n, 2): the square in one corner throughout
         return np.tile(CORNERS[corner], (n, 1)).astype(float)
@@ -896,6 +964,35 @@ def motion_scenario(rng, category, n):
                   "number.", ["0", "1", "2", "3"], k,
                   lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.",
                   square=square)
+    if category in ("beeps", "flashes"):  # one count, heard or seen: k of 8 equal slots, each event
+        # in the middle half of its slot, so 24 or more uniform frames see every flash (checked for
+        # 32 to 3,000 frames; 18 miss some at 36 to 71 frames)
+        k, m = int(rng.integers(1, 5)), n // 8
+        at = [(m * s + m // 4, m // 2) for s in sorted(rng.choice(8, k, replace=False))]
+        if category == "flashes":
+            return qa("The screen flashes now and then. How many flashes are there? Answer with a "
+                      "number.", ["1", "2", "3", "4"], k - 1,
+                      lambda c: f"I count {c + 1} flash{'es' * (c > 0)}, so the answer is {c + 1}.",
+                      flash=[(t, d, cols[rng.integers(len(cols))]) for t, d in at])
+        return qa("Listen: a beep sounds now and then. How many beeps are there? Answer with a "
+                  "number.", ["1", "2", "3", "4"], k - 1,
+                  lambda c: f"I hear {c + 1} beep{'s' * (c > 0)}, so the answer is {c + 1}.",
+                  beeps=[(t, d, hz()) for t, d in at])
+    if category == "pitch":  # a high tone (1.2-2.4 kHz) and a low one (200-400 Hz), one in each half
+        first, m, said = int(rng.integers(2)), n // 8, ["high", "low"]  # first 0: the high tone
+        high, low = float(rng.uniform(1200, 2400)), float(rng.uniform(200, 400))
+        at = [int(rng.integers(1, n // 2 - m)), int(rng.integers(n // 2, n - m))]
+        return qa("Two tones sound one after the other, one high and one low. Which comes first? "
+                  "Answer high or low.", said, first,
+                  lambda c: f"The first tone is {said[c]} and the second {said[1 - c]}, so the "
+                            f"answer is {said[c]}.",
+                  beeps=[(at[0], m, [high, low][first]), (at[1], m, [low, high][first])])
+    if category == "heard_when":  # "when" heard, not seen
+        q = int(rng.integers(4))
+        return qa("A beep sounds once. When?", QUARTERS, q,
+                  lambda c: f"The beep comes {QUARTERS[c]} of the video, so the answer is "
+                            f"{LETTERS[c]}.", lettered=True,
+                  beeps=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, hz())])
     if category != "after":
         raise ValueError(f"unknown task category {category!r}: one of {FAMILIES}")
     order = [OPTION_COLORS[j] for j in rng.permutation(4)]
@@ -926,6 +1023,20 @@ def motion_frames(sc, n_frames, size, rng):
     return video.clip(0, 255).round().astype(np.uint8)
 
 
+def sound_wave(sc, n_frames, fps, rng):
+    """float32 (n_frames / fps seconds at 16 kHz,): a faint hiss and the scenario's beeps (start,
+    length in frames, Hz), sines at 0.5 with 5 ms fades (a hard edge clicks: a burst of every
+    frequency)."""
+    per = AUDIO_RATE / fps  # samples a frame
+    wave = rng.normal(0, 0.005, round(n_frames * per))
+    for start, length, hz in sc["beeps"]:
+        a, b = round(start * per), round((start + length) * per)
+        t = np.arange(b - a) / AUDIO_RATE
+        fade = np.minimum(1, np.minimum(t, t[::-1]) / 0.005)
+        wave[a:b] += 0.5 * fade * np.sin(2 * np.pi * hz * t)
+    return wave.astype(np.float32)
+
+
 def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, noise=0.0,
           family="flash"):
     """Write out/videos/*.mp4, out/{train,test}.jsonl. Video i depends only on (seed, i)."""
@@ -952,8 +1063,9 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
         else:
             sc = motion_scenario(rng, category, n_frames)
             frames = motion_frames(sc, n_frames, size, rng)
+        sound = sound_wave(sc, n_frames, fps, rng) if family == "sound" else None
         video = f"videos/{i:06d}.mp4"
-        write_mp4(out / video, frames, fps)
+        write_mp4(out / video, frames, fps, sound)
         split = "test" if i >= n - n_test else "train"
         claim, noisy = sc["answer"], np.random.default_rng([seed, i, 1])
         if split == "train" and noisy.random() < noise:  # own stream: noise leaves videos alone
@@ -965,6 +1077,8 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
                    trace_correct=claim == sc["answer"], frames=n_frames, fps=fps)
         if claim != sc["answer"]:
             row["trace_answer"] = said(claim)
+        if sound is not None:
+            row["audio"] = "video"  # its own track
         splits[split].append(json.dumps(row))
     for split, lines in splits.items():
         (out / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -1047,7 +1161,8 @@ def main(argv=None):
     s.add_argument("--n-test", type=int, default=None, help="test videos (overrides --test-frac)")
     s.add_argument("--family", default="flash", choices=list(FAMILIES),
                    help="flash (the default task), motion (words, numbers, yes/no; a moving square), "
-                   "aside (kept for a final check of defaults); default flash")
+                   "aside (kept for a final check of defaults), sound (a soundtrack: 3 categories "
+                   "only it answers, 1 only the frames); default flash")
     s.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="fraction of train traces "
                    f"reasoning to a wrong trace_answer (true answer kept); default {DEFAULT_NOISE}")
     args = p.parse_args(argv)

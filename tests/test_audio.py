@@ -1,5 +1,6 @@
 """Tests for data.py's audio (Qwen2.5-Omni's thinker hears the video): read_audio, audio_features,
-audio_tokens and the probe's audio line.
+audio_tokens, the probe's audio line, rows with an audio field and the samples VideoDataset makes of
+them.
 
     python -m pytest tests/test_audio.py -q
 
@@ -8,6 +9,7 @@ processor calls it. Clips with sound are muxed here with PyAV (known tones); the
 ../shared/videos are checked too when that folder exists.
 """
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import model as M  # noqa: E402
 from data import NoAudio, VideoError  # noqa: E402
 
 VIDEOS = ROOT.parent / "shared" / "videos"
@@ -280,3 +283,159 @@ def test_probe_reports_audio(clips, capsys):
     assert data.main(["probe", clips["silent_film.mp4"], "--frames", "2"]) == 0
     out = capsys.readouterr().out
     assert "no audio" in out and json.loads(out.strip().splitlines()[-1])["audio"] is None
+
+
+# -----------------------------------------------------------------------------
+# rows with audio, and the samples a dataset makes of them
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def qa(id, **media):
+    return dict(id=id, question="What is heard?", answer="A", options=["x", "y"], **media)
+
+
+def junk_audio(src, out):
+    """src's streams copied, every audio packet's bytes replaced by junk: the video decodes, the
+    sound does not."""
+    rng = np.random.default_rng(0)
+    with av.open(src) as i, av.open(str(out), "w") as o:
+        vi, ai = i.streams.video[0], i.streams.audio[0]
+        vo, ao = o.add_stream_from_template(vi), o.add_stream_from_template(ai)
+        for p in i.demux():
+            if p.dts is None:  # the demuxer's flush packets
+                continue
+            if p.stream is ai:
+                q = av.Packet(rng.bytes(p.size))
+                q.pts, q.dts, q.time_base, q.stream = p.pts, p.dts, p.time_base, ao
+                o.mux(q)
+            else:
+                p.stream = vo
+                o.mux(p)
+    return str(out)
+
+
+OMNI_PROC = M.processor_config(M.tiny_config(M.tiny_tokenizer(omni=True), M.OMNI))
+VL_PROC = M.processor_config(M.tiny_config(M.tiny_tokenizer(), "qwen2_5_vl"))
+
+
+def test_rows_audio_field(tmp_path):
+    f = write_rows(tmp_path / "qa.jsonl", [
+        qa("own", video="v/a.mp4", audio="video"), qa("file", video="v/a.mp4", audio="s/a.wav"),
+        qa("alone", audio="/abs/a.wav"), qa("none", video="v/a.mp4")])
+    rows = data.load_rows(f, video_root="/videos")
+    assert [r["audio"] for r in rows] == ["/videos/v/a.mp4", "/videos/s/a.wav", "/abs/a.wav", None]
+
+
+@pytest.mark.parametrize("media,message", [
+    (dict(video="a.mp4", audio=3), 'audio must be a file\'s path or "video"'),
+    (dict(video="a.mp4", audio=["a.wav"]), 'audio must be a file\'s path or "video"'),
+    (dict(video="a.mp4", audio=""), 'audio must be a file\'s path or "video"'),
+    (dict(image="a.png", audio="a.wav"), "not with an image"),
+    (dict(audio="video"), "the row has no video"),
+])
+def test_malformed_audio_field_names_the_row(tmp_path, media, message):
+    f = write_rows(tmp_path / "bad.jsonl", [qa("q1", video="a.mp4"), qa("q2", video="b.mp4"),
+                                            qa("q3", **media)])
+    with pytest.raises(ValueError, match=re.escape(f"{f}:3: ") + ".*" + re.escape(message)):
+        data.load_rows(f)
+
+
+@pytest.fixture(scope="module")
+def omni():
+    return M.load("tiny-qwen2.5-omni")
+
+
+def test_dataset_gives_the_thinker_the_rows_sound(clips, tmp_path, omni):
+    """A row with a video and its own track: the frames, and the features of [0, frames / fps) of
+    the track (long_track.mp4's runs 2.3 s past its 18 frames at 8 fps: 2.25 s); a row of audio
+    alone: the whole file. The tiny Omni thinker's prompt has one <|AUDIO|> per audio_tokens of the
+    mel frames, and transformers' own forward from these features equals ours."""
+    model, tok = omni
+    long = mux(tmp_path / "long_track.mp4", tone(2.3, 440, rate=48000), rate=48000)
+    f = write_rows(tmp_path / "qa.jsonl", [qa("own", video=long, audio="video"),
+                                           qa("alone", audio=clips["song.wav"]),
+                                           qa("silent", video=clips["silent_film.mp4"])])
+    ds = data.VideoDataset(data.load_rows(f), nframes=8, proc=M.processor_config(model.config))
+    own, alone, silent = ds.iter_samples()
+    assert ds.n_bad == 0 and [s["kind"] for s in ds.iter_samples()] == ["video", "audio", "video"]
+    assert "input_features" not in silent  # the row does not ask for sound
+    assert len(data.read_audio(long)[0]) >= 2.3 * RATE  # the track runs past the video
+    for s, seconds in ((own, 2.25), (alone, 2.0)):
+        wave, _ = data.read_audio(s["audio"], end=None if s is alone else seconds)
+        feats, mask = data.audio_features(wave)
+        assert torch.equal(s["input_features"], feats)
+        assert torch.equal(s["feature_attention_mask"], mask)
+        assert int(mask.sum()) == round(seconds * 100)
+        ids, pos = M.prompt_of(tok, model.config, s, data.question_text(s))
+        ids = torch.tensor([ids])
+        n_audio = int((ids == model.config.audio_token_id).sum())
+        assert n_audio == data.audio_tokens(int(mask.sum())) == round(seconds * 25)
+        assert int((ids == model.config.video_token_id).sum()) == (
+            int(s["grid_thw"].prod()) // 4 if s is own else 0)
+        with torch.no_grad():
+            aud = M.encode_audio(model, s["input_features"], s["feature_attention_mask"])
+            vis = M.encode(model, s["pixel_values"], s["grid_thw"]) if s is own else None
+            ours = model.lm_head(M.forward(model, M.splice(model, ids, vis, aud), pos[:, None]))
+            theirs = M.reference_logits(model, ids, None, s)
+        assert len(aud) == n_audio and (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_model_that_does_not_hear(clips, tmp_path):
+    """Qwen2.5-VL's proc has no feature extractor: a video row asking for sound gets its frames
+    alone (with one warning when the dataset is made), a row of audio alone is skipped, counted."""
+    rows = data.load_rows(write_rows(tmp_path / "qa.jsonl", [
+        qa("own", video=clips["pitch.mp4"], audio="video"), qa("alone", audio=clips["song.wav"])]))
+    with pytest.warns(UserWarning, match="does not hear"):
+        ds = data.VideoDataset(rows, nframes=8, proc=VL_PROC)
+    with pytest.warns(UserWarning, match="skipping sample alone"):
+        got = list(ds.iter_samples())
+    assert [s["id"] for s in got] == ["own"] and "input_features" not in got[0]
+    assert [i for i, _ in ds.bad] == ["alone"] and "does not hear" in ds.bad[0][1]
+
+
+@pytest.mark.parametrize("mute", [False, True])
+def test_rows_whose_sound_fails_are_skipped_and_counted(clips, tmp_path, mute):
+    """A row asking for the track of a silent video (NoAudio), for a corrupt audio stream or a
+    missing file: skipped and counted, never given its frames without its sound; muted, the same
+    rows (the audio-blind control runs on the same questions)."""
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(np.random.default_rng(1).bytes(20_000))
+    pitch = clips["pitch.mp4"]
+    rows = data.load_rows(write_rows(tmp_path / "qa.jsonl", [
+        qa("good", video=pitch, audio="video"),
+        qa("silent", video=clips["silent_film.mp4"], audio="video"),
+        qa("corrupt stream", video=junk_audio(pitch, tmp_path / "junk_track.mp4"), audio="video"),
+        qa("corrupt file", video=pitch, audio=str(junk)),
+        qa("gone", video=pitch, audio=str(tmp_path / "gone.wav")),
+        qa("no sound asked", video=clips["silent_film.mp4"])]))
+    ds = data.VideoDataset(rows, nframes=8, proc=OMNI_PROC, mute=mute)
+    with pytest.warns(UserWarning) as caught:
+        got = list(ds.iter_samples())
+    assert [s["id"] for s in got] == ["good", "no sound asked"]
+    assert [i for i, _ in ds.bad] == ["silent", "corrupt stream", "corrupt file", "gone"]
+    assert len(caught) == 4
+    why = dict(ds.bad)
+    assert why["silent"] == f"{clips['silent_film.mp4']}: no audio stream"
+    assert "PyAV failed on its audio" in why["corrupt stream"] and why["corrupt stream"].startswith(
+        str(tmp_path / "junk_track.mp4"))
+    assert why["corrupt file"].startswith(f"{junk}: ") and "no such file" in why["gone"]
+    assert data.read_video(rows[2]["video"], nframes=8)[0].shape[0] == 8  # its frames do decode
+
+
+def test_mute_gives_the_features_of_silence(clips, tmp_path):
+    """mute: features of an all-zero wave as long as the sound, the same mask; the same frames."""
+    rows = data.load_rows(write_rows(tmp_path / "qa.jsonl", [
+        qa("own", video=clips["pitch.mp4"], audio="video"), qa("alone", audio=clips["song.wav"])]))
+    heard = list(data.VideoDataset(rows, nframes=8, proc=OMNI_PROC).iter_samples())
+    muted = list(data.VideoDataset(rows, nframes=8, proc=OMNI_PROC, mute=True).iter_samples())
+    for h, m in zip(heard, muted):
+        n = int(h["feature_attention_mask"].sum())
+        assert m["input_features"].shape == h["input_features"].shape == (1, 128, n)
+        assert torch.equal(m["feature_attention_mask"], h["feature_attention_mask"])
+        silence = data.audio_features(np.zeros(n * 160, np.float32))[0]
+        assert torch.equal(m["input_features"], silence)
+        assert h["input_features"].std() > 0.1  # the heard ones are not silence
+    assert torch.equal(heard[0]["pixel_values"], muted[0]["pixel_values"])

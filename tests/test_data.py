@@ -347,7 +347,7 @@ def oracle(row, frames):
         return max(set(corner), key=corner.count)
     if cat == "jumps":
         return str(sum(a != b for a, b in zip(corner, corner[1:])))
-    if cat == "count":
+    if cat in ("count", "flashes"):
         return str(len(runs))
     if cat == "when":
         return data.LETTERS[next(i for i, c in enumerate(seq) if c) * 4 // len(seq)]
@@ -397,6 +397,60 @@ def test_other_task_families_answer_from_pixels(tmp_path, family):
         assert data.reward(data.target_text(row), row)["accuracy"] == row["trace_correct"]
     assert any(not r["options"] and r["answer"].isdigit() for r in rows)  # a number to answer
     assert any(not r["trace_correct"] for r in rows)
+
+
+def beeps_heard(wave):
+    """[start, end) samples of each sound well above the hiss, found by energy in 10 ms windows."""
+    loud = np.sqrt((wave[:len(wave) // 160 * 160].reshape(-1, 160) ** 2).mean(1)) > 0.1
+    edges = np.flatnonzero(np.diff(np.r_[0, loud.astype(int), 0])) * 160
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def listener(row, wave):
+    """The answer a perfect listener of the decoded 16 kHz track gives, from the sound alone."""
+    beeps, cat = beeps_heard(wave), row["category"]
+    if cat == "beeps":
+        return str(len(beeps))
+    if cat == "heard_when":  # the onset's quarter of the clip
+        (start, _), = beeps
+        return data.LETTERS[int(4 * start / (row["frames"] / row["fps"] * 16000))]
+    assert cat == "pitch"
+    hz = [np.abs(np.fft.rfft(wave[a:b])).argmax() * 16000 / (b - a) for a, b in beeps]
+    return "high" if hz[0] > hz[1] else "low"
+
+
+def test_sound_family_answers_from_the_soundtrack(tmp_path):
+    """The sound family's mp4s carry a 16 kHz AAC track. Its audio categories are answered by a
+    listener to the decoded track, and the frames show nothing (no flash, no square); its video
+    category ("flashes") is answered from the pixels, and the track holds no beep. Traces as in the
+    other families; answers uniform; the same seed writes the same files."""
+    data.synth(tmp_path / "a", n=16, n_frames=64, seed=5, n_test=4, noise=0.5, family="sound")
+    rows = [r for s in ("train", "test") for r in data.load_rows(tmp_path / "a" / f"{s}.jsonl")]
+    assert sorted({r["category"] for r in rows}) == sorted(data.FAMILIES["sound"])
+    for row in rows:
+        assert row["audio"] == row["video"]  # "video": its own track
+        wave, info = data.read_audio(row["audio"])
+        assert info["codec"] == "aac" and info["sample_rate"] == 16000
+        assert 0 <= len(wave) - 8 * 16000 < 1024  # 8 s; AAC may pad its last frame of 1024 samples
+        frames = data.read_video(row["video"], nframes=24)[0]  # the fewest that see every flash
+        flashes = oracle(dict(row, category="flashes"), frames)  # what a viewer counts
+        if row["category"] == "flashes":
+            assert flashes == row["answer"] and beeps_heard(wave) == [], row
+        else:
+            assert listener(row, wave) == row["answer"], row
+            assert flashes == "0" and not (frames > 230).all(-1).any(), row  # nothing to see
+        said = row.get("trace_answer", row["answer"])
+        assert row["reasoning"].endswith(f" {said}.")
+        assert (said == row["answer"]) == row["trace_correct"]
+    assert any(not r["trace_correct"] for r in rows)
+    rng = np.random.default_rng(0)
+    for cat in ("beeps", "pitch", "heard_when"):
+        answers = [data.motion_scenario(rng, cat, 64)["answer"] for _ in range(400)]
+        k = max(answers) + 1
+        assert all(abs(answers.count(j) - 400 / k) < 60 for j in range(k)), np.bincount(answers)
+    data.synth(tmp_path / "b", n=16, n_frames=64, seed=5, n_test=4, noise=0.5, family="sound")
+    for f in sorted((tmp_path / "a").rglob("*.*")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes(), f
 
 
 def test_synth_answers_from_pixels(synth64):
