@@ -9,17 +9,20 @@
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the row's video, image or no visual input, and question, averaged over the global batch's
-target tokens. Validation: every --eval-every steps, --val rows SFT does not train on (with --part
-sft, rows of the RL part) get their loss, the mean entropy of the model's next-token distribution
-over the target, and greedy answers graded by the task's reward (accuracy, by category). A small
-dataset can be learned by heart (training loss near 0) while held-out answers get worse, and a hard
-one still improves after many epochs: model/ is the step with the lowest validation loss, not the
-last (accuracy on a few hundred rows moves by several points between evaluations; the loss is
-smooth), and the run stops after --patience validations without a lower one. Writes --out: model/
-(HF folder: the best step, its numbers in val.json; the last step's without --val), last/ (the last
-checkpoint, with state.pt: optimizer, step, for --resume), args.json, plan.json (the run's memory
-plan, made from the config at start: mr_sp.plan_start), metrics.jsonl (a line per step; "val_*"
-lines per validation); the same with --fsdp.
+target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`), a
+target the video decides, then on the traces, under one learning-rate schedule. Validation: every
+--eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL part) get
+their loss, the mean entropy of the model's next-token distribution over the target, and greedy
+answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
+heart (training loss near 0) while held-out answers get worse, and a hard one still improves after
+many epochs: model/ is the step with the lowest validation loss, not the last (accuracy on a few
+hundred rows moves by several points between evaluations; the loss is smooth), and the run stops
+after --patience validations without a lower one (validations of the bare answers, other targets,
+are logged and count for neither).
+Writes --out: model/ (HF folder: the best step, its numbers in val.json; the last step's without
+--val), last/ (the last checkpoint, with state.pt: optimizer, step, for --resume), args.json,
+plan.json (the run's memory plan, made from the config at start: mr_sp.plan_start), metrics.jsonl
+(a line per step; "val_*" lines per validation); the same with --fsdp.
 """
 import argparse
 import collections
@@ -53,8 +56,13 @@ g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
                help="vision tower: auto trains tiny's (random init), freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
-g.add_argument("--epochs", type=float, default=6, help="passes over the rows, sets --steps; default 6")
-g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --epochs over the rows")
+g.add_argument("--epochs", type=float, default=6, help="passes over the rows with reasoning traces; "
+               "default 6")
+g.add_argument("--answer-epochs", type=float, default=0, help="passes with bare answers "
+               "(<answer>X</answer>) before the --epochs with traces: for a model that does not read "
+               "the video (a category at chance while the loss falls); default 0")
+g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --answer-epochs plus "
+               "--epochs over the rows (the phases keep their shares of --steps)")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
 g.add_argument("--micro-batch", type=int, default=None,
                help="samples per pass (accumulated); default: 16 on CPU, on a GPU the largest "
@@ -119,10 +127,16 @@ def split_val(rows, part, n):
     return train[:len(train) - n], train[len(train) - n:]
 
 
-def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH):
+def target_tokens(tok, s, end, bare=False):
+    """The assistant's tokens SFT trains on: the reasoning trace and answer, or (bare) the answer."""
+    text = f"<answer>{s['answer']}</answer>" if bare else D.target_text(s)
+    return tok.encode(text, add_special_tokens=False) + [end]
+
+
+def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH, bare=False):
     """Sums over this data-parallel rank's validation rows (SP peers run the same): the target's
-    negative log-likelihood, entropy and tokens (teacher-forced), greedy answers' accuracy and format
-    (the task's reward), per category too."""
+    (target_tokens) negative log-likelihood, entropy and tokens (teacher-forced), greedy answers'
+    accuracy and format (the task's reward), per category too."""
     names = ["nll", "entropy", "tokens", "correct", "format", "rows"]
     sums = collections.Counter({k: 0.0 for k in names + [f"{k}_{c}" for c in categories
                                                          for k in ("correct", "rows")]})
@@ -133,7 +147,7 @@ def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH):
             if not samples:
                 continue
             prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
-            targets = [tok.encode(D.target_text(s), add_special_tokens=False) + [end] for s in samples]
+            targets = [target_tokens(tok, s, end, bare) for s in samples]
             for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
                 lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)],
                                                        group=par.group)
@@ -174,7 +188,11 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start = state["step"]
     rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
-    args.steps = args.steps or math.ceil(args.epochs * len(rows) / args.batch)
+    epochs = args.answer_epochs + args.epochs
+    args.steps = args.steps or math.ceil(epochs * len(rows) / args.batch)
+    # A model from scratch can learn to read the video from the answer alone where a trace's many
+    # tokens the video does not decide drown it out (README: the tiny model on `motion`)
+    args.answer_steps = round(args.steps * args.answer_epochs / epochs) if epochs else 0
     args.eval_every = args.eval_every or max(1, args.steps // 10)
     # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
@@ -187,7 +205,8 @@ def main(args):
     if par.rank == 0:
         mr_sp.open_log(args, start)
         print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {args.steps} "
-              f"steps ({args.steps * args.batch / len(rows):.1f} epochs), {len(val)} validation rows, "
+              f"steps ({args.steps * args.batch / len(rows):.1f} epochs; {args.answer_steps} with bare "
+              f"answers, then traces), {len(val)} validation rows, "
               f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
@@ -214,12 +233,12 @@ def main(args):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft",
                          disable=par.rank != 0):
             t0 = time.time()
+            bare = step < args.answer_steps
             samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
             items = []
             for s in samples:
                 prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s))
-                target = tok.encode(D.target_text(s), add_special_tokens=False) + [end]
-                items.append((s, prompt, pos, target, 1.0))
+                items.append((s, prompt, pos, target_tokens(tok, s, end, bare), 1.0))
             if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's
                 # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
                 items += [items[0][:4] + (0.0,)] * (args.batch // par.dp - len(items))
@@ -249,20 +268,23 @@ def main(args):
             if val and ((step + 1) % args.eval_every == 0 or last):
                 model.eval()
                 v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories,
-                                                 end), par.group)
+                                                 end, bare=bare), par.group)
                 model.train()
                 n_rows, n_tok = max(v["rows"], 1.0), max(v["tokens"], 1.0)
-                rec = dict(step=step + 1, val_loss=v["nll"] / n_tok, val_acc=v["correct"] / n_rows,
+                rec = dict(step=step + 1, val_target="answer" if bare else "trace",
+                           val_loss=v["nll"] / n_tok, val_acc=v["correct"] / n_rows,
                            val_format=v["format"] / n_rows, val_entropy=v["entropy"] / n_tok,
-                           val_rows=v["rows"], val_by_category={
+                           val_rows=v["rows"], val_tokens=v["tokens"], val_by_category={
                                c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
-                better = best is None or rec["val_loss"] < best[0]
+                # the first phase's loss (of bare answers) neither picks model/ nor stops the run
+                better = not bare and (best is None or rec["val_loss"] < best[0])
                 best = (rec["val_loss"], step + 1) if better else best
                 sd = mr_sp.full_state(model)[0] if fsdp and better else None  # collective
                 if par.rank == 0:
-                    mr_sp.log_step(args.out, rec, f"val {step + 1} | loss {rec['val_loss']:.4f} | acc "
-                                   f"{rec['val_acc']:.3f} | fmt {rec['val_format']:.2f} | entropy "
-                                   f"{rec['val_entropy']:.3f} | best: step {best[1]}")
+                    mr_sp.log_step(args.out, rec, f"val {step + 1} ({rec['val_target']}) | loss "
+                                   f"{rec['val_loss']:.4f} | acc {rec['val_acc']:.3f} | fmt "
+                                   f"{rec['val_format']:.2f} | entropy {rec['val_entropy']:.3f} | "
+                                   f"best: step {best and best[1]}")
                     if better:
                         M.save(model, tok, ckpt, state_dict=sd,
                                write=lambda d: Path(d, "val.json").write_text(json.dumps(rec)))
@@ -277,7 +299,9 @@ def main(args):
                 sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
                 if par.rank == 0:
                     state = {"opt": osd, "step": step + 1, "best": best}
-                    for d in [os.path.join(args.out, "last")] + [ckpt] * (last and not val):
+                    # model/ is the last step's without a validated trace step (no --val, or
+                    # a run that ends in the first phase)
+                    for d in [os.path.join(args.out, "last")] + [ckpt] * (last and best is None):
                         M.save(model, tok, d, state_dict=sd,
                                write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
             if stop:

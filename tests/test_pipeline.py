@@ -3,6 +3,7 @@ parallel (--sp) equal one process, resume equals an uninterrupted run, faults ar
 and a short pipeline shows signs of learning.
 
     python -m pytest tests/test_pipeline.py -q"""
+import argparse
 import collections
 import json
 import os
@@ -323,12 +324,16 @@ def test_sft_keeps_the_best_validated_step(task, tmp_path):
     shutil.copytree(task, data)
     rows = (data / "train.jsonl").read_text().splitlines()[:12]  # --part sft: 4 to train, the RL part's 8 to validate
     (data / "train.jsonl").write_text("\n".join(rows) + "\n")
-    run(*SFT, "--data", str(data), "--part", "sft", "--val", "8", "--epochs", "40", "--eval-every", "5",
-        "--lr", "3e-3", "--out", str(out))
+    run(*SFT, "--data", str(data), "--part", "sft", "--val", "8", "--answer-epochs", "10", "--epochs", "40",
+        "--eval-every", "5", "--lr", "3e-3", "--out", str(out))
     m = metrics(out)
     train, val = [x for x in m if "loss" in x], [x for x in m if "val_loss" in x]
+    # the first 10 epochs' bare answers (--answer-epochs) are validated as such, and their loss, of
+    # other targets, neither picks model/ nor stops the run
+    assert [x["val_target"] for x in val[:3]] == ["answer", "answer", "trace"]
+    val = val[2:]
     best = min(val, key=lambda x: x["val_loss"])
-    assert [x["step"] for x in val] == list(range(5, best["step"] + 16, 5)) and len(train) == best["step"] + 15
+    assert [x["step"] for x in val] == list(range(15, best["step"] + 16, 5)) and len(train) == best["step"] + 15
     assert train[-1]["loss"] < 0.05 and val[-1]["val_loss"] > 1.1 * best["val_loss"]
     assert json.loads((out / "model" / "val.json").read_text()) == best
     model, tok = M.load(str(out / "model"))
@@ -338,6 +343,32 @@ def test_sft_keeps_the_best_validated_step(task, tmp_path):
                      tok.convert_tokens_to_ids("<|im_end|>"))
     assert v["nll"] / v["tokens"] == pytest.approx(best["val_loss"], rel=1e-6)
     assert max_diff(weights(out / "model"), weights(out / "last")) > 1e-3
+
+
+def test_sft_trains_bare_answers_then_traces(task, tmp_path):
+    """--answer-epochs: the run's first steps (their share of the epochs) train on the bare answer
+    (`<answer>X</answer><|im_end|>`), the rest on the reasoning trace and answer; each step's target
+    tokens, logged, equal those of its rows' targets, and the validations grade the same targets."""
+    out = tmp_path / "sft"
+    run(*SFT, "--data", task, "--steps", "4", "--answer-epochs", "1", "--epochs", "1", "--eval-every", "1",
+        "--out", str(out))
+    args = json.loads((out / "args.json").read_text())
+    assert args["answer_steps"] == 2
+    rows, val = sft.split_val(D.load_rows(Path(task, "train.jsonl")), "all", args["val"])
+    tok = M.tiny_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def n_tokens(rs, bare):
+        return sum(len(sft.target_tokens(tok, r, end, bare)) for r in rs)
+
+    m = metrics(out)
+    train, v = [x for x in m if "loss" in x], [x for x in m if "val_loss" in x]
+    for step, (x, bare) in enumerate(zip(train, [True, True, False, False])):
+        batch = [rows[i] for i in sft.batch_indices(step, argparse.Namespace(**args), len(rows), 0, 1)]
+        assert x["tokens"] == n_tokens(batch, bare) != n_tokens(batch, not bare)
+    assert [x["val_target"] for x in v] == ["answer", "answer", "trace", "trace"]
+    assert [x["val_tokens"] for x in v] == [n_tokens(val, True)] * 2 + [n_tokens(val, False)] * 2
+    assert json.loads((out / "model" / "val.json").read_text())["val_target"] == "trace"
 
 
 def test_bf16_passes_see_every_update(task, tmp_path):
