@@ -17,8 +17,9 @@ are what the plan needs; --fsdp shards weights, gradients, AdamW state and the r
 ranks, and gathers the policy once a step for its rollouts (`python mr_sp.py plan`: any layout).
 The variant that runs, exactly:
 1. Each step takes --prompts prompts (in contiguous blocks over data-parallel ranks). The frozen
-   vision tower encodes a prompt's video once, for its G rollouts and the old-policy, reference and
-   policy passes (mr_sp.py); --sp splits the encode and the three passes over the SP group's ranks.
+   vision tower encodes a prompt's video once (Qwen2.5-Omni's audio tower its sound), for its G
+   rollouts and the old-policy, reference and policy passes (mr_sp.py); --sp splits the encode and
+   the three passes over the SP group's ranks.
 2. G samples per prompt at --temperature, --top-p, up to --max-new tokens; vision special tokens
    masked out of the policy. Sample j of a prompt is seeded by (seed, step, prompt) + j: a global
    batch samples the same tokens on any number of ranks; --sp peers split each prompt's G samples.
@@ -355,17 +356,22 @@ class Policy:
 def load_ref(path, device, **tiny_kwargs):
     """The KL term's reference: the initial policy, stored and run as the policy is (fp32 weights;
     under --dtype bfloat16 the same autocast), so at step 0 both give the same log-probs. Without
-    the vision tower: it never runs, the policy's frozen tower encodes each video for both."""
+    the towers (vision; Qwen2.5-Omni's audio): they never run, the policy's frozen towers encode
+    each video and its sound for both."""
     ref = M.load(path, device=device, **tiny_kwargs)[0].requires_grad_(False)
-    ref.model.visual = None  # dropped, not copied: loading holds one model at a time
+    for name in M.towers(ref):  # dropped, not copied: loading holds one model at a time
+        setattr(M.parts(ref)[0], name, None)
     return ref
 
 
 def copy_ref(model):
-    """A frozen copy of model without its vision tower, as load_ref returns (bench.py gpu)."""
-    visual, model.model.visual = model.model.visual, None
+    """A frozen copy of model without its towers, as load_ref returns (bench.py gpu)."""
+    holder, towers = M.parts(model)[0], M.towers(model)
+    for name in towers:
+        setattr(holder, name, None)
     ref = copy.deepcopy(model).requires_grad_(False)
-    model.model.visual = visual
+    for name, tower in towers.items():
+        setattr(holder, name, tower)
     return ref
 
 
@@ -394,9 +400,9 @@ def build_policy(args, par, src, **tiny_kwargs):
 
 
 def rl_params(model):
-    """The parameters RL trains, the language model and lm_head; the vision tower is frozen."""
+    """The parameters RL trains, the language model and lm_head; the towers are frozen."""
     model.requires_grad_(False)
-    for m in (model.model.language_model, model.lm_head):
+    for m in (M.parts(model)[1], model.lm_head):
         m.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -474,7 +480,8 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
             samples = read(at)
             prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group)
                        for s in samples]
-            samples = [{k: v for k, v in s.items() if k != "pixel_values"} for s in samples]  # encoded
+            samples = [{k: v for k, v in s.items() if k not in ("pixel_values", "input_features")}
+                       for s in samples]  # encoded
         if samples or lockstep:
             # SP peers split each prompt's G samples (seeded per sample) and exchange them
             bf16 = (args.rollout_dtype or args.dtype) == "bfloat16"  # the rollouts' own dtype

@@ -324,6 +324,13 @@ def parts(model):
     return model.model, model.model.language_model
 
 
+def towers(model):
+    """The encoders, {name: module}: the vision tower and Qwen2.5-Omni's audio tower (held by `parts`'
+    first; frozen in RL, where the reference drops them)."""
+    holder = parts(model)[0]
+    return {k: getattr(holder, k) for k in ("visual", "audio_tower") if getattr(holder, k, None) is not None}
+
+
 def encode(model, pixel_values, grid_thw):
     """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what RL
     caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack

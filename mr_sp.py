@@ -8,7 +8,8 @@ What every stage calls for its videos and its long sequences:
 - `init_parallel(sp)`: the `Parallel` layout (rank, world = dp x sp, the SP group, device), the
   same under `python` and `torchrun`; `dp_sum` reduces named metrics over data-parallel ranks.
 - `prepare`: a sample's prompt and its video's embeddings through the (frozen) vision tower
-  (`encode`), computed once per prompt; rollouts and every prefill pass of the step reuse them.
+  (`encode`), and Qwen2.5-Omni's of its sound through the audio tower (`encode_audio`), computed
+  once per prompt; rollouts and every prefill pass of the step reuse them.
 - `rollout`: tokens and log-probs from the one engine entry: ours (each prompt prefilled alone, no
   padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
   embeddings).
@@ -26,7 +27,8 @@ What every stage calls for its videos and its long sequences:
 
 With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
 1. `encode` splits a video's temporal patch groups over the ranks; each rank's sample holds only its
-   share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's embeddings
+   share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's embeddings;
+   `encode_audio` splits its sound's windows likewise
 2. `prefill_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
    rows they hold come by one all-to-all: `splice_columns`); text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
@@ -221,7 +223,8 @@ class _Root(torch.nn.Module):
 
 def shard(model, params=None, dtype=torch.float32):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
-    Units: each decoder layer and vision block holding `params` (default: the trainable ones), and
+    Units: each decoder layer, vision block and audio tower layer holding `params` (default: the
+    trainable ones), and
     the input embeddings unless tied, gathered in their forward and backward; the root (final norms,
     lm_head, vision patch embedding and merger; tied embeddings), gathered once for a whole pass. A
     unit's forward is a collective every rank must enter as often as the others: each pass embeds
@@ -246,7 +249,9 @@ def shard(model, params=None, dtype=torch.float32):
     # return log-probs sliced from one tensor (views) and never change them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     params = {p for p in model.parameters() if p.requires_grad} if params is None else set(params)
-    blocks = list(model.model.language_model.layers) + list(getattr(model.model.visual, "blocks", []))
+    tw = M.towers(model)  # vision blocks; Qwen2.5-Omni's audio tower layers too
+    blocks = (list(M.parts(model)[1].layers) + list(getattr(tw.get("visual"), "blocks", []))
+              + list(getattr(tw.get("audio_tower"), "layers", [])))
     if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
         blocks.append(model.get_input_embeddings())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -363,7 +368,8 @@ def seed_of(*key):
 
 def encode(model, sample, group=None):
     """A sample's visual embeddings (n_tokens, width), detached (the vision tower is frozen in RL);
-    None for a text-only sample. Qwen3-VL's DeepStack features ride along (model.encode).
+    None without a video or image (text, or audio alone). Qwen3-VL's DeepStack features ride along
+    (model.encode).
 
     With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
     patch groups and keeps it: this rank's rows of the embeddings, `shares_of` them on each rank
@@ -372,7 +378,7 @@ def encode(model, sample, group=None):
     temporal group, and Qwen3-VL's learned position embeddings are interpolated per frame's grid:
     the shares are one rank's encoding of the whole video, split. A sample with "share"
     (data.VideoDataset with sp) holds only this rank's share of the pixel rows."""
-    if sample.get("kind") is None:
+    if sample.get("kind") not in ("video", "image"):
         return None
     dev = next(model.parameters()).device
     pixels, grid = sample["pixel_values"].to(dev), sample["grid_thw"].to(dev)
@@ -396,9 +402,62 @@ def encode(model, sample, group=None):
                 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
             # in the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
-                     else model.model.visual.dtype)
+                     else M.parts(model)[0].visual.dtype)
             return torch.zeros(0, width, dtype=dtype, device=dev)
         return M.encode(model, pixels[start:start + count * h * w], grid.new_tensor([[count, h, w]]))
+
+
+def audio_windows(config, frames, sp, r):
+    """[lo, hi) of a clip's `frames` mel frames that SP rank r of sp encodes: a near-even share of
+    the audio tower's windows of 2 * n_window frames (2 s), contiguous."""
+    w = 2 * config.audio_config.n_window
+    first, count = D.sp_share(-(-frames // w), r, sp)
+    return min(first * w, frames), min((first + count) * w, frames)
+
+
+def encode_audio(model, sample, group=None):
+    """A sample's audio embeddings (tokens, hidden), detached (the audio tower is frozen in RL); None
+    without sound (a sample with no input_features).
+
+    With an SP group each rank encodes a contiguous share of the clip's windows (`audio_windows`)
+    and keeps it (`audio_shares_of` them on each rank; the passes fetch the rows of their columns,
+    as for the video). Exact: Qwen2.5-Omni's audio tower runs each window of 2 * n_window mel frames
+    on its own (its convolutions zero-padded at the window's edges, positions restarting, attention
+    within the window: cu_seqlens), and a whole window pools to whole tokens (200 frames, 50
+    tokens), so a share encoded as a clip of its own is the whole clip's encoding of those windows."""
+    if "input_features" not in sample:
+        return None
+    dev = next(model.parameters()).device
+    keep = sample["feature_attention_mask"][0].bool()
+    feats = sample["input_features"][0][:, keep].to(dev)  # (128, frames)
+    lo, hi = 0, feats.shape[1]
+    if group is not None:
+        lo, hi = audio_windows(model.config, hi, dist.get_world_size(group), dist.get_rank(group))
+    with torch.no_grad():
+        if hi == lo:  # a rank past the clip's last window: none
+            dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
+                     else model.audio_tower.dtype)
+            return torch.zeros(0, model.config.text_config.hidden_size, dtype=dtype, device=dev)
+        ones = torch.ones(1, hi - lo, dtype=torch.long, device=dev)
+        return M.encode_audio(model, feats[None, :, lo:hi], ones)
+
+
+def audio_shares_of(config, frames, sp):
+    """Rows of a clip's audio embeddings (`frames` mel frames) that each of sp ranks encodes and holds."""
+    return [int(D.audio_tokens(hi - lo)) if hi > lo else 0
+            for lo, hi in (audio_windows(config, frames, sp, r) for r in range(sp))]
+
+
+def embeddings(model, sample, group=None):
+    """A sample's encoded inputs as the passes take them: its visual and audio embeddings (`encode`,
+    `encode_audio`; None where it has none), and over an SP group the `shares` and `audio_shares`
+    each rank holds of them (None: whole on every rank)."""
+    sp = dist.get_world_size(group) if group is not None else 0
+    frames = int(sample["feature_attention_mask"].sum()) if "input_features" in sample else 0
+    grid = sample.get("grid_thw") if sample.get("kind") in ("video", "image") else None
+    return dict(visual=encode(model, sample, group), audio=encode_audio(model, sample, group),
+                shares=shares_of(model.config, grid, sp) if sp and grid is not None else None,
+                audio_shares=audio_shares_of(model.config, frames, sp) if sp and frames else None)
 
 
 def shares_of(config, grid, sp):
@@ -440,22 +499,30 @@ def fetch_visual(visual, shares, lo, hi, group):
 
 def splice_columns(model, ids, rows, a, b, group=None):
     """M.splice of columns a:b of ids (B, L), row i's visual embeddings being rows[i]["visual"]
-    (with rows[i]["shares"]: this rank's share, the rest fetched; `fetch_visual`). Each rank of an
-    SP group passes its own columns and gets only the visual rows they hold. Rows of one prompt at
+    (with rows[i]["shares"]: this rank's share, the rest fetched; `fetch_visual`), and its audio
+    embeddings rows[i]["audio"] (Qwen2.5-Omni's; with rows[i]["audio_shares"] likewise). Each rank
+    of an SP group passes its own columns and gets only the rows they hold. Rows of one prompt at
     the same columns (a micro-batch of its G samples) fetch them once."""
-    slots = torch.isin(ids, M.pad_ids(model.config).to(ids.device))
-    before = (slots.cumsum(1) - slots.long())[:, a].tolist() if a < ids.shape[1] else [0] * len(rows)
-    inside = slots[:, a:b].sum(1).tolist()  # visual rows a row has in a:b; one host read a pass
-    first = slots.long().argmax(1).tolist()  # the same on every rank: which rows fetch together
-    got, parts = {}, []
-    for i, row in enumerate(rows):
-        if row["visual"] is None:
+    out = []
+    for what, audio in (("visual", False), ("audio", True)):
+        if audio and all(r.get("audio") is None for r in rows):  # (the same on every rank)
+            out.append(None)
             continue
-        key = (id(row["visual"]), first[i])
-        if key not in got:
-            got[key] = fetch_visual(row["visual"], row.get("shares"), before[i], before[i] + inside[i], group)
-        parts.append(got[key])
-    return M.splice(model, ids[:, a:b], torch.cat(parts) if parts else None)
+        slots = torch.isin(ids, M.pad_ids(model.config, audio).to(ids.device))
+        before = (slots.cumsum(1) - slots.long())[:, a].tolist() if a < ids.shape[1] else [0] * len(rows)
+        inside = slots[:, a:b].sum(1).tolist()  # rows a row has in a:b; one host read a pass
+        first = slots.long().argmax(1).tolist()  # the same on every rank: which rows fetch together
+        shares = "audio_shares" if audio else "shares"
+        got, parts = {}, []
+        for i, row in enumerate(rows):
+            if row.get(what) is None:
+                continue
+            key = (id(row[what]), first[i])
+            if key not in got:
+                got[key] = fetch_visual(row[what], row.get(shares), before[i], before[i] + inside[i], group)
+            parts.append(got[key])
+        out.append(torch.cat(parts) if parts else None)
+    return M.splice(model, ids[:, a:b], *out)
 
 
 # Each prepared prompt's key: rows with one key are one prompt's (`prefill_logprobs` packs them). Not
@@ -465,14 +532,13 @@ _KEYS = itertools.count()
 
 def prepare(model, tok, sample, text, group=None):
     """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, its video's
-    or image's embeddings encoded once (None: text only; over an SP group, this rank's share of
-    them and the `shares` of all: `encode`), and for vLLM, which expands the visual placeholder and
-    places the embeddings itself, the unexpanded ids and what it needs to expand them (kind, grid,
-    seconds per temporal group, frame times)."""
+    or image's embeddings and its sound's encoded once (`embeddings`: None where it has none; over
+    an SP group, this rank's shares of them and the shares of all), and for vLLM, which expands the
+    visual placeholder and places the embeddings itself, the unexpanded ids and what it needs to
+    expand them (kind, grid, seconds per temporal group, frame times)."""
     ids, pos = M.prompt_of(tok, model.config, sample, text)
     kind, grid, times = sample.get("kind"), sample.get("grid_thw"), sample.get("frame_times")
-    shares = shares_of(model.config, grid, dist.get_world_size(group)) if group is not None and kind else None
-    return dict(prompt=ids, pos=pos, visual=encode(model, sample, group), shares=shares, key=next(_KEYS),
+    return dict(prompt=ids, pos=pos, **embeddings(model, sample, group), key=next(_KEYS),
                 kind=kind, grid_thw=grid, second_per_grid=sample.get("second_per_grid"), frame_times=times,
                 engine_prompt=M.build_prompt(tok, model.config, text, kind, grid, times, expand=False))
 
@@ -815,7 +881,7 @@ def sp_mask_of(mask):
 def use_ulysses(model):
     """Switch the text attention to `ulysses_attention` (vision attention unchanged). Without an SP
     group it is SDPA with transformers' own masks, so rollouts on the same model are unaffected."""
-    for m in model.model.language_model.modules():
+    for m in M.parts(model)[1].modules():
         if hasattr(m, "in_proj_qkv") and "forward" not in vars(m):  # a Gated DeltaNet (Qwen3.5)
             m.forward = functools.partial(ulysses_gdn, m)
     if model.config.text_config._attn_implementation != "ulysses":
@@ -926,7 +992,7 @@ def plan_config(name):
         return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
     if name in M.TINY:
         family, kw = M.TINY[name]
-        return M.tiny_config(M.tiny_tokenizer(), family, **kw)
+        return M.tiny_config(M.tiny_tokenizer(omni=family == M.OMNI), family, **kw)
     if name.lower() in REAL:
         family, cfg = REAL[name.lower()]
         return getattr(transformers, M.FAMILIES[family] + "Config")(**cfg)
@@ -940,17 +1006,19 @@ _costs = {}  # model_costs by config (kept alive: its id stays its own): a meta-
 
 
 def model_costs(config):
-    """Parameters (all; trainable in RL: LM and lm_head) and forward FLOPs per token (vision per
-    video token, LM per token) of a config, on a meta-device model: no memory, no download."""
+    """Parameters (all; trainable in RL: LM and lm_head; the vision and audio towers) and forward
+    FLOPs per token (vision per video token, LM per token) of a config, on a meta-device model: no
+    memory, no download."""
     if id(config) not in _costs:
         import transformers
         with torch.device("meta"):
             m = getattr(transformers, M.FAMILIES[config.model_type] + "ForConditionalGeneration")(config)
         n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
-        vis, lm = m.model.visual, m.model.language_model
+        (vis, aud), lm = [M.towers(m).get(k) for k in ("visual", "audio_tower")], M.parts(m)[1]
         merge = config.vision_config.spatial_merge_size ** 2  # patches a token; the merger's: once
+        audio = n(aud) if aud is not None else 0  # Qwen2.5-Omni's
         _costs[id(config)] = config, dict(
-            params=n(m), trainable=n(m) - n(vis), vision=n(vis), layers=n(lm.layers),
+            params=n(m), trainable=n(m) - n(vis) - audio, vision=n(vis), audio=audio, layers=n(lm.layers),
             layer=max(n(x) for x in lm.layers),  # Qwen3.5's: its GDN and attention layers differ
             vision_root=n(vis) - n(vis.blocks),  # patch embedding, merger(s): FSDP's root
             head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too

@@ -44,8 +44,9 @@ import mr_sp
 # -----------------------------------------------------------------------------
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5), or a "
-               f"tiny model built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); default tiny")
+g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
+               f"Qwen2.5-Omni), or a tiny model built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); "
+               "default tiny")
 g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task if absent)")
 g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
@@ -54,7 +55,8 @@ g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels/
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
-               help="vision tower: auto trains tiny's (random init), freezes a loaded checkpoint's")
+               help="vision tower (and Qwen2.5-Omni's audio tower): auto trains tiny's (random "
+               "init), freezes a loaded checkpoint's")
 g = ap.add_argument_group("optimization")
 g.add_argument("--epochs", type=float, default=6, help="passes over the rows with reasoning traces; "
                "default 6")
@@ -171,7 +173,8 @@ def main(args):
     mr_sp.plan_start(args, mr_sp.plan_config(src), par)
     model, tok = M.load(src, device=par.device, seed=args.seed)
     train_vision = args.vision == "train" or (args.vision == "auto" and args.init in M.TINY)
-    model.model.visual.requires_grad_(train_vision)
+    for tower in M.towers(model).values():  # Qwen2.5-Omni's audio tower as its vision tower
+        tower.requires_grad_(train_vision)
     if args.sp > 1:
         mr_sp.use_ulysses(model)
     if args.activation_checkpointing:
@@ -214,14 +217,19 @@ def main(args):
     def micro_loss(mb, n_tok):  # share of the global mean; a call, so run() can wrap it (FSDP)
         rows_mb = []
         for s, prompt, pos, target, _ in mb:
-            # A trained tower needs the graph, so every SP peer encodes the whole video with it. The
-            # gradient stays exact: each peer's prefill back-propagates only into its share of the
-            # sequence, so the peers' vision gradients sum (sync_grads, or FSDP's) to the sp=1 one.
-            whole = train_vision or par.group is None or not s["kind"]  # else this peer's share
-            visual = (M.encode(model, s["pixel_values"].to(par.device), s["grid_thw"].to(par.device))
-                      if train_vision and s["kind"] else mr_sp.encode(model, s, par.group))
-            shares = None if whole else mr_sp.shares_of(model.config, s["grid_thw"], par.sp)
-            rows_mb.append(dict(prompt=prompt, pos=pos, visual=visual, shares=shares, response=target))
+            # A trained tower needs the graph, so every SP peer encodes the whole video (and sound)
+            # with it. The gradient stays exact: each peer's prefill back-propagates only into its
+            # share of the sequence, so the peers' tower gradients sum (sync_grads, or FSDP's) to the
+            # sp=1 one. Frozen: each peer encodes and holds its share (mr_sp.embeddings).
+            if train_vision:
+                x = {k: v.to(par.device) for k, v in s.items() if torch.is_tensor(v)}
+                emb = dict(visual=M.encode(model, x["pixel_values"], x["grid_thw"])
+                           if "pixel_values" in x else None,
+                           audio=M.encode_audio(model, x["input_features"], x["feature_attention_mask"])
+                           if "input_features" in x else None)
+            else:
+                emb = mr_sp.embeddings(model, s, par.group)
+            rows_mb.append(dict(prompt=prompt, pos=pos, response=target, **emb))
         lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=par.group)
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
