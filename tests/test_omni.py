@@ -7,6 +7,8 @@ thinker's own forward from log-mels (transformers), and with 2 SP ranks against 
 The SP workers are this file under torchrun; rank 0 writes what they measured as JSON:
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_omni.py OUT.json"""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +100,107 @@ def test_cached_sound_logprobs_equal_the_thinkers_own_forward(omni, rollout_rows
                 ref = logits.index_fill(-1, banned, float("-inf")).log_softmax(-1)
                 ref = ref.gather(-1, torch.tensor(r["response"])[:, None])[:, 0]
                 assert (lp[j, :len(ref)] - ref).abs().max() <= 1e-5, (b, j)
+
+
+def gathered(rows, group):
+    """The rows with their whole visual and audio embeddings, as one process holds them."""
+    return [dict(r, visual=mr_sp.gather_visual(r["visual"], r["shares"], group), shares=None,
+                 audio=mr_sp.gather_visual(r["audio"], r["audio_shares"], group), audio_shares=None)
+            for r in rows]
+
+
+def worker(out):
+    """sp 2 against one process on the tiny thinker: each rank's share of a clip's audio windows,
+    gathered, against the whole clip's encode; log-probs, entropies and summed gradients; an SP
+    rollout against one process's, and both against the trainer's scores."""
+    from test_mr_sp import logprobs_and_grads, max_diff
+    par = mr_sp.init_parallel(2)
+    group, res = par.group, {}
+    model, tok = M.load("tiny-qwen2.5-omni")
+    grpo.rl_params(model)
+    samples = sound_samples(model)
+    res["encode"] = []
+    for s in samples:
+        whole, mine = mr_sp.encode_audio(model, s), mr_sp.encode_audio(model, s, group)
+        shares = mr_sp.audio_shares_of(model.config, s["input_features"].shape[-1], 2)
+        two = mr_sp.gather_visual(mine, shares, group)
+        res["encode"].append(dict(diff=max_diff(whole, two), equal=torch.equal(whole, two), shape=list(two.shape),
+                                  held=[len(mine), shares[par.rank]]))
+    # the same rows prepared by one process (the whole clip encoded) and by the group (its shares)
+    rows, one_prompt = {}, {}
+    for key, grp in (("one", None), ("two", group)):
+        g = torch.Generator().manual_seed(1)
+        prompts = [mr_sp.prepare(model, tok, s, f"Question {i}?", grp) for i, s in enumerate(samples)]
+        prompts.append(mr_sp.prepare(model, tok, dict(kind=None), "Say something.", grp))
+        rows[key] = [dict(p, response=torch.randint(20, 500, (n,), generator=g).tolist())
+                     for p, n in zip(prompts, (5, 60, 9, 3))]
+        one_prompt[key] = [dict(prompts[0], response=torch.randint(20, 500, (n,), generator=g).tolist())
+                           for n in (5, 9, 1, 7)]
+    res["cases"] = []
+    for case, packed in ((rows, False), (one_prompt, True)):
+        lp2, ent2, _, g2 = logprobs_and_grads(model, tok, case["two"], group, packed=packed)
+        lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, case["one"], None, packed=False)
+        valid = mask.bool()
+        res["cases"].append(dict(logprob=max_diff(lp1[valid], lp2[valid]), entropy=max_diff(ent1[valid], ent2[valid]),
+                                 grad=max(max_diff(g1[k], g2[k]) for k in g1),
+                                 grad_scale=max(g1[k].abs().max().item() for k in g1), tokens=int(valid.sum())))
+    # G = 4 a prompt, 2 a peer; the trainer (one process) scores the SP samples as it scores its own
+    kw = dict(seeds=[5, 6, 7, 8], max_new=12, temperature=1.0, top_p=0.9)
+    one = mr_sp.rollout(model, tok, rows["one"], 4, **kw)
+    two = mr_sp.rollout(model, tok, rows["two"], 4, group=group, **kw)
+    with torch.no_grad():
+        scored = [dict(p, response=one[0][j, :one[2][j]].tolist()) for j, p in
+                  enumerate(p for p in rows["one"] for _ in range(4))]
+        lp, _, m = mr_sp.prefill_logprobs(model, tok, scored, packed=False)
+    m = m.bool()
+    res["rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
+                          engines=max_diff(one[1], two[1]), distinct=len({tuple(t.tolist()) for t in one[0]}),
+                          trainer_one=max_diff(lp[m], one[1][:, :lp.shape[1]][m]),
+                          trainer_two=max_diff(lp[m], two[1][:, :lp.shape[1]][m]))
+    if par.rank == 0:
+        Path(out).write_text(json.dumps(res))
+    mr_sp.shutdown()
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("omni") / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(out)]
+    p = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"workers failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_sp_shares_of_the_audio_windows_encode_as_the_whole_clip(measured):
+    """3.1 s (windows 200 + 110 frames: 50 + 27 tokens), 7.3 s (4 windows: 2 a rank), 1.3 s (one
+    window: rank 1 holds none); gathered, the whole clip's embeddings."""
+    assert [e["shape"][0] for e in measured["encode"]] == [77, 182, 32]
+    assert [e["held"] for e in measured["encode"]] == [[50, 50], [100, 100], [32, 32]]  # rank 0's
+    # bitwise where a rank's windows are batched as in the whole clip's encode; the 3.1 s clip's
+    # 110-frame window runs alone on rank 1, padded to 200 beside a full one in the whole: fp32's
+    # rounding of other shapes (2.7e-6 seen)
+    e = measured["encode"]
+    assert e[1]["equal"] and e[2]["equal"] and e[0]["diff"] <= 1e-5, e
+
+
+def test_sp_logprobs_and_gradients_with_sound_equal_one_process(measured):
+    """Rows prepared over the group (each rank encoding its shares) against the same rows prepared
+    by one process (whole clips): rows of videos with their sound, sound alone and text side by side
+    (left padding), and one prompt's rows packed."""
+    for c in measured["cases"]:
+        assert c["tokens"] > 10 and c["grad_scale"] > 1e-3
+        assert c["logprob"] <= 1e-5 and c["entropy"] <= 1e-5 and c["grad"] <= 1e-5, c
+
+
+def test_sp_rollout_with_sound_equals_one_process(measured):
+    """Each peer prefills its columns (its share of the sound fetched) and samples 2 of each prompt's
+    4: the tokens one process samples; the log-probs within fp32 rounding of its, and of the
+    trainer's scores of them (one process's engine is as far from those: 7e-6 seen)."""
+    r = measured["rollout"]
+    assert r["tokens"] and r["distinct"] > 8, r
+    assert r["engines"] <= 1e-5 and r["trainer_two"] <= 1e-5 and r["trainer_one"] <= 1e-5, r
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
