@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2  # 2 ranks encode each video
     python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
+    python eval.py --model runs/sft/model --data data/sound --mute  # audio-blind control (--blind: video)
     $(bash .ci/vllm_env | tail -1) eval.py --engine vllm   # on vLLM's CPU build (own environment)
 
 Greedy by default (else --n samples at --temperature: accuracy is the mean over samples, plus
@@ -40,7 +41,10 @@ ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (defa
 ap.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
 ap.add_argument("--batch", type=int, default=16, help="questions per generate call; default 16")
 ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0 = all)")
-ap.add_argument("--blind", action="store_true", help="control: replace videos with mid-gray frames")
+ap.add_argument("--blind", action="store_true", help="control: replace videos and images with mid-gray "
+                "frames (the sound stays)")
+ap.add_argument("--mute", action="store_true", help="control: replace the sound with silence as long "
+                "(a model that hears: Qwen2.5-Omni; the frames stay)")
 ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 ap.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
 ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
@@ -57,15 +61,15 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
     """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
     video encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
     llm: a vLLM engine holding model's weights, to generate with instead of ours."""
-    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels,
-                        proc=M.processor_config(model.config), sp=(par.rank % par.sp, par.sp))
+    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels, proc=M.processor_config(model.config),
+                        sp=(par.rank % par.sp, par.sp), mute=args.mute)
     mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
     for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames",
                   disable=par.rank != 0, file=sys.stderr):
         samples = list(ds.iter_samples(mine[b:b + args.batch]))
         for s in samples if args.blind else ():
-            if s["kind"]:
+            if "pixel_values" in s:  # (sound alone has none)
                 s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # normalized 0 = mean gray
         if not samples:
             continue
@@ -130,7 +134,7 @@ def report(path, results, bad, frame_counts, args, seconds):
     with open(os.path.join(out, "results.jsonl"), "w") as f:
         for r in sorted(results, key=lambda r: (r["frames"], r["id"], r["sample"])):
             f.write(json.dumps(r) + "\n")
-    summary = dict(model=path, split=args.split, blind=args.blind, n=args.n, temperature=args.temperature,
+    summary = dict(model=path, split=args.split, blind=args.blind, mute=args.mute, n=args.n, temperature=args.temperature,
                    **sweep[frame_counts[0]], bad_samples=len(bad), seconds=round(seconds, 1), sweep=sweep)
     if len(frame_counts) > 1:
         summary["by_frames"] = {str(f): sweep[f]["accuracy"] for f in frame_counts}
@@ -155,6 +159,8 @@ def main(args):
     summaries, llm = [], None
     for path in paths:
         model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=par.device)
+        if args.mute and "feature_extractor_type" not in M.processor_config(model.config):
+            raise SystemExit(f"--mute: {path} does not hear (a {model.config.model_type} model)")
         if args.engine == "vllm":  # one engine; a later model of the comparison is synced into it
             if par.world > 1:  # vLLM's engines under torchrun step in lockstep; our rows are uneven
                 raise SystemExit("eval.py --engine vllm runs in one process")

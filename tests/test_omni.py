@@ -17,6 +17,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the torchrun command runs this file from tests/
+import data as D  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
 import mr_sp  # noqa: E402
@@ -200,6 +201,64 @@ def test_sp_rollout_with_sound_equals_one_process(measured):
     r = measured["rollout"]
     assert r["tokens"] and r["distinct"] > 8, r
     assert r["engines"] <= 1e-5 and r["trainer_two"] <= 1e-5 and r["trainer_one"] <= 1e-5, r
+
+
+@pytest.fixture(scope="module")
+def sound_task(tmp_path_factory):
+    """The synthetic sound task (4 s clips with a soundtrack), every third row of sound alone (its
+    video's track, no video), in train and test."""
+    d = tmp_path_factory.mktemp("sound")
+    D.synth(d, n=24, n_frames=32, seed=0, n_test=6, family="sound")
+    for split in ("train", "test"):
+        rows = [json.loads(r) for r in (d / f"{split}.jsonl").read_text().splitlines()]
+        for r in rows[1::3]:
+            r["audio"] = r.pop("video")
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_eval_controls_silence_the_sound_or_gray_the_frames(omni, sound_task, monkeypatch):
+    """eval.py's prompts as its rollouts get them: --mute, silence as long as each clip (every video's
+    4 s the same embeddings; the frames' untouched); --blind, mid-gray frames (every video the same
+    embeddings; the sound untouched; sound alone taken as it is)."""
+    import eval as E
+    model, tok = omni
+    rows, seen, rollout = D.load_rows(sound_task / "test.jsonl"), {}, mr_sp.rollout
+    monkeypatch.setattr(mr_sp, "rollout", lambda m, t, prompts, *a, **kw: (
+        seen[key].extend(prompts), rollout(m, t, prompts, *a, **kw))[1])
+    par = mr_sp.Parallel(0, 1, 0, 1, 1, None, torch.device("cpu"))
+    for key in ("plain", "mute", "blind"):
+        seen[key] = []
+        args = E.ap.parse_args(["--max-new", "4"] + ([f"--{key}"] if key != "plain" else []))
+        out, bad = E.evaluate(model, tok, rows, 8, args, par)
+        assert len(out) == len(rows) == 6 and not bad
+    plain, mute, blind = seen["plain"], seen["mute"], seen["blind"]
+    assert [p["visual"] is None for p in plain] == [i % 3 == 1 for i in range(6)]
+    same = lambda ps, k: all(torch.equal(p[k], ps[0][k]) for p in ps if p[k] is not None)  # noqa: E731
+    videos = lambda ps: [p for p in ps if p["visual"] is not None]  # noqa: E731  (4 s of sound each)
+    assert same(videos(mute), "audio") and not same(videos(plain), "audio")
+    assert same(blind, "visual") and not same(plain, "visual")
+    for a, b, c in zip(plain, mute, blind):
+        assert (a["visual"] is None or torch.equal(a["visual"], b["visual"])) and torch.equal(a["audio"], c["audio"])
+
+
+def test_scripts_train_and_evaluate_on_sound(sound_task, tmp_path):
+    """sft.py --init tiny-qwen2.5-omni, grpo.py from its checkpoint (one process, and --sp 2 --fsdp on
+    2: the same weights) and eval.py with its controls, on videos with their sound and sound alone."""
+    from test_pipeline import GRPO, SFT, max_diff, metrics, run, weights
+    run(*SFT, "--init", "tiny-qwen2.5-omni", "--data", str(sound_task), "--steps", "2", "--val", "4",
+        "--out", str(tmp_path / "sft"))
+    cmd = GRPO[:1] + ["--init", str(tmp_path / "sft" / "model")] + GRPO[3:] + [
+        "--data", str(sound_task), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
+    run(*cmd, "--out", str(tmp_path / "one"))
+    assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
+    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+    for control in ([], ["--mute"], ["--blind"]):
+        out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(sound_task), "--frames",
+                  "8", "--max-new", "8", "--out", str(tmp_path / "eval"), *control)
+        s = json.loads(out.stdout.strip().splitlines()[-1])
+        assert s["n_questions"] == 6 and s["bad_samples"] == 0 and s["mute"] == (control == ["--mute"]), s
 
 
 if __name__ == "__main__":
