@@ -429,17 +429,16 @@ def encode_audio(model, sample, group=None):
         return None
     dev = next(model.parameters()).device
     keep = sample["feature_attention_mask"][0].bool()
-    feats = sample["input_features"][0][:, keep].to(dev)  # (128, frames)
-    lo, hi = 0, feats.shape[1]
+    lo, hi = 0, int(keep.sum())
     if group is not None:
         lo, hi = audio_windows(model.config, hi, dist.get_world_size(group), dist.get_rank(group))
+    feats = sample["input_features"][0][:, keep][:, lo:hi].to(dev)  # (128, this rank's frames)
     with torch.no_grad():
         if hi == lo:  # a rank past the clip's last window: none
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else model.audio_tower.dtype)
             return torch.zeros(0, model.config.text_config.hidden_size, dtype=dtype, device=dev)
-        ones = torch.ones(1, hi - lo, dtype=torch.long, device=dev)
-        return M.encode_audio(model, feats[None, :, lo:hi], ones)
+        return M.encode_audio(model, feats[None], torch.ones(1, hi - lo, dtype=torch.long, device=dev))
 
 
 def audio_shares_of(config, frames, sp):
@@ -1021,6 +1020,7 @@ def model_costs(config):
             params=n(m), trainable=n(m) - n(vis) - audio, vision=n(vis), audio=audio, layers=n(lm.layers),
             layer=max(n(x) for x in lm.layers),  # Qwen3.5's: its GDN and attention layers differ
             vision_root=n(vis) - n(vis.blocks),  # patch embedding, merger(s): FSDP's root
+            audio_root=audio and audio - n(aud.layers),  # convolutions, projection: likewise
             head=0 if config.tie_word_embeddings else n(m.lm_head),  # untied: embeddings too
             vision_flops=2 * (merge * (n(vis) - n(vis.merger)) + n(vis.merger)),
             lm_flops=2 * (n(lm) - n(lm.embed_tokens)))
@@ -1083,7 +1083,7 @@ def saved_bytes(t, b, sp=1):
 def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new=1024, micro_batch=1,
          dtype="bfloat16", ref=True, world=None, fsdp=False, ckpt=False, chunk=1024, prefill_chunk=1024,
          prompts=1, mini_batches=1, sft=False, train_vision=False, rollout_dtype=None, vllm=0,
-         packed=True, val=0):
+         packed=True, val=0, audio_seconds=None):
     """Estimated memory per rank, in bytes, of one step of this code, grpo.py's (or sft.py's: `sft`)
     with `prompts` videos per data-parallel rank (grpo.py: their G rows each in `mini_batches`
     slices): the components and the peak (on a GPU `plan_run` adds ALLOWANCE). world = dp x sp ranks
@@ -1123,6 +1123,10 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       no-grad pass.
     Qwen3.5: its GDN layers hold no KV cache but a fixed-size state per sequence (prompt, sample),
     and its passes and prefill the larger of the MLP's and the GDN mixer's intermediates.
+    Qwen2.5-Omni: each video's sound (`audio_seconds`, default a second a frame) is 25 tokens a
+    second in every row; its audio tower is held (and trained, sharded) as the vision tower; the
+    encode runs one tower at a time, the audio tower on this rank's share of its 2 s windows, and
+    this rank's share of the audio embeddings is held all step (`audio_embeds`).
     Beside the peak: `host`, a step's videos in host memory per rank (frames as uint8 and their fp32
     pixel rows, an SP peer's share) and `load`, the fp32 weights from_pretrained puts on the host.
     Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
@@ -1157,7 +1161,16 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     groups, per_group = -(-frames // tp), max_pixels // px ** 2  # temporal groups, tokens a group
     video = groups * per_group
     wide = d * (1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()))  # DeepStack: 1 + k
-    P, T = video + text, max_new
+    # Qwen2.5-Omni's sound, audio_seconds of it a video (default a second a frame: the paper's hour
+    # is 3,600 frames): 100 mel frames a second, 25 tokens; a rank encodes its share of the audio
+    # tower's windows of 2 s (`encode_audio`), sft.py training the tower all of them
+    ac = getattr(config, "audio_config", None)
+    mel = int(100 * (frames if audio_seconds is None else audio_seconds)) if ac is not None else 0
+    shares = audio_shares_of(config, mel, sp) if mel else [0]
+    audio, a_tok = sum(shares), max(shares)  # the clip's tokens; the largest share's (rank 0's)
+    lo, hi = audio_windows(config, mel, sp, 0) if mel else (0, 0)
+    a_mel = hi - lo  # rank 0's mel frames
+    P, T = video + audio + text, max_new
     L = P + T
     # rows a pass: sft.py's samples; grpo.py's, one prompt's G at most, in one mini-batch's slice
     B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
@@ -1179,13 +1192,13 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
     # saved by every layer's SDPA (grpo.py's hold one prompt's rows: right padding, no mask)
     mask = B * L * L * (1 + 4 * (1 if ckpt else att)) if sft and B > 1 else 0
-    lm, vis = c["trainable"], c["vision"]  # language model and lm_head; the vision tower
+    lm, vis = c["trainable"], c["vision"] + c["audio"]  # language model and lm_head; the towers
     trained = lm + vis * train_vision
     Wv = W if not sft or train_vision else 1  # FSDP over the tower: grpo.py's all, sft.py's trained
     # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
     # lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer, the
     # untied embeddings, at a time
-    fs = dict(root=b * (lm - c["layers"] - c["head"] + (c["vision_root"] if Wv > 1 else 0)),
+    fs = dict(root=b * (lm - c["layers"] - c["head"] + (c["vision_root"] + c["audio_root"] if Wv > 1 else 0)),
               layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
     # bf16 without FSDP: autocast's copy of lm_head's weight in a pass, and of every layer's weights
     # saved for the backward (checkpointed: the recomputed layer's)
@@ -1193,18 +1206,31 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     saved_casts = b * (c["layer"] if ckpt else c["layers"]) if b == 2 and W == 1 else 0
     m = dict(weights=4 * lm / W + 4 * vis / Wv, ref=0 if sft else 4 * lm / W * ref,
              grads=4 * trained / W, adam=8 * trained / W,  # the video's embeddings: this rank's share
-             video_embeds=0 if sft else prompts * b * -(-groups // sp) * per_group * wide)
+             video_embeds=0 if sft else prompts * b * -(-groups // sp) * per_group * wide,
+             audio_embeds=0 if sft else prompts * b * a_tok * d)
     gathered = b * (lm + vis) if W > 1 and not sft else 0  # grpo.py's collect runs in `unsharded`
     # encode: the pixel rows and the tower's intermediates of this rank's share of temporal groups
     # (sft.py training the tower: all of them, every SP peer), and its embeddings
     def pixels_and_tower(share):  # the pixel rows and tower intermediates of `share` temporal groups
         return 4 * share * tp * per_group * px ** 2 * 3 + b * share * per_group * merge * (3 * Iv + 6 * dv)
 
+    def sound_and_tower(n):  # of n mel frames: the log-mels (two fp32 copies: its kept frames', the
+        # windows padded), the first convolution's output and activation (100 a second), and the layers'
+        # intermediates at 50 a second (the vision tower's rule); the tiny thinker's 900 s measured on
+        # CPU (peak resident set, fp32): 0.72x of this
+        da, Fa = ac.d_model, ac.encoder_ffn_dim
+        return 8 * 128 * n + 2 * b * n * da + b * (n // 2) * (3 * Fa + 6 * da)
+
     share = groups if sft and train_vision else -(-groups // sp)
     patches = share * per_group * merge
-    enc = pixels_and_tower(share) + b * share * per_group * wide
-    # sft.py training the tower: each sample's saved values until the pass's backward
+    a_share, a_held = (mel, audio) if sft and train_vision else (a_mel, a_tok)  # mel frames, tokens
+    enc = (max(pixels_and_tower(share), sound_and_tower(a_share) if mel else 0)  # one tower at a time
+           + b * share * per_group * wide + b * a_held * d)
+    # sft.py training the towers: each sample's saved values until the pass's backward
     tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
+    if tower and mel:  # the audio tower's, at 50 tokens a second
+        da, Fa = ac.d_model, ac.encoder_ffn_dim
+        tower += B * b * (mel // 2) * ac.encoder_layers * (da if ckpt else 4 * Fa + 8 * da)
     # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
     Pp = sp * -(-P // sp)
     # a GDN layer's state of a sequence: fp32 recurrent state, the convolution's last inputs
@@ -1233,31 +1259,33 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
                + 2 * fs["layer"] + blk)
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
-             + (b * B * video * wide if sft else 0))  # sft.py's encoded samples
+             + (b * B * (video * wide + audio * d) if sft else 0))  # sft.py's encoded samples
     # sft.py's validation: grpo.py's collect at G 1 (its no-grad pass one row, not a micro-batch)
     s1 = -(-groups // sp)
     l1 = -(-L // sp)
     row = (l1 * max(b * (3 * I + 4 * d), mixer) + (2 * b * l1 * a2a_width if sp > 1 else 0)
            + r * l1 * wide + cast + 3 * 4 * min(chunk, T) * V)
-    check = (b * (lm + vis) * (W > 1) + val * b * s1 * per_group * wide
-             + max(pixels_and_tower(s1), ours, row) if sft and val else 0)
-    phase = dict(encode=enc + (b * B * video * wide + fs["root"] if sft else gathered),
+    check = (b * (lm + vis) * (W > 1) + val * b * (s1 * per_group * wide + a_tok * d)
+             + max(pixels_and_tower(s1), sound_and_tower(a_mel) if mel else 0, ours, row)
+             if sft and val else 0)
+    phase = dict(encode=enc + (b * B * (video * wide + audio * d) + fs["root"] if sft else gathered),
                  rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
                  training_pass=train, optimizer=4 * trained / W,  # AdamW's foreach temporaries
                  validation=check)
     m.update(phase)
     m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
-    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds"))
+    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds", "audio_embeds"))
                  + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
                        phase["validation"], phase["training_pass"] + m["grads"],
                        phase["optimizer"] + m["grads"]))
-    m["host"] = max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * 5 / sp  # uint8 + fp32 rows
+    m["host"] = (max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * 5 / sp  # uint8 + fp32 rows
+                 + max(prompts, val) * (640 * mel + 8 * 128 * mel))  # wave (16 kHz fp32), log-mels: whole
     m["load"] = 4 * c["params"]
-    m.update(tokens=L, video_tokens=video, tokens_per_rank=l, rows=B)
+    m.update(tokens=L, video_tokens=video, audio_tokens=audio, tokens_per_rank=l, rows=B)
     return m
 
 
-COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "encode", "rollout",
+COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "audio_embeds", "encode", "rollout",
               "no_grad_pass", "training_pass", "optimizer", "validation", "peak", "allowance", "total",
               "host", "load")
 
@@ -1284,7 +1312,8 @@ def _plan_args(a, config, world, capacity):
              train_vision=sft and (a.vision == "train" or (a.vision == "auto" and a.init in M.TINY)),
              rollout_dtype=getattr(a, "rollout_dtype", None),
              vllm=int(a.vllm_mem * capacity) if not sft and a.engine == "vllm" and capacity else 0,
-             packed=getattr(a, "shared_prefix", False), val=min(a.val, VAL_BATCH) if sft else 0)
+             packed=getattr(a, "shared_prefix", False), val=min(a.val, VAL_BATCH) if sft else 0,
+             audio_seconds=getattr(a, "audio_seconds", None))
     comms = (world > 1) + (a.sp > 1)  # NCCL communicators
     m["allowance"] = (ALLOWANCE["context"] + comms * ALLOWANCE["communicator"]
                       + ALLOWANCE["fragmentation"] * m["peak"] if capacity else 0)
@@ -1387,7 +1416,7 @@ def plan_run(args, config, world, capacity=None):
                 model=f"{config.model_type} {model_costs(config)['params'] / 1e6:,.0f}M parameters",
                 world=world, dp=world // a.sp, sp=a.sp, fsdp=bool(a.fsdp and world > 1), frames=a.frames,
                 micro_batch=a.micro_batch, activation_checkpointing=a.activation_checkpointing,
-                **{k: m[k] for k in ("tokens", "video_tokens", "tokens_per_rank", "rows")},
+                **{k: m[k] for k in ("tokens", "video_tokens", "audio_tokens", "tokens_per_rank", "rows")},
                 gib={k: round(m[k] / 2**30, 3) for k in COMPONENTS},
                 capacity_gib=capacity and round(capacity / 2**30, 3), fits=fits,
                 max_frames=capacity and _max_frames(args, config, world, capacity),
@@ -1404,7 +1433,8 @@ def plan_line(p):
     return (f"plan | {p['model']}, {p['frames']} frames: {p['tokens']:,} tokens a row, "
             f"{p['tokens_per_rank']:,} a pass a rank | dp {p['dp']} x sp {p['sp']}{fsdp}, "
             f"micro-batch {p['micro_batch']}, checkpointing {ckpt} | GiB a rank: state {g['state']} "
-            f"ref {g['ref']} embeds {g['video_embeds']}; encode {g['encode']} rollout {g['rollout']} "
+            f"ref {g['ref']} embeds {p['gib']['video_embeds'] + p['gib']['audio_embeds']:.2f}; "
+            f"encode {g['encode']} rollout {g['rollout']} "
             f"no-grad {g['no_grad_pass']} train {g['training_pass']} val {g['validation']} "
             f"| {peak} | host {g['host']}, "
             f"load {g['load']}")
@@ -1453,6 +1483,8 @@ def plan_parser():
                     help="GiB a rank has; default 79 (an 80 GB H100's total_memory is 79.2 GiB)")
     ap.add_argument("--text", type=int, default=TEXT,
                     help=f"prompt tokens besides the video; default {TEXT}")
+    ap.add_argument("--audio-seconds", type=float, default=None, help="a model that hears (Qwen2.5-Omni): "
+                    "seconds of each video's sound; default --frames (a frame a second)")
     g = ap.add_argument_group("grpo.py's flags, its defaults but --dtype bfloat16 and --max-new 1024")
     g.add_argument("--frames", type=int, required=True, help="frames per video")
     g.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
@@ -1505,7 +1537,8 @@ def plan_main(argv=None):
     a.sp = a.sp or 1
     p = tried.get(a.sp) or plan_run(a, cfg, world, cap)
     tried = ", ".join(f"sp {k}: {q['gib']['total']:.1f} GiB" for k, q in tried.items())
-    print(f"{a.config}, {p['frames']} frames = {p['video_tokens']:,} video tokens, {p['tokens']:,} per "
+    audio = f" and {p['audio_tokens']:,} audio tokens" if p["audio_tokens"] else ""
+    print(f"{a.config}, {p['frames']} frames = {p['video_tokens']:,} video tokens{audio}, {p['tokens']:,} per "
           f"row, {p['tokens_per_rank']:,} a pass per rank at dp {p['dp']} x sp {p['sp']} (world {world})"
           + (f"; layouts tried: {tried}" if tried else ""))
     for k in COMPONENTS:

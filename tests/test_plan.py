@@ -121,6 +121,32 @@ def test_a_run_over_its_gpu_stops_with_flags_that_fit(tmp_path, monkeypatch, cap
     assert not p["fits"] and "--micro-batch 1" in p["advice"], p["advice"]
 
 
+def test_the_plan_counts_the_sound_and_the_audio_tower(capsys):
+    """Qwen2.5-Omni's thinker (the tiny one, its config built with its own tokenizer): 40 s of sound a
+    video are 1,000 tokens in every row, the audio tower's weights are held beside the vision
+    tower's (frozen: not trained in RL), and at sp 2 a rank encodes and holds its share of the 20
+    windows of 2 s (10); `mr_sp.py plan --audio-seconds` prints the same plan."""
+    cfg = mr_sp.plan_config("tiny-qwen2.5-omni")
+    assert cfg.audio_token_id == M.tiny_tokenizer(omni=True).convert_tokens_to_ids("<|AUDIO|>")
+    model = M.load("tiny-qwen2.5-omni")[0]
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    c = mr_sp.model_costs(cfg)
+    assert (c["audio"], c["vision"]) == (n(model.audio_tower), n(model.visual)) and c["audio"] > 0
+    trained = sum(p.numel() for p in grpo.rl_params(model))
+    assert c["trainable"] == n(model) - c["audio"] - c["vision"] == trained
+    kw = dict(max_pixels=56 * 56, dtype="float32", G=4, max_new=64)
+    one, two, silent = (mr_sp.plan(cfg, 64, sp, audio_seconds=a, **kw)
+                        for sp, a in ((1, 40), (2, 40), (1, 0)))
+    assert one["audio_tokens"] == 1000 and one["tokens"] == silent["tokens"] + 1000 == two["tokens"]
+    assert one["weights"] == 4 * n(model) and one["audio_embeds"] == 4 * 1000 * cfg.text_config.hidden_size
+    assert two["audio_embeds"] == one["audio_embeds"] / 2 and silent["audio_embeds"] == 0
+    for k in ("encode", "rollout", "no_grad_pass", "training_pass", "peak"):
+        assert one[k] > silent[k] and two[k] < one[k], k
+    got = cli(capsys, "--config", "tiny-qwen2.5-omni", "--frames", "64", "--audio-seconds", "40", "--sp", "2",
+              "--dtype", "float32", "--max-pixels", str(56 * 56))
+    assert got["audio_tokens"] == 1000 and got["gib"]["audio_embeds"] > 0
+
+
 def test_gpu_check_runs_at_a_miniature_on_cpu():
     """`bench.py gpu` (the prepared GPU check: Qwen2.5-VL-7B's widths, a few layers, one rank's share
     of the 3,600-frame sp-8 job) is the same code at the 7B's miniature on CPU: two GRPO steps, each
