@@ -1565,6 +1565,11 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
     step in lockstep, so every rank must call generate equally often (grpo.collect's rounds do),
     with or without prompts of its own."""
     global _vllm_spmd
+    if model.config.model_type == M.OMNI:  # (vLLM 0.32, checked on its CPU build)
+        raise SystemExit("--engine vllm does not run Qwen2.5-Omni: vLLM takes its sound only as log-mel "
+                         "features that it encodes itself, no cached audio embeddings (the rollouts would "
+                         "not hear what the trainer's passes splice), and registers the thinker for whole "
+                         "Qwen2.5-Omni checkpoints only; use --engine own")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and tp > 1:
         raise SystemExit("--engine vllm under torchrun: one engine a rank, --vllm-tp 1")

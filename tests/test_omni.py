@@ -261,5 +261,13 @@ def test_scripts_train_and_evaluate_on_sound(sound_task, tmp_path):
         assert s["n_questions"] == 6 and s["bad_samples"] == 0 and s["mute"] == (control == ["--mute"]), s
 
 
+def test_engine_vllm_refuses_the_thinker(omni):
+    """vLLM 0.32 takes Qwen2.5-Omni's sound only as log-mels it encodes itself, not the cached
+    embeddings the trainer splices: --engine vllm stops at start (before importing vLLM) and says so."""
+    model, tok = omni
+    with pytest.raises(SystemExit, match="no cached audio embeddings.*use --engine own"):
+        mr_sp.vllm_engine(model, tok, "unused")
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])
