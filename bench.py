@@ -10,6 +10,7 @@
     python bench.py gpu  # the prepared GPU check: Qwen2.5-VL-3B-shaped random model, peak vs planner
     python bench.py planner  # mr_sp.plan vs measured step peaks: tiny/small, sp 1/2, each option (~8 min)
     python bench.py step --frames 256 --variants cache,reencode --repeats 3  # mrsp/hour's GRPO step
+    python bench.py step --config tiny-qwen2.5-omni --frames 128 --variants cache,reencode --repeats 3
     torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training prefill + backward
     $(bash .ci/vllm_env | tail -1) bench.py rollout  # vLLM (CPU build) vs our engine, tokens/s
 
@@ -93,7 +94,8 @@ for name, what in (("step", "one GRPO step on one synthetic video: phase times, 
                    ("generate", "one rollout call, G samples of one prompt (random video embeds), memory")):
     p = sub.add_parser(name, help=what)
     p.add_argument("--config", default="small", choices=["small", *M.TINY],
-                   help="model (mr_sp.SMALL, or a model.TINY name); default small")
+                   help="model (mr_sp.SMALL, or a model.TINY name; step: tiny-qwen2.5-omni hears the video's "
+                   "sound too, random log-mels as long as it); default small")
     p.add_argument("--frames", type=int, default=256, help="frames of the video; default 256")
     p.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (torchrun when > 1)")
@@ -347,10 +349,14 @@ def step(args):
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
     every row of every pass. Variant rowwise: the passes row by row (--no-shared-prefix), not one
     prompt's rows packed. One line per step, then JSON: median times, the first measured step's
-    peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio."""
+    peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio.
+    A model that hears (tiny-qwen2.5-omni): the video's sound too, --frames seconds (1 fps), which
+    reencode reruns the audio tower on as it reruns the vision tower."""
     # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
     proc = M.processor_config(mr_sp.plan_config(args.config))
     warm, s = video_sample(16, args.size, proc=proc), video_sample(args.frames, args.size, proc=proc)
+    if "feature_extractor_type" in proc:  # a second of sound a frame
+        warm, s = dict(warm, **M.random_audio(16)), dict(s, **M.random_audio(args.frames, seed=1))
     par, base, gargs, policy = worker_setup(args)
     model, tok, stats = policy.model, policy.tok, collections.Counter()
     reencodes = dict(rollout=args.G - 1, old=args.G, ref=args.G, update=args.G * gargs.epochs)
@@ -362,7 +368,7 @@ def step(args):
         def phase(name):
             with measured(rec, name, base):
                 for _ in range(reencodes.get(name, 0) if variant == "reencode" else 0):
-                    mr_sp.encode(model, s, par.group)
+                    mr_sp.embeddings(model, s, par.group)  # the towers: vision, and audio if it hears
                 yield
 
         gargs.shared_prefix = variant != "rowwise"
@@ -382,6 +388,7 @@ def step(args):
                                                   for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
+               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum())) if "input_features" in s else 0,
                prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]
