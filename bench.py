@@ -388,7 +388,8 @@ def step(args):
                                                   for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
-               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum())) if "input_features" in s else 0,
+               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum())) if "input_features" in s
+               else 0,
                prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]

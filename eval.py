@@ -61,8 +61,8 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
     """Answers for this rank's rows (strided over data-parallel ranks; SP peers share them, each
     video encoded by the SP group) at one frame count: a list of result dicts, and the bad samples.
     llm: a vLLM engine holding model's weights, to generate with instead of ours."""
-    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels, proc=M.processor_config(model.config),
-                        sp=(par.rank % par.sp, par.sp), mute=args.mute)
+    ds = D.VideoDataset(rows, nframes=frames, max_pixels=args.max_pixels, mute=args.mute,
+                        proc=M.processor_config(model.config), sp=(par.rank % par.sp, par.sp))
     mine = list(range(par.dp_rank, len(rows), par.dp))
     out = []
     for b in tqdm(range(0, len(mine), args.batch), desc=f"eval {frames} frames",
@@ -134,8 +134,9 @@ def report(path, results, bad, frame_counts, args, seconds):
     with open(os.path.join(out, "results.jsonl"), "w") as f:
         for r in sorted(results, key=lambda r: (r["frames"], r["id"], r["sample"])):
             f.write(json.dumps(r) + "\n")
-    summary = dict(model=path, split=args.split, blind=args.blind, mute=args.mute, n=args.n, temperature=args.temperature,
-                   **sweep[frame_counts[0]], bad_samples=len(bad), seconds=round(seconds, 1), sweep=sweep)
+    summary = dict(model=path, split=args.split, blind=args.blind, mute=args.mute, n=args.n,
+                   temperature=args.temperature, **sweep[frame_counts[0]], bad_samples=len(bad),
+                   seconds=round(seconds, 1), sweep=sweep)
     if len(frame_counts) > 1:
         summary["by_frames"] = {str(f): sweep[f]["accuracy"] for f in frame_counts}
         summary["plot"] = plot(sweep, os.path.join(out, "frames.png"))

@@ -224,14 +224,13 @@ class _Root(torch.nn.Module):
 def shard(model, params=None, dtype=torch.float32):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
     Units: each decoder layer, vision block and audio tower layer holding `params` (default: the
-    trainable ones), and
-    the input embeddings unless tied, gathered in their forward and backward; the root (final norms,
-    lm_head, vision patch embedding and merger; tied embeddings), gathered once for a whole pass. A
-    unit's forward is a collective every rank must enter as often as the others: each pass embeds
-    once on every rank, but lm_head runs in chunks over the responses, and under --sp only on the
-    ranks holding response columns, so an lm_head unit of its own would hang. In the root it costs
-    its gathered copy through the pass (Qwen2.5-VL-7B: 1.1 GB in bf16). Other parameters stay
-    replicated: a
+    trainable ones), and the input embeddings unless tied, gathered in their forward and backward;
+    the root (final norms, lm_head, the vision patch embedding and merger, the audio tower's
+    convolutions and projection; tied embeddings), gathered once for a whole pass. A unit's forward
+    is a collective every rank must enter as often as the others: each pass embeds once on every
+    rank, but lm_head runs in chunks over the responses, and under --sp only on the ranks holding
+    response columns, so an lm_head unit of its own would hang. In the root it costs its gathered
+    copy through the pass (Qwen2.5-VL-7B: 1.1 GB in bf16). Other parameters stay replicated: a
     frozen tower has no gradients or optimizer state, and its MR-SP encode (uneven shares, no
     forward on some ranks) must not wait on a gather. Returns run(fn, *args) for every forward
     (`call`'s signature); ranks must run equally many passes (unit forwards are collective), and a
@@ -1198,7 +1197,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
     # lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer, the
     # untied embeddings, at a time
-    fs = dict(root=b * (lm - c["layers"] - c["head"] + (c["vision_root"] + c["audio_root"] if Wv > 1 else 0)),
+    towers_root = c["vision_root"] + c["audio_root"] if Wv > 1 else 0
+    fs = dict(root=b * (lm - c["layers"] - c["head"] + towers_root),
               layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
     # bf16 without FSDP: autocast's copy of lm_head's weight in a pass, and of every layer's weights
     # saved for the backward (checkpointed: the recomputed layer's)
@@ -1285,9 +1285,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     return m
 
 
-COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "audio_embeds", "encode", "rollout",
-              "no_grad_pass", "training_pass", "optimizer", "validation", "peak", "allowance", "total",
-              "host", "load")
+COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "audio_embeds", "encode",
+              "rollout", "no_grad_pass", "training_pass", "optimizer", "validation", "peak", "allowance",
+              "total", "host", "load")
 
 
 def check_layout(world, sp, n=None, flag="--prompts"):

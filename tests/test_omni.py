@@ -22,15 +22,16 @@ import grpo  # noqa: E402
 import model as M  # noqa: E402
 import mr_sp  # noqa: E402
 
-# (grid, seconds of sound) of videos with their sound: one group a chunk; a group leaping two chunks
-# (4 s a group), sound longer than the video. 3.1 s is 2 audio windows (200 + 110 mel frames), 7.3 s 4.
+# (grid, seconds of sound, seconds a temporal group) of videos with their sound: a group a chunk; a
+# group leaping two chunks, sound longer than the video. 3.1 s: 2 audio windows (200 + 110 mel
+# frames); 7.3 s: 4.
 SOUND = [((4, 8, 8), 3.1, 2.0), ((2, 4, 6), 7.3, 4.0)]
 
 
 def sound_samples(model):
     """Videos with their sound, and a clip of sound alone (1.3 s: one window), of random values."""
-    out = [dict(s, **M.random_audio(sec, seed=10 + i)) for i, (s, (_, sec, _)) in enumerate(zip(
-        M.random_samples(model, [g for g, _, _ in SOUND], second_per_grid=[x for _, _, x in SOUND]), SOUND))]
+    videos = M.random_samples(model, [g for g, _, _ in SOUND], second_per_grid=[x for _, _, x in SOUND])
+    out = [dict(s, **M.random_audio(x[1], seed=10 + i)) for i, (s, x) in enumerate(zip(videos, SOUND))]
     return out + [dict(kind="audio", **M.random_audio(1.3, seed=20))]
 
 
@@ -45,9 +46,8 @@ def rollout_rows(omni):
     model, tok = omni
     prompts = [mr_sp.prepare(model, tok, s, f"Question {i}: what do you hear?")
                for i, s in enumerate(sound_samples(model))]
-    G = 4
-    toks, lps, lens = mr_sp.rollout(model, tok, prompts, G, [mr_sp.seed_of(0, i) for i in range(len(prompts))],
-                                    max_new=24, temperature=1.0)
+    G, seeds = 4, [mr_sp.seed_of(0, i) for i in range(len(prompts))]
+    toks, lps, lens = mr_sp.rollout(model, tok, prompts, G, seeds, max_new=24, temperature=1.0)
     rows = [dict(prompts[j // G], response=toks[j, :lens[j]].tolist()) for j in range(len(prompts) * G)]
     return prompts, rows, lps, lens, G
 
@@ -70,11 +70,11 @@ def test_trainer_logprobs_equal_rollout_engine_with_sound(omni, rollout_rows, pa
     padding). And the sound is heard: the other prompt's sound in its place moves them by > 0.01."""
     model, tok = omni
     prompts, rows, lps, lens, G = rollout_rows
+    pad = lambda x: torch.nn.functional.pad(x, (0, lps.shape[1] - x.shape[1]))  # noqa: E731
     with torch.no_grad():
-        got = [mr_sp.prefill_logprobs(model, tok, rows[b * G:(b + 1) * G], packed=packed)
-               for b in range(len(prompts))] if packed else [mr_sp.prefill_logprobs(model, tok, rows, packed=False)]
-        lp = torch.cat([torch.nn.functional.pad(x[0], (0, lps.shape[1] - x[0].shape[1])) for x in got])
-        mask = torch.cat([torch.nn.functional.pad(x[2], (0, lps.shape[1] - x[2].shape[1])) for x in got])
+        got = ([mr_sp.prefill_logprobs(model, tok, rows[b * G:(b + 1) * G]) for b in range(len(prompts))]
+               if packed else [mr_sp.prefill_logprobs(model, tok, rows, packed=False)])
+        lp, mask = (torch.cat([pad(x[k]) for x in got]) for k in (0, 2))
         assert mask.sum(1).tolist() == lens.tolist() and mask.sum() > len(rows)
         assert (lp - lps)[mask.bool()].abs().max() <= 1e-5
         # the 7.3 s clip's embeddings where the 3.1 s clip's were (its first 77): another sound
@@ -125,8 +125,8 @@ def worker(out):
         whole, mine = mr_sp.encode_audio(model, s), mr_sp.encode_audio(model, s, group)
         shares = mr_sp.audio_shares_of(model.config, s["input_features"].shape[-1], 2)
         two = mr_sp.gather_visual(mine, shares, group)
-        res["encode"].append(dict(diff=max_diff(whole, two), equal=torch.equal(whole, two), shape=list(two.shape),
-                                  held=[len(mine), shares[par.rank]]))
+        res["encode"].append(dict(diff=max_diff(whole, two), equal=torch.equal(whole, two),
+                                  shape=list(two.shape), held=[len(mine), shares[par.rank]]))
     # the same rows prepared by one process (the whole clip encoded) and by the group (its shares)
     rows, one_prompt = {}, {}
     for key, grp in (("one", None), ("two", group)):
@@ -141,10 +141,10 @@ def worker(out):
     for case, packed in ((rows, False), (one_prompt, True)):
         lp2, ent2, _, g2 = logprobs_and_grads(model, tok, case["two"], group, packed=packed)
         lp1, ent1, mask, g1 = logprobs_and_grads(model, tok, case["one"], None, packed=False)
-        valid = mask.bool()
-        res["cases"].append(dict(logprob=max_diff(lp1[valid], lp2[valid]), entropy=max_diff(ent1[valid], ent2[valid]),
-                                 grad=max(max_diff(g1[k], g2[k]) for k in g1),
-                                 grad_scale=max(g1[k].abs().max().item() for k in g1), tokens=int(valid.sum())))
+        v = mask.bool()
+        res["cases"].append(dict(logprob=max_diff(lp1[v], lp2[v]), entropy=max_diff(ent1[v], ent2[v]),
+                                 grad=max(max_diff(g1[k], g2[k]) for k in g1), tokens=int(v.sum()),
+                                 grad_scale=max(g1[k].abs().max().item() for k in g1)))
     # G = 4 a prompt, 2 a peer; the trainer (one process) scores the SP samples as it scores its own
     kw = dict(seeds=[5, 6, 7, 8], max_new=12, temperature=1.0, top_p=0.9)
     one = mr_sp.rollout(model, tok, rows["one"], 4, **kw)
@@ -239,7 +239,8 @@ def test_eval_controls_silence_the_sound_or_gray_the_frames(omni, sound_task, mo
     assert same(videos(mute), "audio") and not same(videos(plain), "audio")
     assert same(blind, "visual") and not same(plain, "visual")
     for a, b, c in zip(plain, mute, blind):
-        assert (a["visual"] is None or torch.equal(a["visual"], b["visual"])) and torch.equal(a["audio"], c["audio"])
+        assert a["visual"] is None or torch.equal(a["visual"], b["visual"])
+        assert torch.equal(a["audio"], c["audio"])
 
 
 def test_scripts_train_and_evaluate_on_sound(sound_task, tmp_path):
@@ -255,8 +256,8 @@ def test_scripts_train_and_evaluate_on_sound(sound_task, tmp_path):
     run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
     assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
     for control in ([], ["--mute"], ["--blind"]):
-        out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(sound_task), "--frames",
-                  "8", "--max-new", "8", "--out", str(tmp_path / "eval"), *control)
+        out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(sound_task),
+                  "--frames", "8", "--max-new", "8", "--out", str(tmp_path / "eval"), *control)
         s = json.loads(out.stdout.strip().splitlines()[-1])
         assert s["n_questions"] == 6 and s["bad_samples"] == 0 and s["mute"] == (control == ["--mute"]), s
 
