@@ -246,15 +246,8 @@ def test_eval_controls_silence_the_sound_or_gray_the_frames(omni, sound_task, mo
 def test_scripts_train_and_evaluate_on_sound(sound_task, tmp_path):
     """sft.py --init tiny-qwen2.5-omni, grpo.py from its checkpoint (one process, and --sp 2 --fsdp on
     2: the same weights) and eval.py with its controls, on videos with their sound and sound alone."""
-    from test_pipeline import GRPO, SFT, max_diff, metrics, run, weights
-    run(*SFT, "--init", "tiny-qwen2.5-omni", "--data", str(sound_task), "--steps", "2", "--val", "4",
-        "--out", str(tmp_path / "sft"))
-    cmd = GRPO[:1] + ["--init", str(tmp_path / "sft" / "model")] + GRPO[3:] + [
-        "--data", str(sound_task), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
-    run(*cmd, "--out", str(tmp_path / "one"))
-    assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
-    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
-    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+    from test_pipeline import run, sft_then_grpo_one_and_sp
+    sft_then_grpo_one_and_sp("tiny-qwen2.5-omni", sound_task, tmp_path, "--val", "4")
     for control in ([], ["--mute"], ["--blind"]):
         out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(sound_task),
                   "--frames", "8", "--max-new", "8", "--out", str(tmp_path / "eval"), *control)

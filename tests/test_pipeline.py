@@ -433,6 +433,19 @@ def mixed_task(task, data):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def sft_then_grpo_one_and_sp(init, data, tmp_path, *sft_args):
+    """sft.py --init init for 2 steps, then a GRPO step from its checkpoint on one process (tmp_path/one)
+    and on 2 with --sp 2 --fsdp (tmp_path/sp): every prompt's group kept, no bad sample, and the
+    same weights."""
+    run(*SFT, "--init", init, "--data", str(data), "--steps", "2", *sft_args, "--out", str(tmp_path / "sft"))
+    cmd = GRPO[:1] + ["--init", str(tmp_path / "sft" / "model")] + GRPO[3:] + [
+        "--data", str(data), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
+    run(*cmd, "--out", str(tmp_path / "one"))
+    assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
+    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
+    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["tiny-qwen3-vl", "tiny-qwen2-vl", "tiny-qwen3.5"])
 def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, family):
     """sft.py --init <family>, grpo.py from its checkpoint and eval.py on rows with a video, an image or
@@ -440,13 +453,7 @@ def test_every_stage_takes_each_family_and_image_and_text_rows(task, tmp_path, f
     split with the sequence; Qwen3.5: its Gated DeltaNet layers by their own all-to-all, packed rows too)."""
     data = tmp_path / "data"
     mixed_task(task, data)
-    run(*SFT, "--init", family, "--data", str(data), "--steps", "2", "--out", str(tmp_path / "sft"))
-    cmd = GRPO[:1] + ["--init", str(tmp_path / "sft" / "model")] + GRPO[3:] + [
-        "--data", str(data), "--steps", "1", "--mini-batches", "1", "--lr", "1e-5"]
-    run(*cmd, "--out", str(tmp_path / "one"))
-    assert metrics(tmp_path / "one")[0]["groups"] == 4 and metrics(tmp_path / "one")[0]["bad_samples"] == 0
-    run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", "--fsdp", nproc=2)
-    assert max_diff(weights(tmp_path / "one" / "model"), weights(tmp_path / "sp" / "model")) <= 1e-5
+    sft_then_grpo_one_and_sp(family, data, tmp_path)
     out = run("eval.py", "--model", str(tmp_path / "one" / "model"), "--data", str(data), "--frames", "8",
               "--max-new", "8", "--out", str(tmp_path / "eval"))
     assert json.loads(out.stdout.strip().splitlines()[-1])["n_questions"] == 8
