@@ -111,6 +111,8 @@ g.add_argument("--frames", type=int, default=32, help="frames sampled per video;
 g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
+g.add_argument("--audio-seconds", type=float, default=None, help="a model that hears (Qwen2.5-Omni): "
+               "seconds of each video's sound, for the memory plan only; default --frames (a frame a second)")
 g = ap.add_argument_group("rollout")
 g.add_argument("--G", type=int, default=8, help="samples per prompt; default 8")
 g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")

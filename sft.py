@@ -54,6 +54,8 @@ g.add_argument("--frames", type=int, default=32, help="frames sampled per video;
 g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels/frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
+g.add_argument("--audio-seconds", type=float, default=None, help="a model that hears (Qwen2.5-Omni): "
+               "seconds of each video's sound, for the memory plan only; default --frames (a frame a second)")
 g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
                help="vision tower (and Qwen2.5-Omni's audio tower): auto trains tiny's (random "
                "init), freezes a loaded checkpoint's")
