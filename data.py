@@ -4,6 +4,9 @@
     python data.py probe VIDEO --fps 2 --max-pixels 50176
     python data.py synth --out data/synth --n 1000 --frames 256 --seed 0  # videos/*.mp4, {train,test}.jsonl
     python data.py synth --out data/sound --family sound --frames 64  # with a soundtrack
+    python data.py generate VIDEOS_DIR --out DIR   # clips, captions, QA rows; tiny model: offline
+    python data.py generate VIDEOS_DIR --out DIR --api-base http://localhost:8000/v1 \\
+        --captioner Qwen/Qwen2.5-VL-7B-Instruct --writer Qwen/Qwen3-8B   # any OpenAI-style server
     python -m pytest tests/test_data.py -q
     python -m pytest tests/test_audio.py -q
 
@@ -47,6 +50,7 @@ The letter follows from what was seen; questions need events from the whole vide
 """
 import argparse
 import bisect
+import collections
 import itertools
 import json
 import math
@@ -381,14 +385,7 @@ def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels
     rank's share of the temporal groups, "share" = (first group, groups); grid_thw, frame_times
     and second_per_grid describe the whole video."""
     patch = proc["patch_size"] if proc else PATCH
-
-    def fit(a):  # uint8 (H, W, 3) -> (h, w, 3), the values preprocess would resize it to
-        h, w = _smart_resize(path, *a.shape[:2], min_pixels, max_pixels, patch * MERGE)
-        if (h, w) == a.shape[:2]:
-            return a
-        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # preprocess's layout
-        return resize(x, h, w)[0].to(torch.uint8).permute(1, 2, 0).numpy()
-
+    fit = fitter(path, min_pixels, max_pixels, patch * MERGE)
     frames, info = read_video(path, nframes=nframes, fps=fps, reader=reader, fit=fit, sp=sp)
     h, w = _smart_resize(path, info["height"], info["width"], min_pixels, max_pixels, patch * MERGE)
     if len(frames):
@@ -400,6 +397,18 @@ def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels
                second_per_grid=TEMPORAL / info["sampled_fps"],
                frame_times=[i / info["video_fps"] for i in info["indices"]], info=info)
     return dict(out, share=info["share"]) if sp else out
+
+
+def fitter(path, min_pixels, max_pixels, factor):
+    """A function uint8 (H, W, 3) -> (h, w, 3): a frame resized to the values preprocess would
+    resize it to (smart_resize's size), to apply as each frame is decoded."""
+    def fit(a):
+        h, w = _smart_resize(path, *a.shape[:2], min_pixels, max_pixels, factor)
+        if (h, w) == a.shape[:2]:
+            return a
+        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # preprocess's layout
+        return resize(x, h, w)[0].to(torch.uint8).permute(1, 2, 0).numpy()
+    return fit
 
 
 def _smart_resize(path, *args):
@@ -1086,6 +1095,315 @@ def synth(out, n, n_frames, seed, size=56, fps=8, n_test=None, test_frac=0.2, no
 
 
 # -----------------------------------------------------------------------------
+# generate: long videos -> clips -> captions -> reasoning QA rows (LongVideo-Reason's recipe: each
+# clip captioned by a VLM, a writer given the video's timed captions writes questions in four
+# categories with reasoning; every item is checked before it becomes a row)
+
+QA_CATEGORIES = ["temporal", "goal and purpose", "spatial", "plot and narrative"]
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v")
+
+# The prompts, in one place to read and edit. WRITER_PROMPT is filled by str.format: {captions},
+# {n}; its literal braces are doubled.
+CAPTION_PROMPT = ("Describe what happens in this video clip in two to four sentences: the people, "
+                  "objects and places, what they do, and how things change from its start to its "
+                  "end.")
+WRITER_PROMPT = """Below are captions of consecutive clips of one long video, each with its time \
+span in seconds.
+
+{captions}
+
+Write {n} multiple-choice questions about the whole video that need reasoning over several clips, \
+spread over these categories: temporal (the order, timing or duration of events), goal and purpose \
+(why someone does something, what they aim for), spatial (where things are and how they move), \
+plot and narrative (how the story develops, cause and effect). Each question has four options, \
+exactly one of them correct, and its answer follows from what the video shows. Write the reasoning \
+as someone watching the video (never mention captions), step by step, and end it with \
+"so the answer is" and the letter.
+
+Reply with JSON only: a list of {n} objects of the form
+{{"category": "temporal", "question": "...", "options": ["...", "...", "...", "..."], \
+"reasoning": "... so the answer is B.", "answer": "B"}}
+where category is one of temporal, goal and purpose, spatial, plot and narrative, and answer is \
+the letter of the correct option."""
+
+
+class ModelError(Exception):
+    """A captioner or writer call that failed after its retries; kind: http, timeout, unreachable
+    or junk (a reply that is not a chat completion)."""
+
+    def __init__(self, kind, message):
+        super().__init__(message)
+        self.kind = kind
+
+
+def cut_clips(path, seconds=10.0, per_clip=8, max_pixels=MAX_PIXELS, factor=FACTOR):
+    """A video cut into consecutive clips of `seconds` (the last one shorter), yielded one at a time
+    (host memory holds one clip): dict(start, end (seconds), frames uint8 (per_clip, h, w, 3)
+    uniform over the clip, resized as preprocess would, times (seconds of each frame))."""
+    ix = video_stream(path)
+    if not ix["fps"] > 0:
+        raise VideoError(path, "unknown frame rate: cannot cut it into clips by time")
+    step = max(1, round(seconds * ix["fps"]))  # frames a clip
+    fit = fitter(path, MIN_PIXELS, max_pixels, factor)
+    for a in range(0, ix["total"], step):
+        b = min(a + step, ix["total"])
+        idx = np.linspace(a, b - 1, per_clip).round().astype(int)
+        frames, _ = read_video_pyav(path, ix, idx, fit=fit)  # seeks to the keyframe before a
+        yield dict(start=a / ix["fps"], end=b / ix["fps"], frames=frames,
+                   times=(idx / ix["fps"]).tolist())
+
+
+def local_model(model, tok, max_new=1024, temperature=0.0, seed=0):
+    """ask(text, clip=None, key=()) -> the reply of a model run by our engine (mr_sp.rollout, as
+    eval and RL sample), one sample; key seeds it (seed_of), so a rerun writes the same text."""
+    import model as M
+    import mr_sp
+    proc = M.processor_config(model.config)
+
+    def ask(text, clip=None, key=()):
+        sample = {"kind": None}
+        if clip is not None:
+            f = clip["frames"]
+            pixel_values, grid = preprocess(f, proc=proc, size=f.shape[1:3])
+            sample = dict(kind="video", pixel_values=pixel_values, grid_thw=grid,
+                          second_per_grid=TEMPORAL * (clip["end"] - clip["start"]) / len(f),
+                          frame_times=clip["times"])
+        p = mr_sp.prepare(model, tok, sample, text)
+        toks, _, lens = mr_sp.rollout(model, tok, [p], 1, [mr_sp.seed_of(seed, *key)],
+                                      max_new=max_new, temperature=temperature)
+        return tok.decode(toks[0, :lens[0]].tolist(), skip_special_tokens=True)
+    return ask
+
+
+def api_model(base, name, max_new=1024, temperature=0.0, timeout=120.0, retries=3, backoff=2.0):
+    """ask(text, clip=None, key=()) -> the reply of an OpenAI-compatible chat-completions endpoint
+    (vLLM's and SGLang's servers speak it; OPENAI_API_KEY is sent if set). A clip's frames go as
+    JPEG images. Every failure is retried after backoff * 2**try seconds; after the last one,
+    ModelError."""
+    import base64
+    import io
+    import urllib.error
+    import urllib.request
+    from PIL import Image
+    url = base.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+
+    def jpeg(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=90)
+        return {"type": "image_url", "image_url": {
+            "url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}}
+
+    def ask(text, clip=None, key=()):
+        content = text if clip is None else \
+            [jpeg(a) for a in clip["frames"]] + [{"type": "text", "text": text}]
+        body = json.dumps(dict(model=name, messages=[{"role": "user", "content": content}],
+                               max_tokens=max_new, temperature=temperature)).encode()
+        for attempt in range(retries + 1):
+            try:
+                req = urllib.request.Request(url, body, headers)
+                with urllib.request.urlopen(req, timeout=timeout) as r:
+                    reply = json.loads(r.read())["choices"][0]["message"]["content"]
+                if isinstance(reply, str):
+                    return reply
+                kind, why = "junk", f"content is {type(reply).__name__}, not text"
+            except urllib.error.HTTPError as e:
+                kind, why = "http", f"HTTP {e.code} {e.reason}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                slow = isinstance(getattr(e, "reason", e), TimeoutError)
+                kind, why = ("timeout", f"no reply in {timeout} s") if slow else \
+                    ("unreachable", str(e))
+            except (ValueError, LookupError, TypeError) as e:  # not JSON, or not a chat completion
+                kind, why = "junk", f"not a chat completion ({_short(e)})"
+            if attempt < retries:
+                time.sleep(backoff * 2 ** attempt)
+        raise ModelError(kind, f"{url}: {why} ({retries + 1} tries)")
+    return ask
+
+
+def parse_items(reply):
+    """The list of items in a writer's reply (a JSON list, maybe inside a code fence or an object's
+    one list field), or None."""
+    a, b = reply.find("["), reply.rfind("]")
+    try:
+        items = json.loads(reply[a:b + 1]) if 0 <= a < b else None
+    except json.JSONDecodeError:
+        return None
+    return items if isinstance(items, list) else None
+
+
+def check_item(item, seen=()):
+    """(reason, None) for an item to reject, else (None, the item as a row's fields). Reasons, in
+    the order checked: schema (category one of QA_CATEGORIES, question, options: 2 to 10 distinct
+    strings, reasoning, answer), answer (not one of the options, as a letter or an option's text),
+    reasoning (does not end in that answer: its letter, or the option's text), duplicate (a
+    question in `seen`, normalized)."""
+    if not isinstance(item, dict):
+        return "schema", None
+    category, question = str(item.get("category", "")).strip().lower(), item.get("question")
+    options, reasoning, answer = item.get("options"), item.get("reasoning"), item.get("answer")
+    if (category not in QA_CATEGORIES or not all(isinstance(x, str) and x.strip() for x in
+                                                  (question, reasoning, answer))
+            or not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS)
+            or not all(isinstance(o, str) and o.strip() for o in options)
+            or len({normalize(o) for o in options}) < len(options)):
+        return "schema", None
+    if all(re.match(rf"{LETTERS[i]}[.)]\s", o) for i, o in enumerate(options)):
+        options = [o[2:].strip() for o in options]  # "A. red": question_text adds the letters
+    letter = answer.strip().strip(".()").upper()
+    if letter not in LETTERS[:len(options)]:
+        said = [i for i, o in enumerate(options) if normalize(o) == normalize(answer)]
+        if not said:
+            return "answer", None
+        letter = LETTERS[said[0]]
+    last = re.search(r"\b([A-J])\W*$", reasoning.strip())
+    if not (last and last.group(1) == letter or
+            normalize(reasoning).endswith(normalize(options[LETTERS.index(letter)]))):
+        return "reasoning", None
+    if normalize(question) in seen:
+        return "duplicate", None
+    return None, dict(question=question.strip(), options=[o.strip() for o in options],
+                      answer=letter, reasoning=reasoning.strip(), category=category)
+
+
+def generate_video(path, key, caption, write, args, factor, log):
+    """One video: its record (clips, captions, asked, accepted, rejected and failures by kind, the
+    timed captions; done False after a failed call: retried on rerun) and its rows."""
+    rec = dict(video=key, clips=0, captions=0, asked=0, accepted=0, rejected={}, failures={},
+               timed_captions=[], done=True)
+    stage = "caption_"
+    try:
+        for k, clip in enumerate(cut_clips(path, args.clip_seconds, args.clip_frames,
+                                           args.max_pixels, factor)):
+            rec["clips"] += 1
+            text = caption(CAPTION_PROMPT, clip, key=(key, k)).strip()
+            if text:
+                rec["captions"] += 1
+                rec["timed_captions"].append([round(clip["start"], 2), round(clip["end"], 2), text])
+        timed = "\n".join(f"[{a:.1f}-{b:.1f} s] {t}" for a, b, t in rec["timed_captions"])
+        stage = "writer_"
+        reply = write(WRITER_PROMPT.format(captions=timed, n=args.questions), key=(key, "writer"))
+    except (VideoError, ModelError) as e:
+        kind = "video" if isinstance(e, VideoError) else stage + e.kind
+        rec["failures"][kind] = 1
+        log(f"{key}: {kind}: {e}")
+        # an unreadable video is done (it would fail again); after a failed call nothing of the
+        # video is written, and a rerun asks again
+        return dict(rec, done=isinstance(e, VideoError)), []
+    rec["asked"], items, rows, seen = args.questions, parse_items(reply), [], set()
+    if items is None:
+        rec["rejected"]["unparseable"] = args.questions
+        log(f"{key}: writer reply not a JSON list: {reply[:200]!r}")
+        items = []
+    elif len(items) < args.questions:
+        rec["rejected"]["missing"] = args.questions - len(items)
+    for j, item in enumerate(items[:args.questions]):
+        why, row = check_item(item, seen)
+        if why:
+            rec["rejected"][why] = rec["rejected"].get(why, 0) + 1
+            log(f"{key}: item {j} rejected ({why}): {json.dumps(item)[:200]}")
+            continue
+        seen.add(normalize(row["question"]))
+        rows.append(dict(id=f"{key}#{len(rows)}", video=key, **row))
+    rec["accepted"] = len(rows)
+    return rec, rows
+
+
+def _whole_lines(path):
+    """The JSON objects of a jsonl file a kill may have cut short: a torn last line is dropped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            out.append(json.loads(line)) if line.endswith("\n") else None
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _append(path, objs):
+    """Append objs as jsonl lines in one write, synced to disk before the next append."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(o) + "\n" for o in objs))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def resume_state(out):
+    """The records of videos done by earlier runs, after undoing what a kill left behind: rows of a
+    video without its record (killed between the two appends) and torn last lines."""
+    records, rows = _whole_lines(out / "generate.jsonl"), _whole_lines(out / "train.jsonl")
+    done = {r["video"] for r in records}
+    keep = [r for r in rows if r["video"] in done]
+    for name, objs in (("generate.jsonl", records), ("train.jsonl", keep)):
+        path = out / name
+        if path.exists() and len(path.read_text().splitlines()) != len(objs):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(o) + "\n" for o in objs))
+            os.replace(tmp, path)  # atomic: the old file or the new, never half of one
+    return records
+
+
+def generate(args):
+    """data.py generate: every video under args.videos not yet done -> args.out/train.jsonl rows,
+    one generate.jsonl record per video, failures and rejections named in generate.log. Returns the
+    summary over all videos done (this run and earlier ones) and this run's failed ones."""
+    import model as M
+    from tqdm import tqdm
+    t0, out, models = time.time(), Path(args.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    videos = sorted(p for p in Path(args.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTS)
+    videos = videos[:args.limit] if args.limit else videos
+    records = resume_state(out)
+    done = {r["video"] for r in records}
+    todo = [p for p in videos if os.path.relpath(p, out) not in done]
+
+    def role(name, base, max_new):  # the endpoint at base, else a local model loaded once for both
+        if base:
+            return api_model(base, name, max_new, args.temperature, args.timeout, args.retries,
+                             args.backoff)
+        if name not in models:
+            models[name] = M.load(name, device="cuda" if torch.cuda.is_available() else "cpu")
+        return local_model(*models[name], max_new, args.temperature, args.seed)
+
+    base = args.captioner_api_base or args.api_base
+    caption = role(args.captioner, base, args.caption_tokens)
+    write = role(args.writer, args.writer_api_base or args.api_base, args.writer_tokens)
+    # frame sides: multiples of a local captioner's merged patch (Qwen3-VL's 32), else 28
+    factor = FACTOR if base else \
+        MERGE * M.processor_config(models[args.captioner][0].config)["patch_size"]
+    failed = []
+    with open(out / "generate.log", "a") as logf:
+        def log(line):
+            logf.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
+            logf.flush()
+
+        log(f"start: {len(videos)} videos, {len(done)} done before, {len(todo)} to do")
+        bar = tqdm(todo, desc="generate", unit="video", file=sys.stderr)
+        for path in bar:
+            key = os.path.relpath(path, out)  # how the rows name the video
+            rec, rows = generate_video(path, key, caption, write, args, factor, log)
+            if not rec.pop("done"):
+                failed.append(rec)
+                continue
+            _append(out / "train.jsonl", rows)  # the rows, then the record that says they are whole
+            _append(out / "generate.jsonl", [rec])
+            records.append(rec)
+            bar.set_postfix(accepted=sum(r["accepted"] for r in records))
+    total = dict(out=str(out), videos=len(videos), done=len(records), done_before=len(done),
+                 failed=len(failed))
+    for k in ("clips", "captions", "asked", "accepted"):
+        total[k] = sum(r[k] for r in records)
+    for k in ("rejected", "failures"):
+        total[k] = dict(sorted(sum((collections.Counter(r[k]) for r in records + failed),
+                                   collections.Counter()).items()))
+    return dict(total, seconds=round(time.time() - t0, 2))
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def probe_audio(path):
@@ -1139,8 +1457,9 @@ def probe(args):
     return 0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="longrl: probe a video, or write the synthetic task")
+def parser():
+    p = argparse.ArgumentParser(description="longrl: probe a video, write the synthetic task, or "
+                                "generate QA rows from long videos")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("probe", help="decode + preprocess: sizes, tokens, time; audio; JSON last")
     q.add_argument("video", help="path to a video file")
@@ -1165,9 +1484,46 @@ def main(argv=None):
                    "only it answers, 1 only the frames); default flash")
     s.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="fraction of train traces "
                    f"reasoning to a wrong trace_answer (true answer kept); default {DEFAULT_NOISE}")
-    args = p.parse_args(argv)
+    g = sub.add_parser("generate", help="long videos -> clips, captions, reasoning QA rows "
+                       "(LongVideo-Reason's recipe); resumable; JSON summary last")
+    g.add_argument("videos", help=f"folder of videos, searched recursively ({' '.join(VIDEO_EXTS)})")
+    g.add_argument("--out", required=True, help="output folder: train.jsonl (rows, videos relative "
+                   "to it), generate.jsonl (a record per video done: counts, timed captions), "
+                   "generate.log (failures and rejected items)")
+    g.add_argument("--clip-seconds", type=float, default=10.0, help="clip length, s; default 10")
+    g.add_argument("--clip-frames", type=int, default=8,
+                   help="frames the captioner sees of a clip, uniform; default 8")
+    g.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="per caption frame; default 128*28*28")
+    g.add_argument("--questions", type=int, default=4, help="items asked a video; default 4")
+    g.add_argument("--captioner", default="tiny", help="a local HF folder (any supported family) or "
+                   "a tiny model's name; with an endpoint, the model name it serves; default tiny "
+                   "(offline; nonsense text)")
+    g.add_argument("--writer", default="tiny", help="as --captioner, for the writer; default tiny")
+    g.add_argument("--api-base", default=None, help="OpenAI-compatible endpoint of both roles, e.g. "
+                   "http://localhost:8000/v1 (vLLM, SGLang); default none: local models")
+    g.add_argument("--captioner-api-base", default=None, help="the captioner's (over --api-base)")
+    g.add_argument("--writer-api-base", default=None, help="the writer's (over --api-base)")
+    g.add_argument("--caption-tokens", type=int, default=256, help="max a caption; default 256")
+    g.add_argument("--writer-tokens", type=int, default=4096, help="max a reply; default 4096")
+    g.add_argument("--temperature", type=float, default=0.0, help="both roles; 0 = greedy (default)")
+    g.add_argument("--timeout", type=float, default=300.0,
+                   help="endpoint: seconds a request may take; default 300")
+    g.add_argument("--retries", type=int, default=3, help="endpoint: tries after the first; default 3")
+    g.add_argument("--backoff", type=float, default=2.0,
+                   help="endpoint: seconds before the first retry, doubling each; default 2")
+    g.add_argument("--limit", type=int, default=0, help="the first N videos (sorted); 0 = all")
+    g.add_argument("--seed", type=int, default=0, help="local models' sampling seed; default 0")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.cmd == "probe":
         return probe(args)
+    if args.cmd == "generate":
+        print(json.dumps(generate(args)))
+        return 0
     t0 = time.time()
     counts = synth(args.out, args.n, args.frames, args.seed, args.size, args.fps, args.n_test,
                    args.test_frac, args.noise, args.family)

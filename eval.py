@@ -7,12 +7,16 @@
     torchrun --nproc_per_node 2 eval.py --model runs/grpo/model --sp 2  # 2 ranks encode each video
     python eval.py --model /path/to/ckpt --data /path/to/LongVideo-Reason --split test --n 8 --temperature 1.0
     python eval.py --model runs/sft/model --data data/sound --mute  # audio-blind control (--blind: video)
+    python eval.py --model runs/sft/model --split train --part rl --n 8 --temperature 1 --keep data/rl
     $(bash .ci/vllm_env | tail -1) eval.py --engine vllm   # on vLLM's CPU build (own environment)
 
 Greedy by default (else --n samples at --temperature: accuracy is the mean over samples, plus
-pass@n). Writes --out (default <model>/../eval): results.jsonl (one line per question, sample and
-frame count, keyed by row id, so questions sharing a video never collide), summary.json, and
-frames.png for a sweep if matplotlib is installed. The last printed line is the JSON summary."""
+pass@n). --keep DIR is the difficulty filter for RL: each row's pass rate over its --n samples,
+rows per number of correct samples, and DIR/<split>.jsonl holding the rows whose rate lies in
+--band (default: neither always wrong nor always right, the groups dynamic sampling keeps). Writes
+--out (default <model>/../eval): results.jsonl (one line per question, sample and frame count,
+keyed by row id, so questions sharing a video never collide), summary.json, and frames.png for a
+sweep if matplotlib is installed. The last printed line is the JSON summary."""
 import argparse
 import json
 import os
@@ -34,6 +38,8 @@ ap.add_argument("--model", default=None,
                 help="HF folder, or a comma list to compare; default runs/grpo/model, else runs/sft/model")
 ap.add_argument("--data", default="data/synth", help="folder of <split>.jsonl; default data/synth")
 ap.add_argument("--split", default="test", help="jsonl name in --data; default test")
+ap.add_argument("--part", default="all", choices=["sft", "rl", "all"],
+                help="rows of the split: the SFT third, RL two thirds (data.split_rows), all; default all")
 ap.add_argument("--frames", default="32", help="frames per video or comma list (sweep); default 32")
 ap.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame; default 128*28*28")
 ap.add_argument("--n", type=int, default=1, help="samples per question; default 1")
@@ -54,6 +60,9 @@ ap.add_argument("--vllm-mem", type=float, default=0.7,
                 help="vllm: GPU memory share for weights and KV cache; default 0.7 (CPU: ignored)")
 ap.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
 ap.add_argument("--out", default=None, help="output folder; default <model>/../eval")
+ap.add_argument("--keep", default=None, metavar="DIR", help="difficulty filter: write DIR/<split>.jsonl, "
+                "the rows whose pass rate over --n samples is in --band (with pass_rate), DIR/filter.json")
+ap.add_argument("--band", default="0,1", help="--keep's open interval lo,hi of pass rates; default 0,1")
 # -----------------------------------------------------------------------------
 
 
@@ -105,6 +114,21 @@ def summarize(results, n):
     return s
 
 
+def pass_bands(results, rows, n, lo=0.0, hi=1.0):
+    """The difficulty filter: rows per number of correct samples of n ("k/n"; "none": no sample,
+    its video failed), and the rows whose pass rate k/n lies strictly between lo and hi, with it."""
+    by_id = defaultdict(list)
+    for r in results:
+        by_id[r["id"]].append(r["correct"])
+    bands, kept = {**{f"{k}/{n}": 0 for k in range(n + 1)}, "none": 0}, []
+    for row in rows:
+        v = by_id.get(row["id"])
+        bands[f"{int(sum(v))}/{n}" if v else "none"] += 1
+        if v and lo < sum(v) / n < hi:
+            kept.append(dict(row, pass_rate=sum(v) / n))
+    return bands, kept
+
+
 def plot(sweep, path):
     try:
         import matplotlib
@@ -154,9 +178,13 @@ def main(args):
     if args.out and len(paths) > 1:
         raise SystemExit("--out takes one model; with several, each writes to <model>/../eval")
     D.prepare_task(args.data, par.rank)
-    rows = D.load_rows(os.path.join(args.data, f"{args.split}.jsonl"))
+    rows = D.split_rows(D.load_rows(os.path.join(args.data, f"{args.split}.jsonl")), args.part)
     rows = rows[:args.limit] if args.limit else rows
     frame_counts = [int(f) for f in str(args.frames).split(",")]
+    if args.keep and (len(paths) > 1 or len(frame_counts) > 1 or args.n < 2 or not args.temperature):
+        raise SystemExit("--keep takes one model, one frame count, --n > 1 samples at --temperature > 0")
+    if args.keep and os.path.abspath(args.keep) == os.path.abspath(args.data):
+        raise SystemExit("--keep DIR must not be --data: it would overwrite the rows it reads")
     summaries, llm = [], None
     for path in paths:
         model, tok = M.load(path, dtype=getattr(torch, args.dtype), device=par.device)
@@ -193,6 +221,15 @@ def main(args):
                       + " | ".join(f"{x['by_category'].get(c, 0):12.3f}" for c in cats))
         for s in summaries:
             del s["sweep"]
+        if args.keep:
+            lo, hi = (float(x) for x in args.band.split(","))
+            bands, kept = pass_bands(results, rows, args.n, lo, hi)
+            os.makedirs(args.keep, exist_ok=True)
+            with open(os.path.join(args.keep, f"{args.split}.jsonl"), "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in kept))
+            summaries[0].update(bands=bands, kept=len(kept), band=[lo, hi], part=args.part)
+            with open(os.path.join(args.keep, "filter.json"), "w") as f:
+                json.dump(summaries[0], f, indent=1)
         print(json.dumps(summaries[0] if len(summaries) == 1 else {"models": summaries}))
     mr_sp.shutdown()
 
