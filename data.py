@@ -1181,6 +1181,7 @@ def api_model(base, name, max_new=1024, temperature=0.0, timeout=120.0, retries=
     JPEG images. Every failure is retried after backoff * 2**try seconds; after the last one,
     ModelError."""
     import base64
+    import http.client
     import io
     import urllib.error
     import urllib.request
@@ -1215,7 +1216,8 @@ def api_model(base, name, max_new=1024, temperature=0.0, timeout=120.0, retries=
                 slow = isinstance(getattr(e, "reason", e), TimeoutError)
                 kind, why = ("timeout", f"no reply in {timeout} s") if slow else \
                     ("unreachable", str(e))
-            except (ValueError, LookupError, TypeError) as e:  # not JSON, or not a chat completion
+            except (ValueError, LookupError, TypeError, http.client.HTTPException) as e:
+                # not HTTP, not JSON, or not a chat completion
                 kind, why = "junk", f"not a chat completion ({_short(e)})"
             if attempt < retries:
                 time.sleep(backoff * 2 ** attempt)
@@ -1354,6 +1356,8 @@ def generate(args):
     import model as M
     from tqdm import tqdm
     t0, out, models = time.time(), Path(args.out), {}
+    if not Path(args.videos).is_dir():
+        raise SystemExit(f"{args.videos}: not a folder of videos")
     out.mkdir(parents=True, exist_ok=True)
     videos = sorted(p for p in Path(args.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTS)
     videos = videos[:args.limit] if args.limit else videos
