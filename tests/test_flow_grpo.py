@@ -37,7 +37,8 @@ def test_ode_limit_equals_diffusers_euler_step(pipe):
         ref = sch.step(v, t, x).prev_sample
         ours = F.sde_step(v, x, sig[k].expand(1), sig[k + 1].expand(1), 0.0, float(sig[1]),
                           noise=torch.randn_like(x))[0]
-        worst = max(worst, float((ours - ref).abs().max()), float((traj[:, k + 1] - ref).abs().max()))
+        worst = max(worst, float((ours - ref).abs().max()),
+                    float((traj[:, k + 1] - ref).abs().max()))
         x = ref
     print(f"max abs diff, SDE at noise 0 vs diffusers' Euler step: {worst:.1e}")
     assert worst <= 1e-6
@@ -50,7 +51,8 @@ def test_logprob_equals_normal_density():
     v, x = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     s, s_next = torch.tensor([1.0, 0.8, 0.3]), torch.tensor([0.9, 0.5, 0.0])
     x_next, lp, mean, std = F.sde_step(v, x, s, s_next, 0.7, 0.9, noise=torch.randn_like(x))
-    direct = torch.distributions.Normal(mean, std.view(-1, 1, 1, 1)).log_prob(x_next).mean((1, 2, 3))
+    direct = torch.distributions.Normal(mean, std.view(-1, 1, 1, 1)).log_prob(x_next)
+    direct = direct.mean((1, 2, 3))
     assert float((lp - direct).abs().max()) <= 1e-5
     # the variance Flow-GRPO states: std_t^2 (-dt), std_t = a sqrt(s / (1 - s)), 1 - s_1 at s = 1
     std_t = 0.7 * torch.tensor([math.sqrt(1 / 0.1), math.sqrt(0.8 / 0.2), math.sqrt(0.3 / 0.7)])
@@ -114,7 +116,8 @@ def test_prompt_file_bad_rows(tmp_path):
         with pytest.raises(ValueError, match=msg):
             F.load_prompts(str(tmp_path / "p.jsonl"))
     (tmp_path / "p.jsonl").write_text('{"prompt": "a red x on the left", "id": "a"}\n')
-    assert F.load_prompts(str(tmp_path / "p.jsonl")) == [{"prompt": "a red x on the left", "id": "a"}]
+    rows = F.load_prompts(str(tmp_path / "p.jsonl"))
+    assert rows == [{"prompt": "a red x on the left", "id": "a"}]
 
 
 def small_run(tmp_path, *extra):
@@ -142,7 +145,8 @@ def test_resume_is_bitwise(tmp_path, capsys):
     assert resumed["eval_after"] == whole["eval_after"]
     a, b = (F.load(str(tmp_path / d / "run" / "model")).transformer.state_dict() for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = ([json.loads(line) for line in open(tmp_path / d / "run" / "metrics.jsonl")] for d in "ab")
+    ma, mb = ([json.loads(line) for line in open(tmp_path / d / "run" / "metrics.jsonl")]
+              for d in "ab")
     drop = ("time_rollout", "time_update")
     assert [{k: v for k, v in r.items() if k not in drop} for r in ma] == \
            [{k: v for k, v in r.items() if k not in drop} for r in mb]
@@ -159,3 +163,25 @@ def test_failing_reward_is_counted(tmp_path, capsys, monkeypatch):
     assert out["reward_errors"] > 0 and out["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 3 and rows[-1]["reward_errors"] == out["reward_errors"]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 ranks (a prompt each) trains as one process on both prompts: the same
+    rewards and, up to the order of float sums, the same weights and held-out reward. One
+    mini-batch (two epochs): with more, update m takes slice m of each rank's rows, other rows
+    than one process's slice m (as in grpo.py)."""
+    from safetensors.torch import load_file
+    from test_pipeline import run
+    held = tmp_path / "held.txt"
+    held.write_text("a red stripe on the left\na blue cloud on the right\na red dot on the left\n")
+    args = ["flow_grpo.py", "--G", "2", "--prompts", "2", "--denoise", "3", "--eval-denoise", "2",
+            "--eval-data", str(held), "--steps", "2", "--epochs", "2", "--kl-coef", "0.1"]
+    outs = [run(*args, "--out", str(tmp_path / str(n)), nproc=n).stdout.splitlines()[-1]
+            for n in (1, 2)]
+    outs = [json.loads(o) for o in outs]
+    w = [load_file(tmp_path / str(n) / "model" / "transformer"
+                   / "diffusion_pytorch_model.safetensors") for n in (1, 2)]
+    assert max(float((w[0][k] - w[1][k]).abs().max()) for k in w[0]) <= 1e-6
+    m = [[json.loads(line) for line in open(tmp_path / str(n) / "metrics.jsonl")] for n in (1, 2)]
+    assert [r["reward"] for r in m[0]] == pytest.approx([r["reward"] for r in m[1]], abs=1e-7)
+    assert outs[0]["eval_after"] == pytest.approx(outs[1]["eval_after"], abs=1e-6)
