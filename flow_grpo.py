@@ -10,7 +10,7 @@ step) and grid.png (held-out samples: the first row before training, the second 
 The variant that runs, exactly (Flow-GRPO, Liu et al., arXiv 2505.05470; code: yifan123/flow_grpo):
 1. Each step takes --prompts prompts (contiguous blocks over data-parallel ranks); the frozen text
    encoders embed each once for its G samples and every pass (as mr_sp.py does a video).
-2. G samples per prompt by the SDE sampler of Flow-GRPO's ODE-to-SDE conversion (paper section 4.1),
+2. G samples per prompt by the SDE sampler of Flow-GRPO's ODE-to-SDE conversion (its update rule),
    Euler-Maruyama over --denoise steps of the scheduler's sigmas s_0 = 1 > ... > s_n = 0 (x at
    s: (1 - s) data + s noise, v the predicted velocity, dt = s' - s < 0):
      x' = x + [v + std^2 / (2 s) (x + (1 - s) v)] dt + std sqrt(-dt) eps,  std = a sqrt(s / (1 - s))
@@ -168,9 +168,9 @@ def load(path, device="cpu", seed=0, resolution=32):
 # brighter that colour is on that side of the image than on the other. The tiny pipeline's random
 # VAE cannot make a whole image red (its decoder's group norms undo a latent's overall offset), but
 # it can make one side redder than the other. Its random text encoders are another matter: with
-# prompts asking for each of 3 colours on either side, 120 steps (lr 3e-3 or 1e-2) learned nothing,
-# the policy has to learn to read the prompt first; so the built-in prompts all ask for red on the
-# left (other nouns held out), which it learns in minutes. --data gives other prompts.
+# prompts asking for each of 3 colours on either side, 400 steps learned nothing (the policy has to
+# learn to read the prompt first); so the built-in prompts all ask for red on the left (other nouns
+# held out), which it learns in minutes (README). --data gives other prompts.
 COLOURS = {"red": 0, "green": 1, "blue": 2}
 SIDES = ("left", "right")
 THINGS = {"train": ("square", "patch", "glow", "blob", "light", "shape", "spot", "block"),
