@@ -266,17 +266,25 @@ def save(model, tok, out, write=None, state_dict=None):
     """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state);
     state_dict replaces the model's own (a sharded model's, gathered: mr_sp.full_state). Atomic
     (temp name, then rename): a crash mid-write leaves no half checkpoint under the final name."""
+    def fill(tmp):
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(processor_config(model.config), f, indent=1)
+        if write is not None:
+            write(tmp)
+    save_atomic(out, fill)
+
+
+def save_atomic(out, fill):
+    """fill(tmp) writes a folder at a temp name, then it becomes out by renames: a crash mid-write
+    leaves no half checkpoint under the final name (`resume` finds out or out.old)."""
     out = out.rstrip("/")
     tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-        json.dump(processor_config(model.config), f, indent=1)
-    if write is not None:
-        write(tmp)
+    fill(tmp)
     if os.path.exists(out):
         os.replace(out, old)  # a crash until the next rename leaves only out.old: see `resume`
     os.replace(tmp, out)

@@ -34,3 +34,11 @@ def letter_e(text, row):
 def constant(text, row):
     """Every sample of every prompt rewarded alike: the groups of a policy too sharp to vary."""
     return 0.5
+
+
+def colour_side_or_fail(image, row):
+    """flow_grpo's colour/side reward, but raising on red prompts and NaN on green ones."""
+    import flow_grpo
+    if " red " in row["prompt"]:
+        raise RuntimeError("reward server unreachable")
+    return float("nan") if " green " in row["prompt"] else flow_grpo.colour_side(image, row)
