@@ -1,7 +1,9 @@
-"""Flow-GRPO: RL for a flow-matching image generator (SD3-style MMDiT) on its decoded pixels.
+"""Flow-GRPO: RL for flow-matching image (SD3-style MMDiT) and video (Wan) generators on pixels.
 
     python flow_grpo.py                                # tiny SD3 built in code, built-in prompts
     torchrun --nproc_per_node 2 flow_grpo.py           # the same, data parallel
+    python flow_grpo.py --init tiny-wan                # a tiny Wan video model, 5 frames
+    torchrun --nproc_per_node 2 flow_grpo.py --init tiny-wan --sp 2  # Ulysses over its tokens
     python flow_grpo.py --init /path/to/stable-diffusion-3.5-medium --data prompts.txt --reward m:f
 
 Writes --out (default runs/flow_grpo): model/ (the pipeline as a diffusers folder, with state.pt:
@@ -20,9 +22,10 @@ The variant that runs, exactly (Flow-GRPO, Liu et al., arXiv 2505.05470; code: y
    (a mean, not a sum, as the code's: the per-step ratio stays near 1). Sample j of a prompt draws
    its noise from seed (seed, step, prompt id, j): the same samples on any number of ranks.
    --cfg w > 1: classifier-free guidance v = v(empty) + w (v(prompt) - v(empty)), in the policy too.
-3. Reward on the decoded pixels, r = f(image (3, H, W) in [0, 1], row) (--reward module:function;
-   default colour_side: how much brighter the named colour is on the named side). A reward that
-   raises or is not finite costs its prompt's group this step (reward_errors).
+3. Reward on the decoded pixels, r = f(image (3, H, W) or video (3, F, H, W) in [0, 1], row)
+   (--reward module:function; default colour_side: how much brighter the named colour is on the
+   named side, over all frames). A reward that raises or is not finite costs its prompt's group this
+   step (reward_errors).
 4. Advantage of every step of a sample: its prompt's G rewards, (r - mean) / (std + 1e-6) with
    unbiased std (grpo.group_advantages; Flow-GRPO's code: the biased std), clipped to +-5
    (--adv-clip, its adv_clip_max).
@@ -39,9 +42,14 @@ The variant that runs, exactly (Flow-GRPO, Liu et al., arXiv 2505.05470; code: y
    micro-batches of one prompt's samples), gradients summed over ranks (mr_sp.sync_grads), clipped.
    The transformer alone trains (full weights; Flow-GRPO trains LoRA on SD3.5); text encoders and
    VAE are frozen.
-Not yet: the Wan video model, Ulysses over the generator's tokens, FSDP, LoRA."""
+8. Video (Wan) with --sp N: Ulysses over the transformer's latent frames x height x width tokens
+   (`use_ulysses`): each rank of an SP group runs its block of the tokens through every layer, the
+   self-attention trades it for a share of the heads over all tokens (mr_sp.py's all-to-all), the
+   output is gathered; SP peers sample and train the same prompts. sp 2 equals one process (tests).
+Not yet: FSDP, LoRA, Ulysses for SD3's joint attention."""
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -59,12 +67,15 @@ import mr_sp
 ap = argparse.ArgumentParser(description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
 g = ap.add_argument_group("model and data")
-g.add_argument("--init", default="tiny-sd3",
-               help="tiny-sd3 (built in code) or a diffusers SD3 folder; default tiny-sd3")
+g.add_argument("--init", default="tiny-sd3", help="tiny-sd3 or tiny-wan (built in code), or a "
+               "diffusers SD3 or Wan folder; default tiny-sd3")
 g.add_argument("--data", default=None, help="training prompts: .jsonl rows with a prompt field, or "
                ".txt, a prompt a line; default: the built-in prompts (red on the left)")
 g.add_argument("--eval-data", default=None, help="held-out prompts, same formats; default built-in")
-g.add_argument("--resolution", type=int, default=32, help="image side, pixels; default 32")
+g.add_argument("--resolution", type=int, default=32,
+               help="image (or video frame) side, pixels; default 32")
+g.add_argument("--frames", type=int, default=5, help="video frames (Wan), 1 + a multiple of its "
+               "VAE's temporal factor (tiny-wan: 2); default 5")
 g.add_argument("--text-len", type=int, default=8,
                help="T5 tokens of a prompt (SD3's max_sequence_length); default 8")
 g = ap.add_argument_group("sampling")
@@ -101,6 +112,8 @@ g.add_argument("--seed", type=int, default=0, help="seed for data order, noise, 
 g.add_argument("--out", default="runs/flow_grpo", help="output folder; default runs/flow_grpo")
 g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0 = end only)")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (Wan only): Ulysses "
+               "over a video's tokens; its heads and tokens must divide by it; default 1")
 # -----------------------------------------------------------------------------
 
 
@@ -143,20 +156,61 @@ def tiny_sd3(seed=0, resolution=32):
         text_encoder_3=None, tokenizer_3=None)
 
 
+def tiny_wan(seed=0):
+    """A random WanPipeline small enough for a CPU test: a 2-block Wan transformer (4 heads of 12,
+    81K parameters), a Wan VAE with one 2x down step in space and time (latent 4 x (F + 1)/2 x res/2
+    x res/2) and a 2-layer UMT5 encoder over a word-piece tokenizer built offline: the built-in
+    prompts' words whole (so 8 tokens hold a prompt, as SD3's T5 length), other words by letters."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline,
+                           WanTransformer3DModel)
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    words = sorted({w for s in THINGS for r in builtin_prompts(s) for w in r["prompt"].split()}
+                   | set(COLOURS) | set(SIDES))
+    letters = [chr(c) for c in range(33, 127)]
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + words + letters
+                                        + ["##" + c for c in letters])}
+    t = Tokenizer(WordPiece(vocab, unk_token="<unk>"))
+    t.normalizer, t.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>")
+    cfg = UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                     num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, rope_max_seq_len=64)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4, scale_factor_temporal=2, scale_factor_spatial=2)
+    return WanPipeline(tokenizer=tok, text_encoder=UMT5EncoderModel(cfg), vae=vae,
+                       transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))  # Wan 2.1 480p's
+
+
+def is_video(pipe):
+    return hasattr(pipe, "vae_scale_factor_temporal")
+
+
 def load(path, device="cpu", seed=0, resolution=32):
-    """The pipeline from a diffusers folder (SD3 / SD3.5 layout; components its model_index.json
-    lists as absent passed as None, as our tiny one's T5) or tiny-sd3; fp32, frozen but for the
-    transformer, which the caller trains."""
-    from diffusers import StableDiffusion3Pipeline
+    """The pipeline from a diffusers folder (SD3 / SD3.5 or Wan 2.1 layout, by its model_index.json;
+    components it lists as absent passed as None, as our tiny SD3's T5), tiny-sd3 or tiny-wan; fp32,
+    frozen but for the transformer, which the caller trains."""
+    from diffusers import DiffusionPipeline
     from diffusers.utils import logging
     logging.disable_progress_bar()
     if path == "tiny-sd3":
         pipe = tiny_sd3(seed, resolution)
+    elif path == "tiny-wan":
+        pipe = tiny_wan(seed)
     else:
         with open(os.path.join(path, "model_index.json")) as f:
             absent = {k: None for k, v in json.load(f).items()
                       if isinstance(v, list) and v[0] is None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32, **absent)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32, **absent)
     pipe.to(device)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -184,14 +238,15 @@ def builtin_prompts(split):
 
 
 def colour_side(image, row):
-    """Mean of the prompt's colour channel on its side minus the other side's, in [-1, 1]."""
+    """Mean of the prompt's colour channel on its side minus the other side's, in [-1, 1]; image
+    (3, H, W) or a video (3, F, H, W), all its frames."""
     words = row["prompt"].lower().replace(",", " ").split()
     c = next((COLOURS[w] for w in words if w in COLOURS), None)
     s = next((w for w in words if w in SIDES), None)
     if c is None or s is None:
         raise ValueError(f"prompt {row['prompt']!r} names no colour ({', '.join(COLOURS)}) or side")
     half = image.shape[-1] // 2
-    left, right = image[c, :, :half].mean(), image[c, :, half:].mean()
+    left, right = image[c, ..., :half].mean(), image[c, ..., half:].mean()
     return float(left - right if s == "left" else right - left)
 
 
@@ -230,23 +285,35 @@ def load_prompts(path):
 # The sampler with log-probs, and the pieces the trainer recomputes them with.
 
 def embed(pipe, prompts, args):
-    """The frozen text encoders' (embeds (B, L, D), pooled (B, P)) of prompts; with --cfg, the
-    empty prompt's pair first on the batch axis: (2B, L, D), (2B, P)."""
+    """The frozen text encoders' conditioning of prompts, the transformer's keyword arguments:
+    SD3's encoder_hidden_states (B, L, D) and pooled_projections (B, P), Wan's the first alone;
+    with --cfg, the empty prompt's first on the batch axis (2B, ...)."""
+    cfg = args.cfg > 1
     with torch.no_grad():
-        e, ne, p, np_ = pipe.encode_prompt(prompts, None, None, max_sequence_length=args.text_len,
-                                           do_classifier_free_guidance=args.cfg > 1)
-    return (torch.cat([ne, e]), torch.cat([np_, p])) if args.cfg > 1 else (e, p)
+        if is_video(pipe):
+            e, ne = pipe.encode_prompt(prompts, None, cfg, max_sequence_length=args.text_len)
+            pos, neg = dict(encoder_hidden_states=e), dict(encoder_hidden_states=ne)
+        else:
+            e, ne, p, np_ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=cfg,
+                                               max_sequence_length=args.text_len)
+            pos = dict(encoder_hidden_states=e, pooled_projections=p)
+            neg = dict(encoder_hidden_states=ne, pooled_projections=np_)
+    return {k: torch.cat([neg[k], pos[k]]) for k in pos} if cfg else pos
+
+
+def repeat(emb, n):
+    """`embed`'s conditioning with each row repeated n times (a prompt's n samples)."""
+    return {k: t.repeat_interleave(n, 0) for k, t in emb.items()}
 
 
 def velocity(transformer, x, sigma, emb, cfg):
-    """v(x, sigma | prompt) (B, C, h, w) for x (B, C, h, w), sigma (B,), emb as `embed` gives for
-    these B rows; cfg > 1: one pass over the empty and the real prompt, then guided."""
-    e, p = emb
+    """v(x, sigma | prompt), shaped as x: (B, C, h, w) images or (B, C, t, h, w) videos; sigma (B,),
+    emb as `embed` gives for these B rows; cfg > 1: one pass over the empty and the real prompt,
+    then guided."""
     if cfg > 1:
         x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
     t = sigma * 1000  # FlowMatchEulerDiscreteScheduler's timesteps: sigma x num_train_timesteps
-    v = transformer(hidden_states=x, timestep=t, encoder_hidden_states=e, pooled_projections=p,
-                    return_dict=False)[0]
+    v = transformer(hidden_states=x, timestep=t, **emb, return_dict=False)[0]
     if cfg > 1:
         vu, vc = v.chunk(2)
         v = vu + cfg * (vc - vu)
@@ -275,15 +342,27 @@ def sigmas_of(pipe, n):
     return pipe.scheduler.sigmas.float().cpu()
 
 
-def sample(pipe, emb, seeds, steps, a, cfg, resolution):
-    """One sample per seed through `steps` SDE steps (a = 0: the ODE), without gradients. Each
-    sample's noise, first and at every step, comes from its own seed. Returns the trajectory
-    (N, steps + 1, C, h, w), each step's log-prob (N, steps) and the schedule (steps + 1,)."""
+def latent_shape(pipe, args):
+    """One sample's latents: (C, h, w) for an image, (C, t, h, w) for a video (Wan's VAE encodes
+    the first frame alone and each next scale_factor_temporal frames into one latent frame)."""
+    C = pipe.transformer.config.in_channels
+    if not is_video(pipe):
+        return C, args.resolution // pipe.vae_scale_factor, args.resolution // pipe.vae_scale_factor
+    tf, hw = pipe.vae_scale_factor_temporal, args.resolution // pipe.vae_scale_factor_spatial
+    if (args.frames - 1) % tf:
+        raise SystemExit(f"--frames {args.frames}: must be 1 + a multiple of {tf} for this VAE")
+    return C, (args.frames - 1) // tf + 1, hw, hw
+
+
+def sample(pipe, emb, seeds, steps, a, cfg, shape):
+    """One sample per seed through `steps` SDE steps (a = 0: the ODE), without gradients; shape as
+    `latent_shape` gives. Each sample's noise, first and at every step, comes from its own seed.
+    Returns the trajectory (N, steps + 1, *shape), each step's log-prob (N, steps) and the schedule
+    (steps + 1,)."""
     tr = pipe.transformer
-    dev, C, h = tr.device, tr.config.in_channels, resolution // pipe.vae_scale_factor
-    noise = torch.stack([torch.randn(steps + 1, C, h, h, generator=torch.Generator().manual_seed(s))
-                         for s in seeds]).to(dev)  # (N, steps + 1, C, h, w)
-    sig = sigmas_of(pipe, steps).to(dev)
+    noise = torch.stack([torch.randn(steps + 1, *shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(tr.device)  # (N, steps + 1, *shape)
+    sig = sigmas_of(pipe, steps).to(tr.device)
     x, xs, lps = noise[:, 0], [noise[:, 0]], []
     with torch.no_grad():
         for k in range(steps):
@@ -296,11 +375,16 @@ def sample(pipe, emb, seeds, steps, a, cfg, resolution):
 
 
 def decode(pipe, latents):
-    """Images (N, 3, H, W) in [0, 1] from final latents (N, C, h, w)."""
-    vae = pipe.vae
+    """Images (N, 3, H, W) or videos (N, 3, F, H, W) in [0, 1] from final latents (N, C, ...)."""
+    c = pipe.vae.config
+    if is_video(pipe):  # Wan's latents are normalized per channel: (z - mean) / std
+        stat = [torch.tensor(x, device=latents.device).view(-1, 1, 1, 1)
+                for x in (c.latents_std, c.latents_mean)]
+        z = latents * stat[0] + stat[1]
+    else:
+        z = latents / c.scaling_factor + (c.shift_factor or 0.0)
     with torch.no_grad():
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return (vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1).float().cpu()
+        return (pipe.vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1).float().cpu()
 
 
 def step_logprobs(transformer, rows, emb, args, sig):
@@ -309,13 +393,13 @@ def step_logprobs(transformer, rows, emb, args, sig):
     one prompt, repeated over the n x K transitions here."""
     n, K = len(rows), len(rows[0]["steps"])
     idx = torch.tensor([k for x in rows for k in x["steps"]])
-    traj = torch.stack([x["traj"] for x in rows])  # (n, S + 1, C, h, w)
+    traj = torch.stack([x["traj"] for x in rows])  # (n, S + 1, *latent_shape)
     b = torch.arange(n).repeat_interleave(K)
     x, x_next = traj[b, idx], traj[b, idx + 1]
     s, s_next = sig[idx].to(x.device), sig[idx + 1].to(x.device)
-    e = tuple(t.repeat_interleave(n * K, 0) if args.cfg <= 1 else
-              torch.cat([t[:1].expand(n * K, *t.shape[1:]), t[1:].expand(n * K, *t.shape[1:])])
-              for t in emb)
+    e = repeat(emb, n * K) if args.cfg <= 1 else {
+        k: torch.cat([t[:1].expand(n * K, *t.shape[1:]), t[1:].expand(n * K, *t.shape[1:])])
+        for k, t in emb.items()}
     v = velocity(transformer, x, s, e, args.cfg)
     _, lp, mean, std = sde_step(v, x, s, s_next, args.noise_level, float(sig[1]), x_next=x_next)
     return lp.view(n, K), mean, std
@@ -329,6 +413,57 @@ def gaussian_kl(mean, ref_mean, std):
 
 
 # -----------------------------------------------------------------------------
+# Ulysses over a Wan transformer's video tokens, installed from outside through public hooks: the
+# rope's output and the first block's input are cut to this rank's block of tokens, the
+# self-attention runs as `ulysses_wan_attention`, and proj_out's output is gathered. Every other
+# layer (modulation, cross-attention to the text, feed-forward) acts on each token alone.
+
+def use_ulysses(transformer, group):
+    """Split the Wan transformer's token sequence over group, which must divide its heads and (at
+    the first call) its tokens. Each rank runs the model on the whole input and gets the whole
+    velocity; its parameters' gradients are its tokens' share (mr_sp.sync_grads sums them)."""
+    sp, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    heads = transformer.config.num_attention_heads
+    if heads % sp:
+        raise SystemExit(f"--sp {sp}: the transformer's {heads} attention heads do not divide "
+                         "by it")
+
+    def split(t):  # (B, L, ...) -> this rank's block (B, L/sp, ...)
+        L = t.shape[1]
+        if L % sp:
+            raise SystemExit(f"--sp {sp}: a video of {L} tokens (latent frames x height/2 x "
+                             "width/2) does not split evenly; change --frames or --resolution")
+        return t[:, r * L // sp:(r + 1) * L // sp]
+    transformer.rope.register_forward_hook(lambda m, inp, out: tuple(split(t) for t in out))
+    transformer.blocks[0].register_forward_pre_hook(lambda m, a: (split(a[0]), *a[1:]))
+    transformer.proj_out.register_forward_hook(
+        lambda m, inp, out: mr_sp.gather_sequence(out, group))
+    for b in transformer.blocks:
+        b.attn1.set_processor(functools.partial(ulysses_wan_attention, group))
+
+
+def wan_rotary(x, cos, sin):
+    """Wan's rotary embedding of x (B, l, H, D): each pair (x[2i], x[2i+1]) turned by the angle
+    whose cos and sin the rope module gives (B, l, 1, D), each twice (as diffusers' processor)."""
+    a, b = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2).type_as(x)
+
+
+def ulysses_wan_attention(group, attn, x, encoder_hidden_states=None, attention_mask=None,
+                          rotary_emb=None):
+    """A Wan self-attention layer (diffusers' WanAttnProcessor, minus the image-to-video branch) on
+    this rank's block x (B, l, d) of the tokens: projections, norms and rotary on the block, an
+    all-to-all to this rank's heads over all tokens, attention (not causal), and back."""
+    q, k, v = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x)), attn.to_v(x)
+    q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, l, H, D)
+    q, k = wan_rotary(q, *rotary_emb), wan_rotary(k, *rotary_emb)
+    q, k, v = mr_sp.scatter_heads([t.transpose(1, 2) for t in (q, k, v)], group)  # (B, H/sp, L, D)
+    y = mr_sp.gather_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v), group)
+    return attn.to_out[0](y.flatten(2, 3).type_as(x))
+
+
+# -----------------------------------------------------------------------------
 # One step: rollouts of G samples a prompt, rewards on their pixels, updates.
 
 def rollouts(args, i, pipe, prompts, reward_fn, stats):
@@ -339,9 +474,8 @@ def rollouts(args, i, pipe, prompts, reward_fn, stats):
     for row in prompts:
         emb = embed(pipe, [row["prompt"]], args)
         seeds = [mr_sp.seed_of(args.seed, i, row["id"], j) for j in range(args.G)]
-        e = tuple(t.repeat_interleave(args.G, 0) for t in emb)
-        traj, lps, sig = sample(pipe, e, seeds, args.denoise, args.noise_level, args.cfg,
-                                args.resolution)
+        traj, lps, sig = sample(pipe, repeat(emb, args.G), seeds, args.denoise, args.noise_level,
+                                args.cfg, latent_shape(pipe, args))
         images = decode(pipe, traj[:, -1])
         try:
             r = [grpo.score(reward_fn, im, row)["overall"] for im in images]
@@ -361,12 +495,13 @@ def rollouts(args, i, pipe, prompts, reward_fn, stats):
     return rows, rewards, sig
 
 
-def update(args, tr, ref, opt, params, rows, sig, stats):
-    """--epochs passes of --mini-batches AdamW updates over this rank's rows (docstring items 6, 7).
-    Returns the step's logged means."""
+def update(args, tr, ref, opt, params, rows, sig, stats, group=None):
+    """--epochs passes of --mini-batches AdamW updates over this rank's rows (docstring items 6, 7);
+    group: this rank's SP group (its peers hold the same rows). Returns the step's logged means."""
     micro, groups = grpo.mini_batches(rows, args.mini_batches, args.micro_batch)
     K = args.train_steps or args.denoise
-    counts = [mr_sp.dp_sum(dict(n=float(sum(len(micro[m]) for m in idx) * K))) for idx in groups]
+    counts = [mr_sp.dp_sum(dict(n=float(sum(len(micro[m]) for m in idx) * K)), group)
+              for idx in groups]
     log = dict(kl=0.0, clip_frac=0.0, grad_norm=0.0, logprob_gap=0.0)
     w = 1.0 / (args.epochs * max(sum(1 for c in counts if c["n"]), 1))
     for epoch in range(args.epochs):
@@ -400,22 +535,22 @@ def update(args, tr, ref, opt, params, rows, sig, stats):
                 stats["skipped_updates"] += 1
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] += w * float(gn)
-    log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}))
+    log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}, group))
     log["logprob_gap"] = float(mr_sp.all_reduce(torch.tensor([log["logprob_gap"]]), "max"))
     return log
 
 
 def evaluate(args, pipe, rows, par, reward_fn):
-    """Mean reward of the held-out rows over all ranks (rows range(rank, N, world)), --eval-samples
+    """Mean reward of the held-out rows over all ranks (rows range(dp rank, N, dp)), --eval-samples
     ODE samples each (a = 0, --eval-denoise steps, seeds (seed, "eval", id, j)); and this rank's
-    images."""
-    mine = rows[par.rank::par.world]
+    images (or videos)."""
+    mine = rows[par.dp_rank::par.dp]
     images, total, n = [], 0.0, 0.0
     for row in mine:
-        emb = tuple(t.repeat_interleave(args.eval_samples, 0)
-                    for t in embed(pipe, [row["prompt"]], args))
+        emb = repeat(embed(pipe, [row["prompt"]], args), args.eval_samples)
         seeds = [mr_sp.seed_of(args.seed, "eval", row["id"], j) for j in range(args.eval_samples)]
-        traj, _, _ = sample(pipe, emb, seeds, args.eval_denoise, 0.0, args.cfg, args.resolution)
+        traj, _, _ = sample(pipe, emb, seeds, args.eval_denoise, 0.0, args.cfg,
+                            latent_shape(pipe, args))
         ims = list(decode(pipe, traj[:, -1]))
         images += ims
         try:
@@ -424,13 +559,16 @@ def evaluate(args, pipe, rows, par, reward_fn):
         except Exception as err:
             print(f"reward function failed on held-out prompt {row['id']}: {err!r}",
                   file=sys.stderr)
-    s = mr_sp.dp_sum(dict(total=total, n=n))
+    s = mr_sp.dp_sum(dict(total=total, n=n), par.group)
     return s["total"] / max(s["n"], 1.0), images
 
 
 def save_grid(rows_of_images, path, scale=4):
-    """A PNG of image rows (each a list of (3, H, W) in [0, 1]), each image scaled up `scale` x."""
+    """A PNG of image rows (each a list of (3, H, W) in [0, 1]), each image scaled up `scale` x; a
+    video (3, F, H, W) stands as its frames, top to bottom."""
     from PIL import Image
+    rows_of_images = [[im if im.dim() == 3 else torch.cat(im.unbind(1), 1) for im in r]
+                      for r in rows_of_images]
     grid = torch.cat([torch.cat(r, 2) for r in rows_of_images], 1)  # (3, rows x H, cols x W)
     arr = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
     img = Image.fromarray(arr)
@@ -450,9 +588,10 @@ def main(args):
         ap.error("--G must be at least 2: an advantage compares a sample with its prompt's others")
     if not 0 < args.train_steps <= args.denoise and args.train_steps:
         ap.error(f"--train-steps must be in [1, --denoise = {args.denoise}] or 0 (all)")
-    par = mr_sp.init_parallel(1)
+    par = mr_sp.init_parallel(args.sp)
     if args.prompts % par.dp:
-        raise SystemExit(f"--prompts {args.prompts} must be a multiple of the {par.dp} ranks")
+        raise SystemExit(f"--prompts {args.prompts} must be a multiple of the {par.dp} "
+                         "data-parallel ranks (processes / --sp)")
     ckpt = os.path.join(args.out, "model")
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
     pipe = load(src, par.device, args.seed, args.resolution)
@@ -462,6 +601,12 @@ def main(args):
     ref = copy.deepcopy(tr).requires_grad_(False) if args.kl_coef else None
     if ref is not None and state:  # the reference is the initial transformer, not the resumed one
         ref = load(args.init, par.device, args.seed, args.resolution).transformer
+    if par.group is not None:
+        if not is_video(pipe):
+            raise SystemExit("--sp: Ulysses is written for the Wan transformer only (SD3 attends "
+                             "jointly over image and text tokens)")
+        for m in (tr, ref) if ref is not None else (tr,):
+            use_ulysses(m, par.group)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, cursor, stats, first = 0, 0, {"reward_errors": 0, "skipped_updates": 0}, None
     if state:
@@ -490,10 +635,10 @@ def main(args):
         rows, rewards, sig = rollouts(args, i, pipe, prompts, reward_fn, stats)
         t1 = time.perf_counter()
         tr.train()
-        log = update(args, tr, ref, opt, params, rows, sig, stats)
+        log = update(args, tr, ref, opt, params, rows, sig, stats, par.group)
         s = mr_sp.dp_sum(dict(reward=sum(rewards), n=len(rewards),
                               std=sum(float(torch.tensor(rewards[k:k + args.G]).std())
-                                      for k in range(0, len(rewards), args.G))))
+                                      for k in range(0, len(rewards), args.G))), par.group)
         groups = max(s["n"] / args.G, 1.0)
         rec = dict(step=i + 1, reward=s["reward"] / max(s["n"], 1.0), reward_std=s["std"] / groups,
                    **log, time_rollout=t1 - t0, time_update=time.perf_counter() - t1, **stats)

@@ -717,6 +717,33 @@ def _all_to_all(x, group):
     return dist_nn.all_to_all_single(torch.empty_like(x), x, group=group)
 
 
+def scatter_heads(xs, group):
+    """Ulysses' first all-to-all, one collective for several tensors: each x (B, H_x, l, D) holds
+    this rank's block of l = L/sp tokens with all its H_x heads (a multiple of sp); returns each as
+    (B, H_x/sp, L, D): this rank's share of its heads over all L tokens (rank i: heads i*H_x/sp on)."""
+    sp = dist.get_world_size(group)
+    x = torch.cat([t.unflatten(1, (sp, -1)) for t in xs], 2).transpose(0, 1)  # (sp, B, sum/sp, l, D)
+    x = _all_to_all(x, group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, sum/sp, L, D)
+    return x.split([t.shape[1] // sp for t in xs], 1)
+
+
+def gather_heads(y, group):
+    """Ulysses' inverse all-to-all: y (B, h, L, D), this rank's h heads over all L tokens, to
+    (B, l, sp*h, D): this rank's block of l = L/sp tokens with every head, in rank order."""
+    sp = dist.get_world_size(group)
+    y = y.unflatten(2, (sp, -1)).permute(2, 0, 1, 3, 4)  # (sp, B, h, l, D)
+    return _all_to_all(y, group).permute(1, 3, 0, 2, 4).flatten(2, 3)
+
+
+def gather_sequence(x, group):
+    """x (B, l, ...), this rank's block of a sequence split evenly in rank order, to the whole
+    (B, sp*l, ...) on every rank. Backward takes each block's gradient back to its rank as it is
+    (`_SumOver`), for callers that compute the same loss from the whole on every rank."""
+    sp, r = dist.get_world_size(group), dist.get_rank(group)
+    pad = [0, 0] * (x.dim() - 2) + [r * x.shape[1], (sp - 1 - r) * x.shape[1]]
+    return _SumOver.apply(F.pad(x, pad), group)
+
+
 def ulysses_heads(H, K, sp):
     """(H', K'): the query heads (zero heads added) and KV heads (repeated) Ulysses splits over sp
     ranks so that each rank holds whole GQA groups over whole KV heads. Each KV head repeats rep =
@@ -745,16 +772,14 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     if sp_group is None:
         return sdpa_attention_forward(module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, **kw)
     sp = dist.get_world_size(sp_group)
-    (H, l), K = q.shape[1:3], k.shape[1]
+    H, K = q.shape[1], k.shape[1]
     Hp, Kp = ulysses_heads(H, K, sp)
     k, v = k.repeat_interleave(Kp // K, 1), v.repeat_interleave(Kp // K, 1)
     if Hp > H:  # zero query heads at the end of each group (their outputs are dropped below)
         q = F.pad(q.unflatten(1, (K, H // K)), (0, 0, 0, 0, 0, (Hp - H) // K)).flatten(1, 2)
     hq, hk = Hp // sp, Kp // sp
-    x = torch.cat([t.unflatten(1, (sp, -1)) for t in (q, k, v)], 2).transpose(0, 1)  # (sp, B, hq+2hk, l, D)
-    x = _all_to_all(x, sp_group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, hq+2hk, L, D)
-    q, k, v = x.split([hq, hk, hk], 1)
-    L = x.shape[2]
+    q, k, v = scatter_heads([q, k, v], sp_group)  # (B, hq or hk, L, D)
+    L = q.shape[2]
     if sp_mask is None:  # right padding only: causal alone is exact
         mask = None
     else:  # left padding: (B, 1, L, L) causal, real keys, and the diagonal (all-masked rows: NaN)
@@ -763,8 +788,7 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     out = (M.packed_attention(q, k, v, *packed, scale=scaling) if packed is not None else
            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                           dropout_p=dropout, scale=scaling, enable_gqa=hk != hq))
-    y = out.unflatten(2, (sp, l)).permute(2, 0, 1, 3, 4)  # (B, hq, L, D) -> (sp, B, hq, l, D)
-    y = _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3)  # (B, l, H', D)
+    y = gather_heads(out, sp_group)  # (B, l, H', D)
     if Hp > H:  # the zero heads' outputs dropped
         y = y.unflatten(2, (K, Hp // K))[:, :, :, :H // K].flatten(2, 3)
     return y, None
