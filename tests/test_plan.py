@@ -4,6 +4,7 @@ flags that fit. (That the scripts print the plan and write plan.json: tests/test
 Run: python -m pytest tests/test_plan.py -q"""
 import json
 import types
+import weakref
 
 import pytest
 import torch
@@ -195,21 +196,29 @@ def saved_a_token(name, bf16, L, **kw):
     parameters aside, divided by the L tokens; and the model's text config."""
     model, _ = M.load(name, **kw)
     layers, params = model.model.language_model.layers, {p.untyped_storage().data_ptr() for p in model.parameters()}
-    at, seen, saved = [None], set(), [0] * len(layers)
+    at, packed, seen, saved = [None], [], set(), [0] * len(layers)
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda m, a, i=i: at.__setitem__(0, i))
         layer.register_forward_hook(lambda m, a, o: at.__setitem__(0, None))
 
     def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if at[0] is not None and key not in params | seen:
-            seen.add(key)
-            saved[at[0]] += t.untyped_storage().nbytes()
+        if at[0] is not None:
+            packed.append((at[0], weakref.ref(t)))
         return t
     x = torch.randn(1, L, model.config.text_config.hidden_size, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", torch.bfloat16, enabled=bf16, cache_enabled=False):
-        M.forward(model, x, torch.arange(L).expand(3, 1, L))
+        out = M.forward(model, x, torch.arange(L).expand(3, 1, L))
+    # counted once the forward is done, while its graph holds what backward will use: a tensor saved
+    # by a node the forward dropped is freed by then, and its address may have been reused (counted
+    # at pack time, by address, such a reuse hid a later tensor: the sums varied from run to run)
+    for i, ref in packed:
+        t = ref()
+        key = t is not None and t.untyped_storage().data_ptr()
+        if t is not None and key not in params | seen:
+            seen.add(key)
+            saved[i] += t.untyped_storage().nbytes()
+    del out
     return [s / L for s in saved], model.config.text_config
 
 
