@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 flow_grpo.py           # the same, data parallel
     python flow_grpo.py --init tiny-wan                # a tiny Wan video model, 5 frames
     torchrun --nproc_per_node 2 flow_grpo.py --init tiny-wan --sp 2  # Ulysses over its tokens
+    torchrun --nproc_per_node 2 flow_grpo.py --fsdp    # the transformer sharded (FSDP2)
     python flow_grpo.py --init /path/to/stable-diffusion-3.5-medium --data prompts.txt --reward m:f
 
 Writes --out (default runs/flow_grpo): model/ (the pipeline as a diffusers folder, with state.pt:
@@ -46,7 +47,10 @@ The variant that runs, exactly (Flow-GRPO, Liu et al., arXiv 2505.05470; code: y
    (`use_ulysses`): each rank of an SP group runs its block of the tokens through every layer, the
    self-attention trades it for a share of the heads over all tokens (mr_sp.py's all-to-all), the
    output is gathered; SP peers sample and train the same prompts. sp 2 equals one process (tests).
-Not yet: FSDP, LoRA, Ulysses for SD3's joint attention."""
+9. --fsdp: the trained transformer sharded over all ranks (mr_sp.shard, its blocks the units; with
+   --sp too); rollouts and evaluation run on its gathered weights (mr_sp.unsharded), a checkpoint
+   holds the whole state (gathered to rank 0). The KL reference stays replicated.
+Not yet: LoRA, Ulysses for SD3's joint attention, a sharded KL reference."""
 import argparse
 import copy
 import functools
@@ -114,6 +118,8 @@ g.add_argument("--save-every", type=int, default=20, help="checkpoint every N st
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (Wan only): Ulysses "
                "over a video's tokens; its heads and tokens must divide by it; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard the transformer, its gradients and AdamW "
+               "state over all ranks (FSDP2), not replicate; same updates; no-op in one process")
 # -----------------------------------------------------------------------------
 
 
@@ -495,13 +501,15 @@ def rollouts(args, i, pipe, prompts, reward_fn, stats):
     return rows, rewards, sig
 
 
-def update(args, tr, ref, opt, params, rows, sig, stats, group=None):
+def update(args, tr, ref, opt, params, rows, sig, stats, group=None, run=mr_sp.call):
     """--epochs passes of --mini-batches AdamW updates over this rank's rows (docstring items 6, 7);
-    group: this rank's SP group (its peers hold the same rows). Returns the step's logged means."""
-    micro, groups = grpo.mini_batches(rows, args.mini_batches, args.micro_batch)
+    group: this rank's SP group (its peers hold the same rows); run: mr_sp.shard's root (--fsdp),
+    each pass through it, as many on every rank. Returns the step's logged means."""
+    micro, groups = grpo.mini_batches(rows, args.mini_batches, args.micro_batch,
+                                      sharded=run is not mr_sp.call)  # weight-0 copies: "keep"
     K = args.train_steps or args.denoise
-    counts = [mr_sp.dp_sum(dict(n=float(sum(len(micro[m]) for m in idx) * K)), group)
-              for idx in groups]
+    counts = [mr_sp.dp_sum(dict(n=sum(x.get("keep", 1.0) for m in idx for x in micro[m]) * K),
+                           group) for idx in groups]
     log = dict(kl=0.0, clip_frac=0.0, grad_norm=0.0, logprob_gap=0.0)
     w = 1.0 / (args.epochs * max(sum(1 for c in counts if c["n"]), 1))
     for epoch in range(args.epochs):
@@ -510,13 +518,13 @@ def update(args, tr, ref, opt, params, rows, sig, stats, group=None):
                 continue
             for m in idx:
                 mb = micro[m]
-                lp, mean, std = step_logprobs(tr, mb, mb[0]["emb"], args, sig)
+                lp, mean, std = run(step_logprobs, tr, mb, mb[0]["emb"], args, sig)
                 old = torch.stack([x["old"] for x in mb])
                 if epoch == 0 and u == 0:  # before any update: the sampler's numbers, float error
                     gap = float((lp.detach() - old).abs().max())
                     log["logprob_gap"] = max(log["logprob_gap"], gap)
                 adv = torch.tensor([x["adv"] for x in mb])
-                mask = torch.ones_like(lp)
+                mask = torch.tensor([[x.get("keep", 1.0)] for x in mb]).expand_as(lp)
                 loss, clipped = grpo.policy_loss(lp, old, adv, mask, "clip", args.clip, args.clip,
                                                  dual_clip=0)
                 if ref is not None:
@@ -524,10 +532,10 @@ def update(args, tr, ref, opt, params, rows, sig, stats, group=None):
                         _, ref_mean, _ = step_logprobs(ref, mb, mb[0]["emb"], args, sig)
                     kl = gaussian_kl(mean, ref_mean, std).view_as(lp)
                     loss = loss + args.kl_coef * kl
-                    log["kl"] += w * float(kl.detach().sum()) / c["n"]
+                    log["kl"] += w * float((kl.detach() * mask).sum()) / c["n"]
                 grpo.aggregate(loss, mask, "token", c["n"], None).backward()
-                log["clip_frac"] += w * float(clipped.sum()) / c["n"]
-            mr_sp.sync_grads(params)
+                log["clip_frac"] += w * float((clipped * mask).sum()) / c["n"]
+            mr_sp.sync_grads(params)  # sharded (--fsdp): already reduced in backward
             gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             if torch.isfinite(gn):  # the same on every rank after the all-reduce
                 opt.step()
@@ -575,8 +583,15 @@ def save_grid(rows_of_images, path, scale=4):
     img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
-def save(pipe, out, state):
-    """The pipeline as a diffusers folder with state.pt beside, atomically (model.save_atomic)."""
+def save(pipe, out, state, weights=None):
+    """The pipeline as a diffusers folder with state.pt beside, atomically (model.save_atomic);
+    weights: the transformer's whole state dict, saved in place of its (sharded) own."""
+    if weights is not None:  # a copy on the meta device takes the gathered tensors, no new memory
+        with torch.device("meta"):
+            t = type(pipe.transformer).from_config(pipe.transformer.config)
+        t.load_state_dict(weights, assign=True)
+        pipe = type(pipe)(**{**pipe.components, "transformer": t})
+
     def fill(tmp):
         pipe.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, "state.pt"))
@@ -596,7 +611,6 @@ def main(args):
     src, state = M.resume(ckpt) if args.resume else (args.init, None)
     pipe = load(src, par.device, args.seed, args.resolution)
     tr = pipe.transformer
-    params = list(tr.parameters())
     tr.requires_grad_(True)
     ref = copy.deepcopy(tr).requires_grad_(False) if args.kl_coef else None
     if ref is not None and state:  # the reference is the initial transformer, not the resumed one
@@ -607,17 +621,24 @@ def main(args):
                              "jointly over image and text tokens)")
         for m in (tr, ref) if ref is not None else (tr,):
             use_ulysses(m, par.group)
+    fsdp = args.fsdp and par.world > 1  # one process holds everything either way
+    blocks = tr.blocks if is_video(pipe) else tr.transformer_blocks
+    run = mr_sp.shard(tr, blocks=blocks) if fsdp else mr_sp.call
+    params = list(tr.parameters())  # after shard, which replaces them
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start, cursor, stats, first = 0, 0, {"reward_errors": 0, "skipped_updates": 0}, None
     if state:
-        opt.load_state_dict(state["opt"])
+        if fsdp:
+            mr_sp.load_optimizer(tr, opt, state["opt"])
+        else:
+            opt.load_state_dict(state["opt"])
         start, cursor, stats, first = state["step"], state["cursor"], state["stats"], state["eval"]
     train = load_prompts(args.data) if args.data else builtin_prompts("train")
     held = load_prompts(args.eval_data) if args.eval_data else builtin_prompts("test")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     reward_fn = colour_side if args.reward is None else grpo.load_reward(args.reward)
     if first is None:
-        r0, ims = evaluate(args, pipe, held, par, reward_fn)
+        r0, ims = mr_sp.unsharded(run, evaluate, args, pipe, held, par, reward_fn)
         first = dict(reward=r0, images=ims)
     if par.rank == 0:
         mr_sp.open_log(args, start)
@@ -632,10 +653,11 @@ def main(args):
         prompts = [train[order[a % len(order)]] for a in at]
         cursor += per * par.dp
         tr.eval()
-        rows, rewards, sig = rollouts(args, i, pipe, prompts, reward_fn, stats)
+        rows, rewards, sig = mr_sp.unsharded(run, rollouts, args, i, pipe, prompts, reward_fn,
+                                             stats)
         t1 = time.perf_counter()
         tr.train()
-        log = update(args, tr, ref, opt, params, rows, sig, stats, par.group)
+        log = update(args, tr, ref, opt, params, rows, sig, stats, par.group, run)
         s = mr_sp.dp_sum(dict(reward=sum(rewards), n=len(rewards),
                               std=sum(float(torch.tensor(rewards[k:k + args.G]).std())
                                       for k in range(0, len(rewards), args.G))), par.group)
@@ -650,11 +672,12 @@ def main(args):
                 f"lp gap {rec['logprob_gap']:.0e}",
                 f"rollout {rec['time_rollout']:.1f}s update {rec['time_update']:.1f}s"]))
         if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
+            sd, osd = mr_sp.full_state(tr, opt) if fsdp else (None, opt.state_dict())  # collective
             if par.rank == 0:
-                save(pipe, ckpt, {"opt": opt.state_dict(), "step": i + 1, "cursor": cursor,
-                                  "stats": stats, "eval": first})
+                save(pipe, ckpt, {"opt": osd, "step": i + 1, "cursor": cursor, "stats": stats,
+                                  "eval": first}, sd)
     tr.eval()
-    after, ims = evaluate(args, pipe, held, par, reward_fn)
+    after, ims = mr_sp.unsharded(run, evaluate, args, pipe, held, par, reward_fn)
     grid = os.path.join(args.out, "grid.png")
     if par.rank == 0:
         save_grid([first["images"], ims], grid)

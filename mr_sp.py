@@ -221,7 +221,7 @@ class _Root(torch.nn.Module):
         return fn(*args, **kw)
 
 
-def shard(model, params=None, dtype=torch.float32):
+def shard(model, params=None, dtype=torch.float32, blocks=None):
     """FSDP2 (`fully_shard`) over all ranks, instead of sync_grads for a model too big to replicate.
     Units: each decoder layer, vision block and audio tower layer holding `params` (default: the
     trainable ones), and the input embeddings unless tied, gathered in their forward and backward;
@@ -240,6 +240,8 @@ def shard(model, params=None, dtype=torch.float32):
     torchtitan's; shards, AdamW and the gradients' reduction stay fp32), which halves what a pass and
     the rollout gather.
 
+    blocks: the units of a model that is not a transformers one (a diffusers transformer's blocks).
+
     Gradients come out as sync_grads's, summed over all ranks (dp x sp): our loss is already each
     rank's share of the global mean, where FSDP would average. A divide factor of 1 alone reduces
     with PREMUL_SUM, which gloo rejects; forcing SUM collectives makes it a plain sum."""
@@ -248,11 +250,12 @@ def shard(model, params=None, dtype=torch.float32):
     # return log-probs sliced from one tensor (views) and never change them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     params = {p for p in model.parameters() if p.requires_grad} if params is None else set(params)
-    tw = M.towers(model)  # vision blocks; Qwen2.5-Omni's audio tower layers too
-    blocks = (list(M.parts(model)[1].layers) + list(getattr(tw.get("visual"), "blocks", []))
-              + list(getattr(tw.get("audio_tower"), "layers", [])))
-    if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
-        blocks.append(model.get_input_embeddings())
+    if blocks is None:
+        tw = M.towers(model)  # vision blocks; Qwen2.5-Omni's audio tower layers too
+        blocks = (list(M.parts(model)[1].layers) + list(getattr(tw.get("visual"), "blocks", []))
+                  + list(getattr(tw.get("audio_tower"), "layers", [])))
+        if not model.config.tie_word_embeddings:  # a tied weight cannot sit in two units
+            blocks.append(model.get_input_embeddings())
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     units = [fully_shard(b, mp_policy=mp) for b in blocks if any(p in params for p in b.parameters())]
     root = fully_shard(_Root(model), ignored_params=set(model.parameters()) - params, mp_policy=mp)

@@ -214,6 +214,28 @@ def test_two_processes_equal_one(tmp_path, layout):
     assert outs[0]["eval_after"] == pytest.approx(outs[1]["eval_after"], abs=1e-6)
 
 
+def test_fsdp_equals_one_process_and_resumes(tmp_path):
+    """--fsdp on 2 ranks trains as one process (2 steps, KL on: weights within 1e-5; 9.7e-8
+    measured, where 2 ranks without --fsdp are bitwise), and 2 steps then --resume to 3 under --fsdp (the optimizer state gathered to rank 0,
+    loaded back as shards) equals 3 straight, bitwise."""
+    from safetensors.torch import load_file
+    from test_pipeline import run
+    args = ["flow_grpo.py", "--G", "2", "--prompts", "2", "--denoise", "3", "--eval-denoise", "2",
+            "--epochs", "2", "--kl-coef", "0.1"]
+
+    def weights(name):
+        return load_file(tmp_path / name / "model" / "transformer"
+                         / "diffusion_pytorch_model.safetensors")
+    run(*args, "--steps", "2", "--out", str(tmp_path / "one"))
+    run(*args, "--steps", "2", "--fsdp", "--out", str(tmp_path / "resumed"), nproc=2)
+    w = [weights("one"), weights("resumed")]
+    assert max(float((w[0][k] - w[1][k]).abs().max()) for k in w[0]) <= 1e-5
+    run(*args, "--steps", "3", "--fsdp", "--resume", "--out", str(tmp_path / "resumed"), nproc=2)
+    run(*args, "--steps", "3", "--fsdp", "--out", str(tmp_path / "straight"), nproc=2)
+    w = [weights("resumed"), weights("straight")]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+
+
 # tiny-wan under Ulysses: a rollout with guidance and the trainer's pass over two steps of each
 SP_ARGS = ["--init", "tiny-wan", "--denoise", "3", "--G", "2", "--train-steps", "2", "--cfg", "2.5"]
 
