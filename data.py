@@ -642,12 +642,14 @@ def prepare_task(folder, rank=0):
     return path
 
 
-def question_text(row):
-    """The user turn: question, options as "A. ...", and the answer-format instruction."""
+def question_text(row, bare=False):
+    """The user turn: question, options as "A. ...", and the answer-format instruction (bare: the
+    answer alone, sft.py's --answer-epochs)."""
     parts = [row["question"]] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(row["options"])]
     what = "the letter of the correct option" if row["options"] else \
         "the final answer (the option's letter if there are options)"
-    parts.append(f"Think step by step inside <think> </think>, then give {what} inside <answer> </answer>.")
+    parts.append(f"Give only {what} inside <answer> </answer>." if bare else
+                 f"Think step by step inside <think> </think>, then give {what} inside <answer> </answer>.")
     return "\n".join(parts)
 
 

@@ -9,8 +9,9 @@
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the row's video, image or no visual input, and question, averaged over the global batch's
-target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`), a
-target the video decides, then on the traces, under one learning-rate schedule. Validation: every
+target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`, asked
+for by its own instruction), a target the video decides, then on the traces, under one learning-rate
+schedule, --answer-mix of each later batch's rows as bare answers too. Validation: every
 --eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL part) get
 their loss, the mean entropy of the model's next-token distribution over the target, and greedy
 answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
@@ -65,6 +66,8 @@ g.add_argument("--epochs", type=float, default=6, help="passes over the rows wit
 g.add_argument("--answer-epochs", type=float, default=0, help="passes with bare answers "
                "(<answer>X</answer>) before the --epochs with traces: for a model that does not read "
                "the video (a category at chance while the loss falls); default 0")
+g.add_argument("--answer-mix", type=float, default=0.0, help="after the --answer-epochs, this share "
+               "of each batch's rows also as bare answers; default 0")
 g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --answer-epochs plus "
                "--epochs over the rows (the phases keep their shares of --steps)")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
@@ -150,7 +153,8 @@ def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH, bare=F
             samples = list(ds.iter_samples(mine[b:b + batch]))
             if not samples:
                 continue
-            prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
+            prompts = [mr_sp.prepare(model, tok, s, D.question_text(s, bare), par.group)
+                       for s in samples]
             targets = [target_tokens(tok, s, end, bare) for s in samples]
             for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
                 lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)],
@@ -246,12 +250,17 @@ def main(args):
             bare = step < args.answer_steps
             samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
             items = []
-            for s in samples:
-                prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s))
-                items.append((s, prompt, pos, target_tokens(tok, s, end, bare), 1.0))
+            # after the bare phase, --answer-mix's share of the rows also as bare answers (under
+            # their own instruction) keeps what that phase taught while the traces are learned
+            per = args.batch // par.dp
+            extra = 0 if bare else round(args.answer_mix * per)
+            jobs = [(s, bare) for s in samples] + [(s, True) for s in samples[:extra]]
+            for s, b in jobs:
+                prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s, b))
+                items.append((s, prompt, pos, target_tokens(tok, s, end, b), 1.0))
             if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's
                 # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
-                items += [items[0][:4] + (0.0,)] * (args.batch // par.dp - len(items))
+                items += [items[0][:4] + (0.0,)] * (per + extra - len(items))
             n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.group)["n"]
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):

@@ -348,10 +348,11 @@ def test_sft_keeps_the_best_validated_step(task, tmp_path):
 def test_sft_trains_bare_answers_then_traces(task, tmp_path):
     """--answer-epochs: the run's first steps (their share of the epochs) train on the bare answer
     (`<answer>X</answer><|im_end|>`), the rest on the reasoning trace and answer; each step's target
-    tokens, logged, equal those of its rows' targets, and the validations grade the same targets."""
+    tokens, logged, equal those of its rows' targets (after the bare phase, --answer-mix's share of
+    the rows' bare answers too), and the validations grade the same targets."""
     out = tmp_path / "sft"
     run(*SFT, "--data", task, "--steps", "4", "--answer-epochs", "1", "--epochs", "1", "--eval-every", "1",
-        "--out", str(out))
+        "--answer-mix", "0.5", "--out", str(out))
     args = json.loads((out / "args.json").read_text())
     assert args["answer_steps"] == 2
     rows, val = sft.split_val(D.load_rows(Path(task, "train.jsonl")), "all", args["val"])
@@ -365,7 +366,8 @@ def test_sft_trains_bare_answers_then_traces(task, tmp_path):
     train, v = [x for x in m if "loss" in x], [x for x in m if "val_loss" in x]
     for step, (x, bare) in enumerate(zip(train, [True, True, False, False])):
         batch = [rows[i] for i in sft.batch_indices(step, argparse.Namespace(**args), len(rows), 0, 1)]
-        assert x["tokens"] == n_tokens(batch, bare) != n_tokens(batch, not bare)
+        mixed = [] if bare else batch[:round(len(batch) / 2)]
+        assert x["tokens"] == n_tokens(batch, bare) + n_tokens(mixed, True) != n_tokens(batch, not bare)
     assert [x["val_target"] for x in v] == ["answer", "answer", "trace", "trace"]
     assert [x["val_tokens"] for x in v] == [n_tokens(val, True)] * 2 + [n_tokens(val, False)] * 2
     assert json.loads((out / "model" / "val.json").read_text())["val_target"] == "trace"
