@@ -63,11 +63,11 @@ g.add_argument("--vision", default="auto", choices=["auto", "train", "freeze"],
 g = ap.add_argument_group("optimization")
 g.add_argument("--epochs", type=float, default=6, help="passes over the rows with reasoning traces; "
                "default 6")
-g.add_argument("--answer-epochs", type=float, default=0, help="passes with bare answers "
-               "(<answer>X</answer>) before the --epochs with traces: for a model that does not read "
-               "the video (a category at chance while the loss falls); default 0")
-g.add_argument("--answer-mix", type=float, default=0.0, help="after the --answer-epochs, this share "
-               "of each batch's rows also as bare answers; default 0")
+g.add_argument("--answer-epochs", type=float, default=None, help="passes with bare answers "
+               "(<answer>X</answer>) before the --epochs with traces, for a model that does not yet "
+               "read the video; default 10 for a tiny model (random init), 0 for a checkpoint")
+g.add_argument("--answer-mix", type=float, default=0.5, help="after the --answer-epochs, this share "
+               "of each batch's rows also as bare answers (keeps what they taught); default 0.5")
 g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --answer-epochs plus "
                "--epochs over the rows (the phases keep their shares of --steps)")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
@@ -197,6 +197,8 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start = state["step"]
     rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
+    if args.answer_epochs is None:  # a checkpoint reads video already; bare answers would only cost
+        args.answer_epochs = 10.0 if args.init in M.TINY else 0.0
     epochs = args.answer_epochs + args.epochs
     args.steps = args.steps or math.ceil(epochs * len(rows) / args.batch)
     # A model from scratch can learn to read the video from the answer alone where a trace's many
