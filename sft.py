@@ -118,6 +118,12 @@ def batch_indices(step, args, n_rows, dp_rank, dp):
     return [epoch_order(args.seed, k // n_rows, n_rows)[k % n_rows] for k in ks]
 
 
+def mixed_rows(args):
+    """Positions in the global batch whose rows --answer-mix also trains as bare answers: spread
+    evenly, by position, so the same rows on any number of ranks."""
+    return {j for j in range(args.batch) if math.floor((j + 1) * args.answer_mix) > math.floor(j * args.answer_mix)}
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, n_rows):
     return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -250,19 +256,19 @@ def main(args):
                          disable=par.rank != 0):
             t0 = time.time()
             bare = step < args.answer_steps
-            samples = list(ds.iter_samples(batch_indices(step, args, len(rows), par.dp_rank, par.dp)))
-            items = []
             # after the bare phase, --answer-mix's share of the rows also as bare answers (under
             # their own instruction) keeps what that phase taught while the traces are learned
-            per = args.batch // par.dp
-            extra = 0 if bare else round(args.answer_mix * per)
-            jobs = [(s, bare) for s in samples] + [(s, True) for s in samples[:extra]]
-            for s, b in jobs:
-                prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s, b))
-                items.append((s, prompt, pos, target_tokens(tok, s, end, b), 1.0))
+            per, mixed = args.batch // par.dp, set() if bare else mixed_rows(args)
+            items = []
+            for j, i in enumerate(batch_indices(step, args, len(rows), par.dp_rank, par.dp)):
+                for s in ds.iter_samples([i]):  # none if its video fails
+                    for b in [bare] + [True] * (par.dp_rank * per + j in mixed):
+                        prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s, b))
+                        items.append((s, prompt, pos, target_tokens(tok, s, end, b), 1.0))
             if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's
                 # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
-                items += [items[0][:4] + (0.0,)] * (per + extra - len(items))
+                most = per + max(sum(r * per <= j < (r + 1) * per for j in mixed) for r in range(par.dp))
+                items += [items[0][:4] + (0.0,)] * (most - len(items))
             n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.group)["n"]
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):
