@@ -148,11 +148,12 @@ TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwe
 def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_heads=3, vision_hidden=128,
                 vision_depth=2, vision_heads=4, window=112, fullatt=(0, 1), init_std=0.1, tie=True,
                 attention_every=4, gdn_heads=None):
-    """A small config of one family (FIELD_NOTES section 6's probe model by default). init_std 0.1:
-    the library's 0.02 makes a random tiny model repeat one token, so every "same tokens" test would
-    pass vacuously; 0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute
-    log-probs differ by 4e-5 instead of 5e-6). Qwen3-VL's DeepStack taps every vision block but
-    the last (2 features for depth 3) and its M-RoPE sections are interleaved, as in its releases."""
+    """A small config of one family (by default the 2.59M-parameter Qwen2.5-VL that learned the
+    synthetic task from scratch on a CPU in about 10 minutes). init_std 0.1: the library's 0.02
+    makes a random tiny model repeat one token, so every "same tokens" test would pass vacuously;
+    0.3 varies too, but its large logits cost fp32 exactness (KV-cache vs recompute log-probs differ
+    by 4e-5 instead of 5e-6). Qwen3-VL's DeepStack taps every vision block but the last (2 features
+    for depth 3) and its M-RoPE sections are interleaved, as in its releases."""
     import transformers
     head_dim = hidden // heads
     t = head_dim // 8  # mrope_section must sum to head_dim/2; Qwen's ratio is 16:24:24 (Qwen3-VL 24:20:20)
@@ -474,7 +475,7 @@ def splice(model, input_ids, visual, audio=None):
 # M-RoPE positions, the original rule of each family (what vLLM computes): text advances by 1; a
 # video of llm grid (t, h, w) starting at s gets (s + temporal(i), s + row, s + col) for temporal
 # group i; the text after it resumes at max(all positions so far) + 1 (transformers >= 5.19 resumes
-# at s + max(h, w), differing whenever t > 1; FIELD_NOTES section 4). temporal(i): Qwen2-VL i;
+# at s + max(h, w), differing whenever t > 1). temporal(i): Qwen2-VL i;
 # Qwen2.5-VL int(i * (second_per_grid * tokens_per_second)); Qwen3-VL writes each group as its own
 # one-group grid between timestamps, so 0 (time is in the text). An image is a one-group grid.
 # Qwen2.5-VL's product is float64 with the factor formed first, as vLLM 0.32 does: float32, or
@@ -921,11 +922,11 @@ def reference_logits(model, ids, pos, sample):
 def check(path, dtype=torch.float32):
     """Our path (encode, encode_audio, splice, our positions, forward) vs transformers' own forward
     from pixels and audio features, for videos, an image and text alone; on Qwen2.5-Omni also audio
-    alone and videos with their sound. transformers is given our positions (its Qwen2.5-VL rule is not
-    the original: FIELD_NOTES section 4), except on Qwen2.5-Omni, whose get_rope_index is the original
-    rule: there it computes its own, so the logits compare the positions too. Returns max abs
-    differences of the visual embeddings (DeepStack features included), the audio embeddings and the
-    logits of each kind."""
+    alone and videos with their sound. transformers is given our positions (its Qwen2.5-VL rule is
+    not the original: it resumes text after a video at start + max(h, w)), except on Qwen2.5-Omni,
+    whose get_rope_index is the original rule: there it computes its own, so the logits compare the
+    positions too. Returns max abs differences of the visual embeddings (DeepStack features
+    included), the audio embeddings and the logits of each kind."""
     model, tok = load(path, dtype=dtype)
     omni = model.config.model_type == OMNI
     out = {"model": path, "family": model.config.model_type, "dtype": str(dtype).split(".")[-1]}

@@ -5,8 +5,9 @@ them.
     python -m pytest tests/test_audio.py -q
 
 The reference is transformers' WhisperFeatureExtractor at Qwen2.5-Omni's settings, called as its
-processor calls it. Clips with sound are muxed here with PyAV (known tones); the real clips in
-../shared/videos are checked too when that folder exists.
+processor calls it. Clips with sound are muxed here with PyAV (known tones), and so are the clips
+tests/media.py writes in place of real ones (MP3 at 16 kHz, AAC at 48 kHz), checked beside the two
+real clips in tests/data.
 """
 import json
 import re
@@ -24,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import model as M  # noqa: E402
 from data import NoAudio, VideoError  # noqa: E402
+from media import TONES  # noqa: E402
 
-VIDEOS = ROOT.parent / "shared" / "videos"
-REAL = sorted(p.name for p in VIDEOS.glob("*") if p.suffix != ".md") if VIDEOS.is_dir() else []
 # Qwen/Qwen2.5-Omni-7B's preprocessor_config.json (the feature extractor's part)
 QWEN_OMNI = dict(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400,
                  padding_value=0.0, dither=0.0, return_attention_mask=True)
@@ -248,13 +248,15 @@ def test_broken_files_raise_video_error(clips, tmp_path, how):
     assert type(e.value) is VideoError
 
 
-@pytest.mark.parametrize("name", REAL or [pytest.param(None, marks=pytest.mark.skip(
-    reason=f"{VIDEOS} absent (real test clips come from ../shared/videos)"))])
-def test_real_clips(name):
-    """Each real clip: NoAudio where PyAV sees no audio stream, else the processor's features."""
-    path = str(VIDEOS / name)
+@pytest.mark.parametrize("name", ["camera.mp4", "short.mp4", "no_count.webm", "rotated_90.mov",
+                                  "corrupted.mp4"])
+def test_real_clips(media_files, name):
+    """Each clip media_files gives: NoAudio where PyAV sees no audio stream, else the tone it
+    carries and the processor's features."""
+    path = media_files[name]
     with av.open(path) as c:
         has_audio = len(c.streams.audio) > 0
+    assert has_audio == (name in TONES)
     if not has_audio:
         with pytest.raises(NoAudio):
             data.read_audio(path)
@@ -264,6 +266,7 @@ def test_real_clips(name):
         s = c.streams.audio[0]
         declared = float(s.duration * s.time_base)
     assert abs(len(wave) / RATE - declared) < 0.07, (len(wave), declared)
+    assert abs(peak_hz(wave) - TONES[name]) <= 1 and abs(amplitude(wave) - 0.3) < 0.03  # MP3: 0.285
     ref, _, n = processor_features(wave)
     assert (data.audio_features(wave)[0] - ref[..., :n]).abs().max() <= 1e-5
 

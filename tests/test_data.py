@@ -2,7 +2,8 @@
 
     python -m pytest tests/test_data.py -q
 
-The real clips live in ../shared/videos (see its README.md); tests that need them skip when it is absent.
+Two real clips live in tests/data (see its README.md); the stand-ins for real clips that cannot be
+shipped are written by tests/media.py (conftest.py's media_files fixture).
 """
 import json
 import re
@@ -21,30 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from data import VideoError  # noqa: E402
+from media import CAMERA, DATA, NO_COUNT, SHORT  # noqa: E402
 
-VIDEOS = ROOT.parent / "shared" / "videos"
+CORRUPTED = str(DATA / "corrupted.mp4")  # a broken H.264 stream (decord's tests)
 try:
     import decord  # noqa: F401
     READERS = [None, "decord", "pyav"]
 except ImportError:
     READERS = [None, "pyav"]
 needs_decord = pytest.mark.skipif("decord" not in READERS, reason="decord is not installed")
-
-
-def clip(name):
-    path = VIDEOS / name
-    if not path.exists():
-        pytest.skip(f"{path} absent (real test clips come from ../shared/videos)")
-    return str(path)
-
-
-def corrupted(tmp_path):
-    """The real broken clip, or (on a fresh clone without ../shared) a file of junk bytes by the same name."""
-    if (VIDEOS / "corrupted.mp4").exists():
-        return str(VIDEOS / "corrupted.mp4")
-    path = tmp_path / "corrupted.mp4"
-    path.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8)))
-    return str(path)
 
 
 def normalize(frames):
@@ -81,15 +67,16 @@ def unpatchify(pixel_values, grid):
 
 
 # -----------------------------------------------------------------------------
-# the five real clips
+# the clips media_files gives: two real, three written to stand in for real ones
 
-def test_cockatoo_default_reader():
-    path = clip("cockatoo.mp4")
+def test_camera_default_reader(media_files):
+    path = media_files["camera.mp4"]
     frames, info = data.read_video(path, nframes=10)
-    assert frames.shape == (10, 720, 1280, 3) and frames.dtype == np.uint8
+    assert frames.shape == (10, CAMERA["height"], CAMERA["width"], 3) and frames.dtype == np.uint8
     assert info["reader"] == "pyav"
     assert info["indices"] == np.linspace(0, 279, 10).round().astype(int).tolist()
-    assert info["total_frames"] == 280 and info["video_fps"] == 20 and info["stream"] == 0
+    assert info["total_frames"] == 280 == CAMERA["frames"] and info["stream"] == 0
+    assert info["video_fps"] == 20 == CAMERA["fps"]
     assert abs(info["sampled_fps"] - 20 * 10 / 280) < 1e-9
     if "decord" in READERS:  # H.264 with B-frames: decord's seeking is not trusted there
         with pytest.raises(VideoError, match=re.escape(path) + ".*out of display order"):
@@ -97,8 +84,8 @@ def test_cockatoo_default_reader():
 
 
 @needs_decord
-def test_rotated_upright_in_both_readers():
-    path = clip("rotated_90.mov")
+def test_rotated_upright_in_both_readers(media_files):
+    path = media_files["rotated_90.mov"]
     a, _ = data.read_video(path, nframes=2, reader="decord")
     b, _ = data.read_video(path, nframes=2, reader="pyav")
     assert a.shape == b.shape == (2, 568, 320, 3)  # stored 320x568, displayed upright
@@ -107,27 +94,30 @@ def test_rotated_upright_in_both_readers():
     assert good < 2 and wrong > 10 * good + 10
 
 
-def test_webm_without_frame_count():
-    path = clip("test.webm")
+def test_webm_without_frame_count(media_files):
+    path = media_files["no_count.webm"]
+    with av.open(path) as c:  # what the test is about: neither a frame count nor a duration
+        assert c.streams.video[0].frames == 0 and c.duration is None
     if "decord" in READERS:  # it refuses the file: 'Failed to measure duration'
         with pytest.raises(VideoError, match=re.escape(path)):
             data.read_video(path, nframes=8, reader="decord")
     frames, info = data.read_video(path, nframes=8)
-    assert info["reader"] == "pyav" and info["total_frames"] == 94 and frames.shape == (8, 480, 640, 3)
+    assert info["reader"] == "pyav" and info["total_frames"] == 94 == NO_COUNT["frames"]
+    assert frames.shape == (8, NO_COUNT["height"], NO_COUNT["width"], 3)
     assert info["indices"] == np.linspace(0, 93, 8).round().astype(int).tolist()
 
 
-def test_realshort_fewer_frames_than_asked():
-    path = clip("realshort.mp4")
-    with pytest.raises(VideoError, match=re.escape(path) + ".*36.*64"):
+def test_short_fewer_frames_than_asked(media_files):
+    path, n = media_files["short.mp4"], SHORT["frames"]  # 36
+    with pytest.raises(VideoError, match=re.escape(path) + f".*{n}.*64"):
         data.read_video(path, nframes=64)
     frames, info = data.read_video(path, fps=1000)  # by fps: clamped to the 36 frames there are
-    assert frames.shape[0] == 36 and info["indices"] == list(range(36))
+    assert frames.shape[0] == n and info["indices"] == list(range(n))
 
 
 @pytest.mark.parametrize("reader", READERS)
-def test_corrupted_names_the_file(reader, tmp_path):
-    path = corrupted(tmp_path)
+def test_corrupted_names_the_file(reader):
+    path = CORRUPTED
     with pytest.raises(VideoError) as e:
         data.read_video(path, nframes=50, reader=reader)
     assert path in str(e.value) and e.value.path == path
@@ -244,8 +234,8 @@ def test_resize_keeps_orientation():
     assert img.min() >= 0 and img.max() <= 255
 
 
-def test_video_inputs_second_per_grid():
-    path = clip("cockatoo.mp4")
+def test_video_inputs_second_per_grid(media_files):
+    path = media_files["camera.mp4"]  # 280 frames at 20 fps
     x = data.video_inputs(path, nframes=4, reader="pyav", max_pixels=64 * 28 * 28)
     gt, gh, gw = x["grid_thw"][0].tolist()
     assert gt == 2 and x["pixel_values"].shape[0] == gt * gh * gw and gh * 14 * gw * 14 <= 64 * 28 * 28
@@ -507,7 +497,7 @@ def test_synth_answer_letters_balanced():
 
 def test_dataset_skips_bad_videos(synth64, tmp_path):
     rows = data.load_rows(synth64 / "train.jsonl")[:2]
-    bad = [dict(rows[0], id="corrupt", video=corrupted(tmp_path)),
+    bad = [dict(rows[0], id="corrupt", video=CORRUPTED),
            dict(rows[0], id="gone", video=str(tmp_path / "x.mp4"))]
     ds = data.VideoDataset([rows[0], bad[0], bad[1], rows[1]], nframes=8, max_pixels=56 * 56)
     with pytest.warns(UserWarning) as caught:
@@ -545,8 +535,8 @@ def test_probe_prints_json_last(synth64):
     assert res["reader"] in ("decord", "pyav") and res["seconds"] >= 0
 
 
-def test_probe_fails_on_corrupted(tmp_path):
-    path = corrupted(tmp_path)
+def test_probe_fails_on_corrupted():
+    path = CORRUPTED
     r = run_probe(path, "--frames", "8")
     assert r.returncode == 1
     assert path in r.stderr.strip().splitlines()[-1]
@@ -613,8 +603,9 @@ def write_cover_art(path):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """The kinds of file the issue found, a few KB each (about 2 s to write them all)."""
+def made(tmp_path_factory, media_files):
+    """The kinds of file the issue found, a few KB each (about 2 s to write them all), and the
+    clips of media_files."""
     d = tmp_path_factory.mktemp("clips")
     hevc = "libx265" in av.codecs_available
     # open GOPs: keyframes whose leading B-frames are shown before them, as x265 writes by default;
@@ -647,7 +638,7 @@ def made(tmp_path_factory):
     mp4 = Path(write_clip(d / "whole.mp4", stream(blocks(24, 32, 32))))  # its index is at the end
     (d / "truncated.mp4").write_bytes(mp4.read_bytes()[:mp4.stat().st_size * 2 // 3])
     clips["truncated.mp4"] = str(d / "truncated.mp4")
-    return clips
+    return dict(clips, **media_files)
 
 
 def sequential(path, indices):
@@ -671,16 +662,12 @@ def sequential(path, indices):
 REORDERED = ["bframes.mp4", "bframes.mkv", "open_gop_h264.mp4"]
 GOOD = ["bframes.mp4", "bframes.mkv", "open_gop_h264.mp4", "two_streams.mp4", "one_frame.mp4",
         "ten_bit.mp4", "non_square.mp4", "truncated.webm"]
-REAL = ["cockatoo.mp4", "realshort.mp4", "rotated_90.mov", "test.webm"]
-
-
-def any_clip(made, name):
-    return made[name] if name in made else clip(name)
+REAL = ["camera.mp4", "short.mp4", "rotated_90.mov", "no_count.webm"]
 
 
 @pytest.mark.parametrize("name", GOOD + REAL)
 def test_default_reader_gives_the_display_positions(made, name):
-    path = any_clip(made, name)
+    path = made[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the truncated clip warns; its own test checks that
         for n in (2, 8, 10, 16):
@@ -691,11 +678,10 @@ def test_default_reader_gives_the_display_positions(made, name):
             assert np.array_equal(frames, sequential(path, info["indices"])), (n, info["indices"])
 
 
-@pytest.mark.parametrize("name", REORDERED + ["cockatoo.mp4"])
+@pytest.mark.parametrize("name", REORDERED + ["camera.mp4"])
 def test_pyav_reader_any_positions(made, name):
-    """Positions that skip frame 0 and jump across keyframes. cockatoo.mp4 (4:4:4 from an old x264)
-    decodes to garbage after a seek unless the decoder has seen its first frame."""
-    path = any_clip(made, name)
+    """Positions that skip frame 0 and jump across keyframes."""
+    path = made[name]
     ix = data.video_stream(path)
     n = ix["total"]
     rng = np.random.default_rng(0)
@@ -710,7 +696,7 @@ def test_pyav_reader_any_positions(made, name):
 @needs_decord
 @pytest.mark.parametrize("name", GOOD + REAL)
 def test_decord_gives_the_same_frames_or_refuses(made, name):
-    path = any_clip(made, name)
+    path = made[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frames, info = data.read_video(path, nframes=2)
@@ -724,7 +710,7 @@ def test_decord_gives_the_same_frames_or_refuses(made, name):
 
 @pytest.mark.parametrize("name", GOOD + REAL)
 def test_probe_names_the_stream(made, name, capsys):
-    path = any_clip(made, name)
+    path = made[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert data.main(["probe", path, "--frames", "2"]) == 0
@@ -829,7 +815,7 @@ def test_dataset_yields_exactly_the_good_samples(made, synth64, tmp_path):
            "gone": (str(tmp_path / "gone.mp4"), "no such file"),
            "text": (str(text), "PyAV"),
            "cut": (made["truncated.mp4"], "PyAV"),
-           "corrupt": (corrupted(tmp_path), "")}
+           "corrupt": (CORRUPTED, "")}
     good = {name: made[name] for name in GOOD}
     rows = [dict(base, id=rid, video=path) for rid, path in good.items()]
     for k, (rid, (path, _)) in enumerate(bad.items()):  # each bad row just before a good one
@@ -858,12 +844,12 @@ def resized_after(path, nframes, reader, proc, max_pixels):
     return data.preprocess(frames, proc=proc, max_pixels=max_pixels)
 
 
-@pytest.mark.parametrize("name", ["cockatoo.mp4", "rotated_90.mov", "test.webm", "non_square.mp4",
+@pytest.mark.parametrize("name", ["camera.mp4", "rotated_90.mov", "no_count.webm", "non_square.mp4",
                                   "ten_bit.mp4", "one_frame.mp4", "synth"])
 def test_resized_as_decoded_equals_resized_after(made, synth64, name):
     """video_inputs resizes each frame as it is decoded: the same bits as resizing them all after,
     for each reader that reads the clip, both patch sizes, and a size that needs no resize."""
-    path = str(synth64 / "videos" / "000003.mp4") if name == "synth" else any_clip(made, name)
+    path = str(synth64 / "videos" / "000003.mp4") if name == "synth" else made[name]
     n = max(2, min(6, data.video_stream(path)["total"] // 2 * 2))
     for reader in READERS[1:]:
         for proc, max_pixels in ((None, data.MAX_PIXELS), (QWEN3, 64 * 28 * 28), (None, 56 * 112)):
@@ -922,10 +908,10 @@ def test_sp_shares_join_into_the_whole_video(synth64):
 
 
 @pytest.mark.parametrize("name", ["wide.mp4", "truncated.mp4", "corrupted"])
-def test_every_sp_rank_refuses_a_bad_video(made, tmp_path, name):
+def test_every_sp_rank_refuses_a_bad_video(made, name):
     """SP peers skip the same samples (or their collectives would pair different videos): a rank
     decodes the frames outside its share too, and checks the frame size with none of its own."""
-    path = corrupted(tmp_path) if name == "corrupted" else made[name]
+    path = CORRUPTED if name == "corrupted" else made[name]
     for r in range(4):
         with pytest.raises(VideoError, match=re.escape(path)):
             data.video_inputs(path, nframes=4, sp=(r, 4))

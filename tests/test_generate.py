@@ -4,8 +4,8 @@ difficulty filter).
     python -m pytest tests/test_generate.py -q
 
 An OpenAI-style chat endpoint runs in the test (http.server in a thread), scripted to answer, fail,
-stall and send junk. Videos are synthetic (data.synth into a tmp folder); the real clip test skips
-when ../shared/videos is absent.
+stall and send junk. Videos are synthetic (data.synth into a tmp folder, and tests/media.py's
+camera-like clip).
 """
 import contextlib
 import http.server
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import eval as E  # noqa: E402
+from media import CAMERA  # noqa: E402
 
-VIDEOS = ROOT.parent / "shared" / "videos"
 ITEM = dict(category="temporal", question="What happens first?",
             options=["red", "green", "blue", "yellow"], answer="A",
             reasoning="The red flash comes before the others, so the answer is A.")
@@ -120,10 +120,9 @@ def test_clips_of_a_synthetic_video_are_its_frames_by_time(videos):
         assert np.array_equal(c["frames"], whole[idx])
 
 
-def test_clips_of_a_real_clip():
-    path = VIDEOS / "cockatoo.mp4"  # 280 frames at 20 fps, 1280x720
-    if not path.exists():
-        pytest.skip(f"{path} absent (real test clips come from ../shared/videos)")
+def test_clips_of_a_camera_clip(media_files):
+    path = media_files["camera.mp4"]  # 280 frames at 20 fps, 384x216
+    assert (CAMERA["frames"], CAMERA["fps"]) == (280, 20) and CAMERA["width"] > CAMERA["height"]
     clips = list(data.cut_clips(path, seconds=5, per_clip=4, max_pixels=64 * 28 * 28))
     assert [(c["start"], c["end"]) for c in clips] == [(0, 5), (5, 10), (10, 14)]
     for c in clips:
