@@ -11,7 +11,7 @@
     python bench.py planner  # mr_sp.plan vs measured step peaks: tiny/small, sp 1/2, each option (~8 min)
     python bench.py step --frames 256 --variants cache,reencode --repeats 3  # mrsp/hour's GRPO step
     python bench.py step --config tiny-qwen2.5-omni --frames 128 --variants cache,reencode --repeats 3
-    torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training prefill + backward
+    torchrun --nproc_per_node 2 bench.py prefill --frames 4096 --sp 2  # training pass + backward
     $(bash .ci/vllm_env | tail -1) bench.py rollout  # vLLM (CPU build) vs our engine, tokens/s
 
 learning: per seed, SFT on the SFT third of train; greedy eval on the held-out split, with a blind
@@ -25,9 +25,10 @@ grpo: mean and standard deviation over seeds), per_seed, seeds, and per variant:
 reward over the first and last 10 steps. --data: any task folder with train.jsonl and test.jsonl.
 mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
-alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training prefill +
-backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
-those passes, engine_vs_naive (model.generate over generate_naive tokens/s; equal greedy tokens?).
+alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training pass, forward
+and backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
+those passes, engine_vs_naive (model.generate, our engine's prefill-once shared-KV decode, over
+generate_naive tokens/s; equal greedy tokens?).
 hour: step time, phases, peak memory per rank (resident set, Python runtime included), 3,600-frame
 video, tiny model, sp=2; last line JSON: frames, step_s, peak_mem_gb_per_rank. Workers: fresh
 one-thread processes (shared machine, noisy timings: every comparison is side by side in one run).
@@ -90,7 +91,7 @@ hp.add_argument("--G", type=int, default=8, help="rollouts; default 8")
 hp.add_argument("--max-new", type=int, default=32, help="response tokens; default 32")
 hp.add_argument("--size", type=int, default=56, help="frame side, px; default 56 (2 video tokens a frame)")
 for name, what in (("step", "one GRPO step on one synthetic video: phase times, peak memory"),
-                   ("prefill", "training prefill + backward of one row (random video embeds), peak memory"),
+                   ("prefill", "training pass + backward of one row (random video embeds), peak memory"),
                    ("generate", "one rollout call, G samples of one prompt (random video embeds), memory")):
     p = sub.add_parser(name, help=what)
     p.add_argument("--config", default="small", choices=["small", *M.TINY],
@@ -126,7 +127,8 @@ gp.add_argument("--sp", type=int, default=8, help="the real job's sp: this GPU r
 gp.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
 gp.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
 gp.add_argument("--size", type=int, default=0, help="square frames of this side (0: 448x224); default 0")
-gp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="default bfloat16")
+gp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                help="grpo.py's --dtype (bfloat16: autocast over fp32 weights); default bfloat16")
 gp.add_argument("--device", default="cuda", help="cuda, or cpu: a smoke run at a miniature; default cuda")
 rh = sub.add_parser("rehearse", help="the paper's job at a miniature: N processes, --fsdp, sp, kill, resume")
 rh.add_argument("--nproc", type=int, default=8, help="processes (the real job's GPUs); default 8")
@@ -155,7 +157,8 @@ rp.add_argument("--grid", default="16,8,8", help="video grid t,h,w in patches (t
                 "default 16,8,8 (32 frames of 112x112, 256 video tokens)")
 rp.add_argument("--repeats", type=int, default=15, help="timed calls per engine, alternating; default 15")
 rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                help="weights dtype; default float32")
+                help="the weights' dtype, ours and vLLM's (bfloat16: bf16 weights, no autocast); "
+                "default float32")
 
 
 CKPT = True  # what step and prefill run unless told (README's measurements: checkpointed)
@@ -368,7 +371,7 @@ def step(args):
         def phase(name):
             with measured(rec, name, base):
                 for _ in range(reencodes.get(name, 0) if variant == "reencode" else 0):
-                    mr_sp.embeddings(model, s, par.group)  # the towers: vision, and audio if it hears
+                    mr_sp.embeddings(model, s, par.sp_group)  # the towers: vision, and audio if it hears
                 yield
 
         gargs.shared_prefix = variant != "rowwise"
@@ -430,7 +433,7 @@ def generate(args):
     rec = {}
     with measured(rec, "rollout", rss()[0]):
         toks, _, lens = mr_sp.unsharded(policy.run, mr_sp.rollout, policy.model, policy.tok, [prompt], args.G,
-                                        [args.seed], max_new=args.max_new, group=par.group,
+                                        [args.seed], max_new=args.max_new, sp_group=par.sp_group,
                                         chunk=gargs.prefill_chunk)
     out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G, chunk=gargs.prefill_chunk,
                tokens=len(prompt["prompt"]), generated=int(lens.sum()),
@@ -442,9 +445,10 @@ def generate(args):
 
 
 def prefill(args):
-    """One training prefill + backward of --G rows (default 1), a --frames video and --max-new token
-    response: the pass's peak memory above that before it (weights, inputs resident), and at --sp > 1
-    the values a rank's forward all-to-alls carry a token of its own and layer, by layer kind."""
+    """One training pass (mr_sp.response_logprobs, forward and backward) of --G rows (default 1), a
+    --frames video and --max-new token response: the pass's peak memory above that before it
+    (weights, inputs resident), and at --sp > 1 the values a rank's forward all-to-alls carry a
+    token of its own and layer, by layer kind."""
     par, base, gargs, policy = worker_setup(args, ref=False)
     model, tok = policy.model.train(), policy.tok
     prompt, g = long_prompt(args, model, tok)
@@ -459,7 +463,7 @@ def prefill(args):
         return send(x, group)
     mr_sp._all_to_all = counted
     with measured(rec, "pass", rss()[0]):
-        lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, rows, 1.0, par.group)
+        lp, ent, mask = policy.run(mr_sp.response_logprobs, model, tok, rows, 1.0, par.sp_group)
         ((lp * mask).sum() / mask.sum()).backward()
     mr_sp._all_to_all = send
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,
@@ -492,15 +496,16 @@ def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
 
 
 def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
-    """Rollout tokens/s, model.generate (one prefill, KV cache copied into G rows) vs generate_naive
-    (G rows, all recomputed per token): greedy, no EOS (max_new tokens a row), medians."""
+    """Rollout tokens/s, model.generate (the prompt prefilled once, its KV cache held once and shared
+    by the G samples through model.shared_prefix_attention) vs generate_naive (G rows, all
+    recomputed per token): greedy, no EOS (max_new tokens a row), medians."""
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
     s = video_sample(frames, 56)
     prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s))
     ids, pos, mask, _ = M.layout([prompt], [pos], pad_id=tok.pad_token_id)
     with torch.no_grad():
-        embeds = M.splice(model, ids, mr_sp.encode(model, s))
+        embeds = M.splice(model, ids, mr_sp.encode_visual(model, s))
     res = {}
     for i in range(repeats):
         for name, gen in (("engine", M.generate), ("naive", M.generate_naive)):
@@ -546,7 +551,7 @@ def mrsp(args):
         out["cache_step_s"][f] = dict(
             cache=round(r["cache"]["step_s"], 2), reencode=round(r["reencode"]["step_s"], 2),
             cache_phases=r["cache"]["phases_s"], reencode_phases=r["reencode"]["phases_s"])
-    # 2. peak per rank of a training prefill + backward of one row at a long sequence, sp=1 vs sp=2
+    # 2. peak per rank of a training pass + backward of one row at a long sequence, sp=1 vs sp=2
     long = {sp: launch(["prefill", "--frames", args.long], sp) for sp in (1, 2)}
     out["sp2_peak_mem_ratio"] = round(long[2]["pass_gb_per_rank"] / long[1]["pass_gb_per_rank"], 3)
     out["long_pass"] = {sp: {k: r[k] for k in ("frames", "tokens", "pass_gb_per_rank", "pass_s")}
@@ -583,7 +588,7 @@ def mrsp(args):
 
 
 def engine(args):
-    """bench.py generate (--config, one prompt, G samples) as issue 12 measures the engine: the
+    """bench.py generate (--config, one prompt, G samples) run several ways to measure the engine: the
     rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
     unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
     run = lambda *a, sp=1, timing=False: launch(  # noqa: E731

@@ -310,7 +310,7 @@ def read_video(path, nframes=None, fps=None, min_frames=4, max_frames=768, reade
 
 def sp_share(t, rank, sp):
     """The temporal groups of t that SP rank `rank` of `sp` holds: (first, count), contiguous and
-    near-even (the first t % sp ranks one more). mr_sp.encode splits a video the same way."""
+    near-even (the first t % sp ranks one more). mr_sp.encode_visual splits a video the same way."""
     counts = [t // sp + (i < t % sp) for i in range(sp)]
     return sum(counts[:rank]), counts[rank]
 
@@ -690,8 +690,8 @@ class VideoDataset:
     """Rows plus their videos or images (proc: the model's preprocessor config, for its patch size
     and normalization; see `preprocess`). ds[i] raises VideoError; iter_samples skips bad videos
     and images and records them. Rows with neither are text only. sp: (rank in the SP group, SP
-    degree) to keep only that rank's share of each video's pixel rows (video_inputs; mr_sp.encode
-    encodes it); images stay whole on every rank.
+    degree) to keep only that rank's share of each video's pixel rows (video_inputs;
+    mr_sp.encode_visual encodes it); images stay whole on every rank.
 
     Sound: a model hears when proc has an audio feature extractor (model.processor_config gives
     Qwen2.5-Omni's). Then a video row with audio gets input_features and feature_attention_mask

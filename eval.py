@@ -45,7 +45,8 @@ ap.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame;
 ap.add_argument("--n", type=int, default=1, help="samples per question; default 1")
 ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
 ap.add_argument("--max-new", type=int, default=128, help="max response tokens; default 128")
-ap.add_argument("--batch", type=int, default=16, help="questions per generate call; default 16")
+ap.add_argument("--batch", type=int, default=16,
+                help="questions per rollout call (mr_sp.rollout); default 16")
 ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0 = all)")
 ap.add_argument("--blind", action="store_true", help="control: replace videos and images with mid-gray "
                 "frames (the sound stays)")
@@ -53,9 +54,13 @@ ap.add_argument("--mute", action="store_true", help="control: replace the sound 
                 "(a model that hears: Qwen2.5-Omni; the frames stay)")
 ap.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
 ap.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
-ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                help="the weights' dtype: bfloat16 loads them in bf16 and runs in bf16 (nothing trains "
+                "here, so no fp32 weights are kept; sft.py's and grpo.py's --dtype bfloat16 autocasts "
+                "over fp32 weights instead); default float32")
 ap.add_argument("--engine", default="own", choices=["own", "vllm"],
-                help="own (model.generate) or vllm (one process only; needs vllm); default own")
+                help="own (ours, model.py: each prompt prefilled once, its KV cache held once for "
+                "its --n samples) or vllm (one process only; needs vllm); default own")
 ap.add_argument("--vllm-mem", type=float, default=0.7,
                 help="vllm: GPU memory share for weights and KV cache; default 0.7 (CPU: ignored)")
 ap.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
@@ -82,7 +87,7 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
                 s["pixel_values"] = torch.zeros_like(s["pixel_values"])  # normalized 0 = mean gray
         if not samples:
             continue
-        prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.group) for s in samples]
+        prompts = [mr_sp.prepare(model, tok, s, D.question_text(s), par.sp_group) for s in samples]
         # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
         toks, _, lens = mr_sp.rollout(model, tok, prompts, args.n,
                                       [mr_sp.seed_of(args.seed, s["id"], frames) for s in samples],

@@ -424,11 +424,11 @@ def gaussian_kl(mean, ref_mean, std):
 # self-attention runs as `ulysses_wan_attention`, and proj_out's output is gathered. Every other
 # layer (modulation, cross-attention to the text, feed-forward) acts on each token alone.
 
-def use_ulysses(transformer, group):
-    """Split the Wan transformer's token sequence over group, which must divide its heads and (at
-    the first call) its tokens. Each rank runs the model on the whole input and gets the whole
-    velocity; its parameters' gradients are its tokens' share (mr_sp.sync_grads sums them)."""
-    sp, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+def use_ulysses(transformer, sp_group):
+    """Split the Wan transformer's token sequence over sp_group, whose size must divide its heads
+    and (at the first call) its tokens. Each rank runs the model on the whole input and gets the
+    whole velocity; its parameters' gradients are its tokens' share (mr_sp.sync_grads sums them)."""
+    sp, r = torch.distributed.get_world_size(sp_group), torch.distributed.get_rank(sp_group)
     heads = transformer.config.num_attention_heads
     if heads % sp:
         raise SystemExit(f"--sp {sp}: the transformer's {heads} attention heads do not divide "
@@ -443,9 +443,9 @@ def use_ulysses(transformer, group):
     transformer.rope.register_forward_hook(lambda m, inp, out: tuple(split(t) for t in out))
     transformer.blocks[0].register_forward_pre_hook(lambda m, a: (split(a[0]), *a[1:]))
     transformer.proj_out.register_forward_hook(
-        lambda m, inp, out: mr_sp.gather_sequence(out, group))
+        lambda m, inp, out: mr_sp.gather_sequence(out, sp_group))
     for b in transformer.blocks:
-        b.attn1.set_processor(functools.partial(ulysses_wan_attention, group))
+        b.attn1.set_processor(functools.partial(ulysses_wan_attention, sp_group))
 
 
 def wan_rotary(x, cos, sin):
@@ -456,7 +456,7 @@ def wan_rotary(x, cos, sin):
     return torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2).type_as(x)
 
 
-def ulysses_wan_attention(group, attn, x, encoder_hidden_states=None, attention_mask=None,
+def ulysses_wan_attention(sp_group, attn, x, encoder_hidden_states=None, attention_mask=None,
                           rotary_emb=None):
     """A Wan self-attention layer (diffusers' WanAttnProcessor, minus the image-to-video branch) on
     this rank's block x (B, l, d) of the tokens: projections, norms and rotary on the block, an
@@ -464,8 +464,8 @@ def ulysses_wan_attention(group, attn, x, encoder_hidden_states=None, attention_
     q, k, v = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x)), attn.to_v(x)
     q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, l, H, D)
     q, k = wan_rotary(q, *rotary_emb), wan_rotary(k, *rotary_emb)
-    q, k, v = mr_sp.scatter_heads([t.transpose(1, 2) for t in (q, k, v)], group)  # (B, H/sp, L, D)
-    y = mr_sp.gather_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v), group)
+    q, k, v = mr_sp.scatter_heads([t.transpose(1, 2) for t in (q, k, v)], sp_group)  # (B, H/sp, L, D)
+    y = mr_sp.gather_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v), sp_group)
     return attn.to_out[0](y.flatten(2, 3).type_as(x))
 
 
@@ -501,19 +501,19 @@ def rollouts(args, i, pipe, prompts, reward_fn, stats):
     return rows, rewards, sig
 
 
-def update(args, tr, ref, opt, params, rows, sig, stats, group=None, run=mr_sp.call):
+def update(args, tr, ref, opt, params, rows, sig, stats, sp_group=None, run=mr_sp.call):
     """--epochs passes of --mini-batches AdamW updates over this rank's rows (docstring items 6, 7);
-    group: this rank's SP group (its peers hold the same rows); run: mr_sp.shard's root (--fsdp),
+    sp_group: this rank's SP group (its peers hold the same rows); run: mr_sp.shard's root (--fsdp),
     each pass through it, as many on every rank. Returns the step's logged means."""
-    micro, groups = grpo.mini_batches(rows, args.mini_batches, args.micro_batch,
+    micro, mini_idx = grpo.mini_batches(rows, args.mini_batches, args.micro_batch,
                                       sharded=run is not mr_sp.call)  # weight-0 copies: "keep"
     K = args.train_steps or args.denoise
     counts = [mr_sp.dp_sum(dict(n=sum(x.get("keep", 1.0) for m in idx for x in micro[m]) * K),
-                           group) for idx in groups]
+                           sp_group) for idx in mini_idx]
     log = dict(kl=0.0, clip_frac=0.0, grad_norm=0.0, logprob_gap=0.0)
     w = 1.0 / (args.epochs * max(sum(1 for c in counts if c["n"]), 1))
     for epoch in range(args.epochs):
-        for u, (idx, c) in enumerate(zip(groups, counts)):
+        for u, (idx, c) in enumerate(zip(mini_idx, counts)):
             if not c["n"]:
                 continue
             for m in idx:
@@ -543,7 +543,7 @@ def update(args, tr, ref, opt, params, rows, sig, stats, group=None, run=mr_sp.c
                 stats["skipped_updates"] += 1
             opt.zero_grad(set_to_none=True)
             log["grad_norm"] += w * float(gn)
-    log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}, group))
+    log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}, sp_group))
     log["logprob_gap"] = float(mr_sp.all_reduce(torch.tensor([log["logprob_gap"]]), "max"))
     return log
 
@@ -567,7 +567,7 @@ def evaluate(args, pipe, rows, par, reward_fn):
         except Exception as err:
             print(f"reward function failed on held-out prompt {row['id']}: {err!r}",
                   file=sys.stderr)
-    s = mr_sp.dp_sum(dict(total=total, n=n), par.group)
+    s = mr_sp.dp_sum(dict(total=total, n=n), par.sp_group)
     return s["total"] / max(s["n"], 1.0), images
 
 
@@ -615,12 +615,12 @@ def main(args):
     ref = copy.deepcopy(tr).requires_grad_(False) if args.kl_coef else None
     if ref is not None and state:  # the reference is the initial transformer, not the resumed one
         ref = load(args.init, par.device, args.seed, args.resolution).transformer
-    if par.group is not None:
+    if par.sp_group is not None:
         if not is_video(pipe):
             raise SystemExit("--sp: Ulysses is written for the Wan transformer only (SD3 attends "
                              "jointly over image and text tokens)")
         for m in (tr, ref) if ref is not None else (tr,):
-            use_ulysses(m, par.group)
+            use_ulysses(m, par.sp_group)
     fsdp = args.fsdp and par.world > 1  # one process holds everything either way
     blocks = tr.blocks if is_video(pipe) else tr.transformer_blocks
     run = mr_sp.shard(tr, blocks=blocks) if fsdp else mr_sp.call
@@ -657,10 +657,10 @@ def main(args):
                                              stats)
         t1 = time.perf_counter()
         tr.train()
-        log = update(args, tr, ref, opt, params, rows, sig, stats, par.group, run)
+        log = update(args, tr, ref, opt, params, rows, sig, stats, par.sp_group, run)
         s = mr_sp.dp_sum(dict(reward=sum(rewards), n=len(rewards),
                               std=sum(float(torch.tensor(rewards[k:k + args.G]).std())
-                                      for k in range(0, len(rewards), args.G))), par.group)
+                                      for k in range(0, len(rewards), args.G))), par.sp_group)
         groups = max(s["n"] / args.G, 1.0)
         rec = dict(step=i + 1, reward=s["reward"] / max(s["n"], 1.0), reward_std=s["std"] / groups,
                    **log, time_rollout=t1 - t0, time_update=time.perf_counter() - t1, **stats)

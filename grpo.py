@@ -122,7 +122,8 @@ g.add_argument("--prompts", type=int, default=8, help="prompts per step over all
 g.add_argument("--prefill-chunk", type=int, default=1024,
                help="rollout prefill, tokens per forward (0: whole prompt); default 1024")
 g.add_argument("--engine", default="own", choices=["own", "vllm"],
-               help="own (model.generate) or vllm (an engine a rank; needs vllm); default own")
+               help="own (ours, model.py: each prompt prefilled once, its KV cache held once for its G "
+               "samples) or vllm (an engine a rank; needs vllm); default own")
 g.add_argument("--vllm-mem", type=float, default=0.5,
                help="vllm: GPU memory share for weights and KV cache; default 0.5 (CPU: ignored)")
 g.add_argument("--vllm-tp", type=int, default=1, help="vllm: tensor-parallel GPUs; default 1")
@@ -235,14 +236,14 @@ def group_advantages(r, G, kind="grpo", eps=1e-6):
     return a.view(-1)
 
 
-def whiten(adv, lens, group=None, eps=1e-8):
+def whiten(adv, lens, sp_group=None, eps=1e-8):
     """REINFORCE++-baseline's batch normalization (arXiv 2501.03262; verl's masked_whiten over the
     response mask): (N,) advantages -> (a - mu) / sqrt(var + eps), mu and unbiased var over every
     response token of all data-parallel ranks' rows (a row counts len(response) times)."""
     adv, lens = adv.double(), lens.double()
-    n = mr_sp.dp_sum(dict(tokens=float(lens.sum()), sum=float((lens * adv).sum())), group)
+    n = mr_sp.dp_sum(dict(tokens=float(lens.sum()), sum=float((lens * adv).sum())), sp_group)
     mu = n["sum"] / max(n["tokens"], 1.0)
-    ss = mr_sp.dp_sum(dict(ss=float((lens * (adv - mu) ** 2).sum())), group)["ss"]
+    ss = mr_sp.dp_sum(dict(ss=float((lens * (adv - mu) ** 2).sum())), sp_group)["ss"]
     return (adv - mu) / math.sqrt(ss / max(n["tokens"] - 1, 1.0) + eps)
 
 
@@ -335,8 +336,8 @@ def mini_batches(rows, n, size, sharded=False):
         copy = [dict(x, keep=0.0) for x in next((mb for p in parts for mb in p), [])]
         parts = [p + [copy] * (k - len(p)) for p, k in zip(parts, most)]
     ends = [sum(len(p) for p in parts[:m + 1]) for m in range(n)]
-    groups = [list(range(e - len(p), e)) for p, e in zip(parts, ends)]
-    return [mb for p in parts for mb in p], groups
+    mini_idx = [list(range(e - len(p), e)) for p, e in zip(parts, ends)]
+    return [mb for p in parts for mb in p], mini_idx
 
 
 # -----------------------------------------------------------------------------
@@ -480,7 +481,7 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
         k += want
         with timed("encode"):
             samples = read(at)
-            prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.group)
+            prompts = [mr_sp.prepare(policy.model, policy.tok, s, D.question_text(s), par.sp_group)
                        for s in samples]
             samples = [{k: v for k, v in s.items() if k not in ("pixel_values", "input_features")}
                        for s in samples]  # encoded
@@ -492,7 +493,7 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
                 out = mr_sp.rollout(policy.model, policy.tok, prompts, args.G,
                                     [mr_sp.seed_of(args.seed, step, s["id"]) for s in samples], policy.llm,
                                     max_new=args.max_new, temperature=args.temperature, top_p=args.top_p,
-                                    group=par.group, chunk=args.prefill_chunk)
+                                    sp_group=par.sp_group, chunk=args.prefill_chunk)
             kept, sc = score_groups(args, policy.tok, samples, prompts, out, reward_fn, stats)
             rows, scored, want = rows + kept, scored + sc, want - len(kept) // args.G
         if not args.dynamic_sampling:
@@ -521,33 +522,33 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
 def no_grad_logprobs(run, model, tok, micro, args, sp_group=None):
     """One pass over the micro-batches without gradients (old policy, reference)."""
     with torch.no_grad():
-        return [run(mr_sp.prefill_logprobs, model, tok, mb, args.temperature, sp_group, args.shared_prefix)[0]
-                for mb in micro]
+        return [run(mr_sp.response_logprobs, model, tok, mb, args.temperature, sp_group,
+                    args.shared_prefix)[0] for mb in micro]
 
 
-def update(args, policy, micro, groups, old, refs, stats, sp_group=None):
-    """--epochs passes over the micro-batches, an optimizer step per entry of groups (a mini-batch:
-    its micro-batch indices); old and refs (or None) per micro-batch. old None: on-policy (one epoch,
-    one mini-batch), each micro-batch's own log-probs before any update, detached, filled into the
-    list returned. Returns metrics and the old log-probs."""
+def update(args, policy, micro, mini_idx, old, refs, stats, sp_group=None):
+    """--epochs passes over the micro-batches, an optimizer step per entry of mini_idx (a
+    mini-batch: its micro-batch indices); old and refs (or None) per micro-batch. old None:
+    on-policy (one epoch, one mini-batch), each micro-batch's own log-probs before any update,
+    detached, filled into the list returned. Returns metrics and the old log-probs."""
     model, tok, params, opt = policy.model, policy.tok, policy.params, policy.opt
     log = dict(kl=0.0, clip_frac=0.0, entropy=0.0, grad_norm=0.0)
     olds, cut = list(old) if old is not None else [None] * len(micro), dict(cut=0.0, tokens=0.0)
     # global token and sequence counts of each mini-batch: the loss is their global mean
     # (weight-0 rows: --fsdp's copies, --mask-truncated's rows, count nothing)
-    minis = [[x for i in idx for x in micro[i]] for idx in groups]
+    minis = [[x for i in idx for x in micro[i]] for idx in mini_idx]
     counts = [mr_sp.dp_sum(dict(tokens=sum(len(x["response"]) * x.get("keep", 1.0) for x in rows),
                                 seqs=sum(x.get("keep", 1.0) for x in rows)), sp_group)
               for rows in minis]
     w = 1.0 / (args.epochs * max(sum(1 for n in counts if n["seqs"]), 1))  # logs: means of updates
     for epoch in range(args.epochs):
-        for idx, n in zip(groups, counts):
+        for idx, n in zip(mini_idx, counts):
             if not n["seqs"]:  # no rows on any rank: nothing to learn from, no AdamW step
                 continue
             n_tok, n_seq = n["tokens"], n["seqs"]
             for i in idx:
-                lp, ent, mask = policy.run(mr_sp.prefill_logprobs, model, tok, micro[i], args.temperature,
-                                           sp_group, args.shared_prefix)
+                lp, ent, mask = policy.run(mr_sp.response_logprobs, model, tok, micro[i],
+                                           args.temperature, sp_group, args.shared_prefix)
                 olds[i] = lp.detach() if olds[i] is None else olds[i]
                 keep = torch.tensor([x.get("keep", 1.0) for x in micro[i]], device=mask.device)
                 mask = mask * keep[:, None]
@@ -608,21 +609,21 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     mr_sp.vllm_sleep(llm, True)  # GPU: a vLLM engine's memory goes to the training passes
     if args.adv == "reinforce++":  # normalized over the global batch, whatever the number of ranks
         adv = whiten(torch.tensor([x["adv"] for x in batch.rows]),
-                     torch.tensor([len(x["response"]) for x in batch.rows]), par.group)
+                     torch.tensor([len(x["response"]) for x in batch.rows]), par.sp_group)
         for x, a in zip(batch.rows, adv.tolist()):
             x["adv"] = a
     # sharded: each pass gathers, so every rank runs as many in each update
-    micro, groups = mini_batches(batch.rows, args.mini_batches, args.micro_batch,
+    micro, mini_idx = mini_batches(batch.rows, args.mini_batches, args.micro_batch,
                                  sharded=policy.run is not mr_sp.call)
     with timed("old"):  # on-policy (one epoch, one mini-batch): the update's own, detached
         old = (None if args.epochs == 1 and args.mini_batches == 1 else
-               no_grad_logprobs(policy.run, model, tok, micro, args, par.group))
+               no_grad_logprobs(policy.run, model, tok, micro, args, par.sp_group))
     with timed("ref"):
-        refs = (no_grad_logprobs(policy.run_ref, policy.ref, tok, micro, args, par.group)
+        refs = (no_grad_logprobs(policy.run_ref, policy.ref, tok, micro, args, par.sp_group)
                 if policy.ref is not None else None)
     model.train()
     with timed("update"):
-        log, old = update(args, policy, micro, groups, old, refs, stats, par.group)
+        log, old = update(args, policy, micro, mini_idx, old, refs, stats, par.sp_group)
     # the engine's log-probs of its samples against the trainer's: float error when both describe
     # the same policy (at --top-p 1); a stale engine or other positions would show here
     gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
@@ -635,7 +636,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     table = torch.zeros(par.world, len(PHASES), dtype=torch.float64)
     table[par.rank] = torch.tensor([peaks[k] for k in PHASES], dtype=torch.float64)
     table = mr_sp.all_reduce(table).T.tolist()
-    s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.group)
+    s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.sp_group)
     n = max(s["samples"], 1.0)
     busy = sum(times[k] for k in PHASES)
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
@@ -675,7 +676,7 @@ def main(args):
             opt.load_state_dict(state["opt"])
         start, cursor, stats = state["step"], state["cursor"], state["stats"]
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
-    # each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
+    # each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
                         proc=M.processor_config(model.config), sp=(par.rank % par.sp, par.sp))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()

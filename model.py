@@ -13,13 +13,13 @@ audio, prompts, splice, our M-RoPE positions, batch layout, forward, per-token l
 
 Conventions shared by every stage:
 - A sample's visual input is one video, one image or none (text only); data.py gives it as
-  (kind, pixel_values, grid_thw, second_per_grid, frame_times). `encode` turns it into the
+  (kind, pixel_values, grid_thw, second_per_grid, frame_times). `encode_pixels` turns it into the
   embeddings that RL caches and reuses; Qwen3-VL's DeepStack features travel with them,
   concatenated along the hidden dimension, and `forward` adds them after the first layers.
 - Qwen2.5-Omni's thinker also hears: a sample may carry audio as data.audio_features gives it
   (input_features (1, 128, n), feature_attention_mask (1, n)), alone (kind "audio") or as a video's
   own sound (kind "video": interleaved with it in time chunks, its use_audio_in_video);
-  `encode_audio` turns it into embeddings, `splice` places them at the <|AUDIO|> tokens.
+  `encode_mels` turns it into embeddings, `splice` places them at the <|AUDIO|> tokens.
 - The families differ here only in data (config values, prompt expansion, position rule), never
   in which functions run: one `if` per difference, no per-family copies.
 - Position ids are always ours (`positions`, each family's original rule, which vLLM computes),
@@ -340,7 +340,7 @@ def towers(model):
     return {k: getattr(holder, k) for k in ("visual", "audio_tower") if getattr(holder, k, None) is not None}
 
 
-def encode(model, pixel_values, grid_thw):
+def encode_pixels(model, pixel_values, grid_thw):
     """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what RL
     caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack
     features, added to the first decoder layers' hidden states at the visual positions, ride along
@@ -350,7 +350,7 @@ def encode(model, pixel_values, grid_thw):
     return torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or [])], -1)
 
 
-def encode_audio(model, input_features, feature_attention_mask):
+def encode_mels(model, input_features, feature_attention_mask):
     """Qwen2.5-Omni's audio tower: log-mels (B, 128, n) and their mask (B, n) (data.audio_features;
     clips of different lengths padded to the longest) -> (tokens, hidden), the clips' in order, 25 a
     second (data.audio_tokens)."""
@@ -455,8 +455,8 @@ def banned_ids(tok):
 
 def splice(model, input_ids, visual, audio=None):
     """Token embeddings with the visual embeddings (None: none) placed, in order, at the
-    <|video_pad|> and <|image_pad|> positions, and Qwen2.5-Omni's audio embeddings (`encode_audio`)
-    at its <|AUDIO|> positions. With DeepStack features (`encode`), the result is as wide as they
+    <|video_pad|> and <|image_pad|> positions, and Qwen2.5-Omni's audio embeddings (`encode_mels`)
+    at its <|AUDIO|> positions. With DeepStack features (`encode_pixels`), the result is as wide as they
     are, zero past the token embedding at text positions (`forward` splits it)."""
     x = model.get_input_embeddings()(input_ids)
     for what, emb, ids in (("visual", visual, pad_ids(model.config)),
@@ -707,18 +707,20 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     their prompt's KV cache, held once, and over each sample's own tokens so far, merged exactly by
     the log-sum-exp of each part (as cascade / shared-prefix attention kernels do), so memory does
     not grow with n. q (B*n, H, 1, D); k, v (B*n, Hkv, t, D): the samples' own keys and values,
-    never padded; prefix: dict(cache: the prompts' (B rows), mask: (B, P) their padding, n, group).
-    With a group (mr_sp.sp_prefill) each rank holds its columns of the prompts' cache: every rank's
-    queries attend to them here, and `_merge_over` returns each rank its queries' parts, merged.
+    never padded; prefix: dict(cache: the prompts' (B rows), mask: (B, P) their padding, n,
+    sp_group). With an SP group (mr_sp.sp_prefill) each rank holds its columns of the prompts'
+    cache: every rank's queries attend to them here, and `_merge_over` returns each rank its
+    queries' parts, merged.
     Returns (B*n, 1, H, D)."""
     layer = prefix["cache"].layers[module.layer_idx]
     kp, vp = layer.keys, layer.values  # (B, Hkv, P, D)
     B, Hkv, P, D = kp.shape
-    n, g, group = prefix["n"], q.shape[1] // Hkv, prefix.get("group")  # samples a prompt, heads a KV head
+    n, g = prefix["n"], q.shape[1] // Hkv  # samples a prompt, heads a KV head
+    sp_group = prefix.get("sp_group")
     qp = q.view(B, n, Hkv, g, D).transpose(1, 2).reshape(B, Hkv, n * g, D)  # a prompt's queries
-    if group is not None:  # every rank's queries: (B, Hkv, sp*n*g, D), rank-major
-        parts = [torch.empty_like(qp) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, qp.contiguous(), group=group)
+    if sp_group is not None:  # every rank's queries: (B, Hkv, sp*n*g, D), rank-major
+        parts = [torch.empty_like(qp) for _ in range(dist.get_world_size(sp_group))]
+        dist.all_gather(parts, qp.contiguous(), group=sp_group)
         qp = torch.cat(parts, 2)
     s1 = (qp @ kp.transpose(-1, -2)).float() * scaling  # (B, Hkv, n*g, P)
     s1 = s1.masked_fill(~prefix["mask"].bool()[:, None, None, :], float("-inf"))
@@ -727,8 +729,8 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     # the prompt's values read in their storage dtype (an fp32 copy in every layer at every step
     # would be GBs a token at 7B); the probabilities rounded to it, as flash-decoding kernels do
     o1 = ((s1 - lse1).exp().to(vp.dtype) @ vp).float()  # (B, Hkv, n*g, D): softmax over the prompt
-    if group is not None:
-        o1, lse1 = _merge_over(o1, lse1, group)
+    if sp_group is not None:
+        o1, lse1 = _merge_over(o1, lse1, sp_group)
     o2 = (s2 - lse2).exp() @ v.float()  # (B*n, Hkv, g, D): over the sample's own tokens alone
     o1 = o1.view(B, Hkv, n, g, D).transpose(1, 2).reshape(B * n, Hkv, g, D)
     lse1 = lse1.view(B, Hkv, n, g, 1).transpose(1, 2).reshape(B * n, Hkv, g, 1)
@@ -737,15 +739,16 @@ def shared_prefix_attention(module, q, k, v, attention_mask=None, scaling=None, 
     return out.reshape(B * n, 1, Hkv * g, D).to(q.dtype), None
 
 
-def _merge_over(o, lse, group):
+def _merge_over(o, lse, sp_group):
     """Attention of every rank's queries over this rank's keys (o (B, Hkv, sp*m, D) fp32, lse (...,
     1), rank-major) -> this rank's m queries over all ranks' keys: an all-to-all returns each rank
     its queries' parts, merged by their log-sum-exp. A rank whose keys are all padding sends
     weight 0 (lse -inf, o NaN there)."""
     o = o.masked_fill(lse == float("-inf"), 0.0)
-    x = torch.cat([o, lse], -1).unflatten(2, (dist.get_world_size(group), -1)).movedim(2, 0).contiguous()
+    sp = dist.get_world_size(sp_group)
+    x = torch.cat([o, lse], -1).unflatten(2, (sp, -1)).movedim(2, 0).contiguous()
     got = torch.empty_like(x)
-    dist.all_to_all_single(got, x, group=group)  # (sp, B, Hkv, m, D+1): from each rank
+    dist.all_to_all_single(got, x, group=sp_group)  # (sp, B, Hkv, m, D+1): from each rank
     o, lse = got[..., :-1], got[..., -1:]
     total = lse.logsumexp(0)
     return (o * (lse - total).exp()).sum(0), total
@@ -774,17 +777,17 @@ def prefill(model, embeds, pos, mask, chunk=1024):
 
 @torch.no_grad()
 def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
-           banned=None, pad_id=0, generator=None, group=None):
+           banned=None, pad_id=0, generator=None, sp_group=None):
     """n samples per prompt from a prefilled batch (`prefill`'s cache and h, mask (B, P) its
     padding; nxt (B,) each prompt's first response position). The samples decode together over the
     prompt's cache held once (`shared_prefix_attention`) and their own tokens. Returns tokens (B*n,
     T) (padding after EOS), log-probs (B*n, T), lengths (B*n,) with EOS; a prompt's rows adjacent.
-    With a group, cache and mask are this rank's columns of the prompts' (mr_sp.sp_prefill) and the
-    group's ranks decode in step, each its own samples, until every rank's are done."""
+    With sp_group, cache and mask are this rank's columns of the prompts' (mr_sp.sp_prefill) and the
+    SP group's ranks decode in step, each its own samples, until every rank's are done."""
     from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
     from transformers.masking_utils import sdpa_mask
     cfg = model.config.get_text_config()
-    own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, group=group)
+    own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, sp_group=sp_group)
     for a, b in zip(cache.layers, own.layers):
         if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed
             # state (the convolution's last inputs, the recurrence's heads x dk x dv), one per sample
@@ -803,8 +806,8 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
             lps.append(lp)
             done |= torch.isin(tok, eos)
             finished = done.all().float()
-            if group is not None:  # every rank's attention needs every other's queries
-                dist.all_reduce(finished, dist.ReduceOp.MIN, group=group)
+            if sp_group is not None:  # every rank's attention needs every other's queries
+                dist.all_reduce(finished, dist.ReduceOp.MIN, group=sp_group)
             if bool(finished) or i == max_new - 1:
                 break
             step_pos = (nxt + i).view(1, -1, 1).expand(3, -1, 1)
@@ -890,7 +893,7 @@ def prompt_of(tok, config, sample, text):
 
 
 def reference_features(model, sample):
-    """transformers' own encode of a sample (its get_*_features), laid out as `encode` returns it."""
+    """transformers' own encode of a sample (its get_*_features), laid out as encode_pixels returns."""
     get = getattr(parts(model)[0], f"get_{sample['kind']}_features")
     f = get(sample["pixel_values"], sample["grid_thw"])
     deep = getattr(f, "deepstack_features", None) or []
@@ -920,7 +923,7 @@ def reference_logits(model, ids, pos, sample):
 
 
 def check(path, dtype=torch.float32):
-    """Our path (encode, encode_audio, splice, our positions, forward) vs transformers' own forward
+    """Our path (encode_pixels, encode_mels, splice, our positions, forward) vs transformers' own forward
     from pixels and audio features, for videos, an image and text alone; on Qwen2.5-Omni also audio
     alone and videos with their sound. transformers is given our positions (its Qwen2.5-VL rule is
     not the original: it resumes text after a video at start + max(h, w)), except on Qwen2.5-Omni,
@@ -947,10 +950,10 @@ def check(path, dtype=torch.float32):
                 ids, pos = torch.tensor([ids]), pos[:, None]
                 vis = aud = None
                 if "pixel_values" in s:
-                    vis = encode(model, s["pixel_values"], s["grid_thw"])
+                    vis = encode_pixels(model, s["pixel_values"], s["grid_thw"])
                     record("visual_embeds_max_abs_diff", vis, reference_features(model, s))
                 if "input_features" in s:
-                    aud = encode_audio(model, s["input_features"], s["feature_attention_mask"])
+                    aud = encode_mels(model, s["input_features"], s["feature_attention_mask"])
                     record("audio_embeds_max_abs_diff", aud, reference_audio(model, s))
                 ours = model.lm_head(forward(model, splice(model, ids, vis, aud), pos))
                 ref = reference_logits(model, ids, None if omni else pos, s)

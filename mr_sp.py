@@ -5,15 +5,16 @@
     python mr_sp.py plan --frames 1024 --config tiny --max-pixels 3136 --dtype float32 --micro-batch 8
 
 What every stage calls for its videos and its long sequences:
-- `init_parallel(sp)`: the `Parallel` layout (rank, world = dp x sp, the SP group, device), the
+- `init_parallel(sp)`: the `Parallel` layout (rank, world = dp x sp, `sp_group`, device), the
   same under `python` and `torchrun`; `dp_sum` reduces named metrics over data-parallel ranks.
 - `prepare`: a sample's prompt and its video's embeddings through the (frozen) vision tower
-  (`encode`), and Qwen2.5-Omni's of its sound through the audio tower (`encode_audio`), computed
-  once per prompt; rollouts and every prefill pass of the step reuse them.
+  (`encode_visual`), and Qwen2.5-Omni's of its sound through the audio tower (`encode_audio`),
+  computed once per prompt; rollouts and every log-prob pass of the step reuse them.
 - `rollout`: tokens and log-probs from the one engine entry: ours (each prompt prefilled alone, no
   padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
   embeddings).
-- `prefill_logprobs`: response-token log-probs of [prompt | response] rows (old, reference, policy);
+- `response_logprobs`: the training forward pass, response-token log-probs of [prompt | response]
+  rows (the old-policy, reference and update passes);
   rows of one prompt run packed, the prompt once for all their responses (model.packed_attention;
   not through GDN layers, whose state would carry one response into the next).
 - `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
@@ -25,11 +26,11 @@ What every stage calls for its videos and its long sequences:
   and sft.py plan theirs at start (`plan_start`: resolve the flags left to it, print, plan.json,
   stop a run its GPU cannot hold), and `python mr_sp.py plan` prints it for any layout.
 
-With `group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
-1. `encode` splits a video's temporal patch groups over the ranks; each rank's sample holds only its
-   share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's embeddings;
-   `encode_audio` splits its sound's windows likewise
-2. `prefill_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
+With `sp_group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: equal to one process):
+1. `encode_visual` splits a video's temporal patch groups over the ranks; each rank's sample holds
+   only its share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's
+   embeddings; `encode_audio` splits its sound's windows likewise
+2. `response_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
    rows they hold come by one all-to-all: `splice_columns`); text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
    the sequence split for a head split, attention runs over the full sequence, and back (Qwen3.5's
@@ -88,7 +89,7 @@ class Parallel:
     dp_rank: int  # which share of the data: rank // sp
     dp: int  # data-parallel size: world // sp
     sp: int  # sequence-parallel degree
-    group: object  # this rank's SP process group; None when sp is 1 (the plain data-parallel path)
+    sp_group: object  # this rank's SP process group; None when sp is 1 (the plain data-parallel path)
     device: torch.device
 
 
@@ -180,12 +181,14 @@ def all_reduce(x, op="sum"):
     return x
 
 
-def dp_sum(values, group=None):
+def dp_sum(values, sp_group=None):
     """{name: number} summed over data-parallel ranks in one all-reduce, as floats (float64 sums).
-    SP peers hold the same rows and compute the same values, so only the first rank of each SP
-    group contributes (the others add zeros): exact, unlike dividing a sum over all ranks by sp."""
+    It takes this rank's SP group because the all-reduce runs over the whole world (dp x sp), where
+    the sp peers of a data-parallel rank hold the same rows and compute the same values: only the
+    first rank of each SP group contributes (the others add zeros), which is exact, unlike dividing
+    a sum over all ranks by sp. sp_group None (sp 1): every rank contributes."""
     x = torch.tensor(list(values.values()), dtype=torch.float64)
-    if group is not None and dist.get_rank(group):
+    if sp_group is not None and dist.get_rank(sp_group):
         x.zero_()
     return dict(zip(values, all_reduce(x).tolist()))
 
@@ -368,10 +371,10 @@ def seed_of(*key):
     return zlib.crc32(repr(key).encode())
 
 
-def encode(model, sample, group=None):
+def encode_visual(model, sample, sp_group=None):
     """A sample's visual embeddings (n_tokens, width), detached (the vision tower is frozen in RL);
-    None without a video or image (text, or audio alone). Qwen3-VL's DeepStack features ride along
-    (model.encode).
+    None without a video or image (text, or audio alone): the vision tower (model.encode_pixels) on
+    the sample's pixel rows. Qwen3-VL's DeepStack features ride along.
 
     With an SP group (MR-SP stage 1) each rank encodes a contiguous share of the video's temporal
     patch groups and keeps it: this rank's rows of the embeddings, `shares_of` them on each rank
@@ -386,13 +389,13 @@ def encode(model, sample, group=None):
     pixels, grid = sample["pixel_values"].to(dev), sample["grid_thw"].to(dev)
     share = sample.get("share")
     with torch.no_grad():
-        if group is None:
+        if sp_group is None:
             if share is not None:
                 raise ValueError("a sample holding an SP rank's share of its video needs the group")
-            return M.encode(model, pixels, grid)
+            return M.encode_pixels(model, pixels, grid)
         if len(grid) != 1:
             raise ValueError(f"sharded encode takes one video per sample, got grid_thw {grid.tolist()}")
-        sp, r = dist.get_world_size(group), dist.get_rank(group)
+        sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
         t, h, w = grid[0].tolist()
         first, count = D.sp_share(t, r, sp)  # temporal groups, near-even
         if share is not None and tuple(share) != (first, count):
@@ -406,7 +409,8 @@ def encode(model, sample, group=None):
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else M.parts(model)[0].visual.dtype)
             return torch.zeros(0, width, dtype=dtype, device=dev)
-        return M.encode(model, pixels[start:start + count * h * w], grid.new_tensor([[count, h, w]]))
+        px = pixels[start:start + count * h * w]
+        return M.encode_pixels(model, px, grid.new_tensor([[count, h, w]]))
 
 
 def audio_windows(config, frames, sp, r):
@@ -417,7 +421,7 @@ def audio_windows(config, frames, sp, r):
     return min(first * w, frames), min((first + count) * w, frames)
 
 
-def encode_audio(model, sample, group=None):
+def encode_audio(model, sample, sp_group=None):
     """A sample's audio embeddings (tokens, hidden), detached (the audio tower is frozen in RL); None
     without sound (a sample with no input_features).
 
@@ -432,15 +436,15 @@ def encode_audio(model, sample, group=None):
     dev = next(model.parameters()).device
     keep = sample["feature_attention_mask"][0].bool()
     lo, hi = 0, int(keep.sum())
-    if group is not None:
-        lo, hi = audio_windows(model.config, hi, dist.get_world_size(group), dist.get_rank(group))
+    if sp_group is not None:
+        lo, hi = audio_windows(model.config, hi, dist.get_world_size(sp_group), dist.get_rank(sp_group))
     feats = sample["input_features"][0][:, keep][:, lo:hi].to(dev)  # (128, this rank's frames)
     with torch.no_grad():
         if hi == lo:  # a rank past the clip's last window: none
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else model.audio_tower.dtype)
             return torch.zeros(0, model.config.text_config.hidden_size, dtype=dtype, device=dev)
-        return M.encode_audio(model, feats[None], torch.ones(1, hi - lo, dtype=torch.long, device=dev))
+        return M.encode_mels(model, feats[None], torch.ones(1, hi - lo, dtype=torch.long, device=dev))
 
 
 def audio_shares_of(config, frames, sp):
@@ -449,14 +453,15 @@ def audio_shares_of(config, frames, sp):
             for lo, hi in (audio_windows(config, frames, sp, r) for r in range(sp))]
 
 
-def embeddings(model, sample, group=None):
-    """A sample's encoded inputs as the passes take them: its visual and audio embeddings (`encode`,
-    `encode_audio`; None where it has none), and over an SP group the `shares` and `audio_shares`
-    each rank holds of them (None: whole on every rank)."""
-    sp = dist.get_world_size(group) if group is not None else 0
+def embeddings(model, sample, sp_group=None):
+    """A sample's encoded inputs as the passes take them: its visual and audio embeddings
+    (`encode_visual`, `encode_audio`; None where it has none), and over an SP group the `shares` and
+    `audio_shares` each rank holds of them (None: whole on every rank)."""
+    sp = dist.get_world_size(sp_group) if sp_group is not None else 0
     frames = int(sample["feature_attention_mask"].sum()) if "input_features" in sample else 0
     grid = sample.get("grid_thw") if sample.get("kind") in ("video", "image") else None
-    return dict(visual=encode(model, sample, group), audio=encode_audio(model, sample, group),
+    return dict(visual=encode_visual(model, sample, sp_group),
+                audio=encode_audio(model, sample, sp_group),
                 shares=shares_of(model.config, grid, sp) if sp and grid is not None else None,
                 audio_shares=audio_shares_of(model.config, frames, sp) if sp and frames else None)
 
@@ -468,37 +473,38 @@ def shares_of(config, grid, sp):
     return [D.sp_share(t, i, sp)[1] * per for i in range(sp)]
 
 
-def gather_visual(visual, shares, group):
-    """The whole embeddings from each rank's share (`encode`): all-gathered, padded to the largest
-    share (all_gather takes equal sizes) and trimmed. shares None: visual is whole already."""
+def gather_visual(visual, shares, sp_group):
+    """The whole embeddings from each rank's share (`encode_visual`): all-gathered, padded to the
+    largest share (all_gather takes equal sizes) and trimmed. shares None: visual is whole already."""
     if shares is None or visual is None:
         return visual
     buf = F.pad(visual, (0, 0, 0, max(shares) - len(visual)))
     parts = [torch.empty_like(buf) for _ in shares]
-    dist.all_gather(parts, buf, group=group)
+    dist.all_gather(parts, buf, group=sp_group)
     return torch.cat([x[:n] for x, n in zip(parts, shares)])
 
 
-def fetch_visual(visual, shares, lo, hi, group):
+def fetch_visual(visual, shares, lo, hi, sp_group):
     """Rows lo:hi of embeddings held in consecutive shares over the group (this rank's: visual),
     where each rank asks for its own lo:hi: one all-to-all, so a rank receives only what it asks
     for, never the whole video. shares None: visual is whole, sliced here."""
     if shares is None:
         return visual[lo:hi]
     asks = [torch.zeros(2, dtype=torch.long) for _ in shares]
-    dist.all_gather(asks, torch.tensor([lo, hi]), group=group)  # (host tensors: gloo beside NCCL)
+    dist.all_gather(asks, torch.tensor([lo, hi]), group=sp_group)  # (host tensors: gloo beside NCCL)
     ends = torch.tensor(shares).cumsum(0).tolist()
-    starts, r = [e - n for e, n in zip(ends, shares)], dist.get_rank(group)
+    starts, r = [e - n for e, n in zip(ends, shares)], dist.get_rank(sp_group)
     overlap = lambda a, b, c, d: (max(a, c), max(min(b, d), max(a, c)))  # noqa: E731  [a,b) & [c,d)
     sends = [overlap(starts[r], ends[r], *map(int, ask)) for ask in asks]  # what each rank gets from me
     gets = [overlap(s, e, lo, hi) for s, e in zip(starts, ends)]
     send = torch.cat([visual[a - starts[r]:b - starts[r]] for a, b in sends])
     out = visual.new_empty(hi - lo, visual.shape[1])
-    dist.all_to_all_single(out, send, [b - a for a, b in gets], [b - a for a, b in sends], group=group)
+    dist.all_to_all_single(out, send, [b - a for a, b in gets], [b - a for a, b in sends],
+                           group=sp_group)
     return out
 
 
-def splice_columns(model, ids, rows, a, b, group=None):
+def splice_columns(model, ids, rows, a, b, sp_group=None):
     """M.splice of columns a:b of ids (B, L), row i's visual embeddings being rows[i]["visual"]
     (with rows[i]["shares"]: this rank's share, the rest fetched; `fetch_visual`), and its audio
     embeddings rows[i]["audio"] (Qwen2.5-Omni's; with rows[i]["audio_shares"] likewise). Each rank
@@ -520,18 +526,19 @@ def splice_columns(model, ids, rows, a, b, group=None):
                 continue
             key = (id(row[what]), first[i])
             if key not in got:
-                got[key] = fetch_visual(row[what], row.get(shares), before[i], before[i] + inside[i], group)
+                got[key] = fetch_visual(row[what], row.get(shares), before[i], before[i] + inside[i],
+                                        sp_group)
             parts.append(got[key])
         out.append(torch.cat(parts) if parts else None)
     return M.splice(model, ids[:, a:b], *out)
 
 
-# Each prepared prompt's key: rows with one key are one prompt's (`prefill_logprobs` packs them). Not
+# Each prepared prompt's key: rows with one key are one prompt's (`response_logprobs` packs them). Not
 # the prompt list's identity: FSDP's root casts a pass's inputs by rebuilding every dict and list.
 _KEYS = itertools.count()
 
 
-def prepare(model, tok, sample, text, group=None):
+def prepare(model, tok, sample, text, sp_group=None):
     """A sample as its rollouts and step's passes use it: prompt ids, (3, P) positions, its video's
     or image's embeddings and its sound's encoded once (`embeddings`: None where it has none; over
     an SP group, this rank's shares of them and the shares of all), and for vLLM, which expands the
@@ -539,15 +546,16 @@ def prepare(model, tok, sample, text, group=None):
     expand them (kind, grid, seconds per temporal group, frame times)."""
     ids, pos = M.prompt_of(tok, model.config, sample, text)
     kind, grid, times = sample.get("kind"), sample.get("grid_thw"), sample.get("frame_times")
-    return dict(prompt=ids, pos=pos, **embeddings(model, sample, group), key=next(_KEYS),
+    return dict(prompt=ids, pos=pos, **embeddings(model, sample, sp_group), key=next(_KEYS),
                 kind=kind, grid_thw=grid, second_per_grid=sample.get("second_per_grid"), frame_times=times,
                 engine_prompt=M.build_prompt(tok, model.config, text, kind, grid, times, expand=False))
 
 
 def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperature=1.0, top_p=1.0,
-            group=None, chunk=1024):
-    """G samples per prompt from our engine (model.generate: each prompt prefilled once, in chunks
-    of `chunk` tokens, its KV cache shared by the G samples) or, given `llm`, vLLM fed the same
+            sp_group=None, chunk=1024):
+    """G samples per prompt from our engine (model.prefill and model.decode: each prompt prefilled
+    once, in chunks of `chunk` tokens, its KV cache held once for its G samples, which attend to it
+    through model.shared_prefix_attention) or, given `llm`, vLLM fed the same
     cached embeddings. Returns tokens (B*G, T) padded after EOS, log-probs and lengths (EOS
     included); a prompt's G rows are adjacent.
 
@@ -557,34 +565,35 @@ def rollout(model, tok, prompts, G, seeds=None, llm=None, max_new=64, temperatur
     of every prompt's G and the peers exchange them: every peer returns all G (the same as without
     a group). The engines draw from different random streams: the same seeds, different tokens."""
     gen = dict(max_new=max_new, temperature=temperature, top_p=top_p)
-    sp, r = (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+    sp, r = (dist.get_world_size(sp_group), dist.get_rank(sp_group)) if sp_group is not None else (1, 0)
     sp, r = (sp, r) if G % sp == 0 else (1, 0)  # G not splitting: every peer samples all of it
     n = G // sp
     if llm is not None:  # (with no prompts too: vLLM's engines under torchrun step in lockstep)
-        whole = [dict(p, visual=gather_visual(p["visual"], p.get("shares"), group)) for p in prompts]
+        whole = [dict(p, visual=gather_visual(p["visual"], p.get("shares"), sp_group)) for p in prompts]
         out = vllm_rollout(llm, tok, whole, n, seeds and [x + r * n for x in seeds], **gen)
-        return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
+        return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, sp_group)
     dev = next(model.parameters()).device
     outs, k = [], 0
     for batch in _batches(prompts, ROLLOUT_TOKENS):
         with torch.no_grad():
-            cache, mask, h = _stack([_prefill_one(model, p, dev, group, chunk) for p in batch],
+            cache, mask, h = _stack([_prefill_one(model, p, dev, sp_group, chunk) for p in batch],
                                     model.config.get_text_config())
         gens = None if seeds is None else [torch.Generator(dev).manual_seed(x + j) for x in
                                            seeds[k:k + len(batch)] for j in range(r * n, (r + 1) * n)]
         nxt = torch.tensor([int(p["pos"].max()) + 1 for p in batch], device=dev)
         outs.append(M.decode(model, cache, mask, h, nxt, n, eos_ids=eos_ids(tok), banned=M.banned_ids(tok),
-                             pad_id=tok.pad_token_id, generator=gens, group=group, **gen))
+                             pad_id=tok.pad_token_id, generator=gens, sp_group=sp_group, **gen))
         k += len(batch)
     T = max((o[0].shape[1] for o in outs), default=0)
     out = (torch.cat([F.pad(o[0], (0, T - o[0].shape[1]), value=tok.pad_token_id) for o in outs]),
            torch.cat([F.pad(o[1], (0, T - o[1].shape[1])) for o in outs]), torch.cat([o[2] for o in outs]))
-    return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, group)
+    return out if sp == 1 else _gather_samples(out, len(prompts), tok.pad_token_id, sp_group)
 
 
 # Prompts whose KV caches decode together hold at most this many prompt tokens (a longer prompt
-# decodes alone): their separately prefilled caches are copied into one batch, and at a long video's
-# length one prompt's cache is GBs (Qwen2.5-VL-7B: 13 GB at 3,600 frames).
+# decodes alone): stacking different prompts' separately prefilled caches into one batch (`_stack`)
+# makes a second copy of them, and at a long video's length one prompt's cache is GBs
+# (Qwen2.5-VL-7B: 13 GB at 3,600 frames). A prompt's own G samples never copy its cache.
 ROLLOUT_TOKENS = 32768
 
 
@@ -599,14 +608,14 @@ def _batches(prompts, budget):
     return out
 
 
-def _prefill_one(model, p, dev, group, chunk):
+def _prefill_one(model, p, dev, sp_group, chunk):
     """One prompt prefilled alone, so with no padding and no attention mask: its KV cache, the
     cache's (1, columns) mask, and the last prompt column's hidden states (1, H). Under SP, this
     rank's columns of both (`sp_prefill`)."""
     ids = torch.tensor([p["prompt"]], device=dev)
     pos = p["pos"][:, None].to(dev)
-    if group is not None:
-        return sp_prefill(model, ids, p, pos, group)
+    if sp_group is not None:
+        return sp_prefill(model, ids, p, pos, sp_group)
     cache, h = M.prefill(model, splice_columns(model, ids, [p], 0, ids.shape[1]), pos, None, chunk)
     return cache, torch.ones_like(ids), h
 
@@ -631,41 +640,42 @@ def _stack(parts, config):
             torch.cat([h for _, _, h in parts]))
 
 
-def sp_prefill(model, ids, p, pos, group):
+def sp_prefill(model, ids, p, pos, sp_group):
     """M.prefill with the prompt split over the SP group, as the training passes split it (Ulysses):
     each rank splices and runs its l = P/sp columns (activations over l, not P) and keeps their
     keys and values, the cache a decode over the group attends to (`M.decode` with group: no rank
     holds a long prompt's whole cache). Returns this rank's cache, its columns' mask (the padding
     to sp*l masked) and the last prompt column's hidden states (from the rank that ran it)."""
     from transformers import DynamicCache
-    sp, r = dist.get_world_size(group), dist.get_rank(group)
+    sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
     use_ulysses(model)
     P = ids.shape[1]
     l = -(-P // sp)
     ids, pos = F.pad(ids, (0, sp * l - P)), F.pad(pos, (0, sp * l - P))
     mine = slice(r * l, (r + 1) * l)
     cache = DynamicCache(config=model.config.get_text_config())
-    h = M.forward(model, splice_columns(model, ids, [p], r * l, (r + 1) * l, group), pos[..., mine], None,
-                  cache, sp_group=group, sp_mask=None, sp_len=P)  # right padding only: causal is exact
+    embeds = splice_columns(model, ids, [p], r * l, (r + 1) * l, sp_group)
+    h = M.forward(model, embeds, pos[..., mine], None, cache, sp_group=sp_group, sp_mask=None,
+                  sp_len=P)  # right padding only: causal is exact
     mask = (torch.arange(r * l, (r + 1) * l, device=ids.device) < P).long()[None]
     last = (h[:, P - 1 - r * l].clone() if r * l <= P - 1 < (r + 1) * l
             else h.new_zeros(h.shape[0], h.shape[2]))  # (a copy: gloo reduces a strided view wrongly)
-    dist.all_reduce(last, group=group)  # one rank holds column P-1, the others add zeros
+    dist.all_reduce(last, group=sp_group)  # one rank holds column P-1, the others add zeros
     return cache, mask, last
 
 
-def _gather_samples(out, B, pad_id, group):
+def _gather_samples(out, B, pad_id, sp_group):
     """Each SP peer's n samples per prompt -> all peers' (B*sp*n rows, a prompt's adjacent, peer
     order): tokens and log-probs padded to the longest, then all-gathered over the group."""
     toks, lps, lens = out
     T = torch.tensor([toks.shape[1]])
-    dist.all_reduce(T, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(T, op=dist.ReduceOp.MAX, group=sp_group)
     T = int(T)
     toks, lps = F.pad(toks, (0, T - toks.shape[1]), value=pad_id), F.pad(lps, (0, T - lps.shape[1]))
     parts = []
     for x in (toks, lps, lens):
-        got = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(got, x.contiguous(), group=group)
+        got = [torch.empty_like(x) for _ in range(dist.get_world_size(sp_group))]
+        dist.all_gather(got, x.contiguous(), group=sp_group)
         parts.append(torch.stack(got).unflatten(1, (B, -1)).transpose(0, 1).flatten(0, 2))  # (B*sp*n, ...)
     return tuple(parts)
 
@@ -674,15 +684,18 @@ def eos_ids(tok):
     return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
-def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True):
-    """Log-probs and entropies (N, T) of each row's response, and the response mask (N, T).
+def response_logprobs(model, tok, rows, temperature=1.0, sp_group=None, packed=True):
+    """Log-probs and entropies (N, T) of each row's response, and the response mask (N, T): the
+    training forward pass, teacher-forced over [prompt | response] (grpo.py's old-policy, reference
+    and update passes; sft.py's loss and validation). Under autograd unless the caller disables it.
 
     rows: dicts with prompt (ids), pos (3, P), visual (embeddings or None), response (ids). Rows of
     one prompt (grpo.py's micro-batches) run `packed`: the prompt's columns once, each response
     attending to them (`M.pack`, `M.packed_attention`), exactly as the rows one by one. Else the
     rows side by side (`M.layout`), with no attention mask when they are right-padded only: causal
-    attention alone is exact for every real token (decided on the host, once a pass). With an SP
-    group every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2)."""
+    attention alone is exact for every real token (decided on the host, once a pass). With
+    sp_group every rank of it passes the same rows and gets the same tensors back (MR-SP stage 2:
+    `sp_logprobs`)."""
     dev = next(model.parameters()).device
     resp, pad = [r["response"] for r in rows], tok.pad_token_id
     T = max(map(len, resp))
@@ -701,50 +714,50 @@ def prefill_logprobs(model, tok, rows, temperature=1.0, group=None, packed=True)
         attn = None if sp_mask_of(full) is None else full.to(dev)
     kw = dict(temperature=temperature, banned=M.banned_ids(tok))
     ids, pos, targets = ids.to(dev), pos.to(dev), targets.to(dev)
-    if group is None:
+    if sp_group is None:
         n = int(at.max()) + 1  # columns run through the model: the ones after predict nothing
         hidden = M.forward(model, splice_columns(model, ids[:, :n], rows, 0, n), pos[..., :n],
                            None if attn is None else attn[:, :n], **layout)
         lp, ent = M.token_logprobs(model, hidden[at_rows, at.to(dev)], targets, **kw)
     else:
-        lp, ent = sp_response_logprobs(model, ids, rows, pos, attn, at_rows, at, targets, group, layout, **kw)
+        lp, ent = sp_logprobs(model, ids, rows, pos, attn, at_rows, at, targets, sp_group, layout, **kw)
     return lp, ent, mask.to(dev, lp.dtype)
 
 
 # -----------------------------------------------------------------------------
-# MR-SP stage 2: Ulysses sequence parallelism for the prefill.
+# MR-SP stage 2: Ulysses sequence parallelism for the log-prob passes and the rollout's prefill.
 
-def _all_to_all(x, group):
+def _all_to_all(x, sp_group):
     """Chunk i of dim 0 goes to rank i; chunk j of the result came from rank j. Differentiable."""
     x = x.contiguous()
-    return dist_nn.all_to_all_single(torch.empty_like(x), x, group=group)
+    return dist_nn.all_to_all_single(torch.empty_like(x), x, group=sp_group)
 
 
-def scatter_heads(xs, group):
+def scatter_heads(xs, sp_group):
     """Ulysses' first all-to-all, one collective for several tensors: each x (B, H_x, l, D) holds
     this rank's block of l = L/sp tokens with all its H_x heads (a multiple of sp); returns each as
     (B, H_x/sp, L, D): this rank's share of its heads over all L tokens (rank i: heads i*H_x/sp on)."""
-    sp = dist.get_world_size(group)
+    sp = dist.get_world_size(sp_group)
     x = torch.cat([t.unflatten(1, (sp, -1)) for t in xs], 2).transpose(0, 1)  # (sp, B, sum/sp, l, D)
-    x = _all_to_all(x, group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, sum/sp, L, D)
+    x = _all_to_all(x, sp_group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, sum/sp, L, D)
     return x.split([t.shape[1] // sp for t in xs], 1)
 
 
-def gather_heads(y, group):
+def gather_heads(y, sp_group):
     """Ulysses' inverse all-to-all: y (B, h, L, D), this rank's h heads over all L tokens, to
     (B, l, sp*h, D): this rank's block of l = L/sp tokens with every head, in rank order."""
-    sp = dist.get_world_size(group)
+    sp = dist.get_world_size(sp_group)
     y = y.unflatten(2, (sp, -1)).permute(2, 0, 1, 3, 4)  # (sp, B, h, l, D)
-    return _all_to_all(y, group).permute(1, 3, 0, 2, 4).flatten(2, 3)
+    return _all_to_all(y, sp_group).permute(1, 3, 0, 2, 4).flatten(2, 3)
 
 
-def gather_sequence(x, group):
+def gather_sequence(x, sp_group):
     """x (B, l, ...), this rank's block of a sequence split evenly in rank order, to the whole
     (B, sp*l, ...) on every rank. Backward takes each block's gradient back to its rank as it is
     (`_SumOver`), for callers that compute the same loss from the whole on every rank."""
-    sp, r = dist.get_world_size(group), dist.get_rank(group)
+    sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
     pad = [0, 0] * (x.dim() - 2) + [r * x.shape[1], (sp - 1 - r) * x.shape[1]]
-    return _SumOver.apply(F.pad(x, pad), group)
+    return _SumOver.apply(F.pad(x, pad), sp_group)
 
 
 def ulysses_heads(H, K, sp):
@@ -880,17 +893,17 @@ def _gdn_rule(Q, m, w, split, raw, g, beta, conv0=None, state0=None, final=False
                                           output_final_state=final, use_qk_l2norm_in_kernel=True)
 
 
-def _gdn_cache(m, cache, conv, state, rep, group):
+def _gdn_cache(m, cache, conv, state, rep, sp_group):
     """A GDN layer's cache from each rank's share (`ulysses_gdn`): conv (B, c, <= K) its heads' last
     convolution inputs [q | k | v] (a key head repeated `rep` times kept once), state (B, hv, dk, dv)
     its value heads' recurrent state; all-gathered and laid out as transformers' own prefill stores
     them (the convolution's inputs left-padded with zeros to K, as it pads a short prompt)."""
-    sp, nk, dk = dist.get_world_size(group), m.num_k_heads, m.head_k_dim
+    sp, nk, dk = dist.get_world_size(sp_group), m.num_k_heads, m.head_k_dim
     conv = F.pad(conv, (m.conv_kernel_size - conv.shape[-1], 0)).contiguous()
     convs = [torch.empty_like(conv) for _ in range(sp)]
     states = [torch.empty_like(state) for _ in range(sp)]
-    dist.all_gather(convs, conv, group=group)
-    dist.all_gather(states, state.contiguous(), group=group)
+    dist.all_gather(convs, conv, group=sp_group)
+    dist.all_gather(states, state.contiguous(), group=sp_group)
     hk = nk * rep // sp
     q, k, v = zip(*[c.split([hk * dk, hk * dk, c.shape[1] - 2 * hk * dk], 1) for c in convs])
     q, k = (torch.cat(t, 1).unflatten(1, (nk, rep, dk))[:, :, 0].flatten(1, 2) for t in (q, k))
@@ -917,23 +930,23 @@ def use_ulysses(model):
         model.set_attn_implementation({"text_config": "ulysses"})
 
 
-def sp_response_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, group, layout, **kw):
-    """`prefill_logprobs`' pass with the sequence split over group: targets (B, T), each predicted by
-    the hidden state at row at_rows, column at (host tensors); the same (B, T) results on each rank.
-    Each rank splices and runs only its columns (`splice_columns`).
+def sp_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, sp_group, layout, **kw):
+    """`response_logprobs`' pass with the sequence split over sp_group: targets (B, T), each
+    predicted by the hidden state at row at_rows, column at (host tensors); the same (B, T) results
+    on each rank. Each rank splices and runs only its columns (`splice_columns`).
 
     Gradients: callers compute the same loss from these summed tensors on every rank, and each rank
     back-propagates its own columns' part (`_SumOver`): its gradients are its share, and their group
     sum is exactly the sp=1 gradient (sync_grads sums them, over dp too)."""
-    sp, r = dist.get_world_size(group), dist.get_rank(group)
+    sp, r = dist.get_world_size(sp_group), dist.get_rank(sp_group)
     use_ulysses(model)
     B, T = targets.shape
     n = int(at.max()) + 1  # columns run through the model: the ones after predict nothing
     l = -(-n // sp)  # tokens per rank; the sequence is padded to sp*l with masked columns
     ids, pos = F.pad(ids[:, :n], (0, sp * l - n)), F.pad(pos[..., :n], (0, sp * l - n))
     mask = None if mask is None else F.pad(mask[:, :n], (0, sp * l - n))  # None: right padding only
-    hidden = M.forward(model, splice_columns(model, ids, rows, r * l, (r + 1) * l, group),
-                       pos[..., r * l:(r + 1) * l], sp_group=group, sp_mask=mask, **layout)
+    hidden = M.forward(model, splice_columns(model, ids, rows, r * l, (r + 1) * l, sp_group),
+                       pos[..., r * l:(r + 1) * l], sp_group=sp_group, sp_mask=mask, **layout)
     own = (at >= r * l) & (at < (r + 1) * l)  # the targets this rank's columns predict
     if own.any():
         at_rows = torch.as_tensor(at_rows).expand(B, T)[own]
@@ -946,7 +959,7 @@ def sp_response_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, grou
         # have one, which must be the same on every rank (a real token: 0 x a finite log-prob)
         lp, ent = M.token_logprobs(model, hidden[:1, -1:], targets[:1, :1], **kw)
         local = hidden.new_zeros(2, B, T, dtype=torch.float32) + 0.0 * (lp.sum() + ent.sum())
-    full = _SumOver.apply(local, group)
+    full = _SumOver.apply(local, sp_group)
     return full[0], full[1]
 
 
@@ -957,9 +970,9 @@ class _SumOver(torch.autograd.Function):
     (torch.distributed.nn's all_reduce would sum the sp equal copies: sp times too large)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, sp_group):
         x = x.clone()
-        dist.all_reduce(x, group=group)
+        dist.all_reduce(x, group=sp_group)
         return x
 
     @staticmethod
@@ -1516,7 +1529,9 @@ def plan_parser():
     g.add_argument("--frames", type=int, required=True, help="frames per video")
     g.add_argument("--max-pixels", type=int, default=128 * 28 * 28,
                    help="pixels per frame; default 128*28*28 (Qwen2.5-VL: 64 tokens a frame)")
-    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="compute dtype, as grpo.py's (bfloat16: autocast over fp32 weights); "
+                   "default bfloat16")
     g.add_argument("--G", type=int, default=8, help="rollouts per prompt; default 8")
     g.add_argument("--max-new", type=int, default=1024, help="response tokens; default 1024")
     g.add_argument("--prompts", type=int, default=8, help="prompts per step over all ranks; default 8")
@@ -1579,7 +1594,7 @@ def plan_main(argv=None):
 # -----------------------------------------------------------------------------
 # The vLLM rollout engine (--engine vllm), the paper's: fed the same cached video embeddings, it
 # never runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks
-# it against `rollout` and `prefill_logprobs` (in the environment .ci/vllm_env builds on CPU).
+# it against `rollout` and `response_logprobs` (in the environment .ci/vllm_env builds on CPU).
 
 def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
     """A vLLM engine in this process on model's HF folder `path` (a temporary one for the tiny

@@ -159,15 +159,15 @@ def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH, bare=F
             samples = list(ds.iter_samples(mine[b:b + batch]))
             if not samples:
                 continue
-            prompts = [mr_sp.prepare(model, tok, s, D.question_text(s, bare), par.group)
+            prompts = [mr_sp.prepare(model, tok, s, D.question_text(s, bare), par.sp_group)
                        for s in samples]
             targets = [target_tokens(tok, s, end, bare) for s in samples]
             for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
-                lp, ent, mask = mr_sp.prefill_logprobs(model, tok, [dict(p, response=t)],
-                                                       group=par.group)
+                lp, ent, mask = mr_sp.response_logprobs(model, tok, [dict(p, response=t)],
+                                                       sp_group=par.sp_group)
                 sums.update(nll=-float((lp * mask).sum()), entropy=float((ent * mask).sum()),
                             tokens=float(mask.sum()))
-            toks, _, lens = mr_sp.rollout(model, tok, prompts, 1, temperature=0.0, group=par.group,
+            toks, _, lens = mr_sp.rollout(model, tok, prompts, 1, temperature=0.0, sp_group=par.sp_group,
                                           max_new=max(map(len, targets)) + 16)
             for i, s in enumerate(samples):
                 r = D.reward(tok.decode(toks[i, :lens[i]].tolist(), skip_special_tokens=True), s)
@@ -211,7 +211,7 @@ def main(args):
     # tokens the video does not decide drown it out (README: the tiny model on `motion`)
     args.answer_steps = round(args.steps * args.answer_epochs / epochs) if epochs else 0
     args.eval_every = args.eval_every or max(1, args.steps // 10)
-    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
+    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
@@ -237,14 +237,14 @@ def main(args):
             # sp=1 one. Frozen: each peer encodes and holds its share (mr_sp.embeddings).
             if train_vision:
                 x = {k: v.to(par.device) for k, v in s.items() if torch.is_tensor(v)}
-                emb = dict(visual=M.encode(model, x["pixel_values"], x["grid_thw"])
+                emb = dict(visual=M.encode_pixels(model, x["pixel_values"], x["grid_thw"])
                            if "pixel_values" in x else None,
-                           audio=M.encode_audio(model, x["input_features"], x["feature_attention_mask"])
+                           audio=M.encode_mels(model, x["input_features"], x["feature_attention_mask"])
                            if "input_features" in x else None)
             else:
-                emb = mr_sp.embeddings(model, s, par.group)
+                emb = mr_sp.embeddings(model, s, par.sp_group)
             rows_mb.append(dict(prompt=prompt, pos=pos, response=target, **emb))
-        lp, _, mask = mr_sp.prefill_logprobs(model, tok, rows_mb, group=par.group)
+        lp, _, mask = mr_sp.response_logprobs(model, tok, rows_mb, sp_group=par.sp_group)
         weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
         return -(lp * mask * weight).sum() / max(n_tok, 1.0)
 
@@ -269,7 +269,7 @@ def main(args):
                 # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
                 most = per + max(sum(r * per <= j < (r + 1) * per for j in mixed) for r in range(par.dp))
                 items += [items[0][:4] + (0.0,)] * (most - len(items))
-            n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.group)["n"]
+            n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.sp_group)["n"]
             loss_sum = 0.0
             for m0 in range(0, len(items), args.micro_batch):
                 loss = run(micro_loss, items[m0:m0 + args.micro_batch], n_tok)
@@ -284,7 +284,7 @@ def main(args):
             else:
                 print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
             opt.zero_grad(set_to_none=True)
-            loss = mr_sp.dp_sum(dict(loss=loss_sum), par.group)["loss"]
+            loss = mr_sp.dp_sum(dict(loss=loss_sum), par.sp_group)["loss"]
             dt = time.time() - t0
             if par.rank == 0:
                 rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn),
@@ -295,7 +295,7 @@ def main(args):
             if val and ((step + 1) % args.eval_every == 0 or last):
                 model.eval()
                 v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories,
-                                                 end, bare=bare), par.group)
+                                                 end, bare=bare), par.sp_group)
                 model.train()
                 n_rows, n_tok = max(v["rows"], 1.0), max(v["tokens"], 1.0)
                 rec = dict(step=step + 1, val_target="answer" if bare else "trace",

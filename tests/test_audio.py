@@ -379,8 +379,8 @@ def test_dataset_gives_the_thinker_the_rows_sound(clips, tmp_path, omni):
         assert int((ids == model.config.video_token_id).sum()) == (
             int(s["grid_thw"].prod()) // 4 if s is own else 0)
         with torch.no_grad():
-            aud = M.encode_audio(model, s["input_features"], s["feature_attention_mask"])
-            vis = M.encode(model, s["pixel_values"], s["grid_thw"]) if s is own else None
+            aud = M.encode_mels(model, s["input_features"], s["feature_attention_mask"])
+            vis = M.encode_pixels(model, s["pixel_values"], s["grid_thw"]) if s is own else None
             ours = model.lm_head(M.forward(model, M.splice(model, ids, vis, aud), pos[:, None]))
             theirs = M.reference_logits(model, ids, None, s)
         assert len(aud) == n_audio and (ours - theirs).abs().max() < 1e-5

@@ -266,14 +266,14 @@ def sp_pass(group=None):
 def worker(out):
     from diffusers import WanTransformer3DModel
     par = mr_sp.init_parallel(2)
-    res = sp_pass(par.group)
+    res = sp_pass(par.sp_group)
     errors = []
     three = WanTransformer3DModel(num_attention_heads=3, attention_head_dim=12, in_channels=4,
                                   out_channels=4, text_dim=32, freq_dim=32, ffn_dim=8, num_layers=1)
     for bad in ("heads", "tokens"):
         model = three if bad == "heads" else F.load("tiny-wan").transformer
         try:
-            F.use_ulysses(model, par.group)
+            F.use_ulysses(model, par.sp_group)
             with torch.no_grad():  # 3 x 3 x 3 = 27 tokens
                 model(hidden_states=torch.zeros(1, 4, 3, 6, 6), timestep=torch.tensor([500.0]),
                       encoder_hidden_states=torch.zeros(1, 8, 32), return_dict=False)

@@ -70,7 +70,7 @@ def video_inputs(model, tok, grids, seed=0, kind="video"):
     samples = M.random_samples(model, grids, kind, seed)
     prompts, pos = zip(*[M.prompt_of(tok, model.config, s, f"Question {i}: what happens in this video?")
                          for i, s in enumerate(samples)])
-    visual = [M.encode(model, s["pixel_values"], s["grid_thw"]) if kind else None for s in samples]
+    visual = [M.encode_pixels(model, s["pixel_values"], s["grid_thw"]) if kind else None for s in samples]
     return samples, list(prompts), list(pos), visual
 
 
@@ -662,7 +662,7 @@ def test_omni_check_equals_transformers():
     assert max(diffs.values()) <= 1e-5, diffs
 
 
-def test_omni_encode_audio_of_padded_clips_equals_each_alone(omni):
+def test_omni_encode_mels_of_padded_clips_equals_each_alone(omni):
     """Clips of 3.1 s and 1.3 s in one batch, the shorter padded with garbage its mask drops: the
     same embeddings as each encoded alone, in order (the tower's 2 s windows are per clip), up to
     fp32 rounding of other batch shapes (3e-6 seen)."""
@@ -672,8 +672,8 @@ def test_omni_encode_audio_of_padded_clips_equals_each_alone(omni):
     feats[0], feats[1, :, :130] = a["input_features"][0], b["input_features"][0]
     mask = (torch.arange(310) < torch.tensor([[310], [130]])).long()
     with torch.no_grad():
-        both = M.encode_audio(model, feats, mask)
-        alone = [M.encode_audio(model, x["input_features"], x["feature_attention_mask"]) for x in (a, b)]
+        both = M.encode_mels(model, feats, mask)
+        alone = [M.encode_mels(model, x["input_features"], x["feature_attention_mask"]) for x in (a, b)]
     assert both.shape == (77 + 32, model.config.text_config.hidden_size)
     assert (both - torch.cat(alone)).abs().max() <= 1e-5
 
@@ -787,8 +787,8 @@ def test_omni_kv_cache_generate_equals_recompute(omni):
     prompts, pos = zip(*[M.prompt_of(tok, model.config, s, "What happens?") for s in samples])
     ids, p3, mask, _ = M.layout(prompts, pos, pad_id=tok.pad_token_id)
     with torch.no_grad():
-        vis = torch.cat([M.encode(model, s["pixel_values"], s["grid_thw"]) for s in samples])
-        aud = torch.cat([M.encode_audio(model, s["input_features"], s["feature_attention_mask"])
+        vis = torch.cat([M.encode_pixels(model, s["pixel_values"], s["grid_thw"]) for s in samples])
+        aud = torch.cat([M.encode_mels(model, s["input_features"], s["feature_attention_mask"])
                          for s in samples])
     embeds = M.splice(model, ids, vis, aud)
     assert mask[1, 0] == 0

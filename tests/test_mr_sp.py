@@ -67,7 +67,8 @@ def group_rows(model, tok, lengths, group, grid=(4, 8, 8)):
 
 
 def logprobs_and_grads(model, tok, rows, group, packed=True):
-    lp, ent, mask = mr_sp.prefill_logprobs(model, tok, rows, temperature=0.9, group=group, packed=packed)
+    lp, ent, mask = mr_sp.response_logprobs(model, tok, rows, temperature=0.9, sp_group=group,
+                                            packed=packed)
     w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
     (((lp * w + 0.1 * ent) * mask).sum() / mask.sum()).backward()  # a token mean, as in grpo.py
     grads = {}
@@ -130,14 +131,14 @@ def sp1_outputs(model, tok):
     """Log-probs and greedy rollout tokens without a group."""
     rows = rows_of(model, tok, *CASES[0], None)
     with torch.no_grad():
-        lp = mr_sp.prefill_logprobs(model, tok, rows)[0]
+        lp = mr_sp.response_logprobs(model, tok, rows)[0]
     toks = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)[0]
     return lp, toks
 
 
 def worker(out):
     par = mr_sp.init_parallel(2)
-    rank, group = par.rank, par.group
+    rank, group = par.rank, par.sp_group
     res = {}
     for name, (family, cfg) in CONFIGS.items():
         # Qwen3.5 in float64, its delta rule too: in fp32 the rule rounds differently with the heads
@@ -150,7 +151,7 @@ def worker(out):
         r = res[name] = {"encode": [], "cases": []}
         for grid in ENCODE_GRIDS:
             s = M.random_samples(model, [grid])[0]
-            one, mine = mr_sp.encode(model, s), mr_sp.encode(model, s, group)
+            one, mine = mr_sp.encode_visual(model, s), mr_sp.encode_visual(model, s, group)
             shares = mr_sp.shares_of(model.config, s["grid_thw"], 2)
             two = mr_sp.gather_visual(mine, shares, group)
             r["encode"].append(dict(grid=grid, equal=torch.equal(one, two), diff=max_diff(one, two),
@@ -161,7 +162,7 @@ def worker(out):
             rows = [mr_sp.prepare(model, tok, s, "Why?", group) for s in samples]  # 39, 31, 57 tokens
             kw = dict(seeds=[5, 6, 7], max_new=12, temperature=0.7, top_p=0.9)
             one = mr_sp.rollout(model, tok, gathered(rows, group), 4, **kw)
-            two = mr_sp.rollout(model, tok, rows, 4, group=group, **kw)
+            two = mr_sp.rollout(model, tok, rows, 4, sp_group=group, **kw)
             r["sp_rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
                                    logprob=max_diff(one[1], two[1]),
                                    distinct=len({tuple(x.tolist()) for x in one[0]}))
@@ -182,15 +183,15 @@ def worker(out):
         kw = dict(nframes=n, max_pixels=56 * 56, proc=M.processor_config(model.config))
         whole = D.VideoDataset([dict(video=video)], **kw)[0]
         mine = D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0]
-        one = mr_sp.encode(model, whole)
-        two = mr_sp.gather_visual(mr_sp.encode(model, mine, group),
+        one = mr_sp.encode_visual(model, whole)
+        two = mr_sp.gather_visual(mr_sp.encode_visual(model, mine, group),
                                   mr_sp.shares_of(model.config, mine["grid_thw"], 2), group)
         got, mine = [None, None], dict(share=mine["share"], rows=len(mine["pixel_values"]),
                                        diff=max_diff(one, two), shape=list(two.shape))
         torch.distributed.all_gather_object(got, mine)
         res["share"].append(got)
     try:
-        mr_sp.encode(model, D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0])
+        mr_sp.encode_visual(model, D.VideoDataset([dict(video=video)], sp=(rank, 2), **kw)[0])
         res["share_without_group"] = None
     except ValueError as e:
         res["share_without_group"] = str(e)
@@ -198,7 +199,7 @@ def worker(out):
     model, tok = M.load("tiny")
     rows, kw = rows_of(model, tok, *CASES[0], group), dict(seeds=[5, 6], max_new=12, temperature=0.7, top_p=0.9)
     one = mr_sp.rollout(model, tok, gathered(rows, group), 4, **kw)
-    two = mr_sp.rollout(model, tok, rows, 4, group=group, **kw)
+    two = mr_sp.rollout(model, tok, rows, 4, sp_group=group, **kw)
     cache, mask, _ = mr_sp._prefill_one(model, rows[0], torch.device("cpu"), group, 1024)
     res["sp_cache"] = dict(columns=cache.layers[0].keys.shape[2], mask=mask.shape[1], prompt=len(rows[0]["prompt"]))
     res["sp_rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
@@ -230,7 +231,7 @@ def worker(out):
     def fsdp_grads(rows):  # (packed where the rows are one prompt's)
         hook = untied.model.language_model.layers[0].register_forward_hook(
             lambda m, a, o: res.setdefault("fsdp_rows_a_pass", []).append(a[0].shape[0]))
-        lp, ent, mask = run(mr_sp.prefill_logprobs, untied, tok, rows, 0.9)
+        lp, ent, mask = run(mr_sp.response_logprobs, untied, tok, rows, 0.9)
         hook.remove()
         w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
         (((lp * w + 0.1 * ent) * mask).sum() / mask.sum() / 2).backward()  # both ranks: the same rows
@@ -261,8 +262,8 @@ def worker(out):
         for c in (0, 3):  # left padding (the masked path); one unpadded row (causal only)
             rows = rows_of(model, tok, *CASES[c], group)
             with torch.no_grad(), host_reads([0]) as n:
-                mr_sp.prefill_logprobs(model, tok, rows, group=group)
-                mr_sp.rollout(model, tok, rows, 1, max_new=1, temperature=0, group=group)
+                mr_sp.response_logprobs(model, tok, rows, sp_group=group)
+                mr_sp.rollout(model, tok, rows, 1, max_new=1, temperature=0, sp_group=group)
             res["host_reads"][f"{layers} layers, case {c}"] = n[0]
     if rank == 0:
         with open(out, "w") as f:
@@ -284,11 +285,11 @@ def worker_7b(out):
             model, tok = (M.load("tiny:qwen3.5-9b", dtype=torch.float64) if gdn else
                           M.load("tiny", hidden=448, heads=28, kv_heads=4, layers=2, tie=False))
             grpo.rl_params(model)
-            r = res[name] = dict(cases=[compare(model, tok, *CASES[c], par.group, first) for c in (0, 3)]
-                                 + [compare(model, tok, (2, 8, 8), (6, 3, 9), par.group, first, packed=True)])
-            rows = rows_of(model, tok, *CASES[0], par.group)
-            got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, group=par.group)
-            rows = gathered(rows, par.group)
+            r = res[name] = dict(cases=[compare(model, tok, *CASES[c], par.sp_group, first) for c in (0, 3)]
+                                 + [compare(model, tok, (2, 8, 8), (6, 3, 9), par.sp_group, first, packed=True)])
+            rows = rows_of(model, tok, *CASES[0], par.sp_group)
+            got = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0, sp_group=par.sp_group)
+            rows = gathered(rows, par.sp_group)
             if first:
                 want = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)
                 r["rollout"] = dict(tokens=torch.equal(want[0], got[0]) and torch.equal(want[2], got[2]),

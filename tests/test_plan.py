@@ -61,7 +61,7 @@ def test_world_8_picks_the_most_data_parallel_layout_that_runs(capsys):
     """Qwen2.5-VL-7B at 3,600 frames on 8 ranks of 76 GiB: the layout chosen fits with the allowance,
     every layout with more data parallelism (less sp) does not, and the most frames that fit there
     pass the paper's 3,600; at sp 8 (the layout --world 8 picks for 8,192 frames) they pass 8,192:
-    no rank holds a whole video's embeddings or prompt cache (mr_sp.encode, sp_prefill)."""
+    no rank holds a whole video's embeddings or prompt cache (mr_sp.encode_visual, sp_prefill)."""
     p = cli(capsys, "--frames", "3600", "--fsdp", "--world", "8", "--gpu-gb", "76")
     assert p["sp"] in (1, 2, 4, 8) and p["dp"] * p["sp"] == 8 and p["fits"]
     assert p["gib"]["total"] <= 76 and p["gib"]["allowance"] > 1

@@ -62,10 +62,10 @@ def theirs(s, G=1, spg=None, **gen):
 
 
 def trainer_logprobs(s, toks, lens, G, temperature=1.0):
-    """prefill_logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
+    """response_logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
     rows = [dict(s["prompts"][i // G], response=toks[i, :lens[i]].tolist()) for i in range(len(toks))]
     with torch.no_grad():
-        lp, _, mask = mr_sp.prefill_logprobs(s["model"], s["tok"], rows, temperature=temperature)
+        lp, _, mask = mr_sp.response_logprobs(s["model"], s["tok"], rows, temperature=temperature)
     return lp, mask
 
 
@@ -86,7 +86,7 @@ def test_greedy_tokens_equal_our_engine(setup):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_trainer(setup, temperature):
-    """vLLM's log-probs of the tokens it sampled (G = 4 per prompt) equal the trainer's prefill pass."""
+    """vLLM's log-probs of the tokens it sampled (G = 4 per prompt) equal the trainer's log-prob pass."""
     G = 4
     toks, lp_vllm, lens = theirs(setup, G=G, max_new=32, temperature=temperature, seeds=[1, 2, 3, 4, 5])
     assert not torch.isin(toks, M.banned_ids(setup["tok"])).any()
