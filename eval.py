@@ -91,7 +91,8 @@ def evaluate(model, tok, rows, frames, args, par, llm=None):
         # SP peers run the same rollout and get the same tokens (bit-identical video embeddings)
         toks, _, lens = mr_sp.rollout(model, tok, prompts, args.n,
                                       [mr_sp.seed_of(args.seed, s["id"], frames) for s in samples],
-                                      llm, max_new=args.max_new, temperature=args.temperature)
+                                      llm, max_new=args.max_new, temperature=args.temperature,
+                                      sp_group=par.sp_group)
         for i, s in enumerate(samples):
             for j in range(args.n):
                 k = i * args.n + j

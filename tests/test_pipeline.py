@@ -133,12 +133,15 @@ def test_sequence_parallel_not_dividing_world_fails_at_start(task, tmp_path):
     assert 'sft.py", line' not in out.stderr and 'mr_sp.py", line' not in out.stderr  # no traceback of ours
 
 
-def test_eval_sequence_parallel_equals_one_process(task, tmp_path):
-    """Same answers and summary; the SP peers' identical answers are gathered once."""
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_eval_sequence_parallel_equals_one_process(task, tmp_path, nproc):
+    """Same answers and summary at sp 2, alone (2 processes) and beside data parallel (dp 2 x sp 2,
+    as a multi-node job's eval runs); the SP peers' identical answers are gathered once."""
     run("model.py", "save", "--out", str(tmp_path / "model"))
     cmd = ["eval.py", "--model", str(tmp_path / "model"), "--data", task, "--frames", "8", "--limit", "4",
            "--max-new", "8"]
-    outs = [run(*cmd, "--out", str(tmp_path / "one")), run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=2)]
+    outs = [run(*cmd, "--out", str(tmp_path / "one")),
+            run(*cmd, "--out", str(tmp_path / "sp"), "--sp", "2", nproc=nproc)]
     one, sp = [json.loads(o.stdout.strip().splitlines()[-1]) for o in outs]
     for s in (one, sp):
         del s["seconds"]
