@@ -248,8 +248,9 @@ def micro_loss(model, tok, mb, n_tok, par, train_vision):
 def forward_backward(args, items, model, tok, run, par, train_vision):
     """This rank's gradients of the global batch's mean target-token loss, accumulated over
     micro-batches of its items (--fsdp: as many as every rank runs): (that loss, target tokens)."""
+    # --fsdp: as many rows on every rank, not only passes (a trained tower encodes row by row)
+    items = [x for one in mr_sp.equal_passes([[[x] for x in items]], mr_sp.sharded(model))[0] for x in one]
     micro = [items[k:k + args.micro_batch] for k in range(0, len(items), args.micro_batch)]
-    micro = mr_sp.equal_passes([micro], mr_sp.sharded(model))[0]
     n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x["response"]) * x.get("keep", 1.0)
                                           for mb in micro for x in mb))), par.group)["n"]
     loss_sum = 0.0
