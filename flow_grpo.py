@@ -116,10 +116,10 @@ g.add_argument("--seed", type=int, default=0, help="seed for data order, noise, 
 g.add_argument("--out", default="runs/flow_grpo", help="output folder; default runs/flow_grpo")
 g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (0 = end only)")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree (Wan only): Ulysses "
-               "over a video's tokens; its heads and tokens must divide by it; default 1")
-g.add_argument("--fsdp", action="store_true", help="shard the transformer, its gradients and AdamW "
-               "state over all ranks (FSDP2), not replicate; same updates; no-op in one process")
+g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: ranks per SP group, "
+               "which split each sequence; world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard the trained weights, their gradients and "
+               "AdamW state over all ranks (FSDP2), not replicate: the same updates; no-op in one process")
 # -----------------------------------------------------------------------------
 
 
@@ -506,7 +506,7 @@ def update(args, tr, ref, opt, params, rows, sig, stats, sp_group=None, run=mr_s
     sp_group: this rank's SP group (its peers hold the same rows); run: mr_sp.shard's root (--fsdp),
     each pass through it, as many on every rank. Returns the step's logged means."""
     micro, mini_idx = grpo.mini_batches(rows, args.mini_batches, args.micro_batch,
-                                      sharded=run is not mr_sp.call)  # weight-0 copies: "keep"
+                                      mr_sp.sharded(tr))  # weight-0 copies: "keep"
     K = args.train_steps or args.denoise
     counts = [mr_sp.dp_sum(dict(n=sum(x.get("keep", 1.0) for m in idx for x in micro[m]) * K),
                            sp_group) for idx in mini_idx]
@@ -535,14 +535,9 @@ def update(args, tr, ref, opt, params, rows, sig, stats, sp_group=None, run=mr_s
                     log["kl"] += w * float((kl.detach() * mask).sum()) / c["n"]
                 grpo.aggregate(loss, mask, "token", c["n"], None).backward()
                 log["clip_frac"] += w * float((clipped * mask).sum()) / c["n"]
-            mr_sp.sync_grads(params)  # sharded (--fsdp): already reduced in backward
-            gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if torch.isfinite(gn):  # the same on every rank after the all-reduce
-                opt.step()
-            else:
-                stats["skipped_updates"] += 1
-            opt.zero_grad(set_to_none=True)
-            log["grad_norm"] += w * float(gn)
+            gn, skipped = mr_sp.optimizer_step(params, opt, args.grad_clip)
+            stats["skipped_updates"] += skipped
+            log["grad_norm"] += w * gn
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}, sp_group))
     log["logprob_gap"] = float(mr_sp.all_reduce(torch.tensor([log["logprob_gap"]]), "max"))
     return log
@@ -626,13 +621,9 @@ def main(args):
     run = mr_sp.shard(tr, blocks=blocks) if fsdp else mr_sp.call
     params = list(tr.parameters())  # after shard, which replaces them
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start, cursor, stats, first = 0, 0, {"reward_errors": 0, "skipped_updates": 0}, None
-    if state:
-        if fsdp:
-            mr_sp.load_optimizer(tr, opt, state["opt"])
-        else:
-            opt.load_state_dict(state["opt"])
-        start, cursor, stats, first = state["step"], state["cursor"], state["stats"], state["eval"]
+    start = mr_sp.load_state(tr, opt, state)
+    cursor, stats, first = ((state["cursor"], state["stats"], state["eval"]) if state else
+                            (0, {"reward_errors": 0, "skipped_updates": 0}, None))
     train = load_prompts(args.data) if args.data else builtin_prompts("train")
     held = load_prompts(args.eval_data) if args.eval_data else builtin_prompts("test")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
@@ -672,10 +663,9 @@ def main(args):
                 f"lp gap {rec['logprob_gap']:.0e}",
                 f"rollout {rec['time_rollout']:.1f}s update {rec['time_update']:.1f}s"]))
         if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
-            sd, osd = mr_sp.full_state(tr, opt) if fsdp else (None, opt.state_dict())  # collective
-            if par.rank == 0:
-                save(pipe, ckpt, {"opt": osd, "step": i + 1, "cursor": cursor, "stats": stats,
-                                  "eval": first}, sd)
+            sd, state = mr_sp.save_state(tr, opt, step=i + 1, cursor=cursor, stats=stats, eval=first)
+            if par.rank == 0:  # save_state: a collective
+                save(pipe, ckpt, state, sd)
     tr.eval()
     after, ims = mr_sp.unsharded(run, evaluate, args, pipe, held, par, reward_fn)
     grid = os.path.join(args.out, "grid.png")

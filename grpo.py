@@ -104,11 +104,11 @@ g = ap.add_argument_group("model and data")
 g.add_argument("--init", default="runs/sft/model",
                help=f"policy: HF folder (any family) or a tiny model ({', '.join(M.TINY)}); "
                "default runs/sft/model")
-g.add_argument("--data", default="data/synth", help="folder with train.jsonl (synthetic task made if absent)")
+g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task made if absent)")
 g.add_argument("--part", default="rl", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default rl")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
-g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="per frame; default 128*28*28")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels a frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g.add_argument("--audio-seconds", type=float, default=None, help="a model that hears (Qwen2.5-Omni): "
@@ -160,7 +160,7 @@ g.add_argument("--agg", default="token", choices=["token", "seq", "drgrpo"],
 g.add_argument("--epochs", type=int, default=2, help="passes over each rollout batch; default 2")
 g.add_argument("--mini-batches", type=int, default=2, help="optimizer updates per pass; default 2")
 g.add_argument("--micro-batch", type=int, default=None,
-               help="rows per forward/backward; default: 16 on CPU, on a GPU the largest "
+               help="rows per forward/backward (accumulated); default: 16 on CPU, on a GPU the largest "
                "of 16, 8, 4, 2, 1 that the plan fits, at most 32,768 tokens a rank")
 g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                help="a micro-batch (one prompt's rows) runs the prompt once for all its responses, "
@@ -172,9 +172,10 @@ g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight de
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
 g.add_argument("--steps", type=int, default=200, help="training steps; default 200")
-g.add_argument("--sp", type=int, default=1, help="seq-parallel degree, world = dp x sp; default 1")
-g.add_argument("--fsdp", action="store_true", help="shard policy and reference over all ranks (FSDP2); "
-               "gathered once a step for the rollouts; same updates; no-op in one process")
+g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: ranks per SP group, "
+               "which split each sequence; world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard the trained weights, their gradients and "
+               "AdamW state over all ranks (FSDP2), not replicate: the same updates; no-op in one process")
 g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="keep each decoder layer's input only, recompute the layer in backward: a 4,096-"
                "frame pass 0.26x the memory, 1.25x the time; default: on where the plan does not "
@@ -323,18 +324,11 @@ def mini_batches(rows, n, size, sharded=False):
     in micro-batches of at most `size` rows of one prompt: (micro-batches, each update's micro-batch
     indices). Rows of one prompt share its length, so a micro-batch is padded on the right only and
     no pass needs an attention mask (an (L, L) one at a long video's L would not fit).
-    sharded (FSDP): every rank runs as many passes in each update, its missing ones as weight-0
-    copies of its first micro-batch (a rank with no rows fails, then: it has nothing to copy)."""
+    sharded (FSDP): every rank runs as many passes in each update (mr_sp.equal_passes)."""
     parts = [rows[m * len(rows) // n:(m + 1) * len(rows) // n] for m in range(n)]
     parts = [[mb for _, g in itertools.groupby(p, key=lambda x: x["key"]) for mb in
               chunks(list(g), size)] for p in parts]  # a prompt's rows: adjacent, its prepare key
-    if sharded:
-        most = mr_sp.all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
-        if sum(most) > sum(map(len, parts)) and not rows:
-            raise RuntimeError("this rank has no rollouts this step (unreadable videos or failing "
-                               "rewards) for the passes the others run; --fsdp needs some")
-        copy = [dict(x, keep=0.0) for x in next((mb for p in parts for mb in p), [])]
-        parts = [p + [copy] * (k - len(p)) for p, k in zip(parts, most)]
+    parts = mr_sp.equal_passes(parts, sharded)
     ends = [sum(len(p) for p in parts[:m + 1]) for m in range(n)]
     mini_idx = [list(range(e - len(p), e)) for p, e in zip(parts, ends)]
     return [mb for p in parts for mb in p], mini_idx
@@ -571,16 +565,9 @@ def update(args, policy, micro, mini_idx, old, refs, stats, sp_group=None):
                 aggregate(loss_tok, mask, args.agg, n_tok, n_seq, args.max_new).backward()
                 log["clip_frac"] += w * float((clipped * mask).sum()) / n_tok
                 log["entropy"] += w * float((ent.detach() * mask).sum()) / n_tok
-            mr_sp.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            if torch.isfinite(gn):  # identical on every rank after the all-reduce
-                opt.step()
-            else:
-                print(f"non-finite gradient norm ({float(gn)}): update skipped, weights unchanged",
-                      file=sys.stderr)
-                stats["skipped_updates"] += 1
-            opt.zero_grad(set_to_none=True)
-            log["grad_norm"] += w * float(gn)
+            gn, skipped = mr_sp.optimizer_step(params, opt, args.grad_clip)
+            stats["skipped_updates"] += skipped
+            log["grad_norm"] += w * gn
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac", "entropy")}, sp_group))
     cut = mr_sp.dp_sum(cut, sp_group)
     return dict(log, tis_frac=cut["cut"] / max(cut["tokens"], 1.0)), olds
@@ -613,8 +600,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
         for x, a in zip(batch.rows, adv.tolist()):
             x["adv"] = a
     # sharded: each pass gathers, so every rank runs as many in each update
-    micro, mini_idx = mini_batches(batch.rows, args.mini_batches, args.micro_batch,
-                                 sharded=policy.run is not mr_sp.call)
+    micro, mini_idx = mini_batches(batch.rows, args.mini_batches, args.micro_batch, mr_sp.sharded(model))
     with timed("old"):  # on-policy (one epoch, one mini-batch): the update's own, detached
         old = (None if args.epochs == 1 and args.mini_batches == 1 else
                no_grad_logprobs(policy.run, model, tok, micro, args, par.sp_group))
@@ -663,18 +649,13 @@ def main(args):
     # cannot run (--prompts over dp) or a GPU it does not fit refused
     mr_sp.plan_start(args, mr_sp.plan_config(src), par)
     policy = build_policy(args, par, src)
-    model, tok, opt, fsdp = policy.model, policy.tok, policy.opt, policy.run is not mr_sp.call
+    model, tok, opt = policy.model, policy.tok, policy.opt
     if args.engine == "vllm":
         policy.llm = mr_sp.vllm_engine(model, tok, src, args.rollout_dtype or args.dtype,
                                        args.vllm_mem, args.vllm_tp, args.seed)
-    start, cursor = 0, 0
-    stats = {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}
-    if state:
-        if fsdp:
-            mr_sp.load_optimizer(model, opt, state["opt"])
-        else:
-            opt.load_state_dict(state["opt"])
-        start, cursor, stats = state["step"], state["cursor"], state["stats"]
+    start = mr_sp.load_state(model, opt, state)
+    cursor, stats = ((state["cursor"], state["stats"]) if state else
+                     (0, {"bad_samples": 0, "reward_errors": 0, "dropped_groups": 0, "skipped_updates": 0}))
     rows = D.split_rows(D.load_rows(D.prepare_task(args.data, par.rank)), args.part)
     # each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
     ds = D.VideoDataset(rows, nframes=args.frames, max_pixels=args.max_pixels,
@@ -686,16 +667,12 @@ def main(args):
         print(f"GRPO from {args.init}: {len(rows)} prompts ({args.part} part of {args.data}), "
               f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), G={args.G}, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
-              f"parameters{' (sharded)' if fsdp else ''}")
+              f"parameters{' (sharded)' if mr_sp.sharded(model) else ''}")
 
     def read(positions):  # a bad video is skipped, never replaced (counted in ds.n_bad)
         return list(ds.iter_samples([order[a % len(order)] for a in positions]))
 
-    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates).
-    # Without its cache: autocast keeps its bf16 copy of a weight until the region it was made in
-    # ends, whatever the optimizer writes to it since (every linear layer ran on step 1's weights)
-    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16",
-                        cache_enabled=False):
+    with mr_sp.autocast(par.device, args.dtype):
         for i in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="grpo",
                       disable=par.rank != 0):
             rec, used = step(args, i, policy, read, cursor, par, reward_fn, stats)
@@ -713,11 +690,9 @@ def main(args):
                     f"prefill {rec['time_prefill']:.1f}s update {rec['time_update']:.1f}s",
                     f"{rec['tok_per_s']:.0f} tok/s", f"peak {rec['peak_gb']:.2f} GB"]))
             if (args.save_every and (i + 1) % args.save_every == 0) or i + 1 == args.steps:
-                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
+                sd, state = mr_sp.save_state(model, opt, step=i + 1, cursor=cursor, stats=stats)  # collective
                 if par.rank == 0:
-                    state = {"opt": osd, "step": i + 1, "cursor": cursor, "stats": stats}
-                    M.save(model, tok, ckpt, write=lambda d: torch.save(state, os.path.join(d, "state.pt")),
-                           state_dict=sd)
+                    M.save(model, tok, ckpt, state_dict=sd, state=state)
     if par.rank == 0:
         print(json.dumps({"out": ckpt, "steps": args.steps, **stats}))
     mr_sp.shutdown()

@@ -263,10 +263,11 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def save(model, tok, out, write=None, state_dict=None):
-    """Write a folder transformers and vLLM load; write(tmp_dir) may add files (optimizer state);
-    state_dict replaces the model's own (a sharded model's, gathered: mr_sp.full_state). Atomic
-    (temp name, then rename): a crash mid-write leaves no half checkpoint under the final name."""
+def save(model, tok, out, write=None, state_dict=None, state=None):
+    """Write a folder transformers and vLLM load; write(tmp_dir) may add files; state (the training
+    state: optimizer, step, for `resume`) goes in state.pt; state_dict replaces the model's own (a
+    sharded model's, gathered: mr_sp.save_state). Atomic (temp name, then rename): a crash mid-write
+    leaves no half checkpoint under the final name."""
     def fill(tmp):
         from transformers.utils import logging
         logging.disable_progress_bar()  # one bar per checkpoint would bury the training log
@@ -274,6 +275,8 @@ def save(model, tok, out, write=None, state_dict=None):
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(processor_config(model.config), f, indent=1)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "state.pt"))
         if write is not None:
             write(tmp)
     save_atomic(out, fill)

@@ -20,8 +20,10 @@ What every stage calls for its videos and its long sequences:
 - `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
 - `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
-  weights gathered once); `full_state` and `load_optimizer` keep checkpoints in the replicated format.
-- `open_log`, `log_step`: a run's args.json and metrics.jsonl.
+  weights gathered once); `save_state` and `load_state` keep checkpoints in the replicated format.
+- A run's skeleton, the same in sft.py, grpo.py and flow_grpo.py: `load_state` (--resume), `autocast`
+  (--dtype), `equal_passes` (FSDP), `optimizer_step`, `save_state`, `open_log` and `log_step` (args.json,
+  metrics.jsonl).
 - `plan_run`: a run's memory per rank from its flags and the model's config alone (`plan`); grpo.py
   and sft.py plan theirs at start (`plan_start`: resolve the flags left to it, print, plan.json,
   stop a run its GPU cannot hold), and `python mr_sp.py plan` prints it for any layout.
@@ -206,6 +208,28 @@ def sync_grads(params):
         all_reduce(p.grad)
 
 
+def optimizer_step(params, opt, clip, lr=None):
+    """The accumulated gradients summed over ranks, clipped to global norm `clip`, applied at `lr`
+    (None: as set) if that norm (the same on every rank) is finite, zeroed: (norm, skipped)."""
+    sync_grads(params)
+    gn = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    for g in opt.param_groups if lr is not None else ():
+        g["lr"] = lr
+    skipped = not math.isfinite(gn)
+    if skipped:
+        print(f"non-finite gradient norm ({gn}): update skipped, weights unchanged", file=sys.stderr)
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return gn, skipped
+
+
+def autocast(device, dtype):
+    """A run's region: bfloat16 autocasts over fp32 weights (AdamW on bf16 ones loses small updates),
+    uncached (its bf16 copy of a weight would live to the region's end: step 1's weights, ever)."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16", cache_enabled=False)
+
+
 def call(fn, *args, **kw):
     """A pass on a replicated model: what `shard`'s root does, minus the gathering."""
     return fn(*args, **kw)
@@ -292,6 +316,26 @@ def unsharded(run, fn, *args, **kw):
             u.set_reshard_after_forward(u is not run, recurse=False)  # fully_shard's defaults
 
 
+def equal_passes(parts, fsdp):
+    """FSDP's rule: a pass gathers weights (a collective), so every rank runs as many. parts: a list
+    per update of this rank's micro-batches (lists of dict rows); fsdp, each padded to the most any
+    rank has with weight-0 copies ("keep" 0.0; 1.0 where absent) of this rank's first micro-batch."""
+    if not fsdp:
+        return parts
+    most = all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
+    if sum(most) > sum(map(len, parts)) and not any(parts):
+        raise RuntimeError("this rank has no rows this step (unreadable videos or failing rewards) "
+                           "for the passes the others run; --fsdp needs some")
+    copy = [dict(x, keep=0.0) for x in next((mb for p in parts for mb in p), [])]
+    return [p + [copy] * (k - len(p)) for p, k in zip(parts, most)]
+
+
+def sharded(model):
+    """Whether `shard` holds model's trainable weights as shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _param_names(model, opt):
     """The optimizer's parameters by name, in its order: torch.distributed.checkpoint keys optimizer
     state by name, Optimizer.state_dict() by position."""
@@ -323,12 +367,23 @@ def full_state(model, opt=None):
     return sd, _rekey(osd, ids.__getitem__) if osd else osd
 
 
-def load_optimizer(model, opt, osd):
-    """Optimizer.load_state_dict for a sharded model: every rank passes the whole state (as
-    full_state returns it) and keeps its shards."""
+def save_state(model, opt, **state):
+    """(model state dict: None if replicated, else gathered; {"opt": opt's, **state}) for rank 0's
+    model.save: a checkpoint, in one format sharded or not. A collective: every rank calls it."""
+    sd, osd = full_state(model, opt) if sharded(model) else (None, opt.state_dict())
+    return sd, {"opt": osd, **state}
+
+
+def load_state(model, opt, state):
+    """--resume: opt takes save_state's (None: a new run; sharded: every rank passes the whole state
+    and keeps its shards); the step to start from."""
     import torch.distributed.checkpoint.state_dict as dcp
-    dcp.set_optimizer_state_dict(model, opt, _rekey(osd, _param_names(model, opt).__getitem__),
-                                 options=dcp.StateDictOptions(full_state_dict=True))
+    if state and sharded(model):
+        dcp.set_optimizer_state_dict(model, opt, _rekey(state["opt"], _param_names(model, opt).__getitem__),
+                                     options=dcp.StateDictOptions(full_state_dict=True))
+    elif state:
+        opt.load_state_dict(state["opt"])
+    return state["step"] if state else 0
 
 
 def open_log(args, start):
@@ -1626,14 +1681,12 @@ def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
                           "the python that `bash .ci/vllm_env` prints (its own environment with "
                           "the CPU build of vLLM)") from e
     if not os.path.isdir(path):  # the tiny model: rank 0 writes it (transformers saves on rank 0 only)
-        from torch.distributed.tensor import DTensor
         first = not dist.is_initialized() or dist.get_rank() == 0
         path = [tempfile.mkdtemp(prefix="longrl-engine-") if first else None]
         if world > 1:
             dist.broadcast_object_list(path, 0)
         path = path[0]
-        sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        sd = full_state(model)[0] if sharded else None  # collective: every rank
+        sd = full_state(model)[0] if sharded(model) else None  # collective: every rank
         if first:
             atexit.register(shutil.rmtree, path, True)
             M.save(model, tok, path, state_dict=sd)

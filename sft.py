@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,11 +47,11 @@ g = ap.add_argument_group("model and data")
 g.add_argument("--init", default="tiny", help="HF folder (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
                f"Qwen2.5-Omni), or a tiny model built in code: {', '.join(M.TINY)} (tiny: Qwen2.5-VL); "
                "default tiny")
-g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task if absent)")
+g.add_argument("--data", default="data/synth", help="train.jsonl folder (synthetic task made if absent)")
 g.add_argument("--part", default="sft", choices=["sft", "rl", "all"],
                help="rows used: the paper splits train 1/3 SFT, 2/3 RL; default sft")
 g.add_argument("--frames", type=int, default=32, help="frames sampled per video; default 32")
-g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels/frame; default 128*28*28")
+g.add_argument("--max-pixels", type=int, default=D.MAX_PIXELS, help="max pixels a frame; default 128*28*28")
 g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                help="compute dtype; bfloat16 autocasts over fp32 weights; default float32")
 g.add_argument("--audio-seconds", type=float, default=None, help="a model that hears (Qwen2.5-Omni): "
@@ -72,7 +71,7 @@ g.add_argument("--steps", type=int, default=None, help="optimizer steps; default
                "--epochs over the rows (the phases keep their shares of --steps)")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
 g.add_argument("--micro-batch", type=int, default=None,
-               help="samples per pass (accumulated); default: 16 on CPU, on a GPU the largest "
+               help="rows per forward/backward (accumulated); default: 16 on CPU, on a GPU the largest "
                "of 16, 8, 4, 2, 1 that the plan fits, at most 32,768 tokens a rank")
 g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW lr; default 2e-3 (tiny model)")
 g.add_argument("--warmup", type=int, default=20, help="linear warmup steps; default 20")
@@ -81,16 +80,17 @@ g.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
 g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay; default 0.01")
 g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm; default 1.0")
 g = ap.add_argument_group("run")
-g.add_argument("--sp", type=int, default=1, help="ranks per SP group; world = dp x sp; default 1")
-g.add_argument("--fsdp", action="store_true", help="shard weights, gradients, AdamW state over "
-               "all ranks (FSDP2 fully_shard), not replicate; same updates; no-op in one process")
+g.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: ranks per SP group, "
+               "which split each sequence; world = dp x sp; default 1")
+g.add_argument("--fsdp", action="store_true", help="shard the trained weights, their gradients and "
+               "AdamW state over all ranks (FSDP2), not replicate: the same updates; no-op in one process")
 g.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                help="keep each decoder layer's input only, recompute the layer in backward: a 4,096-"
                "frame pass 0.26x the memory, 1.25x the time; default: on where the plan does not "
                "fit without it (on CPU: a training pass over 2 GiB a rank)")
 g.add_argument("--seed", type=int, default=0, help="seed for init and data order; default 0")
 g.add_argument("--out", default="runs/sft", help="output folder; default runs/sft")
-g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: end only)")
+g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0 = end only)")
 g.add_argument("--val", type=int, default=128, help="held-out rows validated (0: none, model/ is the "
                "last step); --part sft: the RL part's first, else the part's last (at most a quarter); "
                "default 128")
@@ -176,13 +176,9 @@ def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH, bare=F
     return dict(sums)
 
 
-def main(args):
-    par = mr_sp.init_parallel(args.sp)
-    ckpt = os.path.join(args.out, "model")
-    src, state = M.resume(os.path.join(args.out, "last")) if args.resume else (args.init, None)
-    # planned from the config alone, before any weights load: unset flags resolved, a layout that
-    # cannot run (--batch over dp) or a GPU it does not fit refused
-    mr_sp.plan_start(args, mr_sp.plan_config(src), par)
+def build(args, par, src):
+    """The model from src laid out as args ask (towers trained or frozen, --sp, --activation-
+    checkpointing, --fsdp), run (mr_sp.shard's root, or mr_sp.call) and AdamW over what trains."""
     model, tok = M.load(src, device=par.device, seed=args.seed)
     train_vision = args.vision == "train" or (args.vision == "auto" and args.init in M.TINY)
     for tower in M.towers(model).values():  # Qwen2.5-Omni's audio tower as its vision tower
@@ -195,23 +191,115 @@ def main(args):
     run = mr_sp.shard(model, dtype=getattr(torch, args.dtype)) if fsdp else mr_sp.call
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if state:
-        if fsdp:
-            mr_sp.load_optimizer(model, opt, state["opt"])
-        else:
-            opt.load_state_dict(state["opt"])
-        start = state["step"]
-    rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
+    return model, tok, run, params, opt, train_vision
+
+
+def schedule(args, n_rows, tiny):
+    """Resolve the steps left to the run: --answer-epochs, --steps, the bare-answer steps, --eval-every."""
     if args.answer_epochs is None:  # a checkpoint reads video already; bare answers would only cost
-        args.answer_epochs = 10.0 if args.init in M.TINY else 0.0
+        args.answer_epochs = 10.0 if tiny else 0.0
     epochs = args.answer_epochs + args.epochs
-    args.steps = args.steps or math.ceil(epochs * len(rows) / args.batch)
+    args.steps = args.steps or math.ceil(epochs * n_rows / args.batch)
     # A model from scratch can learn to read the video from the answer alone where a trace's many
     # tokens the video does not decide drown it out (README: the tiny model on `motion`)
     args.answer_steps = round(args.steps * args.answer_epochs / epochs) if epochs else 0
     args.eval_every = args.eval_every or max(1, args.steps // 10)
-    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
+
+
+def step_rows(args, step, ds, n_rows, tok, config, par, end):
+    """This rank's rows of step `step` ({sample, prompt, pos, response}; a video that fails gives
+    none): traces, or bare answers in the first --answer-steps; after those, --answer-mix's share of
+    the rows also as bare answers (under their own instruction), which keeps what that phase taught
+    while the traces are learned."""
+    bare = step < args.answer_steps
+    per, mixed = args.batch // par.dp, set() if bare else mixed_rows(args)
+    items = []
+    for j, i in enumerate(batch_indices(step, args, n_rows, par.dp_rank, par.dp)):
+        for s in ds.iter_samples([i]):
+            for b in [bare] + [True] * (par.dp_rank * per + j in mixed):
+                prompt, pos = M.prompt_of(tok, config, s, D.question_text(s, b))
+                items.append(dict(sample=s, prompt=prompt, pos=pos, response=target_tokens(tok, s, end, b)))
+    return items
+
+
+def micro_loss(model, tok, mb, n_tok, par, train_vision):
+    """The micro-batch's share of the global batch's mean token loss (a weight-0 row, "keep" 0: none);
+    a call, so the run of mr_sp.shard can wrap it."""
+    rows = []
+    for x in mb:
+        # A trained tower needs the graph, so every SP peer encodes the whole video (and sound)
+        # with it. The gradient stays exact: each peer's prefill back-propagates only into its
+        # share of the sequence, so the peers' tower gradients sum (sync_grads, or FSDP's) to the
+        # sp=1 one. Frozen: each peer encodes and holds its share (mr_sp.embeddings).
+        if train_vision:
+            s = {k: v.to(par.device) for k, v in x["sample"].items() if torch.is_tensor(v)}
+            emb = dict(visual=M.encode_pixels(model, s["pixel_values"], s["grid_thw"])
+                       if "pixel_values" in s else None,
+                       audio=M.encode_mels(model, s["input_features"], s["feature_attention_mask"])
+                       if "input_features" in s else None)
+        else:
+            emb = mr_sp.embeddings(model, x["sample"], par.sp_group)
+        rows.append(dict(prompt=x["prompt"], pos=x["pos"], response=x["response"], **emb))
+    lp, _, mask = mr_sp.response_logprobs(model, tok, rows, sp_group=par.sp_group)
+    weight = torch.tensor([x.get("keep", 1.0) for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
+    return -(lp * mask * weight).sum() / max(n_tok, 1.0)
+
+
+def forward_backward(args, items, model, tok, run, par, train_vision):
+    """This rank's gradients of the global batch's mean target-token loss, accumulated over
+    micro-batches of its items (--fsdp: as many as every rank runs): (that loss, target tokens)."""
+    # --fsdp: as many rows on every rank, not only passes (a trained tower encodes row by row)
+    items = [x for one in mr_sp.equal_passes([[[x] for x in items]], mr_sp.sharded(model))[0] for x in one]
+    micro = [items[k:k + args.micro_batch] for k in range(0, len(items), args.micro_batch)]
+    n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x["response"]) * x.get("keep", 1.0)
+                                          for mb in micro for x in mb))), par.sp_group)["n"]
+    loss_sum = 0.0
+    for mb in micro:
+        loss = run(micro_loss, model, tok, mb, n_tok, par, train_vision)
+        loss.backward()
+        loss_sum += loss.item()
+    return mr_sp.dp_sum(dict(loss=loss_sum), par.sp_group)["loss"], n_tok
+
+
+def validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best):
+    """Validate at step (the bare answers, or the traces), log it, and save model/ when its loss of
+    the traces is the lowest yet; the first phase's loss (of bare answers) neither picks model/ nor
+    stops the run. Returns best, (validation loss, step) of model/."""
+    model.eval()
+    v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories, end,
+                                     bare=bare), par.sp_group)
+    model.train()
+    n_rows, n_tok = max(v["rows"], 1.0), max(v["tokens"], 1.0)
+    rec = dict(step=step + 1, val_target="answer" if bare else "trace",
+               val_loss=v["nll"] / n_tok, val_acc=v["correct"] / n_rows,
+               val_format=v["format"] / n_rows, val_entropy=v["entropy"] / n_tok,
+               val_rows=v["rows"], val_tokens=v["tokens"], val_by_category={
+                   c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
+    better = not bare and (best is None or rec["val_loss"] < best[0])
+    best = (rec["val_loss"], step + 1) if better else best
+    sd = mr_sp.full_state(model)[0] if better and mr_sp.sharded(model) else None  # collective
+    if par.rank == 0:
+        mr_sp.log_step(args.out, rec, f"val {step + 1} ({rec['val_target']}) | loss {rec['val_loss']:.4f} | "
+                       f"acc {rec['val_acc']:.3f} | fmt {rec['val_format']:.2f} | entropy "
+                       f"{rec['val_entropy']:.3f} | best: step {best and best[1]}")
+        if better:
+            M.save(model, tok, os.path.join(args.out, "model"), state_dict=sd,
+                   write=lambda d: Path(d, "val.json").write_text(json.dumps(rec)))
+    return best
+
+
+def main(args):
+    par = mr_sp.init_parallel(args.sp)
+    ckpt = os.path.join(args.out, "model")
+    src, state = M.resume(os.path.join(args.out, "last")) if args.resume else (args.init, None)
+    # planned from the config alone, before any weights load: unset flags resolved, a layout that
+    # cannot run (--batch over dp) or a GPU it does not fit refused
+    mr_sp.plan_start(args, mr_sp.plan_config(src), par)
+    model, tok, run, params, opt, train_vision = build(args, par, src)
+    start = mr_sp.load_state(model, opt, state)
+    rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
+    schedule(args, len(rows), args.init in M.TINY)
+    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
@@ -227,94 +315,23 @@ def main(args):
               f"{par.world} process(es) (dp {par.dp} x sp {args.sp}), "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters")
     model.train()
-
-    def micro_loss(mb, n_tok):  # share of the global mean; a call, so run() can wrap it (FSDP)
-        rows_mb = []
-        for s, prompt, pos, target, _ in mb:
-            # A trained tower needs the graph, so every SP peer encodes the whole video (and sound)
-            # with it. The gradient stays exact: each peer's prefill back-propagates only into its
-            # share of the sequence, so the peers' tower gradients sum (sync_grads, or FSDP's) to the
-            # sp=1 one. Frozen: each peer encodes and holds its share (mr_sp.embeddings).
-            if train_vision:
-                x = {k: v.to(par.device) for k, v in s.items() if torch.is_tensor(v)}
-                emb = dict(visual=M.encode_pixels(model, x["pixel_values"], x["grid_thw"])
-                           if "pixel_values" in x else None,
-                           audio=M.encode_mels(model, x["input_features"], x["feature_attention_mask"])
-                           if "input_features" in x else None)
-            else:
-                emb = mr_sp.embeddings(model, s, par.sp_group)
-            rows_mb.append(dict(prompt=prompt, pos=pos, response=target, **emb))
-        lp, _, mask = mr_sp.response_logprobs(model, tok, rows_mb, sp_group=par.sp_group)
-        weight = torch.tensor([x[4] for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
-        return -(lp * mask * weight).sum() / max(n_tok, 1.0)
-
-    # bf16: autocast over fp32 master weights (AdamW on bf16 weights would lose small updates),
-    # without its cache, which would keep step 1's bf16 copy of every linear weight to the end
-    with torch.autocast(par.device.type, torch.bfloat16, enabled=args.dtype == "bfloat16",
-                        cache_enabled=False):
+    with mr_sp.autocast(par.device, args.dtype):
         for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="sft",
                          disable=par.rank != 0):
             t0 = time.time()
             bare = step < args.answer_steps
-            # after the bare phase, --answer-mix's share of the rows also as bare answers (under
-            # their own instruction) keeps what that phase taught while the traces are learned
-            per, mixed = args.batch // par.dp, set() if bare else mixed_rows(args)
-            items = []
-            for j, i in enumerate(batch_indices(step, args, len(rows), par.dp_rank, par.dp)):
-                for s in ds.iter_samples([i]):  # none if its video fails
-                    for b in [bare] + [True] * (par.dp_rank * per + j in mixed):
-                        prompt, pos = M.prompt_of(tok, model.config, s, D.question_text(s, b))
-                        items.append((s, prompt, pos, target_tokens(tok, s, end, b), 1.0))
-            if fsdp:  # ranks must run equally many passes (FSDP gathers in each): a skipped video's
-                # slot gets a good sample's weight-0 copy (a rank with none fails: nothing to copy)
-                most = per + max(sum(r * per <= j < (r + 1) * per for j in mixed) for r in range(par.dp))
-                items += [items[0][:4] + (0.0,)] * (most - len(items))
-            n_tok = mr_sp.dp_sum(dict(n=float(sum(len(x[3]) * x[4] for x in items))), par.sp_group)["n"]
-            loss_sum = 0.0
-            for m0 in range(0, len(items), args.micro_batch):
-                loss = run(micro_loss, items[m0:m0 + args.micro_batch], n_tok)
-                loss.backward()
-                loss_sum += loss.item()
-            mr_sp.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args)
-            if torch.isfinite(gn):
-                opt.step()
-            else:
-                print(f"step {step + 1}: non-finite gradient norm; update skipped", file=sys.stderr)
-            opt.zero_grad(set_to_none=True)
-            loss = mr_sp.dp_sum(dict(loss=loss_sum), par.sp_group)["loss"]
+            items = step_rows(args, step, ds, len(rows), tok, model.config, par, end)
+            loss, n_tok = forward_backward(args, items, model, tok, run, par, train_vision)
+            gn, _ = mr_sp.optimizer_step(params, opt, args.grad_clip, lr_at(step, args))
             dt = time.time() - t0
             if par.rank == 0:
-                rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=float(gn),
+                rec = dict(step=step + 1, loss=loss, lr=lr_at(step, args), grad_norm=gn,
                            tokens=n_tok, seconds=dt, bad_samples=ds.n_bad)
                 mr_sp.log_step(args.out, rec, f"step {step + 1} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
-                           f"gnorm {float(gn):.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
+                               f"gnorm {gn:.2f} | {dt:.2f}s | {n_tok / dt:.0f} target tok/s")
             last = step + 1 == args.steps
             if val and ((step + 1) % args.eval_every == 0 or last):
-                model.eval()
-                v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories,
-                                                 end, bare=bare), par.sp_group)
-                model.train()
-                n_rows, n_tok = max(v["rows"], 1.0), max(v["tokens"], 1.0)
-                rec = dict(step=step + 1, val_target="answer" if bare else "trace",
-                           val_loss=v["nll"] / n_tok, val_acc=v["correct"] / n_rows,
-                           val_format=v["format"] / n_rows, val_entropy=v["entropy"] / n_tok,
-                           val_rows=v["rows"], val_tokens=v["tokens"], val_by_category={
-                               c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
-                # the first phase's loss (of bare answers) neither picks model/ nor stops the run
-                better = not bare and (best is None or rec["val_loss"] < best[0])
-                best = (rec["val_loss"], step + 1) if better else best
-                sd = mr_sp.full_state(model)[0] if fsdp and better else None  # collective
-                if par.rank == 0:
-                    mr_sp.log_step(args.out, rec, f"val {step + 1} ({rec['val_target']}) | loss "
-                                   f"{rec['val_loss']:.4f} | acc {rec['val_acc']:.3f} | fmt "
-                                   f"{rec['val_format']:.2f} | entropy {rec['val_entropy']:.3f} | "
-                                   f"best: step {best and best[1]}")
-                    if better:
-                        M.save(model, tok, ckpt, state_dict=sd,
-                               write=lambda d: Path(d, "val.json").write_text(json.dumps(rec)))
+                best = validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best)
             # the loss has not improved for --patience validations: stop (what follows is memorizing)
             stop = bool(val and args.patience and best and
                         step + 1 - best[1] >= args.patience * args.eval_every)
@@ -323,14 +340,12 @@ def main(args):
                       f"stopping (model/: step {best[1]})")
             last = last or stop
             if (args.save_every and (step + 1) % args.save_every == 0) or last:
-                sd, osd = mr_sp.full_state(model, opt) if fsdp else (None, opt.state_dict())  # collective
-                if par.rank == 0:
-                    state = {"opt": osd, "step": step + 1, "best": best}
-                    # model/ is the last step's without a validated trace step (no --val, or
-                    # a run that ends in the first phase)
-                    for d in [os.path.join(args.out, "last")] + [ckpt] * (last and best is None):
-                        M.save(model, tok, d, state_dict=sd,
-                               write=lambda d: torch.save(state, os.path.join(d, "state.pt")))
+                sd, state = mr_sp.save_state(model, opt, step=step + 1, best=best)  # collective
+                # model/ is the last step's without a validated trace step (no --val, or a run that
+                # ends in the first phase)
+                for d in [os.path.join(args.out, "last")] + [ckpt] * (last and best is None):
+                    if par.rank == 0:
+                        M.save(model, tok, d, state_dict=sd, state=state)
             if stop:
                 break
     if par.rank == 0:
