@@ -228,7 +228,7 @@ def micro_loss(model, tok, mb, n_tok, par, train_vision):
     rows = []
     for x in mb:
         # A trained tower needs the graph, so every SP peer encodes the whole video (and sound)
-        # with it. The gradient stays exact: each peer's prefill back-propagates only into its
+        # with it. The gradient stays exact: each peer's pass back-propagates only into its
         # share of the sequence, so the peers' tower gradients sum (sync_grads, or FSDP's) to the
         # sp=1 one. Frozen: each peer encodes and holds its share (mr_sp.embeddings).
         if train_vision:
@@ -299,7 +299,7 @@ def main(args):
     start = mr_sp.load_state(model, opt, state)
     rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
     schedule(args, len(rows), args.init in M.TINY)
-    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode)
+    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
