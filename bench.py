@@ -445,7 +445,7 @@ def generate(args):
 
 
 def prefill(args):
-    """One training pass (mr_sp.response_logprobs, forward and backward) of --G rows (default 1), a
+    """One training pass (mr_sp.logprobs, forward and backward) of --G rows (default 1), a
     --frames video and --max-new token response: the pass's peak memory above that before it
     (weights, inputs resident), and at --sp > 1 the values a rank's forward all-to-alls carry a
     token of its own and layer, by layer kind."""
@@ -463,7 +463,7 @@ def prefill(args):
         return send(x, group)
     mr_sp._all_to_all = counted
     with measured(rec, "pass", rss()[0]):
-        lp, ent, mask = policy.run(mr_sp.response_logprobs, model, tok, rows, 1.0, par.sp_group)
+        lp, ent, mask = policy.run(mr_sp.logprobs, model, tok, rows, 1.0, par.sp_group)
         ((lp * mask).sum() / mask.sum()).backward()
     mr_sp._all_to_all = send
     out = dict(config=args.config, frames=args.frames, sp=args.sp, rows=args.G,

@@ -516,7 +516,7 @@ def collect(args, step, policy, read, cursor, par, reward_fn, stats, timed):
 def no_grad_logprobs(run, model, tok, micro, args, sp_group=None):
     """One pass over the micro-batches without gradients (old policy, reference)."""
     with torch.no_grad():
-        return [run(mr_sp.response_logprobs, model, tok, mb, args.temperature, sp_group,
+        return [run(mr_sp.logprobs, model, tok, mb, args.temperature, sp_group,
                     args.shared_prefix)[0] for mb in micro]
 
 
@@ -541,7 +541,7 @@ def update(args, policy, micro, mini_idx, old, refs, stats, sp_group=None):
                 continue
             n_tok, n_seq = n["tokens"], n["seqs"]
             for i in idx:
-                lp, ent, mask = policy.run(mr_sp.response_logprobs, model, tok, micro[i],
+                lp, ent, mask = policy.run(mr_sp.logprobs, model, tok, micro[i],
                                            args.temperature, sp_group, args.shared_prefix)
                 olds[i] = lp.detach() if olds[i] is None else olds[i]
                 keep = torch.tensor([x.get("keep", 1.0) for x in micro[i]], device=mask.device)

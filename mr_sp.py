@@ -13,7 +13,7 @@ What every stage calls for its videos and its long sequences:
 - `rollout`: tokens and log-probs from the one engine entry: ours (each prompt prefilled alone, no
   padding; its G samples decode over its KV cache held once) or vLLM's (`vllm_engine`, cached
   embeddings).
-- `response_logprobs`: the training forward pass, response-token log-probs of [prompt | response]
+- `logprobs`: the training forward pass, response-token log-probs of [prompt | response]
   rows (the old-policy, reference and update passes);
   rows of one prompt run packed, the prompt once for all their responses (model.packed_attention;
   not through GDN layers, whose state would carry one response into the next).
@@ -32,7 +32,7 @@ With `sp_group=`, the two MR-SP stages (paper section 4; tests/test_mr_sp.py: eq
 1. `encode_visual` splits a video's temporal patch groups over the ranks; each rank's sample holds
    only its share's pixels (data.VideoDataset with `sp`) and each rank keeps only its share's
    embeddings; `encode_audio` splits its sound's windows likewise
-2. `response_logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
+2. `logprobs` splits the sequence over the ranks, each splicing only its columns (the visual
    rows they hold come by one all-to-all: `splice_columns`); text attention is Ulysses
    (`ulysses_attention`, entered through transformers' attention registry): an all-to-all trades
    the sequence split for a head split, attention runs over the full sequence, and back (Qwen3.5's
@@ -588,7 +588,7 @@ def splice_columns(model, ids, rows, a, b, sp_group=None):
     return M.splice(model, ids[:, a:b], *out)
 
 
-# Each prepared prompt's key: rows with one key are one prompt's (`response_logprobs` packs them). Not
+# Each prepared prompt's key: rows with one key are one prompt's (`logprobs` packs them). Not
 # the prompt list's identity: FSDP's root casts a pass's inputs by rebuilding every dict and list.
 _KEYS = itertools.count()
 
@@ -739,7 +739,7 @@ def eos_ids(tok):
     return [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
 
 
-def response_logprobs(model, tok, rows, temperature=1.0, sp_group=None, packed=True):
+def logprobs(model, tok, rows, temperature=1.0, sp_group=None, packed=True):
     """Log-probs and entropies (N, T) of each row's response, and the response mask (N, T): the
     training forward pass, teacher-forced over [prompt | response] (grpo.py's old-policy, reference
     and update passes; sft.py's loss and validation). Under autograd unless the caller disables it.
@@ -986,7 +986,7 @@ def use_ulysses(model):
 
 
 def sp_logprobs(model, ids, rows, pos, mask, at_rows, at, targets, sp_group, layout, **kw):
-    """`response_logprobs`' pass with the sequence split over sp_group: targets (B, T), each
+    """`logprobs`' pass with the sequence split over sp_group: targets (B, T), each
     predicted by the hidden state at row at_rows, column at (host tensors); the same (B, T) results
     on each rank. Each rank splices and runs only its columns (`splice_columns`).
 
@@ -1649,7 +1649,7 @@ def plan_main(argv=None):
 # -----------------------------------------------------------------------------
 # The vLLM rollout engine (--engine vllm), the paper's: fed the same cached video embeddings, it
 # never runs the vision tower. vLLM is optional and imported only here; tests/test_vllm.py checks
-# it against `rollout` and `response_logprobs` (in the environment .ci/vllm_env builds on CPU).
+# it against `rollout` and `logprobs` (in the environment .ci/vllm_env builds on CPU).
 
 def vllm_engine(model, tok, path, dtype="float32", mem=0.7, tp=1, seed=0):
     """A vLLM engine in this process on model's HF folder `path` (a temporary one for the tiny

@@ -163,7 +163,7 @@ def validate(model, tok, ds, par, categories, end, batch=mr_sp.VAL_BATCH, bare=F
                        for s in samples]
             targets = [target_tokens(tok, s, end, bare) for s in samples]
             for p, t in zip(prompts, targets):  # one row at a time: no padded rows' memory
-                lp, ent, mask = mr_sp.response_logprobs(model, tok, [dict(p, response=t)],
+                lp, ent, mask = mr_sp.logprobs(model, tok, [dict(p, response=t)],
                                                        sp_group=par.sp_group)
                 sums.update(nll=-float((lp * mask).sum()), entropy=float((ent * mask).sum()),
                             tokens=float(mask.sum()))
@@ -240,7 +240,7 @@ def micro_loss(model, tok, mb, n_tok, par, train_vision):
         else:
             emb = mr_sp.embeddings(model, x["sample"], par.sp_group)
         rows.append(dict(prompt=x["prompt"], pos=x["pos"], response=x["response"], **emb))
-    lp, _, mask = mr_sp.response_logprobs(model, tok, rows, sp_group=par.sp_group)
+    lp, _, mask = mr_sp.logprobs(model, tok, rows, sp_group=par.sp_group)
     weight = torch.tensor([x.get("keep", 1.0) for x in mb], dtype=lp.dtype, device=lp.device)[:, None]
     return -(lp * mask * weight).sum() / max(n_tok, 1.0)
 

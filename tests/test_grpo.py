@@ -232,12 +232,12 @@ def rollout_batch():
 
 
 def test_trainer_logprobs_equal_rollout_engine(rollout_batch):
-    """The log-prob pass (mr_sp.response_logprobs) scores the engine's samples as the engine did
+    """The log-prob pass (mr_sp.logprobs) scores the engine's samples as the engine did
     (Long-RL's right padding and restarted response positions fail this), with rows of both
     prompts mixed in one micro-batch."""
     model, tok, rows, lps, lens = rollout_batch
     with torch.no_grad():
-        lp, _, mask = mr_sp.response_logprobs(model, tok, rows)
+        lp, _, mask = mr_sp.logprobs(model, tok, rows)
     assert mask.sum(1).tolist() == lens.tolist()
     assert (lp - lps[:, :lp.shape[1]])[mask.bool()].abs().max() <= 1e-5
 
@@ -248,7 +248,7 @@ def test_first_update_ratio_is_exactly_one(rollout_batch):
     args = type("A", (), dict(temperature=1.0, shared_prefix=True))
     old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     for mb, o in zip(micro, old):
-        lp, _, mask = mr_sp.response_logprobs(model, tok, mb)  # with grad, as the update runs it
+        lp, _, mask = mr_sp.logprobs(model, tok, mb)  # with grad, as the update runs it
         assert lp.requires_grad and torch.equal((lp - o).exp()[mask.bool()], torch.ones(int(mask.sum())))
 
 
@@ -292,7 +292,7 @@ def test_update_moves_weights_and_nan_loss_skips_the_update(rollout_batch, capsy
     assert all(torch.equal(a, p) for a, p in zip(before, params))  # weights untouched
     old = grpo.no_grad_logprobs(mr_sp.call, model, tok, micro, args)
     with torch.no_grad():
-        ents = [mr_sp.response_logprobs(model, tok, mb)[1:] for mb in micro]
+        ents = [mr_sp.logprobs(model, tok, mb)[1:] for mb in micro]
     mean_entropy = sum(float((e * m).sum()) for e, m in ents) / sum(float(m.sum()) for _, m in ents)
     log = grpo.update(args, policy, micro, [[0, 1]], old, None, stats)[0]
     assert stats["skipped_updates"] == 1 and log["clip_frac"] == 0.0  # ratio 1: nothing clipped
@@ -451,13 +451,13 @@ def test_trainer_logprobs_equal_rollout_engine_at_temperature_and_top_p(family):
     rows = [dict(batch[j // G], response=toks[j, :lens[j]].tolist()) for j in range(2 * G)]
     args = type("A", (), dict(temperature=T, shared_prefix=True))
     (old,) = grpo.no_grad_logprobs(mr_sp.call, model, tok, [rows], args)
-    lp, _, mask = mr_sp.response_logprobs(model, tok, rows, temperature=T)
+    lp, _, mask = mr_sp.logprobs(model, tok, rows, temperature=T)
     assert mask.sum(1).tolist() == lens.tolist() and mask.sum() > 2 * G
     # float error, scaled by 1/T (1.1e-5 seen with one thread); a bug in the temperature: > 1e-2
     assert (old - lps[:, :old.shape[1]])[mask.bool()].abs().max() <= 1e-4
     assert torch.equal((lp - old).exp()[mask.bool()], torch.ones(int(mask.sum())))
     with torch.no_grad():
-        at_1 = mr_sp.response_logprobs(model, tok, rows, temperature=1.0)[0]
+        at_1 = mr_sp.logprobs(model, tok, rows, temperature=1.0)[0]
     assert (at_1 - lps[:, :old.shape[1]])[mask.bool()].abs().max() > 1e-2
 
 
@@ -493,7 +493,7 @@ def test_update_equals_the_loss_of_the_whole_batch(rollout_batch):
     params = [p for p in model.parameters() if p.requires_grad]
     micro = [rows[:3], rows[3:]]
     with torch.no_grad():
-        lp0 = [mr_sp.response_logprobs(model, tok, mb)[0] for mb in micro]
+        lp0 = [mr_sp.logprobs(model, tok, mb)[0] for mb in micro]
     gen = torch.Generator().manual_seed(0)  # old and reference policies off the current one: ratios
     old = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in lp0]  # outside the clip range too
     refs = [x + 0.3 * torch.randn(x.shape, generator=gen) for x in lp0]
@@ -513,7 +513,7 @@ def test_update_equals_the_loss_of_the_whole_batch(rollout_batch):
 
         log = grpo.update(args, grpo.Policy(model, tok, params, Recorder()), micro, [[0, 1]], old,
                           refs, {"skipped_updates": 0})[0]
-        lp, _, mask = mr_sp.response_logprobs(model, tok, rows)
+        lp, _, mask = mr_sp.logprobs(model, tok, rows)
         o, r = pad(old)[:, :lp.shape[1]], pad(refs)[:, :lp.shape[1]]
         eng = torch.cat([F.pad(x["rollout_lp"], (0, lp.shape[1] - len(x["rollout_lp"])))[None] for x in rows])
         w, c = grpo.tis_weights(o, eng, mask, 1.5, "token")

@@ -67,7 +67,7 @@ def group_rows(model, tok, lengths, group, grid=(4, 8, 8)):
 
 
 def logprobs_and_grads(model, tok, rows, group, packed=True):
-    lp, ent, mask = mr_sp.response_logprobs(model, tok, rows, temperature=0.9, sp_group=group,
+    lp, ent, mask = mr_sp.logprobs(model, tok, rows, temperature=0.9, sp_group=group,
                                             packed=packed)
     w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
     (((lp * w + 0.1 * ent) * mask).sum() / mask.sum()).backward()  # a token mean, as in grpo.py
@@ -131,7 +131,7 @@ def sp1_outputs(model, tok):
     """Log-probs and greedy rollout tokens without a group."""
     rows = rows_of(model, tok, *CASES[0], None)
     with torch.no_grad():
-        lp = mr_sp.response_logprobs(model, tok, rows)[0]
+        lp = mr_sp.logprobs(model, tok, rows)[0]
     toks = mr_sp.rollout(model, tok, rows, 1, max_new=8, temperature=0)[0]
     return lp, toks
 
@@ -231,7 +231,7 @@ def worker(out):
     def fsdp_grads(rows):  # (packed where the rows are one prompt's)
         hook = untied.model.language_model.layers[0].register_forward_hook(
             lambda m, a, o: res.setdefault("fsdp_rows_a_pass", []).append(a[0].shape[0]))
-        lp, ent, mask = run(mr_sp.response_logprobs, untied, tok, rows, 0.9)
+        lp, ent, mask = run(mr_sp.logprobs, untied, tok, rows, 0.9)
         hook.remove()
         w = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
         (((lp * w + 0.1 * ent) * mask).sum() / mask.sum() / 2).backward()  # both ranks: the same rows
@@ -262,7 +262,7 @@ def worker(out):
         for c in (0, 3):  # left padding (the masked path); one unpadded row (causal only)
             rows = rows_of(model, tok, *CASES[c], group)
             with torch.no_grad(), host_reads([0]) as n:
-                mr_sp.response_logprobs(model, tok, rows, sp_group=group)
+                mr_sp.logprobs(model, tok, rows, sp_group=group)
                 mr_sp.rollout(model, tok, rows, 1, max_new=1, temperature=0, sp_group=group)
             res["host_reads"][f"{layers} layers, case {c}"] = n[0]
     if rank == 0:

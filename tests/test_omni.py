@@ -65,21 +65,21 @@ def test_prepare_encodes_the_sound_once(omni, rollout_rows):
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_trainer_logprobs_equal_rollout_engine_with_sound(omni, rollout_rows, packed):
-    """The log-prob pass (mr_sp.response_logprobs) scores the engine's samples of videos with their
+    """The log-prob pass (mr_sp.logprobs) scores the engine's samples of videos with their
     sound, and of sound alone, as the engine did: a prompt's rows packed (its prompt once), or all rows side by side (left
     padding). And the sound is heard: the other prompt's sound in its place moves them by > 0.01."""
     model, tok = omni
     prompts, rows, lps, lens, G = rollout_rows
     pad = lambda x: torch.nn.functional.pad(x, (0, lps.shape[1] - x.shape[1]))  # noqa: E731
     with torch.no_grad():
-        got = ([mr_sp.response_logprobs(model, tok, rows[b * G:(b + 1) * G]) for b in range(len(prompts))]
-               if packed else [mr_sp.response_logprobs(model, tok, rows, packed=False)])
+        got = ([mr_sp.logprobs(model, tok, rows[b * G:(b + 1) * G]) for b in range(len(prompts))]
+               if packed else [mr_sp.logprobs(model, tok, rows, packed=False)])
         lp, mask = (torch.cat([pad(x[k]) for x in got]) for k in (0, 2))
         assert mask.sum(1).tolist() == lens.tolist() and mask.sum() > len(rows)
         assert (lp - lps)[mask.bool()].abs().max() <= 1e-5
         # the 7.3 s clip's embeddings where the 3.1 s clip's were (its first 77): another sound
         swapped = [dict(r, audio=prompts[1]["audio"][:77]) for r in rows[:G]]
-        other = mr_sp.response_logprobs(model, tok, swapped, packed=packed)[0]
+        other = mr_sp.logprobs(model, tok, swapped, packed=packed)[0]
     assert (other - lp[:G, :other.shape[1]])[mask[:G, :other.shape[1]].bool()].abs().max() > 1e-2
 
 
@@ -94,7 +94,7 @@ def test_cached_sound_logprobs_equal_the_thinkers_own_forward(omni, rollout_rows
     with torch.no_grad():
         for b, s in enumerate(samples):
             mine = rows[b * G:(b + 1) * G]
-            lp, _, mask = mr_sp.response_logprobs(model, tok, mine)
+            lp, _, mask = mr_sp.logprobs(model, tok, mine)
             for j, r in enumerate(mine):
                 ids = torch.tensor([r["prompt"] + r["response"]])
                 logits = M.reference_logits(model, ids, None, s)[0, len(r["prompt"]) - 1:-1]
@@ -152,7 +152,7 @@ def worker(out):
     with torch.no_grad():
         scored = [dict(p, response=one[0][j, :one[2][j]].tolist()) for j, p in
                   enumerate(p for p in rows["one"] for _ in range(4))]
-        lp, _, m = mr_sp.response_logprobs(model, tok, scored, packed=False)
+        lp, _, m = mr_sp.logprobs(model, tok, scored, packed=False)
     m = m.bool()
     res["rollout"] = dict(tokens=torch.equal(one[0], two[0]) and torch.equal(one[2], two[2]),
                           engines=max_diff(one[1], two[1]), distinct=len({tuple(t.tolist()) for t in one[0]}),

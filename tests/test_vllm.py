@@ -62,10 +62,10 @@ def theirs(s, G=1, spg=None, **gen):
 
 
 def trainer_logprobs(s, toks, lens, G, temperature=1.0):
-    """response_logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
+    """mr_sp.logprobs of each returned response (the old-policy pass of grpo.py), masked (N, T)."""
     rows = [dict(s["prompts"][i // G], response=toks[i, :lens[i]].tolist()) for i in range(len(toks))]
     with torch.no_grad():
-        lp, _, mask = mr_sp.response_logprobs(s["model"], s["tok"], rows, temperature=temperature)
+        lp, _, mask = mr_sp.logprobs(s["model"], s["tok"], rows, temperature=temperature)
     return lp, mask
 
 
