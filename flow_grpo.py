@@ -536,7 +536,8 @@ def update(args, tr, ref, opt, params, rows, sig, stats, sp_group=None, run=mr_s
                 grpo.aggregate(loss, mask, "token", c["n"], None).backward()
                 log["clip_frac"] += w * float((clipped * mask).sum()) / c["n"]
             gn, skipped = mr_sp.optimizer_step(params, opt, args.grad_clip)
-            stats["skipped_updates"] += skipped
+            if skipped:  # (stats need no key until a step is skipped)
+                stats["skipped_updates"] += 1
             log["grad_norm"] += w * gn
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac")}, sp_group))
     log["logprob_gap"] = float(mr_sp.all_reduce(torch.tensor([log["logprob_gap"]]), "max"))

@@ -566,7 +566,8 @@ def update(args, policy, micro, mini_idx, old, refs, stats, sp_group=None):
                 log["clip_frac"] += w * float((clipped * mask).sum()) / n_tok
                 log["entropy"] += w * float((ent.detach() * mask).sum()) / n_tok
             gn, skipped = mr_sp.optimizer_step(params, opt, args.grad_clip)
-            stats["skipped_updates"] += skipped
+            if skipped:  # (stats need no key until a step is skipped)
+                stats["skipped_updates"] += 1
             log["grad_norm"] += w * gn
     log.update(mr_sp.dp_sum({k: log[k] for k in ("kl", "clip_frac", "entropy")}, sp_group))
     cut = mr_sp.dp_sum(cut, sp_group)
