@@ -26,9 +26,9 @@ reward over the first and last 10 steps. --data: any task folder with train.json
 mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
 alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training pass, forward
-and backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
-those passes, engine_vs_naive (model.generate, our engine's prefill-once shared-KV decode, over
-generate_naive tokens/s; equal greedy tokens?).
+and backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank),
+planner vs those passes, engine_vs_naive (model.generate, our engine's prefill-once shared-KV
+decode, over generate_naive tokens/s; equal greedy tokens?).
 hour: step time, phases, peak memory per rank (resident set, Python runtime included), 3,600-frame
 video, tiny model, sp=2; last line JSON: frames, step_s, peak_mem_gb_per_rank. Workers: fresh
 one-thread processes (shared machine, noisy timings: every comparison is side by side in one run).
@@ -345,9 +345,9 @@ def gather_max(x):
 
 
 def step(args):
-    """grpo.step on one prompt, every algorithm setting grpo.py's default: G rollouts, old-policy and
-    reference passes, the updates (--epochs passes over one micro-batch of the G rows); rewards: a
-    stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
+    """grpo.step on one prompt, every algorithm setting grpo.py's default: G rollouts, old-policy
+    and reference passes, the updates (--epochs passes over one micro-batch of the G rows); rewards:
+    a stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
     rounds of --variants, alternating. Variant reencode is the baseline without the embedding cache
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
     every row of every pass. Variant rowwise: the passes row by row (--no-shared-prefix), not one
@@ -355,7 +355,8 @@ def step(args):
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio.
     A model that hears (tiny-qwen2.5-omni): the video's sound too, --frames seconds (1 fps), which
     reencode reruns the audio tower on as it reruns the vision tower."""
-    # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
+    # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one
+    # cannot
     proc = M.processor_config(mr_sp.plan_config(args.config))
     warm, s = video_sample(16, args.size, proc=proc), video_sample(args.frames, args.size, proc=proc)
     if "feature_extractor_type" in proc:  # a second of sound a frame
@@ -391,8 +392,8 @@ def step(args):
                                                   for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
-               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum())) if "input_features" in s
-               else 0,
+               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum()))
+               if "input_features" in s else 0,
                prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]
@@ -435,8 +436,8 @@ def generate(args):
         toks, _, lens = mr_sp.unsharded(policy.run, mr_sp.rollout, policy.model, policy.tok, [prompt], args.G,
                                         [args.seed], max_new=args.max_new, sp_group=par.sp_group,
                                         chunk=gargs.prefill_chunk)
-    out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G, chunk=gargs.prefill_chunk,
-               tokens=len(prompt["prompt"]), generated=int(lens.sum()),
+    out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G,
+               chunk=gargs.prefill_chunk, tokens=len(prompt["prompt"]), generated=int(lens.sum()),
                rollout_s=gather_max(rec["rollout"]["s"]),
                rollout_gb_per_rank=gather_max(rec["rollout"]["gb"]))
     if par.rank == 0:
@@ -477,8 +478,8 @@ def prefill(args):
 
 
 def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
-    """Run `bench.py cmd` fresh, 1 thread a process (nproc, default sp, under torchrun when more than
-    one); last line parsed.
+    """Run `bench.py cmd` fresh, 1 thread a process (nproc, default sp, under torchrun when more
+    than one); last line parsed.
     Memory runs set mmap threshold (above); timing runs don't: page faults slow rollouts 1.5x."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
@@ -496,8 +497,8 @@ def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
 
 
 def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
-    """Rollout tokens/s, model.generate (the prompt prefilled once, its KV cache held once and shared
-    by the G samples through model.shared_prefix_attention) vs generate_naive (G rows, all
+    """Rollout tokens/s, model.generate (the prompt prefilled once, its KV cache held once and
+    shared by the G samples through model.shared_prefix_attention) vs generate_naive (G rows, all
     recomputed per token): greedy, no EOS (max_new tokens a row), medians."""
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
@@ -542,7 +543,8 @@ def largest_fitting(sp, cap, known, step=256):
 def mrsp(args):
     """All measured in this run (one thread per worker: two made timings several times noisier)."""
     t0, out = time.time(), {}
-    # 1. embedding cache: step time without it (vision rerun per rollout, per row per pass) / with it
+    # 1. embedding cache: step time without it (vision rerun per rollout, per row per pass) / with
+    # it
     out["cache_speedup"], out["cache_step_s"] = {}, {}
     for f in [int(x) for x in args.frames.split(",")]:
         r = launch(["step", "--frames", f, "--variants", "cache,reencode",
@@ -588,8 +590,8 @@ def mrsp(args):
 
 
 def engine(args):
-    """bench.py generate (--config, one prompt, G samples) run several ways to measure the engine: the
-    rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
+    """bench.py generate (--config, one prompt, G samples) run several ways to measure the engine:
+    the rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
     unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
     run = lambda *a, sp=1, timing=False: launch(  # noqa: E731
         ["generate", "--config", args.config, "--max-new", args.max_new, *a], sp, quiet=True, timing=timing)
@@ -658,8 +660,8 @@ def gpu(args):
     g = torch.Generator().manual_seed(0)
     vc = cfg.vision_config
     grid = [frames // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size]
-    s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"], kind="video",
-             pixel_values=torch.randn(grid[0] * grid[1] * grid[2],
+    s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"],
+             kind="video", pixel_values=torch.randn(grid[0] * grid[1] * grid[2],
                                       3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g),
              grid_thw=torch.tensor([grid]), second_per_grid=2.0, frame_times=[i / 2 for i in range(frames)])
     kernels = collections.defaultdict(set)
@@ -681,8 +683,8 @@ def gpu(args):
         t0 = time.perf_counter()
         with torch.autocast(dev.type, torch.bfloat16, enabled=args.dtype == "bfloat16", cache_enabled=False):
             rec = grpo.step(gargs, i, policy, lambda at: [dict(s)], 0, par,
-                            lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
-                            phase)[0]
+                            lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000,
+                            collections.Counter(), phase)[0]
         rec["seconds"] = time.perf_counter() - t0
         recs.append(rec)
         print(f"step {i + 1}: {rec['seconds']:.1f} s, peak {rec['peak_gb']:.1f} GiB", flush=True)
@@ -724,15 +726,15 @@ def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
 
 
 def frame_side(cfg):
-    """The side in pixels of a frame of 2 x 2 tokens (a temporal group's, the planner's --max-pixels):
-    56 for Qwen2/2.5-VL's 14-pixel patches, 64 for Qwen3's 16."""
+    """The side in pixels of a frame of 2 x 2 tokens (a temporal group's, the planner's
+    --max-pixels): 56 for Qwen2/2.5-VL's 14-pixel patches, 64 for Qwen3's 16."""
     return 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
 
 
 def planner(args):
-    """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
-    `frame_side` frames): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
-    processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
+    """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch,
+    fp32, `frame_side` frames): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs
+    2 processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
     out = {}
     for config in args.configs.split(","):
         cfg = mr_sp.plan_config(config)
@@ -744,8 +746,8 @@ def planner(args):
                             "--max-new", args.max_new, ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp,
                            quiet=True, nproc=nproc)
                 m = mr_sp.plan(cfg, args.frames, sp, side * side,
-                               r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
-                               True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
+                               r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8,
+                               "float32", True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
                 got = r["cache"]["first_step_gb_per_rank"]
                 out[f"{config} sp{sp} {opt}"] = dict(estimate_gb=round(m["peak"] / 2**30, 3),
                                                      measured_gb=round(got, 3),
@@ -776,17 +778,18 @@ def hour(args):
 
 
 def rehearse(args):
-    """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes (gloo),
-    --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as a user's
-    are), two GRPO steps (lr 1e-4, one update a step, no dynamic sampling: the same updates on any
-    number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights are
-    compared with one process's after one step (max |diff|, and how many differ by over 1e-5), then
-    resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory above
-    the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line JSON."""
+    """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes
+    (gloo), --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as
+    a user's are), two GRPO steps (lr 1e-4, one update a step, no dynamic sampling: the same updates
+    on any number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights
+    are compared with one process's after one step (max |diff|, and how many differ by over 1e-5),
+    then resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory
+    above the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line
+    JSON."""
     from safetensors.torch import load_file
     t0 = time.time()
-    real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames", str(args.real_frames),
-                                           "--fsdp"])
+    real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames",
+                                           str(args.real_frames), "--fsdp"])
     picked = lambda: next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc,  # noqa: E731
                                                  real.gpu_gb * 2**30)))
     layouts = [picked() if x == "plan" else int(x) for x in args.layouts.split(",")]
@@ -860,8 +863,8 @@ def rehearse(args):
 
 
 def kill_tree(pid):
-    """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run in
-    sessions of their own, so killing the launcher's process group leaves them running."""
+    """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run
+    in sessions of their own, so killing the launcher's process group leaves them running."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = [int(x) for x in f.read().split()]
     for k in kids + [pid]:
@@ -936,8 +939,8 @@ def rollout(args):
                           engine_tok_s=round(statistics.median(tps["engine"]), 1), ratio=round(ratio, 2),
                           vllm_tok_cpu_s=round(statistics.median(cps["vllm"]), 1),
                           engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1),
-                          cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts, G=args.G,
-                          max_new=args.max_new, video_tokens=M.n_visual_tokens(grid),
+                          cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts,
+                          G=args.G, max_new=args.max_new, video_tokens=M.n_visual_tokens(grid),
                           threads=torch.get_num_threads(), calls=args.repeats,
                           vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
                           engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))

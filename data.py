@@ -1,4 +1,5 @@
-"""Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic task.
+"""Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic
+task.
 
     python data.py probe VIDEO --frames 32   # decode, preprocess; its audio; last line JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
@@ -376,8 +377,8 @@ def resize(x, h, w):
     return x.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
 
 
-def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None,
-                 proc=None, sp=None):
+def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
+                 reader=None, proc=None, sp=None):
     """Everything the model needs from one video: kind "video", pixel_values, grid_thw,
     second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info.
     Each frame is resized as it is decoded: host memory holds the sampled frames at the model's
@@ -427,7 +428,8 @@ def _preprocess(path, frames, **kw):
 
 def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
     """An image file as the model takes it: kind "image", one temporal patch (the image twice, as
-    Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read: VideoError."""
+    Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read:
+    VideoError."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
         raise VideoError(path, "is a directory" if os.path.isdir(path) else "no such file")
@@ -436,8 +438,8 @@ def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
             a = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise VideoError(path, f"not a readable image ({_short(e)})") from None
-    pixel_values, grid_thw = _preprocess(path, np.stack([a, a]), max_pixels=max_pixels, min_pixels=min_pixels,
-                                         proc=proc)
+    pixel_values, grid_thw = _preprocess(path, np.stack([a, a]), max_pixels=max_pixels,
+                                         min_pixels=min_pixels, proc=proc)
     return dict(kind="image", pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=1.0,
                 info=dict(height=a.shape[0], width=a.shape[1]))
 
@@ -621,7 +623,8 @@ def _normalize(row, where, root, default_id):
 
 DEFAULT_TASK = "data/synth"
 # The default models the paper's situation: auto-written reasoning traces are imperfect (30% reason
-# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little to add.
+# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little to
+# add.
 DEFAULT_NOISE = 0.3
 
 
