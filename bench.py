@@ -41,6 +41,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -355,8 +356,7 @@ def step(args):
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio.
     A model that hears (tiny-qwen2.5-omni): the video's sound too, --frames seconds (1 fps), which
     reencode reruns the audio tower on as it reruns the vision tower."""
-    # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one
-    # cannot
+    # the videos before the baseline: grpo.py drops a sample's pixels once encoded (no reuse)
     proc = M.processor_config(mr_sp.plan_config(args.config))
     warm, s = video_sample(16, args.size, proc=proc), video_sample(args.frames, args.size, proc=proc)
     if "feature_extractor_type" in proc:  # a second of sound a frame
@@ -543,8 +543,7 @@ def largest_fitting(sp, cap, known, step=256):
 def mrsp(args):
     """All measured in this run (one thread per worker: two made timings several times noisier)."""
     t0, out = time.time(), {}
-    # 1. embedding cache: step time without it (vision rerun per rollout, per row per pass) / with
-    # it
+    # 1. embedding cache: step time without (vision rerun per rollout, per row per pass) / with it
     out["cache_speedup"], out["cache_step_s"] = {}, {}
     for f in [int(x) for x in args.frames.split(",")]:
         r = launch(["step", "--frames", f, "--variants", "cache,reencode",
@@ -629,18 +628,11 @@ def gpu(args):
     ASSUMED_FLOPS. Needs torch and transformers only. --device cpu: the same code at a miniature's
     size (tests/test_mr_sp.py runs it). Last line JSON."""
     import transformers
-    from torch.utils._python_dispatch import TorchDispatchMode
     dev, tok = torch.device(args.device), M.tiny_tokenizer()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config tiny:qwen2.5-vl-7b: a "
                          "smoke run)")
-    cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)  # the config's shapes, tiny's token ids
-    cfg.text_config.num_hidden_layers = args.layers
-    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(cfg, k, getattr(ids, k))
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(cfg.text_config, k, getattr(ids.text_config, k))
-    cfg._attn_implementation = M.attn_implementation(dev)
+    cfg = gpu_config(args, dev, tok)
     frames = args.frames // args.sp // 2 * 2
     p = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # pixels a token's side
     h, w = (16 * p, 8 * p) if args.size == 0 else (args.size, args.size)  # 448x224: 16 x 8 tokens
@@ -657,13 +649,38 @@ def gpu(args):
     if gargs.activation_checkpointing:
         model.gradient_checkpointing_enable()
     policy = grpo.Policy(model, tok, params, torch.optim.AdamW(params, lr=gargs.lr), ref)
+    s = gpu_sample(cfg, frames, h, w)
+    recs, kernels = gpu_steps(args, dev, gargs, policy, s, par)
+    gpu_report(args, cfg, gargs, plan, frames, recs, kernels, dev)
+
+
+def gpu_config(args, dev, tok):
+    """The checked model's config: --config's shapes, --layers decoder layers, tiny's token ids."""
+    cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)
+    cfg.text_config.num_hidden_layers = args.layers
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(cfg, k, getattr(ids, k))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg.text_config, k, getattr(ids.text_config, k))
+    cfg._attn_implementation = M.attn_implementation(dev)
+    return cfg
+
+
+def gpu_sample(cfg, frames, h, w):
+    """The rank's share of the video: random pixel rows of `frames` frames of h x w."""
     g = torch.Generator().manual_seed(0)
     vc = cfg.vision_config
     grid = [frames // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size]
-    s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"],
-             kind="video", pixel_values=torch.randn(grid[0] * grid[1] * grid[2],
-                                      3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g),
-             grid_thw=torch.tensor([grid]), second_per_grid=2.0, frame_times=[i / 2 for i in range(frames)])
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], 3 * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=g)
+    return dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"],
+                kind="video", pixel_values=pixels, grid_thw=torch.tensor([grid]), second_per_grid=2.0,
+                frame_times=[i / 2 for i in range(frames)])
+
+
+def gpu_steps(args, dev, gargs, policy, s, par):
+    """Two GRPO steps on sample s: their records, and the attention ops each phase ran in step 1."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     kernels = collections.defaultdict(set)
 
     class Ops(TorchDispatchMode):  # the attention ops a phase runs (which SDPA kernel it took)
@@ -688,6 +705,11 @@ def gpu(args):
         rec["seconds"] = time.perf_counter() - t0
         recs.append(rec)
         print(f"step {i + 1}: {rec['seconds']:.1f} s, peak {rec['peak_gb']:.1f} GiB", flush=True)
+    return recs, kernels
+
+
+def gpu_report(args, cfg, gargs, plan, frames, recs, kernels, dev):
+    """Step 2 against the plan: a line per phase, the speeds, and the JSON line."""
     rec, gib = recs[1], plan["gib"]
     held = sum(gib[k] for k in ("weights", "ref", "adam", "video_embeds"))
     planned = {k: held + gib[PLAN_PHASES[k]] + (gib["grads"] if k == "update" else 0.0) for k in PLAN_PHASES}
@@ -786,8 +808,28 @@ def rehearse(args):
     then resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory
     above the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line
     JSON."""
-    from safetensors.torch import load_file
     t0 = time.time()
+    layouts, prompts, base, env = rehearse_setup(args)
+    grpo_run = functools.partial(rehearse_run, base, env)
+    one = os.path.join(args.out, "one")
+    res = dict(init=args.init, nproc=args.nproc, frames=args.frames, prompts=prompts, G=args.G,
+               max_new=args.max_new, one_process_s=round(grpo_run(one, 1, "--steps", "1"), 1), layouts={})
+    w1 = rehearse_weights(one)
+    for sp in layouts:
+        name = f"sp{sp}"
+        r = res["layouts"][name] = rehearse_layout(args, sp, grpo_run, w1)
+        print(f"{name} (dp {r['dp']}): max |w - one process| {r['max_weight_diff_vs_one']:.2e}, resumed "
+              f"bitwise {r['resumed_bitwise']}, {r['run_s']:.0f} s", flush=True)
+        for phase, m in r["memory"].items():
+            print(f"  {phase:>7} | measured GiB per rank {m['measured']} | planned {m['planned']} | "
+                  f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}", flush=True)
+    res["minutes"] = round((time.time() - t0) / 60, 1)
+    print(json.dumps(res))
+
+
+def rehearse_setup(args):
+    """The layouts to run (--layouts, 'plan' picked), prompts a step, grpo.py's common flags (the
+    task written if absent) and the workers' environment."""
     real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames",
                                            str(args.real_frames), "--fsdp"])
     picked = lambda: next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc,  # noqa: E731
@@ -806,61 +848,60 @@ def rehearse(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
                                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")])}
+    return layouts, prompts, base, env
 
-    def grpo_run(out, nproc, *extra, kill=False):
-        pre = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                  if nproc > 1 else [])
-        cmd = pre + base + list(extra) + ["--out", out]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        t = time.time()
-        if not kill:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode:
-                raise SystemExit(f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-            return time.time() - t
-        p = subprocess.Popen(cmd + ["--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        state = os.path.join(out, "model", "state.pt")
-        while not os.path.exists(state) and p.poll() is None:
-            time.sleep(0.05)
-        kill_tree(p.pid)  # in step 2
-        p.wait()
+
+def rehearse_run(base, env, out, nproc, *extra, kill=False):
+    """grpo.py with `base` flags and `extra` on nproc processes into out: its seconds; kill: SIGKILLed
+    once its step-1 checkpoint is written."""
+    pre = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else [])
+    cmd = pre + base + list(extra) + ["--out", out]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    t = time.time()
+    if not kill:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
         return time.time() - t
+    p = subprocess.Popen(cmd + ["--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    state = os.path.join(out, "model", "state.pt")
+    while not os.path.exists(state) and p.poll() is None:
+        time.sleep(0.05)
+    kill_tree(p.pid)  # in step 2
+    p.wait()
+    return time.time() - t
 
-    weights = lambda d: load_file(os.path.join(d, "model", "model.safetensors"))  # noqa: E731
-    one = os.path.join(args.out, "one")
-    res = dict(init=args.init, nproc=args.nproc, frames=args.frames, prompts=prompts, G=args.G,
-               max_new=args.max_new, one_process_s=round(grpo_run(one, 1, "--steps", "1"), 1), layouts={})
-    w1 = weights(one)
-    for sp in layouts:
-        name, flags = f"sp{sp}", ["--fsdp", "--sp", str(sp)]
-        d, killed = os.path.join(args.out, name), os.path.join(args.out, name + "-killed")
-        shutil.rmtree(killed, ignore_errors=True)
-        r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
-        grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
-        state = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)
-        r["killed_after_step"] = state["step"]
-        w = weights(killed)
-        diff = {k: (w[k] - w1[k]).abs() for k in w1}
-        r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())
-        r["weights_over_1e-5"] = sum(int((x > 1e-5).sum()) for x in diff.values())
-        r["weights"] = sum(x.numel() for x in diff.values())
-        r["resume_s"] = round(grpo_run(killed, args.nproc, *flags, "--resume"), 1)
-        w, wk = weights(d), weights(killed)
-        r["resumed_bitwise"] = all(torch.equal(w[k], wk[k]) for k in w)
-        recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-        plan = json.load(open(os.path.join(d, "plan.json")))
-        r["memory"] = memory_vs_plan(recs, plan)
-        r["tokens_per_rank"] = plan.get("tokens_per_rank")
-        res["layouts"][name] = r
-        print(f"{name} (dp {r['dp']}): max |w - one process| {r['max_weight_diff_vs_one']:.2e}, resumed "
-              f"bitwise {r['resumed_bitwise']}, {r['run_s']:.0f} s", flush=True)
-        for phase, m in r["memory"].items():
-            print(f"  {phase:>7} | measured GiB per rank {m['measured']} | planned {m['planned']} | "
-                  f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}", flush=True)
-    res["minutes"] = round((time.time() - t0) / 60, 1)
-    print(json.dumps(res))
 
+def rehearse_weights(d):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(d, "model", "model.safetensors"))
+
+
+def rehearse_layout(args, sp, grpo_run, w1):
+    """One layout at --fsdp: its run, a run killed after step 1 (its weights vs one process's
+    step, w1) and resumed (bitwise vs the uninterrupted run), and its memory against its plan."""
+    name, flags = f"sp{sp}", ["--fsdp", "--sp", str(sp)]
+    d, killed = os.path.join(args.out, name), os.path.join(args.out, name + "-killed")
+    shutil.rmtree(killed, ignore_errors=True)
+    r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
+    grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
+    state = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)
+    r["killed_after_step"] = state["step"]
+    w = rehearse_weights(killed)
+    diff = {k: (w[k] - w1[k]).abs() for k in w1}
+    r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())
+    r["weights_over_1e-5"] = sum(int((x > 1e-5).sum()) for x in diff.values())
+    r["weights"] = sum(x.numel() for x in diff.values())
+    r["resume_s"] = round(grpo_run(killed, args.nproc, *flags, "--resume"), 1)
+    w, wk = rehearse_weights(d), rehearse_weights(killed)
+    r["resumed_bitwise"] = all(torch.equal(w[k], wk[k]) for k in w)
+    recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+    plan = json.load(open(os.path.join(d, "plan.json")))
+    r["memory"] = memory_vs_plan(recs, plan)
+    r["tokens_per_rank"] = plan.get("tokens_per_rank")
+    return r
 
 def kill_tree(pid):
     """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run

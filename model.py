@@ -117,8 +117,7 @@ FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen
 # ("linear_attention", a causal convolution and a recurrent state, no KV cache) and gated attention.
 QWEN3 = ("qwen3_vl", "qwen3_5")
 # Qwen2.5-Omni's thinker: Qwen2.5-VL's vision and language model, an audio tower (Whisper's
-# encoder), and TMRoPE: 25 temporal positions a second (position_id_per_seconds), audio a position a
-# token (40 ms)
+# encoder), and TMRoPE: 25 positions a second (position_id_per_seconds), audio one a 40 ms token
 OMNI = "qwen2_5_omni_thinker"
 
 
@@ -133,8 +132,7 @@ def recurrent(config):
 # miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings,
 # vision tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths,
 # so what the real shape runs into (Ulysses over 28 heads, FSDP over an untied lm_head) shows on a
-# CPU. The real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each miniature
-# against its.
+# CPU. The real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each against its.
 TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwen2.5-vl": ("qwen2_5_vl", {}),
         "tiny-qwen3-vl": ("qwen3_vl", {}), "tiny-qwen3.5": ("qwen3_5", dict(layers=4)),
         "tiny-qwen2.5-omni": (OMNI, {}),
@@ -177,8 +175,7 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
         if family == "qwen2_5_vl":
             vision.update(tokens_per_second=2)
         else:  # the audio tower as released (128 mels, attention within windows of 2 s: n_window
-            # 100) at the vision tower's width and depth; 25 positions a second, chunks of 2 s:
-            # defaults
+            # 100) at the tower's width and depth; 25 positions a second, 2 s chunks: defaults
             extra = dict(audio_config=dict(num_mel_bins=128, n_window=100, d_model=vision_hidden,
                                            encoder_layers=vision_depth, encoder_attention_heads=vision_heads,
                                            encoder_ffn_dim=2 * vision_hidden, output_dim=hidden,
@@ -246,8 +243,7 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
         for m in model.modules():
             if hasattr(m, "A_log"):  # GDN: transformers draws A in [0.01, 16]: most heads forget
                 # all but the last few tokens, and a state handed to the wrong prompt or sample
-                # would go unseen; decays of 0.9 to 0.999 a token keep each head's memory of a
-                # prompt
+                # would go unseen; decays of 0.9 to 0.999 a token keep each head's prompt memory
                 m.A_log.data.copy_(torch.linspace(0.001, 0.05, len(m.A_log)).log())
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -329,8 +325,7 @@ def resume(out):
 
 # -----------------------------------------------------------------------------
 # Pixels in, embeddings out; text in, token ids out. A sample's visual input is one video, one
-# image, or none (text only); images and video frames alike are rows of 2 x patch x patch pixel
-# patches.
+# image, or none (text only); images and video frames alike are rows of 2 x patch x patch pixels.
 
 def parts(model):
     """(the module holding the towers and their get_*_features, the language model): model.model and
@@ -800,8 +795,7 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
     own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, sp_group=sp_group)
     for a, b in zip(cache.layers, own.layers):
         if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed
-            # state (the convolution's last inputs, the recurrence's heads x dk x dv), one per
-            # sample
+            # state (the convolution's last inputs, the recurrence's heads x dk x dv) a sample
             set_state(b, *(x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states)))
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
     h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)

@@ -464,8 +464,7 @@ def encode_visual(model, sample, sp_group=None):
         if not count:
             width = model.config.get_text_config().hidden_size * (
                 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
-            # in the dtype the tower returns (under autocast its compute dtype, not its fp32
-            # weights')
+            # in the dtype the tower returns (under autocast the compute dtype, not its weights')
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else M.parts(model)[0].visual.dtype)
             return torch.zeros(0, width, dtype=dtype, device=dev)
@@ -1048,8 +1047,7 @@ class _SumOver(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # Memory planner: what one step of a run holds per rank. grpo.py and sft.py plan their own run at
-# start (`plan_start`); python mr_sp.py plan --frames F [--sp N | --world N] --config
-# NAME|HF_FOLDER.
+# start (`plan_start`); python mr_sp.py plan --frames F [--sp N | --world N] --config NAME|FOLDER.
 
 # bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's 0.394
 # (`model_costs`; matmul FLOPs, no attention scores), found by trying LM widths and depths around
@@ -1294,8 +1292,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     mixer = 4 * nv * (8 * (kd + vd) + 3 * 64)
     # values a token Ulysses' all-to-alls carry in a layer: attention's q, k, v; GDN's q, k, v, b, a
     a2a_width = max((Hp + 2 * kv) * D, 2 * nk * kd + nv * (vd + 2))
-    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in its
-    # recompute
+    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in recompute
     kept = (r * d * layers if ckpt else saved * att + saved_gdn * gdn) + b * (2 * D + 2 * d)
     logits = 6 * 4 * min(chunk, rows * T) * V
     # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy

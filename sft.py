@@ -301,8 +301,7 @@ def main(args):
     start = mr_sp.load_state(model, opt, state)
     rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
     schedule(args, len(rows), args.init in M.TINY)
-    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes
-    # (mr_sp.encode_visual)
+    # a frozen tower: each SP peer keeps only the pixels of frames it encodes (mr_sp.encode_visual)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
@@ -335,8 +334,7 @@ def main(args):
             last = step + 1 == args.steps
             if val and ((step + 1) % args.eval_every == 0 or last):
                 best = validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best)
-            # the loss has not improved for --patience validations: stop (what follows is
-            # memorizing)
+            # the loss has not improved for --patience validations: stop (what follows memorizes)
             stop = bool(val and args.patience and best and
                         step + 1 - best[1] >= args.patience * args.eval_every)
             if par.rank == 0 and stop:
