@@ -26,9 +26,9 @@ reward over the first and last 10 steps. --data: any task folder with train.json
 mrsp (model mr_sp.SMALL: Qwen2.5-VL-7B's vision/LM FLOPs ratio; 56x56 frames, 2 video tokens a
 frame; G=8): cache_speedup per frame count (step's reencode over cache time; paired median of
 alternating steps), sp2_peak_mem_ratio (sp=2 over sp=1 peak per rank of a training pass, forward
-and backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank), planner vs
-those passes, engine_vs_naive (model.generate, our engine's prefill-once shared-KV decode, over
-generate_naive tokens/s; equal greedy tokens?).
+and backward), max_frames_sp1/sp2 (largest video whose training pass fits --cap-gb per rank),
+planner vs those passes, engine_vs_naive (model.generate, our engine's prefill-once shared-KV
+decode, over generate_naive tokens/s; equal greedy tokens?).
 hour: step time, phases, peak memory per rank (resident set, Python runtime included), 3,600-frame
 video, tiny model, sp=2; last line JSON: frames, step_s, peak_mem_gb_per_rank. Workers: fresh
 one-thread processes (shared machine, noisy timings: every comparison is side by side in one run).
@@ -41,6 +41,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -345,9 +346,9 @@ def gather_max(x):
 
 
 def step(args):
-    """grpo.step on one prompt, every algorithm setting grpo.py's default: G rollouts, old-policy and
-    reference passes, the updates (--epochs passes over one micro-batch of the G rows); rewards: a
-    stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
+    """grpo.step on one prompt, every algorithm setting grpo.py's default: G rollouts, old-policy
+    and reference passes, the updates (--epochs passes over one micro-batch of the G rows); rewards:
+    a stand-in text hash (not what is measured). An untimed warm-up step (16 frames), then --repeats
     rounds of --variants, alternating. Variant reencode is the baseline without the embedding cache
     (Video-R1, TRL): the vision tower reruns inside those phases for every rollout but the first and
     every row of every pass. Variant rowwise: the passes row by row (--no-shared-prefix), not one
@@ -355,7 +356,7 @@ def step(args):
     peak memory per rank above the Python runtime (and per phase), the variants' paired time ratio.
     A model that hears (tiny-qwen2.5-omni): the video's sound too, --frames seconds (1 fps), which
     reencode reruns the audio tower on as it reruns the vision tower."""
-    # the videos before the baseline: grpo.py drops a sample's pixels once encoded, a reused one cannot
+    # the videos before the baseline: grpo.py drops a sample's pixels once encoded (no reuse)
     proc = M.processor_config(mr_sp.plan_config(args.config))
     warm, s = video_sample(16, args.size, proc=proc), video_sample(args.frames, args.size, proc=proc)
     if "feature_extractor_type" in proc:  # a second of sound a frame
@@ -391,8 +392,8 @@ def step(args):
                                                   for k, r in rec.items()), flush=True)
     out = dict(config=args.config, frames=args.frames, size=args.size, sp=args.sp, G=args.G,
                max_new=args.max_new, video_tokens=int(s["grid_thw"].prod()) // 4, repeats=args.repeats,
-               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum())) if "input_features" in s
-               else 0,
+               audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum()))
+               if "input_features" in s else 0,
                prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]
@@ -435,8 +436,8 @@ def generate(args):
         toks, _, lens = mr_sp.unsharded(policy.run, mr_sp.rollout, policy.model, policy.tok, [prompt], args.G,
                                         [args.seed], max_new=args.max_new, sp_group=par.sp_group,
                                         chunk=gargs.prefill_chunk)
-    out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G, chunk=gargs.prefill_chunk,
-               tokens=len(prompt["prompt"]), generated=int(lens.sum()),
+    out = dict(config=args.config, frames=args.frames, sp=args.sp, G=args.G,
+               chunk=gargs.prefill_chunk, tokens=len(prompt["prompt"]), generated=int(lens.sum()),
                rollout_s=gather_max(rec["rollout"]["s"]),
                rollout_gb_per_rank=gather_max(rec["rollout"]["gb"]))
     if par.rank == 0:
@@ -477,8 +478,8 @@ def prefill(args):
 
 
 def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
-    """Run `bench.py cmd` fresh, 1 thread a process (nproc, default sp, under torchrun when more than
-    one); last line parsed.
+    """Run `bench.py cmd` fresh, 1 thread a process (nproc, default sp, under torchrun when more
+    than one); last line parsed.
     Memory runs set mmap threshold (above); timing runs don't: page faults slow rollouts 1.5x."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            **({} if timing else {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})}
@@ -496,8 +497,8 @@ def launch(cmd, sp=1, quiet=False, timing=False, nproc=None):
 
 
 def engine_vs_naive(frames=256, G=8, max_new=16, repeats=3):
-    """Rollout tokens/s, model.generate (the prompt prefilled once, its KV cache held once and shared
-    by the G samples through model.shared_prefix_attention) vs generate_naive (G rows, all
+    """Rollout tokens/s, model.generate (the prompt prefilled once, its KV cache held once and
+    shared by the G samples through model.shared_prefix_attention) vs generate_naive (G rows, all
     recomputed per token): greedy, no EOS (max_new tokens a row), medians."""
     torch.set_num_threads(1)
     model, tok = M.load("tiny", **mr_sp.SMALL)
@@ -542,7 +543,7 @@ def largest_fitting(sp, cap, known, step=256):
 def mrsp(args):
     """All measured in this run (one thread per worker: two made timings several times noisier)."""
     t0, out = time.time(), {}
-    # 1. embedding cache: step time without it (vision rerun per rollout, per row per pass) / with it
+    # 1. embedding cache: step time without (vision rerun per rollout, per row per pass) / with it
     out["cache_speedup"], out["cache_step_s"] = {}, {}
     for f in [int(x) for x in args.frames.split(",")]:
         r = launch(["step", "--frames", f, "--variants", "cache,reencode",
@@ -588,8 +589,8 @@ def mrsp(args):
 
 
 def engine(args):
-    """bench.py generate (--config, one prompt, G samples) run several ways to measure the engine: the
-    rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
+    """bench.py generate (--config, one prompt, G samples) run several ways to measure the engine:
+    the rollout's peak memory at G=8 over G=1 and with the prefill chunked (grpo.py's default) over
     unchunked, at --frames; its time per rank at sp=2 over sp=1, alternating, paired median."""
     run = lambda *a, sp=1, timing=False: launch(  # noqa: E731
         ["generate", "--config", args.config, "--max-new", args.max_new, *a], sp, quiet=True, timing=timing)
@@ -627,18 +628,11 @@ def gpu(args):
     ASSUMED_FLOPS. Needs torch and transformers only. --device cpu: the same code at a miniature's
     size (tests/test_mr_sp.py runs it). Last line JSON."""
     import transformers
-    from torch.utils._python_dispatch import TorchDispatchMode
     dev, tok = torch.device(args.device), M.tiny_tokenizer()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py gpu needs a CUDA GPU (--device cpu --config tiny:qwen2.5-vl-7b: a "
                          "smoke run)")
-    cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)  # the config's shapes, tiny's token ids
-    cfg.text_config.num_hidden_layers = args.layers
-    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(cfg, k, getattr(ids, k))
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(cfg.text_config, k, getattr(ids.text_config, k))
-    cfg._attn_implementation = M.attn_implementation(dev)
+    cfg = gpu_config(args, dev, tok)
     frames = args.frames // args.sp // 2 * 2
     p = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # pixels a token's side
     h, w = (16 * p, 8 * p) if args.size == 0 else (args.size, args.size)  # 448x224: 16 x 8 tokens
@@ -655,13 +649,38 @@ def gpu(args):
     if gargs.activation_checkpointing:
         model.gradient_checkpointing_enable()
     policy = grpo.Policy(model, tok, params, torch.optim.AdamW(params, lr=gargs.lr), ref)
+    s = gpu_sample(cfg, frames, h, w)
+    recs, kernels = gpu_steps(args, dev, gargs, policy, s, par)
+    gpu_report(args, cfg, gargs, plan, frames, recs, kernels, dev)
+
+
+def gpu_config(args, dev, tok):
+    """The checked model's config: --config's shapes, --layers decoder layers, tiny's token ids."""
+    cfg, ids = mr_sp.plan_config(args.config), M.tiny_config(tok)
+    cfg.text_config.num_hidden_layers = args.layers
+    for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(cfg, k, getattr(ids, k))
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(cfg.text_config, k, getattr(ids.text_config, k))
+    cfg._attn_implementation = M.attn_implementation(dev)
+    return cfg
+
+
+def gpu_sample(cfg, frames, h, w):
+    """The rank's share of the video: random pixel rows of `frames` frames of h x w."""
     g = torch.Generator().manual_seed(0)
     vc = cfg.vision_config
     grid = [frames // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size]
-    s = dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"], kind="video",
-             pixel_values=torch.randn(grid[0] * grid[1] * grid[2],
-                                      3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g),
-             grid_thw=torch.tensor([grid]), second_per_grid=2.0, frame_times=[i / 2 for i in range(frames)])
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], 3 * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=g)
+    return dict(id="gpu", question="What happens in this video?", options=["a", "b", "c", "d"],
+                kind="video", pixel_values=pixels, grid_thw=torch.tensor([grid]), second_per_grid=2.0,
+                frame_times=[i / 2 for i in range(frames)])
+
+
+def gpu_steps(args, dev, gargs, policy, s, par):
+    """Two GRPO steps on sample s: their records, and the attention ops each phase ran in step 1."""
+    from torch.utils._python_dispatch import TorchDispatchMode
     kernels = collections.defaultdict(set)
 
     class Ops(TorchDispatchMode):  # the attention ops a phase runs (which SDPA kernel it took)
@@ -681,11 +700,16 @@ def gpu(args):
         t0 = time.perf_counter()
         with torch.autocast(dev.type, torch.bfloat16, enabled=args.dtype == "bfloat16", cache_enabled=False):
             rec = grpo.step(gargs, i, policy, lambda at: [dict(s)], 0, par,
-                            lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000, collections.Counter(),
-                            phase)[0]
+                            lambda text, row: zlib.crc32(text.encode()) % 1000 / 1000,
+                            collections.Counter(), phase)[0]
         rec["seconds"] = time.perf_counter() - t0
         recs.append(rec)
         print(f"step {i + 1}: {rec['seconds']:.1f} s, peak {rec['peak_gb']:.1f} GiB", flush=True)
+    return recs, kernels
+
+
+def gpu_report(args, cfg, gargs, plan, frames, recs, kernels, dev):
+    """Step 2 against the plan: a line per phase, the speeds, and the JSON line."""
     rec, gib = recs[1], plan["gib"]
     held = sum(gib[k] for k in ("weights", "ref", "adam", "video_embeds"))
     planned = {k: held + gib[PLAN_PHASES[k]] + (gib["grads"] if k == "update" else 0.0) for k in PLAN_PHASES}
@@ -724,15 +748,15 @@ def expected_seconds(cfg, L, rows, passes, ckpt, flops=ASSUMED_FLOPS):
 
 
 def frame_side(cfg):
-    """The side in pixels of a frame of 2 x 2 tokens (a temporal group's, the planner's --max-pixels):
-    56 for Qwen2/2.5-VL's 14-pixel patches, 64 for Qwen3's 16."""
+    """The side in pixels of a frame of 2 x 2 tokens (a temporal group's, the planner's
+    --max-pixels): 56 for Qwen2/2.5-VL's 14-pixel patches, 64 for Qwen3's 16."""
     return 2 * cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size
 
 
 def planner(args):
-    """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch, fp32,
-    `frame_side` frames): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs 2
-    processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
+    """mr_sp.plan's peak per rank against bench.py step's measured one (G 8 in one micro-batch,
+    fp32, `frame_side` frames): --configs, sp 1 and 2, grpo.py's options one at a time (--fsdp runs
+    2 processes: dp 2 at sp 1). A table, then JSON {case: estimate_gb, measured_gb, ratio}."""
     out = {}
     for config in args.configs.split(","):
         cfg = mr_sp.plan_config(config)
@@ -744,8 +768,8 @@ def planner(args):
                             "--max-new", args.max_new, ckpt_flag(ckpt)] + ["--fsdp"] * (opt == "fsdp"), sp,
                            quiet=True, nproc=nproc)
                 m = mr_sp.plan(cfg, args.frames, sp, side * side,
-                               r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8, "float32",
-                               True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
+                               r["prompt_tokens"] - r["video_tokens"], 8, args.max_new, 8,
+                               "float32", True, nproc, opt == "fsdp", ckpt, mini_batches=MINI)
                 got = r["cache"]["first_step_gb_per_rank"]
                 out[f"{config} sp{sp} {opt}"] = dict(estimate_gb=round(m["peak"] / 2**30, 3),
                                                      measured_gb=round(got, 3),
@@ -776,17 +800,38 @@ def hour(args):
 
 
 def rehearse(args):
-    """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes (gloo),
-    --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as a user's
-    are), two GRPO steps (lr 1e-4, one update a step, no dynamic sampling: the same updates on any
-    number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights are
-    compared with one process's after one step (max |diff|, and how many differ by over 1e-5), then
-    resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory above
-    the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line JSON."""
-    from safetensors.torch import load_file
+    """The paper's job at a miniature, on this CPU: grpo.py under torchrun on --nproc processes
+    (gloo), --fsdp, at each layout of --layouts, on a task of --frames-frame videos (mp4, decoded as
+    a user's are), two GRPO steps (lr 1e-4, one update a step, no dynamic sampling: the same updates
+    on any number of ranks). Each layout: a run SIGKILLed after its step-1 checkpoint, whose weights
+    are compared with one process's after one step (max |diff|, and how many differ by over 1e-5),
+    then resumed and compared with the uninterrupted run (bitwise); per rank and phase, peak memory
+    above the runtime (grpo.py's peak_gb_ranks) against the run's own plan (plan.json). Last line
+    JSON."""
     t0 = time.time()
-    real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames", str(args.real_frames),
-                                           "--fsdp"])
+    layouts, prompts, base, env = rehearse_setup(args)
+    grpo_run = functools.partial(rehearse_run, base, env)
+    one = os.path.join(args.out, "one")
+    res = dict(init=args.init, nproc=args.nproc, frames=args.frames, prompts=prompts, G=args.G,
+               max_new=args.max_new, one_process_s=round(grpo_run(one, 1, "--steps", "1"), 1), layouts={})
+    w1 = rehearse_weights(one)
+    for sp in layouts:
+        name = f"sp{sp}"
+        r = res["layouts"][name] = rehearse_layout(args, sp, grpo_run, w1)
+        print(f"{name} (dp {r['dp']}): max |w - one process| {r['max_weight_diff_vs_one']:.2e}, resumed "
+              f"bitwise {r['resumed_bitwise']}, {r['run_s']:.0f} s", flush=True)
+        for phase, m in r["memory"].items():
+            print(f"  {phase:>7} | measured GiB per rank {m['measured']} | planned {m['planned']} | "
+                  f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}", flush=True)
+    res["minutes"] = round((time.time() - t0) / 60, 1)
+    print(json.dumps(res))
+
+
+def rehearse_setup(args):
+    """The layouts to run (--layouts, 'plan' picked), prompts a step, grpo.py's common flags (the
+    task written if absent) and the workers' environment."""
+    real = mr_sp.plan_parser().parse_args(["plan", "--config", args.real, "--frames",
+                                           str(args.real_frames), "--fsdp"])
     picked = lambda: next(iter(mr_sp.pick_layout(real, mr_sp.plan_config(args.real), args.nproc,  # noqa: E731
                                                  real.gpu_gb * 2**30)))
     layouts = [picked() if x == "plan" else int(x) for x in args.layouts.split(",")]
@@ -803,65 +848,64 @@ def rehearse(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
            "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
                                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")])}
+    return layouts, prompts, base, env
 
-    def grpo_run(out, nproc, *extra, kill=False):
-        pre = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                  if nproc > 1 else [])
-        cmd = pre + base + list(extra) + ["--out", out]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        t = time.time()
-        if not kill:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode:
-                raise SystemExit(f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-            return time.time() - t
-        p = subprocess.Popen(cmd + ["--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        state = os.path.join(out, "model", "state.pt")
-        while not os.path.exists(state) and p.poll() is None:
-            time.sleep(0.05)
-        kill_tree(p.pid)  # in step 2
-        p.wait()
+
+def rehearse_run(base, env, out, nproc, *extra, kill=False):
+    """grpo.py with `base` flags and `extra` on nproc processes into out: its seconds; kill: SIGKILLed
+    once its step-1 checkpoint is written."""
+    pre = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else [])
+    cmd = pre + base + list(extra) + ["--out", out]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    t = time.time()
+    if not kill:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
         return time.time() - t
+    p = subprocess.Popen(cmd + ["--save-every", "1"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    state = os.path.join(out, "model", "state.pt")
+    while not os.path.exists(state) and p.poll() is None:
+        time.sleep(0.05)
+    kill_tree(p.pid)  # in step 2
+    p.wait()
+    return time.time() - t
 
-    weights = lambda d: load_file(os.path.join(d, "model", "model.safetensors"))  # noqa: E731
-    one = os.path.join(args.out, "one")
-    res = dict(init=args.init, nproc=args.nproc, frames=args.frames, prompts=prompts, G=args.G,
-               max_new=args.max_new, one_process_s=round(grpo_run(one, 1, "--steps", "1"), 1), layouts={})
-    w1 = weights(one)
-    for sp in layouts:
-        name, flags = f"sp{sp}", ["--fsdp", "--sp", str(sp)]
-        d, killed = os.path.join(args.out, name), os.path.join(args.out, name + "-killed")
-        shutil.rmtree(killed, ignore_errors=True)
-        r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
-        grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
-        state = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)
-        r["killed_after_step"] = state["step"]
-        w = weights(killed)
-        diff = {k: (w[k] - w1[k]).abs() for k in w1}
-        r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())
-        r["weights_over_1e-5"] = sum(int((x > 1e-5).sum()) for x in diff.values())
-        r["weights"] = sum(x.numel() for x in diff.values())
-        r["resume_s"] = round(grpo_run(killed, args.nproc, *flags, "--resume"), 1)
-        w, wk = weights(d), weights(killed)
-        r["resumed_bitwise"] = all(torch.equal(w[k], wk[k]) for k in w)
-        recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-        plan = json.load(open(os.path.join(d, "plan.json")))
-        r["memory"] = memory_vs_plan(recs, plan)
-        r["tokens_per_rank"] = plan.get("tokens_per_rank")
-        res["layouts"][name] = r
-        print(f"{name} (dp {r['dp']}): max |w - one process| {r['max_weight_diff_vs_one']:.2e}, resumed "
-              f"bitwise {r['resumed_bitwise']}, {r['run_s']:.0f} s", flush=True)
-        for phase, m in r["memory"].items():
-            print(f"  {phase:>7} | measured GiB per rank {m['measured']} | planned {m['planned']} | "
-                  f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}", flush=True)
-    res["minutes"] = round((time.time() - t0) / 60, 1)
-    print(json.dumps(res))
 
+def rehearse_weights(d):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(d, "model", "model.safetensors"))
+
+
+def rehearse_layout(args, sp, grpo_run, w1):
+    """One layout at --fsdp: its run, a run killed after step 1 (its weights vs one process's
+    step, w1) and resumed (bitwise vs the uninterrupted run), and its memory against its plan."""
+    name, flags = f"sp{sp}", ["--fsdp", "--sp", str(sp)]
+    d, killed = os.path.join(args.out, name), os.path.join(args.out, name + "-killed")
+    shutil.rmtree(killed, ignore_errors=True)
+    r = dict(sp=sp, dp=args.nproc // sp, run_s=round(grpo_run(d, args.nproc, *flags), 1))
+    grpo_run(killed, args.nproc, *flags, kill=True)  # its checkpoint: step 1's weights
+    state = torch.load(os.path.join(killed, "model", "state.pt"), weights_only=True)
+    r["killed_after_step"] = state["step"]
+    w = rehearse_weights(killed)
+    diff = {k: (w[k] - w1[k]).abs() for k in w1}
+    r["max_weight_diff_vs_one"] = max(x.max().item() for x in diff.values())
+    r["weights_over_1e-5"] = sum(int((x > 1e-5).sum()) for x in diff.values())
+    r["weights"] = sum(x.numel() for x in diff.values())
+    r["resume_s"] = round(grpo_run(killed, args.nproc, *flags, "--resume"), 1)
+    w, wk = rehearse_weights(d), rehearse_weights(killed)
+    r["resumed_bitwise"] = all(torch.equal(w[k], wk[k]) for k in w)
+    recs = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+    plan = json.load(open(os.path.join(d, "plan.json")))
+    r["memory"] = memory_vs_plan(recs, plan)
+    r["tokens_per_rank"] = plan.get("tokens_per_rank")
+    return r
 
 def kill_tree(pid):
-    """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run in
-    sessions of their own, so killing the launcher's process group leaves them running."""
+    """SIGKILL a process and its children at once, as a node failure would: torchrun's workers run
+    in sessions of their own, so killing the launcher's process group leaves them running."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = [int(x) for x in f.read().split()]
     for k in kids + [pid]:
@@ -936,8 +980,8 @@ def rollout(args):
                           engine_tok_s=round(statistics.median(tps["engine"]), 1), ratio=round(ratio, 2),
                           vllm_tok_cpu_s=round(statistics.median(cps["vllm"]), 1),
                           engine_tok_cpu_s=round(statistics.median(cps["engine"]), 1),
-                          cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts, G=args.G,
-                          max_new=args.max_new, video_tokens=M.n_visual_tokens(grid),
+                          cpu_ratio=round(cpu_ratio, 2), model=args.model, prompts=args.prompts,
+                          G=args.G, max_new=args.max_new, video_tokens=M.n_visual_tokens(grid),
                           threads=torch.get_num_threads(), calls=args.repeats,
                           vllm_tok_s_all=[round(x, 1) for x in tps["vllm"]],
                           engine_tok_s_all=[round(x, 1) for x in tps["engine"]])))

@@ -1,4 +1,5 @@
-"""Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic task.
+"""Video data for longrl: decode, sample, preprocess (Qwen's patch layout), QA rows, a synthetic
+task.
 
     python data.py probe VIDEO --frames 32   # decode, preprocess; its audio; last line JSON
     python data.py probe VIDEO --fps 2 --max-pixels 50176
@@ -376,8 +377,8 @@ def resize(x, h, w):
     return x.clamp(0, 255).round()  # the model was trained on uint8 frames, keep their values
 
 
-def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, reader=None,
-                 proc=None, sp=None):
+def video_inputs(path, nframes=None, fps=None, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
+                 reader=None, proc=None, sp=None):
     """Everything the model needs from one video: kind "video", pixel_values, grid_thw,
     second_per_grid, frame_times (seconds of each sampled frame: Qwen3-VL's timestamps), info.
     Each frame is resized as it is decoded: host memory holds the sampled frames at the model's
@@ -427,7 +428,8 @@ def _preprocess(path, frames, **kw):
 
 def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
     """An image file as the model takes it: kind "image", one temporal patch (the image twice, as
-    Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read: VideoError."""
+    Qwen's image processor tiles it), grid_thw [[1, h/p, w/p]]. A file PIL cannot read:
+    VideoError."""
     from PIL import Image, UnidentifiedImageError
     if not os.path.isfile(path):
         raise VideoError(path, "is a directory" if os.path.isdir(path) else "no such file")
@@ -436,8 +438,8 @@ def image_inputs(path, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, proc=None):
             a = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise VideoError(path, f"not a readable image ({_short(e)})") from None
-    pixel_values, grid_thw = _preprocess(path, np.stack([a, a]), max_pixels=max_pixels, min_pixels=min_pixels,
-                                         proc=proc)
+    pixel_values, grid_thw = _preprocess(path, np.stack([a, a]), max_pixels=max_pixels,
+                                         min_pixels=min_pixels, proc=proc)
     return dict(kind="image", pixel_values=pixel_values, grid_thw=grid_thw, second_per_grid=1.0,
                 info=dict(height=a.shape[0], width=a.shape[1]))
 
@@ -621,7 +623,7 @@ def _normalize(row, where, root, default_id):
 
 DEFAULT_TASK = "data/synth"
 # The default models the paper's situation: auto-written reasoning traces are imperfect (30% reason
-# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little to add.
+# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little.
 DEFAULT_NOISE = 0.3
 
 
@@ -887,134 +889,170 @@ DIRECTIONS = {"right": "left", "left": "right", "down": "top", "up": "bottom"}  
 QUARTERS = [f"in the {q} quarter" for q in ("first", "second", "third", "last")]
 
 
-def motion_scenario(rng, category, n):
-    """One video of n frames as drawing and sound instructions: flashes [(start, length, color)],
-    the square's (row, col) per frame (0..1 of the free space) or None, beeps [(start, length, Hz)]
-    (the sound family); its question, options (empty: the answer is the choice itself), choices,
-    answer index and trace(claim) ending in choice `claim`."""
-    cols, names = list(COLORS), list(CORNERS)
+COLS, NAMES = list(COLORS), list(CORNERS)
 
-    def qa(question, choices, answer, trace, lettered=False, flash=(), square=None, beeps=()):
-        return dict(question=question, choices=choices, answer=answer, trace=trace,
-                    options=choices if lettered else [], flash=list(flash), square=square,
-                    beeps=list(beeps))
 
-    def hz():  # a beep's pitch: not what its question asks, so drawn anew for each
-        return float(rng.uniform(500, 1000))
+def qa(question, choices, answer, trace, lettered=False, flash=(), square=None, beeps=()):
+    """A scenario (`motion_scenario`) from its parts."""
+    return dict(question=question, choices=choices, answer=answer, trace=trace,
+                options=choices if lettered else [], flash=list(flash), square=square,
+                beeps=list(beeps))
 
-    def steady(corner):  # (n, 2): the square in one corner throughout
-        return np.tile(CORNERS[corner], (n, 1)).astype(float)
 
-    if category == "direction":  # "... moves right": from the left side to the right side
-        ways = list(DIRECTIONS)
-        ans = int(rng.integers(4))
-        a = np.array(SIDES[DIRECTIONS[ways[ans]]])
-        return qa("A white square slides across the screen. Which way does it move? Answer with "
-                  "one word: left, right, up or down.", ways, ans,
-                  lambda c: f"The square starts at the {DIRECTIONS[ways[c]]} and crosses the "
-                            f"screen, so it moves {ways[c]}.",
-                  square=a + (1 - 2 * a) * np.linspace(0, 1, n)[:, None])
-    if category == "count":  # brief flashes, a number for an answer
-        k = int(rng.integers(1, 5))
-        slots = sorted(rng.choice(n // 8, k, replace=False))
-        return qa("The screen flashes briefly now and then. How many flashes are there? Answer "
-                  "with a number.", ["1", "2", "3", "4"], k - 1,
-                  lambda c: f"I count {c + 1} brief flash{'es' * (c > 0)}, so the answer is "
-                            f"{c + 1}.",
-                  flash=[(8 * s + 3, 3, cols[rng.integers(len(cols))]) for s in slots])
-    if category == "when":  # one brief flash: which quarter of the video
-        q, color = int(rng.integers(4)), cols[rng.integers(len(cols))]
-        return qa(f"The screen flashes {color} once, briefly. When?", QUARTERS, q,
-                  lambda c: f"The {color} flash comes {QUARTERS[c]} of the video, so the answer is "
-                            f"{LETTERS[c]}.", lettered=True,
-                  flash=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, color)])
-    if category == "return":  # the first and the last frames decide: far apart
-        start, same = int(rng.integers(4)), bool(rng.integers(2))
-        end = start if same else int(rng.choice([j for j in range(4) if j != start]))
-        square, hops = steady(names[start]), [names[j] for j in rng.integers(4, size=3)]
-        for i, corner in enumerate(hops):  # wanders in between
-            square[n // 4 + i * n // 6:] = CORNERS[corner]
-        square[3 * n // 4:] = CORNERS[names[end]]
+def hz(rng):  # a beep's pitch: not what its question asks, so drawn anew for each
+    return float(rng.uniform(500, 1000))
 
-        def seen(c):  # where a trace claiming c says the square ends (a wrong claim: misread)
-            return (names[end] if c == int(not same) else names[start] if c == 0 else
-                    names[(start + 1) % 4])
-        return qa("A white square jumps between the corners. Does it end in the corner where it "
-                  "started? Answer yes or no.", ["yes", "no"], int(not same),
-                  lambda c: f"The square starts {names[start]} and ends {seen(c)}, so the answer "
-                            f"is {['yes', 'no'][c]}.", square=square)
-    if category == "longest":  # steady colors of different lengths
-        four = [OPTION_COLORS[j] for j in rng.permutation(4)]
-        lens, flash, t = rng.permutation([6, 10, 14]), [], 2
-        for color, m in zip(four[:3], lens):
-            flash.append((t, int(m * n // 48), color))
-            t += int(m * n // 48) + n // 16
-        return qa("Three colors fill the screen one after another. Which stays longest?",
-                  OPTION_COLORS, OPTION_COLORS.index(four[int(np.argmax(lens))]),
-                  lambda c: f"{OPTION_COLORS[c].capitalize()} stays on the screen longer than the "
-                            f"others, so the answer is {LETTERS[c]}.", lettered=True, flash=flash)
-    if category == "corner":  # where the square spends most of the time, a two-word answer
-        home = int(rng.integers(4))
-        square = steady(names[home])
-        for s in rng.choice(range(1, 8), 2, replace=False):  # two brief visits elsewhere
-            away = names[(home + 1 + rng.integers(3)) % 4]
-            square[s * n // 8:s * n // 8 + n // 16] = CORNERS[away]
-        return qa("Where does the white square spend most of the video? Answer top left, top "
-                  "right, bottom left or bottom right.", names, home,
-                  lambda c: f"The square stays in the {names[c]} corner most of the time, so the "
-                            f"answer is {names[c]}.", square=square)
-    if category == "jumps":  # a number: how often the square changes corner
-        k = int(rng.integers(0, 4))
-        at = [int(rng.integers(4))]
-        for _ in range(k):
-            at.append(int((at[-1] + 1 + rng.integers(3)) % 4))
-        square = steady(names[at[0]])
-        for i, c in enumerate(at[1:], 1):
-            square[i * n // (k + 1):] = CORNERS[names[c]]
-        return qa("How many times does the white square jump to another corner? Answer with a "
-                  "number.", ["0", "1", "2", "3"], k,
-                  lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.",
-                  square=square)
-    if category in ("beeps", "flashes"):  # one count, heard or seen: k of 8 equal slots, each event
-        # in the middle half of its slot, so 24 or more uniform frames see every flash (checked for
-        # 32 to 3,000 frames; 18 miss some at 36 to 71 frames)
-        k, m = int(rng.integers(1, 5)), n // 8
-        at = [(m * s + m // 4, m // 2) for s in sorted(rng.choice(8, k, replace=False))]
-        if category == "flashes":
-            return qa("The screen flashes now and then. How many flashes are there? Answer with a "
-                      "number.", ["1", "2", "3", "4"], k - 1,
-                      lambda c: f"I count {c + 1} flash{'es' * (c > 0)}, so the answer is {c + 1}.",
-                      flash=[(t, d, cols[rng.integers(len(cols))]) for t, d in at])
-        return qa("Listen: a beep sounds now and then. How many beeps are there? Answer with a "
+
+def steady(corner, n):  # (n, 2): the square in one corner throughout
+    return np.tile(CORNERS[corner], (n, 1)).astype(float)
+
+
+def direction_scenario(rng, n):  # "... moves right": from the left side to the right side
+    ways = list(DIRECTIONS)
+    ans = int(rng.integers(4))
+    a = np.array(SIDES[DIRECTIONS[ways[ans]]])
+    return qa("A white square slides across the screen. Which way does it move? Answer with "
+              "one word: left, right, up or down.", ways, ans,
+              lambda c: f"The square starts at the {DIRECTIONS[ways[c]]} and crosses the "
+                        f"screen, so it moves {ways[c]}.",
+              square=a + (1 - 2 * a) * np.linspace(0, 1, n)[:, None])
+
+
+def count_scenario(rng, n):  # brief flashes, a number for an answer
+    k = int(rng.integers(1, 5))
+    slots = sorted(rng.choice(n // 8, k, replace=False))
+    return qa("The screen flashes briefly now and then. How many flashes are there? Answer "
+              "with a number.", ["1", "2", "3", "4"], k - 1,
+              lambda c: f"I count {c + 1} brief flash{'es' * (c > 0)}, so the answer is "
+                        f"{c + 1}.",
+              flash=[(8 * s + 3, 3, COLS[rng.integers(len(COLS))]) for s in slots])
+
+
+def when_scenario(rng, n):  # one brief flash: which quarter of the video
+    q, color = int(rng.integers(4)), COLS[rng.integers(len(COLS))]
+    return qa(f"The screen flashes {color} once, briefly. When?", QUARTERS, q,
+              lambda c: f"The {color} flash comes {QUARTERS[c]} of the video, so the answer is "
+                        f"{LETTERS[c]}.", lettered=True,
+              flash=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, color)])
+
+
+def return_scenario(rng, n):  # the first and the last frames decide: far apart
+    start, same = int(rng.integers(4)), bool(rng.integers(2))
+    end = start if same else int(rng.choice([j for j in range(4) if j != start]))
+    square, hops = steady(NAMES[start], n), [NAMES[j] for j in rng.integers(4, size=3)]
+    for i, corner in enumerate(hops):  # wanders in between
+        square[n // 4 + i * n // 6:] = CORNERS[corner]
+    square[3 * n // 4:] = CORNERS[NAMES[end]]
+
+    def seen(c):  # where a trace claiming c says the square ends (a wrong claim: misread)
+        return (NAMES[end] if c == int(not same) else NAMES[start] if c == 0 else
+                NAMES[(start + 1) % 4])
+    return qa("A white square jumps between the corners. Does it end in the corner where it "
+              "started? Answer yes or no.", ["yes", "no"], int(not same),
+              lambda c: f"The square starts {NAMES[start]} and ends {seen(c)}, so the answer "
+                        f"is {['yes', 'no'][c]}.", square=square)
+
+
+def longest_scenario(rng, n):  # steady colors of different lengths
+    four = [OPTION_COLORS[j] for j in rng.permutation(4)]
+    lens, flash, t = rng.permutation([6, 10, 14]), [], 2
+    for color, m in zip(four[:3], lens):
+        flash.append((t, int(m * n // 48), color))
+        t += int(m * n // 48) + n // 16
+    return qa("Three colors fill the screen one after another. Which stays longest?",
+              OPTION_COLORS, OPTION_COLORS.index(four[int(np.argmax(lens))]),
+              lambda c: f"{OPTION_COLORS[c].capitalize()} stays on the screen longer than the "
+                        f"others, so the answer is {LETTERS[c]}.", lettered=True, flash=flash)
+
+
+def corner_scenario(rng, n):  # where the square spends most of the time, a two-word answer
+    home = int(rng.integers(4))
+    square = steady(NAMES[home], n)
+    for s in rng.choice(range(1, 8), 2, replace=False):  # two brief visits elsewhere
+        away = NAMES[(home + 1 + rng.integers(3)) % 4]
+        square[s * n // 8:s * n // 8 + n // 16] = CORNERS[away]
+    return qa("Where does the white square spend most of the video? Answer top left, top "
+              "right, bottom left or bottom right.", NAMES, home,
+              lambda c: f"The square stays in the {NAMES[c]} corner most of the time, so the "
+                        f"answer is {NAMES[c]}.", square=square)
+
+
+def jumps_scenario(rng, n):  # a number: how often the square changes corner
+    k = int(rng.integers(0, 4))
+    at = [int(rng.integers(4))]
+    for _ in range(k):
+        at.append(int((at[-1] + 1 + rng.integers(3)) % 4))
+    square = steady(NAMES[at[0]], n)
+    for i, c in enumerate(at[1:], 1):
+        square[i * n // (k + 1):] = CORNERS[NAMES[c]]
+    return qa("How many times does the white square jump to another corner? Answer with a "
+              "number.", ["0", "1", "2", "3"], k,
+              lambda c: f"The square jumps {c} time{'s' * (c != 1)}, so the answer is {c}.",
+              square=square)
+
+
+def events_scenario(rng, n, category):  # one count, heard or seen: k of 8 equal slots, each event
+    # in the middle half of its slot, so 24 or more uniform frames see every flash (checked for
+    # 32 to 3,000 frames; 18 miss some at 36 to 71 frames)
+    k, m = int(rng.integers(1, 5)), n // 8
+    at = [(m * s + m // 4, m // 2) for s in sorted(rng.choice(8, k, replace=False))]
+    if category == "flashes":
+        return qa("The screen flashes now and then. How many flashes are there? Answer with a "
                   "number.", ["1", "2", "3", "4"], k - 1,
-                  lambda c: f"I hear {c + 1} beep{'s' * (c > 0)}, so the answer is {c + 1}.",
-                  beeps=[(t, d, hz()) for t, d in at])
-    if category == "pitch":  # a high tone (1.2-2.4 kHz) and a low one (200-400 Hz), one in each half
-        first, m, said = int(rng.integers(2)), n // 8, ["high", "low"]  # first 0: the high tone
-        high, low = float(rng.uniform(1200, 2400)), float(rng.uniform(200, 400))
-        at = [int(rng.integers(1, n // 2 - m)), int(rng.integers(n // 2, n - m))]
-        return qa("Two tones sound one after the other, one high and one low. Which comes first? "
-                  "Answer high or low.", said, first,
-                  lambda c: f"The first tone is {said[c]} and the second {said[1 - c]}, so the "
-                            f"answer is {said[c]}.",
-                  beeps=[(at[0], m, [high, low][first]), (at[1], m, [low, high][first])])
-    if category == "heard_when":  # "when" heard, not seen
-        q = int(rng.integers(4))
-        return qa("A beep sounds once. When?", QUARTERS, q,
-                  lambda c: f"The beep comes {QUARTERS[c]} of the video, so the answer is "
-                            f"{LETTERS[c]}.", lettered=True,
-                  beeps=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, hz())])
-    if category != "after":
-        raise ValueError(f"unknown task category {category!r}: one of {FAMILIES}")
+                  lambda c: f"I count {c + 1} flash{'es' * (c > 0)}, so the answer is {c + 1}.",
+                  flash=[(t, d, COLS[rng.integers(len(COLS))]) for t, d in at])
+    return qa("Listen: a beep sounds now and then. How many beeps are there? Answer with a "
+              "number.", ["1", "2", "3", "4"], k - 1,
+              lambda c: f"I hear {c + 1} beep{'s' * (c > 0)}, so the answer is {c + 1}.",
+              beeps=[(t, d, hz(rng)) for t, d in at])
+
+
+def pitch_scenario(rng, n):  # a high tone (1.2-2.4 kHz) and a low one (200-400 Hz), one in each half
+    first, m, said = int(rng.integers(2)), n // 8, ["high", "low"]  # first 0: the high tone
+    high, low = float(rng.uniform(1200, 2400)), float(rng.uniform(200, 400))
+    at = [int(rng.integers(1, n // 2 - m)), int(rng.integers(n // 2, n - m))]
+    return qa("Two tones sound one after the other, one high and one low. Which comes first? "
+              "Answer high or low.", said, first,
+              lambda c: f"The first tone is {said[c]} and the second {said[1 - c]}, so the "
+                        f"answer is {said[c]}.",
+              beeps=[(at[0], m, [high, low][first]), (at[1], m, [low, high][first])])
+
+
+def heard_when_scenario(rng, n):  # "when" heard, not seen
+    q = int(rng.integers(4))
+    return qa("A beep sounds once. When?", QUARTERS, q,
+              lambda c: f"The beep comes {QUARTERS[c]} of the video, so the answer is "
+                        f"{LETTERS[c]}.", lettered=True,
+              beeps=[(q * n // 4 + int(rng.integers(1, max(2, n // 4 - 4))), 3, hz(rng))])
+
+
+def after_scenario(rng, n):  # the color that flashes next after a cue (an extra color between)
     order = [OPTION_COLORS[j] for j in rng.permutation(4)]
     cue = order[int(rng.integers(3))]
     nxt = order[order.index(cue) + 1]
-    order.insert(int(rng.integers(5)), cols[4 + rng.integers(2)])  # purple or cyan, not an option
+    order.insert(int(rng.integers(5)), COLS[4 + rng.integers(2)])  # purple or cyan, not an option
     return qa(f"Colors flash one at a time. Which of these flashes next after {cue}?",
               OPTION_COLORS, OPTION_COLORS.index(nxt),
               lambda c: f"After {cue} the next of these colors to flash is {OPTION_COLORS[c]}, so "
                         f"the answer is {LETTERS[c]}.", lettered=True,
               flash=[(2 + i * n // 5, 3, c) for i, c in enumerate(order)])
+
+
+SCENARIOS = {"direction": direction_scenario, "count": count_scenario, "when": when_scenario,
+             "return": return_scenario, "longest": longest_scenario, "corner": corner_scenario,
+             "jumps": jumps_scenario, "pitch": pitch_scenario, "heard_when": heard_when_scenario,
+             "beeps": lambda rng, n: events_scenario(rng, n, "beeps"),
+             "flashes": lambda rng, n: events_scenario(rng, n, "flashes"), "after": after_scenario}
+
+
+def motion_scenario(rng, category, n):
+    """One video of n frames as drawing and sound instructions: flashes [(start, length, color)],
+    the square's (row, col) per frame (0..1 of the free space) or None, beeps [(start, length, Hz)]
+    (the sound family); its question, options (empty: the answer is the choice itself), choices,
+    answer index and trace(claim) ending in choice `claim`."""
+    if category not in SCENARIOS:
+        raise ValueError(f"unknown task category {category!r}: one of {FAMILIES}")
+    return SCENARIOS[category](rng, n)
 
 
 def motion_frames(sc, n_frames, size, rng):

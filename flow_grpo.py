@@ -594,17 +594,9 @@ def save(pipe, out, state, weights=None):
     M.save_atomic(out, fill)
 
 
-def main(args):
-    if args.G < 2:
-        ap.error("--G must be at least 2: an advantage compares a sample with its prompt's others")
-    if not 0 < args.train_steps <= args.denoise and args.train_steps:
-        ap.error(f"--train-steps must be in [1, --denoise = {args.denoise}] or 0 (all)")
-    par = mr_sp.init_parallel(args.sp)
-    if args.prompts % par.dp:
-        raise SystemExit(f"--prompts {args.prompts} must be a multiple of the {par.dp} "
-                         "data-parallel ranks (processes / --sp)")
-    ckpt = os.path.join(args.out, "model")
-    src, state = M.resume(ckpt) if args.resume else (args.init, None)
+def build(args, par, src, state):
+    """The pipeline from src, its transformer trained (sharded with --fsdp, Ulysses with --sp), the
+    frozen reference (the initial transformer; None without --kl-coef), run, params and AdamW."""
     pipe = load(src, par.device, args.seed, args.resolution)
     tr = pipe.transformer
     tr.requires_grad_(True)
@@ -622,6 +614,34 @@ def main(args):
     run = mr_sp.shard(tr, blocks=blocks) if fsdp else mr_sp.call
     params = list(tr.parameters())  # after shard, which replaces them
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return pipe, tr, ref, run, params, opt
+
+
+def report(args, pipe, run, held, par, reward_fn, first, stats, ckpt):
+    """The held-out reward after training beside the one before, the before/after grid, the JSON
+    line."""
+    after, ims = mr_sp.unsharded(run, evaluate, args, pipe, held, par, reward_fn)
+    grid = os.path.join(args.out, "grid.png")
+    if par.rank == 0:
+        save_grid([first["images"], ims], grid)
+        print(f"held-out reward ({len(held)} prompts, ODE, {args.eval_denoise} steps): "
+              f"{first['reward']:.4f} before -> {after:.4f} after; {grid}: before (top), after")
+        print(json.dumps({"out": ckpt, "steps": args.steps, "eval_before": first["reward"],
+                          "eval_after": after, "grid": grid, **stats}))
+
+
+def main(args):
+    if args.G < 2:
+        ap.error("--G must be at least 2: an advantage compares a sample with its prompt's others")
+    if not 0 < args.train_steps <= args.denoise and args.train_steps:
+        ap.error(f"--train-steps must be in [1, --denoise = {args.denoise}] or 0 (all)")
+    par = mr_sp.init_parallel(args.sp)
+    if args.prompts % par.dp:
+        raise SystemExit(f"--prompts {args.prompts} must be a multiple of the {par.dp} "
+                         "data-parallel ranks (processes / --sp)")
+    ckpt = os.path.join(args.out, "model")
+    src, state = M.resume(ckpt) if args.resume else (args.init, None)
+    pipe, tr, ref, run, params, opt = build(args, par, src, state)
     start = mr_sp.load_state(tr, opt, state)
     cursor, stats, first = ((state["cursor"], state["stats"], state["eval"]) if state else
                             (0, {"reward_errors": 0, "skipped_updates": 0}, None))
@@ -668,14 +688,7 @@ def main(args):
             if par.rank == 0:  # save_state: a collective
                 save(pipe, ckpt, state, sd)
     tr.eval()
-    after, ims = mr_sp.unsharded(run, evaluate, args, pipe, held, par, reward_fn)
-    grid = os.path.join(args.out, "grid.png")
-    if par.rank == 0:
-        save_grid([first["images"], ims], grid)
-        print(f"held-out reward ({len(held)} prompts, ODE, {args.eval_denoise} steps): "
-              f"{first['reward']:.4f} before -> {after:.4f} after; {grid}: before (top), after")
-        print(json.dumps({"out": ckpt, "steps": args.steps, "eval_before": first["reward"],
-                          "eval_after": after, "grid": grid, **stats}))
+    report(args, pipe, run, held, par, reward_fn, first, stats, ckpt)
     mr_sp.shutdown()
 
 

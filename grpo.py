@@ -629,8 +629,8 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n,
                truncated=s["truncated"] / n, flat_groups=s["flat"] / n,
-               rollout_entropy=s["nll"] / max(s["response_len"], 1.0), rollout_logprob_gap=gap, **log,
-               time_encode=times["encode"], time_rollout=times["rollout"],
+               rollout_entropy=s["nll"] / max(s["response_len"], 1.0), rollout_logprob_gap=gap,
+               **log, time_encode=times["encode"], time_rollout=times["rollout"],
                time_prefill=times["old"] + times["ref"], time_update=times["update"],
                time_sync=times["sync"], tok_per_s=s["response_len"] / busy,
                peak_gb=max(map(max, table)), peak_gb_ranks={k: [round(x, 4) for x in row]

@@ -1,5 +1,5 @@
-"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
-Qwen3.5 and the Qwen2.5-Omni thinker (which also hears).
+"""The model layer every stage shares: a thin layer over transformers' Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, Qwen3.5 and the Qwen2.5-Omni thinker (which also hears).
 
     python model.py check --hf DIR     # our path vs transformers' full forward on a local HF folder
     python model.py check --hf tiny-qwen3-vl   # the same on a tiny model built in code (see TINY)
@@ -116,8 +116,8 @@ FAMILIES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen
 # which Qwen3.5 keeps (without DeepStack); Qwen3.5's language model is hybrid: Gated DeltaNet layers
 # ("linear_attention", a causal convolution and a recurrent state, no KV cache) and gated attention.
 QWEN3 = ("qwen3_vl", "qwen3_5")
-# Qwen2.5-Omni's thinker: Qwen2.5-VL's vision and language model, an audio tower (Whisper's encoder),
-# and TMRoPE: 25 temporal positions a second (position_id_per_seconds), audio a position a token (40 ms)
+# Qwen2.5-Omni's thinker: Qwen2.5-VL's vision and language model, an audio tower (Whisper's
+# encoder), and TMRoPE: 25 positions a second (position_id_per_seconds), audio one a 40 ms token
 OMNI = "qwen2_5_omni_thinker"
 
 
@@ -129,10 +129,10 @@ def recurrent(config):
 
 
 # --init names of the tiny models built in code: (family, tiny_config arguments). "tiny:<name>" are
-# miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings, vision
-# tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths, so what
-# the real shape runs into (Ulysses over 28 heads, FSDP over an untied lm_head) shows on a CPU. The
-# real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each miniature against its.
+# miniatures of real checkpoints: the real one's query and KV heads, tied or untied embeddings,
+# vision tower layout (window and full-attention blocks, DeepStack taps) at tiny widths and depths,
+# so what the real shape runs into (Ulysses over 28 heads, FSDP over an untied lm_head) shows on a
+# CPU. The real configs are mr_sp.REAL (the planner's); tests/test_model.py checks each against its.
 TINY = {"tiny": ("qwen2_5_vl", {}), "tiny-qwen2-vl": ("qwen2_vl", {}), "tiny-qwen2.5-vl": ("qwen2_5_vl", {}),
         "tiny-qwen3-vl": ("qwen3_vl", {}), "tiny-qwen3.5": ("qwen3_5", dict(layers=4)),
         "tiny-qwen2.5-omni": (OMNI, {}),
@@ -175,7 +175,7 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
         if family == "qwen2_5_vl":
             vision.update(tokens_per_second=2)
         else:  # the audio tower as released (128 mels, attention within windows of 2 s: n_window
-            # 100) at the vision tower's width and depth; 25 positions a second, chunks of 2 s: defaults
+            # 100) at the tower's width and depth; 25 positions a second, 2 s chunks: defaults
             extra = dict(audio_config=dict(num_mel_bins=128, n_window=100, d_model=vision_hidden,
                                            encoder_layers=vision_depth, encoder_attention_heads=vision_heads,
                                            encoder_ffn_dim=2 * vision_hidden, output_dim=hidden,
@@ -243,7 +243,7 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
         for m in model.modules():
             if hasattr(m, "A_log"):  # GDN: transformers draws A in [0.01, 16]: most heads forget
                 # all but the last few tokens, and a state handed to the wrong prompt or sample
-                # would go unseen; decays of 0.9 to 0.999 a token keep each head's memory of a prompt
+                # would go unseen; decays of 0.9 to 0.999 a token keep each head's prompt memory
                 m.A_log.data.copy_(torch.linspace(0.001, 0.05, len(m.A_log)).log())
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -252,8 +252,8 @@ def load(path="tiny", dtype=torch.float32, device="cpu", seed=0, **tiny_kwargs):
         tok = transformers.AutoTokenizer.from_pretrained(path)
         with open(os.path.join(path, "config.json")) as f:
             whole_omni = json.load(f).get("model_type") == "qwen2_5_omni"
-        # the thinker class reads a whole folder's thinker_config and its weights under thinker.* (the
-        # talker's and token2wav's it reports as unexpected and leaves)
+        # the thinker class reads a whole folder's thinker_config and its weights under thinker.*
+        # (the talker's and token2wav's it reports as unexpected and leaves)
         cls = (transformers.Qwen2_5OmniThinkerForConditionalGeneration if whole_omni
                else transformers.AutoModelForImageTextToText)
         model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn)
@@ -296,9 +296,9 @@ def save_atomic(out, fill):
 
 
 def processor_config(config):
-    """The family's preprocessor_config.json, the values Qwen ships (sizes from the config): vLLM and
-    transformers' AutoProcessor need it to load a folder; data.py patchifies and normalizes with its
-    patch_size, image_mean and image_std (Qwen3-VL: 16-pixel patches, mean and std 0.5)."""
+    """The family's preprocessor_config.json, the values Qwen ships (sizes from the config): vLLM
+    and transformers' AutoProcessor need it to load a folder; data.py patchifies and normalizes with
+    its patch_size, image_mean and image_std (Qwen3-VL: 16-pixel patches, mean and std 0.5)."""
     vc, clip = config.vision_config, config.model_type not in QWEN3
     out = dict(image_processor_type="Qwen2VLImageProcessor",
                processor_class=FAMILIES[config.model_type].replace("Thinker", "") + "Processor",
@@ -324,28 +324,28 @@ def resume(out):
 
 
 # -----------------------------------------------------------------------------
-# Pixels in, embeddings out; text in, token ids out. A sample's visual input is one video, one image,
-# or none (text only); images and video frames alike are rows of 2 x patch x patch pixel patches.
+# Pixels in, embeddings out; text in, token ids out. A sample's visual input is one video, one
+# image, or none (text only); images and video frames alike are rows of 2 x patch x patch pixels.
 
 def parts(model):
     """(the module holding the towers and their get_*_features, the language model): model.model and
-    model.model.language_model; Qwen2.5-Omni's thinker holds its towers itself (visual, audio_tower),
-    and its language model is model.model."""
+    model.model.language_model; Qwen2.5-Omni's thinker holds its towers itself (visual,
+    audio_tower), and its language model is model.model."""
     if model.config.model_type == OMNI:
         return model, model.model
     return model.model, model.model.language_model
 
 
 def towers(model):
-    """The encoders, {name: module}: the vision tower and Qwen2.5-Omni's audio tower (held by `parts`'
-    first; frozen in RL, where the reference drops them)."""
+    """The encoders, {name: module}: the vision tower and Qwen2.5-Omni's audio tower (held by
+    `parts`' first; frozen in RL, where the reference drops them)."""
     holder = parts(model)[0]
     return {k: getattr(holder, k) for k in ("visual", "audio_tower") if getattr(holder, k, None) is not None}
 
 
 def encode_pixels(model, pixel_values, grid_thw):
-    """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what RL
-    caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack
+    """(patches, 3*2*p*p) pixels + (n, 3) grids -> (n_tokens, width): the vision tower alone, what
+    RL caches (computed once per prompt, reused by every rollout and pass). Qwen3-VL's DeepStack
     features, added to the first decoder layers' hidden states at the visual positions, ride along
     concatenated: width (1 + k) * hidden, [embeddings | feature 0 | ...], as vLLM takes them."""
     visual = parts(model)[0].visual
@@ -377,14 +377,15 @@ def pad_ids(config, audio=False):
 
 def build_prompt(tok, config, text, kind=None, grid_thw=None, frame_times=None, expand=True,
                  second_per_grid=None, audio=0):
-    """Chat-template ids of a user turn (a video, an image or audio, then text; kind None: text only)
-    with the assistant turn opened. The template's <|vision_start|><|*_pad|><|vision_end|> is
+    """Chat-template ids of a user turn (a video, an image or audio, then text; kind None: text
+    only) with the assistant turn opened. The template's <|vision_start|><|*_pad|><|vision_end|> is
     expanded without tokenizing the pads: one pad per visual token; for a Qwen3-VL video, one
     "<t seconds>" (tokenized alone, as vLLM does) and its own start/end per temporal group, t the
     mean time of the group's frames (frame_times, seconds, one per sampled frame). Qwen2.5-Omni
     (its own names for these tokens): audio is the number of audio tokens, of kind "audio" or of a
     video's own sound, laid out with it as `audio_in_video` says (which needs second_per_grid).
-    expand=False: the ids vLLM expands to the same (one pad; for a Qwen3-VL video, the pad alone)."""
+    expand=False: the ids vLLM expands to the same (one pad; for a Qwen3-VL video, the pad
+    alone)."""
     content = ([{"type": kind}] if kind else []) + [{"type": "text", "text": text}]
     s = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                 tokenize=False)
@@ -421,9 +422,10 @@ def group_times(frame_times):
 
 def audio_in_video(config, grid_thw, second_per_grid, n_audio):
     """Qwen2.5-Omni's video with its own sound (use_audio_in_video): the ids it puts between
-    <|vision_bos|> and <|vision_eos|>, <|audio_bos|> ... <|audio_eos|>. Video tokens by their temporal
-    position (`temporal`) and audio tokens by theirs (0, 1, ...: 25 a second) are cut into chunks of
-    seconds_per_chunk x 25 positions (`chunk_bounds`); video chunk j, then audio chunk j."""
+    <|vision_bos|> and <|vision_eos|>, <|audio_bos|> ... <|audio_eos|>. Video tokens by their
+    temporal position (`temporal`) and audio tokens by theirs (0, 1, ...: 25 a second) are cut into
+    chunks of seconds_per_chunk x 25 positions (`chunk_bounds`); video chunk j, then audio chunk
+    j."""
     t, h, w = torch.as_tensor(grid_thw).view(3).tolist()
     merge = config.vision_config.spatial_merge_size
     video = temporal(config, t, second_per_grid).repeat_interleave(h * w // merge ** 2).tolist()
@@ -437,10 +439,10 @@ def audio_in_video(config, grid_thw, second_per_grid, n_audio):
 
 def chunk_bounds(values, size):
     """[start, end) of each chunk of nondecreasing values: chunk k - 1 closes before the first value
-    at or past k * size, then k advances by one, at most once a value (transformers' get_chunked_index,
-    which Qwen2.5-Omni's processor and get_rope_index share). So values that leap several chunks, as a
-    temporal group longer than a chunk does, open one chunk a token: 0, 0, 100, 100 at size 50 give
-    [0, 0], [100], [100], not [0, 0], [], [100, 100]."""
+    at or past k * size, then k advances by one, at most once a value (transformers'
+    get_chunked_index, which Qwen2.5-Omni's processor and get_rope_index share). So values that leap
+    several chunks, as a temporal group longer than a chunk does, open one chunk a token: 0, 0, 100,
+    100 at size 50 give [0, 0], [100], [100], not [0, 0], [], [100, 100]."""
     out, start, k = [], 0, 1
     for i, v in enumerate(values):
         if v >= k * size:
@@ -459,8 +461,8 @@ def banned_ids(tok):
 def splice(model, input_ids, visual, audio=None):
     """Token embeddings with the visual embeddings (None: none) placed, in order, at the
     <|video_pad|> and <|image_pad|> positions, and Qwen2.5-Omni's audio embeddings (`encode_mels`)
-    at its <|AUDIO|> positions. With DeepStack features (`encode_pixels`), the result is as wide as they
-    are, zero past the token embedding at text positions (`forward` splits it)."""
+    at its <|AUDIO|> positions. With DeepStack features (`encode_pixels`), the result is as wide as
+    they are, zero past the token embedding at text positions (`forward` splits it)."""
     x = model.get_input_embeddings()(input_ids)
     for what, emb, ids in (("visual", visual, pad_ids(model.config)),
                            ("audio", audio, pad_ids(model.config, audio=True))):
@@ -485,10 +487,10 @@ def splice(model, input_ids, visual, audio=None):
 # (i * second_per_grid) * tokens_per_second, truncate differently for some frame rates (at 31/14 s
 # per group, group 7 is 30 instead of 31), and rollout and training would disagree there.
 # Qwen2.5-Omni (TMRoPE, its get_rope_index): temporal(i) int(i * second_per_grid * 25) in float32 as
-# transformers forms it (at 2/3 s per group, group 3 is 50; float64 gives 49); audio tokens advance by
-# 1 in all three, as text; a video's own sound (`audio_in_video`) starts with the video at s, each
-# token at s + k in all three, and the pairs <|vision_bos|><|audio_bos|> and <|audio_eos|><|vision_eos|>
-# around them each share one position.
+# transformers forms it (at 2/3 s per group, group 3 is 50; float64 gives 49); audio tokens advance
+# by 1 in all three, as text; a video's own sound (`audio_in_video`) starts with the video at s,
+# each token at s + k in all three, and the pairs <|vision_bos|><|audio_bos|> and
+# <|audio_eos|><|vision_eos|> around them each share one position.
 
 def temporal(config, t, second_per_grid):
     """(t,) temporal position offsets of a video's t temporal groups, each family's arithmetic."""
@@ -793,7 +795,7 @@ def decode(model, cache, mask, h, nxt, n=1, max_new=64, temperature=1.0, top_p=1
     own, shared = DynamicCache(config=cfg), dict(cache=cache, mask=mask, n=n, sp_group=sp_group)
     for a, b in zip(cache.layers, own.layers):
         if hasattr(a, "recurrent_states"):  # a GDN layer: what it carries of the prompt is a fixed
-            # state (the convolution's last inputs, the recurrence's heads x dk x dv), one per sample
+            # state (the convolution's last inputs, the recurrence's heads x dk x dv) a sample
             set_state(b, *(x[0].repeat_interleave(n, 0) for x in (a.conv_states, a.recurrent_states)))
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=h.device)
     h, nxt = h.repeat_interleave(n, 0), nxt.repeat_interleave(n)
@@ -832,8 +834,8 @@ def generate(model, embeds, pos, mask, n=1, chunk=1024, **kw):
 
 
 @torch.no_grad()
-def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0, eos_ids=(),
-                   banned=None, pad_id=0, generator=None):
+def generate_naive(model, embeds, pos, mask, n=1, max_new=64, temperature=1.0, top_p=1.0,
+                   eos_ids=(), banned=None, pad_id=0, generator=None):
     """The reference for `generate`: rows repeated n times, all re-run per new token, no cache."""
     eos = torch.as_tensor(list(eos_ids), dtype=torch.long, device=embeds.device)
     embeds, pos, mask = (embeds.repeat_interleave(n, 0), pos.repeat_interleave(n, 1),
@@ -875,7 +877,8 @@ def random_samples(model, grids=((4, 8, 8), (2, 4, 6)), kind="video", seed=0, se
 
 
 def random_audio(seconds, seed=0):
-    """A sample's sound as data.audio_features gives it (100 frames a second), of random log-mels."""
+    """A sample's sound as data.audio_features gives it (100 frames a second), of random
+    log-mels."""
     n = round(100 * seconds)
     return dict(input_features=torch.randn(1, 128, n, generator=torch.Generator().manual_seed(seed)),
                 feature_attention_mask=torch.ones(1, n, dtype=torch.long))
@@ -896,7 +899,8 @@ def prompt_of(tok, config, sample, text):
 
 
 def reference_features(model, sample):
-    """transformers' own encode of a sample (its get_*_features), laid out as encode_pixels returns."""
+    """transformers' own encode of a sample (its get_*_features), laid out as encode_pixels
+    returns."""
     get = getattr(parts(model)[0], f"get_{sample['kind']}_features")
     f = get(sample["pixel_values"], sample["grid_thw"])
     deep = getattr(f, "deepstack_features", None) or []
@@ -904,7 +908,8 @@ def reference_features(model, sample):
 
 
 def reference_audio(model, sample):
-    """transformers' own encode of a sample's sound (the Qwen2.5-Omni thinker's get_audio_features)."""
+    """transformers' own encode of a sample's sound (the Qwen2.5-Omni thinker's
+    get_audio_features)."""
     f = model.get_audio_features(sample["input_features"], sample["feature_attention_mask"])
     return f.last_hidden_state
 
@@ -926,13 +931,13 @@ def reference_logits(model, ids, pos, sample):
 
 
 def check(path, dtype=torch.float32):
-    """Our path (encode_pixels, encode_mels, splice, our positions, forward) vs transformers' own forward
-    from pixels and audio features, for videos, an image and text alone; on Qwen2.5-Omni also audio
-    alone and videos with their sound. transformers is given our positions (its Qwen2.5-VL rule is
-    not the original: it resumes text after a video at start + max(h, w)), except on Qwen2.5-Omni,
-    whose get_rope_index is the original rule: there it computes its own, so the logits compare the
-    positions too. Returns max abs differences of the visual embeddings (DeepStack features
-    included), the audio embeddings and the logits of each kind."""
+    """Our path (encode_pixels, encode_mels, splice, our positions, forward) vs transformers' own
+    forward from pixels and audio features, for videos, an image and text alone; on Qwen2.5-Omni
+    also audio alone and videos with their sound. transformers is given our positions (its
+    Qwen2.5-VL rule is not the original: it resumes text after a video at start + max(h, w)), except
+    on Qwen2.5-Omni, whose get_rope_index is the original rule: there it computes its own, so the
+    logits compare the positions too. Returns max abs differences of the visual embeddings
+    (DeepStack features included), the audio embeddings and the logits of each kind."""
     model, tok = load(path, dtype=dtype)
     omni = model.config.model_type == OMNI
     out = {"model": path, "family": model.config.model_type, "dtype": str(dtype).split(".")[-1]}

@@ -17,13 +17,14 @@ What every stage calls for its videos and its long sequences:
   rows (the old-policy, reference and update passes);
   rows of one prompt run packed, the prompt once for all their responses (model.packed_attention;
   not through GDN layers, whose state would carry one response into the next).
-- `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the runtime).
+- `memory_window`, `peak_memory`: a phase's peak (CUDA allocator; CPU resident set above the
+  runtime).
 - `shard` (--fsdp): FSDP2 over all ranks instead of replicated weights and `sync_grads`; a pass
   runs through the `run` it returns (`call` when replicated), a rollout through `unsharded` (the
   weights gathered once); `save_state` and `load_state` keep checkpoints in the replicated format.
-- A run's skeleton, the same in sft.py, grpo.py and flow_grpo.py: `load_state` (--resume), `autocast`
-  (--dtype), `equal_passes` (FSDP), `optimizer_step`, `save_state`, `open_log` and `log_step` (args.json,
-  metrics.jsonl).
+- A run's skeleton, the same in sft.py, grpo.py and flow_grpo.py: `load_state` (--resume),
+  `autocast` (--dtype), `equal_passes` (FSDP), `optimizer_step`, `save_state`, `open_log` and
+  `log_step` (args.json, metrics.jsonl).
 - `plan_run`: a run's memory per rank from its flags and the model's config alone (`plan`); grpo.py
   and sft.py plan theirs at start (`plan_start`: resolve the flags left to it, print, plan.json,
   stop a run its GPU cannot hold), and `python mr_sp.py plan` prints it for any layout.
@@ -65,8 +66,8 @@ import model as M
 
 
 # Process-group backends by device type: on CUDA, NCCL for GPU tensors and gloo beside it for the
-# CPU ones (metric sums, sample lengths, counts): "nccl" alone maps only cuda, and a collective on a CPU
-# tensor then fails ("No backend type associated with device type cpu").
+# CPU ones (metric sums, sample lengths, counts): "nccl" alone maps only cuda, and a collective on a
+# CPU tensor then fails ("No backend type associated with device type cpu").
 BACKEND = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
@@ -119,8 +120,8 @@ _runtime = 0
 
 
 def memory_window():
-    """Start a new peak-memory window (a phase's): CUDA's allocator peak, or on CPU the resident set's
-    high-water mark (Linux; where it cannot be reset, the window is the whole run)."""
+    """Start a new peak-memory window (a phase's): CUDA's allocator peak, or on CPU the resident
+    set's high-water mark (Linux; where it cannot be reset, the window is the whole run)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return
@@ -145,8 +146,9 @@ def runtime_baseline(config):
 
 
 def peak_memory():
-    """Bytes at the current window's peak: CUDA's allocated tensors, or on CPU the resident set above
-    the runtime's (`runtime_baseline`: what the planner counts, tensors, not the interpreter)."""
+    """Bytes at the current window's peak: CUDA's allocated tensors, or on CPU the resident set
+    above the runtime's (`runtime_baseline`: what the planner counts, tensors, not the
+    interpreter)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     return max(_resident()[1] - _runtime, 0)
@@ -225,8 +227,9 @@ def optimizer_step(params, opt, clip, lr=None):
 
 
 def autocast(device, dtype):
-    """A run's region: bfloat16 autocasts over fp32 weights (AdamW on bf16 ones loses small updates),
-    uncached (its bf16 copy of a weight would live to the region's end: step 1's weights, ever)."""
+    """A run's region: bfloat16 autocasts over fp32 weights (AdamW on bf16 ones loses small
+    updates), uncached (its bf16 copy of a weight would live to the region's end: step 1's weights,
+    ever)."""
     return torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bfloat16", cache_enabled=False)
 
 
@@ -264,8 +267,8 @@ def shard(model, params=None, dtype=torch.float32, blocks=None):
     rollout runs in `unsharded`. Make the optimizer after (it replaces parameters).
 
     dtype: the gathered weights' (bfloat16 for --dtype bfloat16: FSDP's mixed precision, as
-    torchtitan's; shards, AdamW and the gradients' reduction stay fp32), which halves what a pass and
-    the rollout gather.
+    torchtitan's; shards, AdamW and the gradients' reduction stay fp32), which halves what a pass
+    and the rollout gather.
 
     blocks: the units of a model that is not a transformers one (a diffusers transformer's blocks).
 
@@ -319,7 +322,8 @@ def unsharded(run, fn, *args, **kw):
 def equal_passes(parts, fsdp):
     """FSDP's rule: a pass gathers weights (a collective), so every rank runs as many. parts: a list
     per update of this rank's micro-batches (lists of dict rows); fsdp, each padded to the most any
-    rank has with weight-0 copies ("keep" 0.0; 1.0 where absent) of this rank's first micro-batch."""
+    rank has with weight-0 copies ("keep" 0.0; 1.0 where absent) of this rank's first
+    micro-batch."""
     if not fsdp:
         return parts
     most = all_reduce(torch.tensor([len(p) for p in parts]), "max").tolist()
@@ -460,7 +464,7 @@ def encode_visual(model, sample, sp_group=None):
         if not count:
             width = model.config.get_text_config().hidden_size * (
                 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())))
-            # in the dtype the tower returns (under autocast its compute dtype, not its fp32 weights')
+            # in the dtype the tower returns (under autocast the compute dtype, not its weights')
             dtype = (torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type)
                      else M.parts(model)[0].visual.dtype)
             return torch.zeros(0, width, dtype=dtype, device=dev)
@@ -477,15 +481,16 @@ def audio_windows(config, frames, sp, r):
 
 
 def encode_audio(model, sample, sp_group=None):
-    """A sample's audio embeddings (tokens, hidden), detached (the audio tower is frozen in RL); None
-    without sound (a sample with no input_features).
+    """A sample's audio embeddings (tokens, hidden), detached (the audio tower is frozen in RL);
+    None without sound (a sample with no input_features).
 
     With an SP group each rank encodes a contiguous share of the clip's windows (`audio_windows`)
     and keeps it (`audio_shares_of` them on each rank; the passes fetch the rows of their columns,
     as for the video). Exact: Qwen2.5-Omni's audio tower runs each window of 2 * n_window mel frames
     on its own (its convolutions zero-padded at the window's edges, positions restarting, attention
     within the window: cu_seqlens), and a whole window pools to whole tokens (200 frames, 50
-    tokens), so a share encoded as a clip of its own is the whole clip's encoding of those windows."""
+    tokens), so a share encoded as a clip of its own is the whole clip's encoding of those
+    windows."""
     if "input_features" not in sample:
         return None
     dev = next(model.parameters()).device
@@ -503,7 +508,8 @@ def encode_audio(model, sample, sp_group=None):
 
 
 def audio_shares_of(config, frames, sp):
-    """Rows of a clip's audio embeddings (`frames` mel frames) that each of sp ranks encodes and holds."""
+    """Rows of a clip's audio embeddings (`frames` mel frames) that each of sp ranks encodes and
+    holds."""
     return [int(D.audio_tokens(hi - lo)) if hi > lo else 0
             for lo, hi in (audio_windows(config, frames, sp, r) for r in range(sp))]
 
@@ -530,7 +536,8 @@ def shares_of(config, grid, sp):
 
 def gather_visual(visual, shares, sp_group):
     """The whole embeddings from each rank's share (`encode_visual`): all-gathered, padded to the
-    largest share (all_gather takes equal sizes) and trimmed. shares None: visual is whole already."""
+    largest share (all_gather takes equal sizes) and trimmed. shares None: visual is whole
+    already."""
     if shares is None or visual is None:
         return visual
     buf = F.pad(visual, (0, 0, 0, max(shares) - len(visual)))
@@ -581,8 +588,8 @@ def splice_columns(model, ids, rows, a, b, sp_group=None):
                 continue
             key = (id(row[what]), first[i])
             if key not in got:
-                got[key] = fetch_visual(row[what], row.get(shares), before[i], before[i] + inside[i],
-                                        sp_group)
+                got[key] = fetch_visual(row[what], row.get(shares), before[i],
+                                        before[i] + inside[i], sp_group)
             parts.append(got[key])
         out.append(torch.cat(parts) if parts else None)
     return M.splice(model, ids[:, a:b], *out)
@@ -653,7 +660,8 @@ ROLLOUT_TOKENS = 32768
 
 
 def _batches(prompts, budget):
-    """Consecutive runs of prompts of at most `budget` prompt tokens in all (at least one prompt)."""
+    """Consecutive runs of prompts of at most `budget` prompt tokens in all (at least one
+    prompt)."""
     out = []
     for p in prompts:
         if out and sum(len(q["prompt"]) for q in out[-1]) + len(p["prompt"]) <= budget:
@@ -791,7 +799,8 @@ def _all_to_all(x, sp_group):
 def scatter_heads(xs, sp_group):
     """Ulysses' first all-to-all, one collective for several tensors: each x (B, H_x, l, D) holds
     this rank's block of l = L/sp tokens with all its H_x heads (a multiple of sp); returns each as
-    (B, H_x/sp, L, D): this rank's share of its heads over all L tokens (rank i: heads i*H_x/sp on)."""
+    (B, H_x/sp, L, D): this rank's share of its heads over all L tokens (rank i: heads i*H_x/sp
+    on)."""
     sp = dist.get_world_size(sp_group)
     x = torch.cat([t.unflatten(1, (sp, -1)) for t in xs], 2).transpose(0, 1)  # (sp, B, sum/sp, l, D)
     x = _all_to_all(x, sp_group).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, sum/sp, L, D)
@@ -865,16 +874,16 @@ def ulysses_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None
     return y, None
 
 
-def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_group=None, sp_mask=None,
-                packed=None, sp_len=None, **kw):
+def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_group=None,
+                sp_mask=None, packed=None, sp_len=None, **kw):
     """A Gated DeltaNet layer (Qwen3.5) under Ulysses, in place of its forward (`use_ulysses`).
     hidden_states (B, l, d): this rank's block of l = L/sp tokens. Its projections run on the rank's
     tokens; an all-to-all scatters heads and gathers the sequence, so the causal convolution and the
-    delta-rule recurrence run over all L tokens for this rank's nk/sp key and nv/sp value heads (each
-    value head with its own key head, as transformers pairs them); the inverse all-to-all returns
-    this rank's tokens with every head, and the gated norm and output projection run on them.
-    Without sp_group and packed: the layer's own forward (rollouts, sp=1). sp_mask (B, L): left
-    padding, whose columns' inputs are zeroed as transformers zeroes them (None: right padding
+    delta-rule recurrence run over all L tokens for this rank's nk/sp key and nv/sp value heads
+    (each value head with its own key head, as transformers pairs them); the inverse all-to-all
+    returns this rank's tokens with every head, and the gated norm and output projection run on
+    them. Without sp_group and packed: the layer's own forward (rollouts, sp=1). sp_mask (B, L):
+    left padding, whose columns' inputs are zeroed as transformers zeroes them (None: right padding
     only). packed=(P, T), with or without sp_group: one prompt's rows `M.pack`ed; the prompt's
     columns run once and each response continues from its final state and last convolution inputs,
     as the rows [prompt | response] one by one. With a cache (`sp_prefill`: one prompt of sp_len
@@ -882,8 +891,8 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     decay, no update), each rank's heads' gathered into the layer's cache whole, as one process's
     prefill leaves it, so every rank decodes with all heads."""
     if sp_group is None and packed is None:
-        return type(m).forward(m, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                               **kw)
+        return type(m).forward(m, hidden_states, cache_params=cache_params,
+                               attention_mask=attention_mask, **kw)
     Q = sys.modules[type(m).__module__]  # transformers' module: its kernels, or their references
     sp, r = (dist.get_world_size(sp_group), dist.get_rank(sp_group)) if sp_group is not None else (1, 0)
     nk, nv, dk, dv = m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
@@ -933,11 +942,11 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
 
 
 def _gdn_rule(Q, m, w, split, raw, g, beta, conv0=None, state0=None, final=False):
-    """A GDN layer's mixer over whole sequences for some of its heads (`ulysses_gdn`'s): raw (B, c, L)
-    their [q | k | v] inputs (split: the three widths), w (c, K) their convolution weights, g and beta
-    (B, L, hv) their gates; conv0 (B, c, K - 1) the convolution's inputs before the sequence (default
-    zeros), state0 (B, hv, dk, dv) the recurrence's state before it (default zeros). Returns the
-    outputs (B, L, hv, dv) and, if final, the state after the sequence."""
+    """A GDN layer's mixer over whole sequences for some of its heads (`ulysses_gdn`'s): raw (B, c,
+    L) their [q | k | v] inputs (split: the three widths), w (c, K) their convolution weights, g and
+    beta (B, L, hv) their gates; conv0 (B, c, K - 1) the convolution's inputs before the sequence
+    (default zeros), state0 (B, hv, dk, dv) the recurrence's state before it (default zeros).
+    Returns the outputs (B, L, hv, dv) and, if final, the state after the sequence."""
     x = raw if conv0 is None else torch.cat([conv0, raw], -1)
     mixed = Q.causal_conv1d_fn(x, w, None, activation=m.activation)[..., x.shape[-1] - raw.shape[-1]:]
     q, k, v = mixed.transpose(1, 2).split(split, -1)
@@ -950,9 +959,10 @@ def _gdn_rule(Q, m, w, split, raw, g, beta, conv0=None, state0=None, final=False
 
 def _gdn_cache(m, cache, conv, state, rep, sp_group):
     """A GDN layer's cache from each rank's share (`ulysses_gdn`): conv (B, c, <= K) its heads' last
-    convolution inputs [q | k | v] (a key head repeated `rep` times kept once), state (B, hv, dk, dv)
-    its value heads' recurrent state; all-gathered and laid out as transformers' own prefill stores
-    them (the convolution's inputs left-padded with zeros to K, as it pads a short prompt)."""
+    convolution inputs [q | k | v] (a key head repeated `rep` times kept once), state (B, hv, dk,
+    dv) its value heads' recurrent state; all-gathered and laid out as transformers' own prefill
+    stores them (the convolution's inputs left-padded with zeros to K, as it pads a short
+    prompt)."""
     sp, nk, dk = dist.get_world_size(sp_group), m.num_k_heads, m.head_k_dim
     conv = F.pad(conv, (m.conv_kernel_size - conv.shape[-1], 0)).contiguous()
     convs = [torch.empty_like(conv) for _ in range(sp)]
@@ -1037,7 +1047,7 @@ class _SumOver(torch.autograd.Function):
 
 # -----------------------------------------------------------------------------
 # Memory planner: what one step of a run holds per rank. grpo.py and sft.py plan their own run at
-# start (`plan_start`); python mr_sp.py plan --frames F [--sp N | --world N] --config NAME|HF_FOLDER.
+# start (`plan_start`); python mr_sp.py plan --frames F [--sp N | --world N] --config NAME|FOLDER.
 
 # bench.py's model: vision FLOPs per video token / LM FLOPs per token = 0.393, Qwen2.5-VL-7B's 0.394
 # (`model_costs`; matmul FLOPs, no attention scores), found by trying LM widths and depths around
@@ -1047,18 +1057,18 @@ SMALL = dict(hidden=256, layers=6, heads=4, kv_heads=2, vision_hidden=128, visio
 # download); model.TINY's "tiny:<name>" miniatures share their structure at tiny widths.
 REAL = {
     "qwen2.5-vl-7b": ("qwen2_5_vl", dict(  # Qwen2.5-VL-7B-Instruct
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4),
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                         num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                           tokens_per_second=2),
+                           out_hidden_size=3584, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         tie_word_embeddings=False)),
     "qwen2.5-vl-3b": ("qwen2_5_vl", dict(  # Qwen2.5-VL-3B-Instruct: what bench.py gpu built on one GPU
-        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                         num_attention_heads=16, num_key_value_heads=2),
+        text_config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                         num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2),
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                           tokens_per_second=2),
+                           out_hidden_size=2048, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
         tie_word_embeddings=True)),
     "qwen3-vl-8b": ("qwen3_vl", dict(  # Qwen3-VL-8B-Instruct
         text_config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
@@ -1079,7 +1089,8 @@ REAL = {
 
 
 def plan_config(name):
-    """A config by name: "tiny", "small" (SMALL), a model.TINY name, a REAL name, or a local HF folder."""
+    """A config by name: "tiny", "small" (SMALL), a model.TINY name, a REAL name, or a local HF
+    folder."""
     import transformers
     if name in ("tiny", "small"):
         return M.tiny_config(M.tiny_tokenizer(), **(SMALL if name == "small" else {}))
@@ -1124,10 +1135,10 @@ def model_costs(config):
 # What a CUDA process holds besides its tensors, added to a plan on a GPU (`plan_run`): the CUDA
 # context, about 0.3 GiB with lazy kernel loading (CUDA >= 11.7) and 1 GiB before it
 # (pytorch/pytorch issues 107667, 28394); an NCCL communicator's buffers, 0.5-0.7 GiB a group on
-# 4 x A100 with NVLink and 1.6 GiB on a faster node (NVIDIA/nccl issues 964, 864: more channels, more
-# memory), and a rank here has up to two (the world's for FSDP and data parallel, its SP group's);
-# and the caching allocator's fragmentation (blocks cached at other sizes), a few percent of what
-# it holds: 5% of the peak. Stated, not measured here: no GPU has run this planner yet.
+# 4 x A100 with NVLink and 1.6 GiB on a faster node (NVIDIA/nccl issues 964, 864: more channels,
+# more memory), and a rank here has up to two (the world's for FSDP and data parallel, its SP
+# group's); and the caching allocator's fragmentation (blocks cached at other sizes), a few percent
+# of what it holds: 5% of the peak. Stated, not measured here: no GPU has run this planner yet.
 ALLOWANCE = dict(context=2**30, communicator=2**30, fragmentation=0.05)
 TEXT = 64  # prompt tokens besides the video's: the chat template, question and options
 SFT_TARGET = 1024  # sft.py's target tokens as planned (reasoning and answer; grpo.py plans --max-new)
@@ -1144,8 +1155,8 @@ MICRO_BATCHES, MICRO_TOKENS = (16, 8, 4, 2, 1), 32768
 
 
 def gdn_heads(t, sp=1):
-    """(key heads, value heads, key dim, value dim) of text config t's Gated DeltaNet layers as a rank
-    runs them at sp (zeros without GDN layers): ulysses_gdn repeats each key head for its value
+    """(key heads, value heads, key dim, value dim) of text config t's Gated DeltaNet layers as a
+    rank runs them at sp (zeros without GDN layers): ulysses_gdn repeats each key head for its value
     heads when sp does not divide the key heads."""
     if not M.recurrent(t):
         return 0, 0, 0, 0
@@ -1154,14 +1165,14 @@ def gdn_heads(t, sp=1):
 
 
 def saved_bytes(t, b, sp=1):
-    """Bytes autograd saves a token of a rank's in an attention layer and in a Gated DeltaNet layer of
-    text config t, compute dtype b bytes (4 fp32, 2 bf16 under autocast), at sp; counted with
+    """Bytes autograd saves a token of a rank's in an attention layer and in a Gated DeltaNet layer
+    of text config t, compute dtype b bytes (4 fp32, 2 bf16 under autocast), at sp; counted with
     torch.autograd.graph.saved_tensors_hooks (tests/test_plan.py checks them so). Attention: 4I + 8d
     + 2*Hkv*D + H + 2 values at sp=1, Ulysses 4I + 7d + 2*H'*D + 2*lcm(Hkv, sp)*D + H' + 2 (the zero
-    heads of `ulysses_heads` in q and the output), Qwen3.5's output gate 7*H'*D more. In bf16 a layer
-    also saves its norms' fp32 inputs and outputs beside the bf16 copies its projections take: 8d
-    bytes. GDN: the PyTorch reference's, fit on 11 head shapes within 2.5% (its chunked delta rule
-    runs in fp32 in either dtype: 64-token chunks, a state (dk x dv) a value head and chunk);
+    heads of `ulysses_heads` in q and the output), Qwen3.5's output gate 7*H'*D more. In bf16 a
+    layer also saves its norms' fp32 inputs and outputs beside the bf16 copies its projections take:
+    8d bytes. GDN: the PyTorch reference's, fit on 11 head shapes within 2.5% (its chunked delta
+    rule runs in fp32 in either dtype: 64-token chunks, a state (dk x dv) a value head and chunk);
     flash-linear-attention's kernels save less."""
     d, I, H, K = t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads
     D = getattr(t, "head_dim", None) or d // H
@@ -1192,24 +1203,25 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
       runs in `unsharded`);
     - rollout (grpo.py): prompts prefilled one at a time; those of at most ROLLOUT_TOKENS tokens in
       all decode together, their caches stacked (a copy: twice their KV cache), a longer one alone.
-      Prefill: sp=1 a `prefill_chunk` of layer intermediates and transformers' (chunk, P) mask, 5 B an
-      entry; sp>1 Ulysses over P/sp tokens, each rank keeping its columns' cache. Decode: this rank's
-      G/sp samples of each prompt, their own KV cache, one layer's fp32 scores of every rank's
-      samples over this rank's columns, and logits. With fsdp the policy gathered; `vllm`: the bytes
-      vLLM's engine takes instead (and its whole KV cache);
-    - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows (right
-      padding, no mask; `packed`: one sequence of the prompt and the rows' responses, and a
+      Prefill: sp=1 a `prefill_chunk` of layer intermediates and transformers' (chunk, P) mask, 5 B
+      an entry; sp>1 Ulysses over P/sp tokens, each rank keeping its columns' cache. Decode: this
+      rank's G/sp samples of each prompt, their own KV cache, one layer's fp32 scores of every
+      rank's samples over this rank's columns, and logits. With fsdp the policy gathered; `vllm`:
+      the bytes vLLM's engine takes instead (and its whole KV cache);
+    - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows
+      (right padding, no mask; `packed`: one sequence of the prompt and the rows' responses, and a
       response's copy of the prompt's keys and values): a layer's intermediates, the input
       embeddings, a logits chunk;
     - training pass: autograd's saved values per token and layer (`saved_bytes`); `ckpt`
       (activation checkpointing) keeps each layer's input, the residual stream (fp32 unless FSDP
-      gathers the embeddings in bf16), and one layer's values in its recompute. Then the larger of the backward's two stages: the lm_head chunk recomputed
-      (chunk x vocab logits, about 6 fp32 copies) or one layer's backward intermediates. Plus the
-      input embeddings of this rank's columns beyond the first layer's input (DeepStack's); with
-      fsdp the root and a unit gathered (and their unsharded gradients); without
-      fsdp, in bf16, autocast's weight copies each layer saves; sft.py with a micro-batch of several
-      samples (left padding): a (B, L, L) bool mask and the float copy each layer's SDPA saves
-      (measured: 13 B an element with 3 layers); plus the policy's fp32 gradients;
+      gathers the embeddings in bf16), and one layer's values in its recompute. Then the larger of
+      the backward's two stages: the lm_head chunk recomputed (chunk x vocab logits, about 6 fp32
+      copies) or one layer's backward intermediates. Plus the input embeddings of this rank's
+      columns beyond the first layer's input (DeepStack's); with fsdp the root and a unit gathered
+      (and their unsharded gradients); without fsdp, in bf16, autocast's weight copies each layer
+      saves; sft.py with a micro-batch of several samples (left padding): a (B, L, L) bool mask and
+      the float copy each layer's SDPA saves (measured: 13 B an element with 3 layers); plus the
+      policy's fp32 gradients;
     - optimizer: the gradients and AdamW's foreach temporaries, about the parameters' size (fp32);
     - validation (sft.py with `val`, its rows a batch): in `unsharded` (with fsdp the whole model
       gathered), the batch's video embeddings (this rank's shares), then the largest of a sample's
@@ -1280,7 +1292,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     mixer = 4 * nv * (8 * (kd + vd) + 3 * 64)
     # values a token Ulysses' all-to-alls carry in a layer: attention's q, k, v; GDN's q, k, v, b, a
     a2a_width = max((Hp + 2 * kv) * D, 2 * nk * kd + nv * (vd + 2))
-    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in its recompute
+    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in recompute
     kept = (r * d * layers if ckpt else saved * att + saved_gdn * gdn) + b * (2 * D + 2 * d)
     logits = 6 * 4 * min(chunk, rows * T) * V
     # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
@@ -1289,9 +1301,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     lm, vis = c["trainable"], c["vision"] + c["audio"]  # language model and lm_head; the towers
     trained = lm + vis * train_vision
     Wv = W if not sft or train_vision else 1  # FSDP over the tower: grpo.py's all, sft.py's trained
-    # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root (norm,
-    # lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer, the
-    # untied embeddings, at a time
+    # --fsdp, in the compute dtype (x2 in backward: unsharded gradients): a pass holds the root
+    # (norm, lm_head, tied embeddings, the tower's patch embedding and merger) and gathers a layer,
+    # the untied embeddings, at a time
     towers_root = c["vision_root"] + c["audio_root"] if Wv > 1 else 0
     fs = dict(root=b * (lm - c["layers"] - c["head"] + towers_root),
               layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
@@ -1310,9 +1322,9 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
         return 4 * share * tp * per_group * px ** 2 * 3 + b * share * per_group * merge * (3 * Iv + 6 * dv)
 
     def sound_and_tower(n):  # of n mel frames: the log-mels (two fp32 copies: its kept frames', the
-        # windows padded), the first convolution's output and activation (100 a second), and the layers'
-        # intermediates at 50 a second (the vision tower's rule); the tiny thinker's 900 s measured on
-        # CPU (peak resident set, fp32): 0.72x of this
+        # windows padded), the first convolution's output and activation (100 a second), and the
+        # layers' intermediates at 50 a second (the vision tower's rule); the tiny thinker's 900 s
+        # measured on CPU (peak resident set, fp32): 0.72x of this
         da, Fa = ac.d_model, ac.encoder_ffn_dim
         return 8 * 128 * n + 2 * b * n * da + b * (n // 2) * (3 * Fa + 6 * da)
 
@@ -1381,8 +1393,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
 
 
 COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "audio_embeds", "encode",
-              "rollout", "no_grad_pass", "training_pass", "optimizer", "validation", "peak", "allowance",
-              "total", "host", "load")
+              "rollout", "no_grad_pass", "training_pass", "optimizer", "validation", "peak",
+              "allowance", "total", "host", "load")
 
 
 def check_layout(world, sp, n=None, flag="--prompts"):
@@ -1565,7 +1577,8 @@ def plan_start(args, config, par):
 
 def plan_parser():
     """`mr_sp.py plan`'s flags: grpo.py's that shape memory, by its names and with its defaults but
-    --dtype and --max-new, a long-video run's (bfloat16, 1,024; tests/test_plan.py checks the rest)."""
+    --dtype and --max-new, a long-video run's (bfloat16, 1,024; tests/test_plan.py checks the
+    rest)."""
     import argparse
     ap = argparse.ArgumentParser(prog="mr_sp.py plan", description=plan.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1610,8 +1623,8 @@ def plan_parser():
 
 
 def pick_layout(a, cfg, world, cap):
-    """The layout for `world` ranks of `cap` bytes: the most data-parallel (least sp) that fits, else
-    the smallest plan. Returns {sp: plan} of the layouts tried, the one picked first."""
+    """The layout for `world` ranks of `cap` bytes: the most data-parallel (least sp) that fits,
+    else the smallest plan. Returns {sp: plan} of the layouts tried, the one picked first."""
     tried = {}
     for k in (k for k in range(1, world + 1) if not check_layout(world, k, a.prompts)):
         a.sp = k
@@ -1623,8 +1636,9 @@ def pick_layout(a, cfg, world, cap):
 
 
 def plan_main(argv=None):
-    """`python mr_sp.py plan`: prints `plan_run`'s plan (a table, then the plan as JSON); with --world
-    and no --sp, of the layout with the least sp (the most data parallel) that fits --gpu-gb."""
+    """`python mr_sp.py plan`: prints `plan_run`'s plan (a table, then the plan as JSON); with
+    --world and no --sp, of the layout with the least sp (the most data parallel) that fits
+    --gpu-gb."""
     a = plan_parser().parse_args(argv)
     cfg, cap = plan_config(a.config), a.gpu_gb * 2**30
     world, tried = a.world or a.sp or 1, {}

@@ -9,11 +9,11 @@
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the row's video, image or no visual input, and question, averaged over the global batch's
-target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`, asked
-for by its own instruction), a target the video decides, then on the traces, under one learning-rate
-schedule, --answer-mix of each later batch's rows as bare answers too. Validation: every
---eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL part) get
-their loss, the mean entropy of the model's next-token distribution over the target, and greedy
+target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`,
+asked for by its own instruction), a target the video decides, then on the traces, under one
+learning-rate schedule, --answer-mix of each later batch's rows as bare answers too. Validation:
+every --eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL part)
+get their loss, the mean entropy of the model's next-token distribution over the target, and greedy
 answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
 heart (training loss near 0) while held-out answers get worse, and a hard one still improves after
 many epochs: model/ is the step with the lowest validation loss, not the last (accuracy on a few
@@ -141,7 +141,8 @@ def split_val(rows, part, n):
 
 
 def target_tokens(tok, s, end, bare=False):
-    """The assistant's tokens SFT trains on: the reasoning trace and answer, or (bare) the answer."""
+    """The assistant's tokens SFT trains on: the reasoning trace and answer, or (bare) the
+    answer."""
     text = f"<answer>{s['answer']}</answer>" if bare else D.target_text(s)
     return tok.encode(text, add_special_tokens=False) + [end]
 
@@ -195,7 +196,8 @@ def build(args, par, src):
 
 
 def schedule(args, n_rows, tiny):
-    """Resolve the steps left to the run: --answer-epochs, --steps, the bare-answer steps, --eval-every."""
+    """Resolve the steps left to the run: --answer-epochs, --steps, the bare-answer steps,
+    --eval-every."""
     if args.answer_epochs is None:  # a checkpoint reads video already; bare answers would only cost
         args.answer_epochs = 10.0 if tiny else 0.0
     epochs = args.answer_epochs + args.epochs
@@ -223,8 +225,8 @@ def step_rows(args, step, ds, n_rows, tok, config, par, end):
 
 
 def micro_loss(model, tok, mb, n_tok, par, train_vision):
-    """The micro-batch's share of the global batch's mean token loss (a weight-0 row, "keep" 0: none);
-    a call, so the run of mr_sp.shard can wrap it."""
+    """The micro-batch's share of the global batch's mean token loss (a weight-0 row, "keep" 0:
+    none); a call, so the run of mr_sp.shard can wrap it."""
     rows = []
     for x in mb:
         # A trained tower needs the graph, so every SP peer encodes the whole video (and sound)
@@ -299,7 +301,7 @@ def main(args):
     start = mr_sp.load_state(model, opt, state)
     rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
     schedule(args, len(rows), args.init in M.TINY)
-    # a frozen tower: each SP peer keeps only the pixels of the frames it encodes (mr_sp.encode_visual)
+    # a frozen tower: each SP peer keeps only the pixels of frames it encodes (mr_sp.encode_visual)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
@@ -332,7 +334,7 @@ def main(args):
             last = step + 1 == args.steps
             if val and ((step + 1) % args.eval_every == 0 or last):
                 best = validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best)
-            # the loss has not improved for --patience validations: stop (what follows is memorizing)
+            # the loss has not improved for --patience validations: stop (what follows memorizes)
             stop = bool(val and args.patience and best and
                         step + 1 - best[1] >= args.patience * args.eval_every)
             if par.rank == 0 and stop:
