@@ -162,7 +162,7 @@ rp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                 "default float32")
 
 
-CKPT = True  # what step and prefill run unless told (README's measurements: checkpointed)
+CKPT = True  # what step and prefill run unless told (RESULTS.md's measurements: checkpointed)
 MINI = grpo.ap.get_default("mini_batches")  # what step runs: a micro-batch holds a slice's rows
 
 

@@ -230,7 +230,7 @@ def load(path, device="cpu", seed=0, resolution=32):
 # it can make one side redder than the other. Its random text encoders are another matter: with
 # prompts asking for each of 3 colours on either side, 400 steps learned nothing (the policy has to
 # learn to read the prompt first); so the built-in prompts all ask for red on the left (other nouns
-# held out), which it learns in minutes (README). --data gives other prompts.
+# held out), which it learns in minutes (RESULTS.md). --data gives other prompts.
 COLOURS = {"red": 0, "green": 1, "blue": 2}
 SIDES = ("left", "right")
 THINGS = {"train": ("square", "patch", "glow", "blob", "light", "shape", "spot", "block"),

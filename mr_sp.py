@@ -1145,7 +1145,7 @@ SFT_TARGET = 1024  # sft.py's target tokens as planned (reasoning and answer; gr
 VAL_BATCH = 16  # sft.py's validation rows a batch (a rank's): embeddings held, decoded together
 # On CPU the host's memory is shared with everything else on it: an unset --activation-checkpointing
 # turns on where the training pass would pass this per rank. It buys little below: a tiny-model pass
-# of 8,292 tokens is 1.29 GiB without, 0.34 with (README).
+# of 8,292 tokens is 1.29 GiB without, 0.34 with (RESULTS.md).
 CPU_PASS = 2 * 2**30
 # What an unset --micro-batch tries on a GPU, the largest that fits whose rows (a pass's) hold at
 # most MICRO_TOKENS tokens a rank: a forward that long keeps a GPU busy, more rows only cost memory.

@@ -203,7 +203,7 @@ def schedule(args, n_rows, tiny):
     epochs = args.answer_epochs + args.epochs
     args.steps = args.steps or math.ceil(epochs * n_rows / args.batch)
     # A model from scratch can learn to read the video from the answer alone where a trace's many
-    # tokens the video does not decide drown it out (README: the tiny model on `motion`)
+    # tokens the video does not decide drown it out (RESULTS.md: the tiny model on `motion`)
     args.answer_steps = round(args.steps * args.answer_epochs / epochs) if epochs else 0
     args.eval_every = args.eval_every or max(1, args.steps // 10)
 
