@@ -65,8 +65,9 @@ g.add_argument("--epochs", type=float, default=6, help="passes over the rows wit
 g.add_argument("--answer-epochs", type=float, default=None, help="passes with bare answers "
                "(<answer>X</answer>) before the --epochs with traces, for a model that does not yet "
                "read the video; default 10 for a tiny model (random init), 0 for a checkpoint")
-g.add_argument("--answer-mix", type=float, default=0.5, help="after the --answer-epochs, this share "
-               "of each batch's rows also as bare answers (keeps what they taught); default 0.5")
+g.add_argument("--answer-mix", type=float, default=None, help="after the --answer-epochs, this share "
+               "of each batch's rows also as bare answers (keeps what they taught); default 0.5 "
+               "after a bare phase, else 0")
 g.add_argument("--steps", type=int, default=None, help="optimizer steps; default: --answer-epochs plus "
                "--epochs over the rows (the phases keep their shares of --steps)")
 g.add_argument("--batch", type=int, default=16, help="samples per step, over all ranks; default 16")
@@ -196,10 +197,12 @@ def build(args, par, src):
 
 
 def schedule(args, n_rows, tiny):
-    """Resolve the steps left to the run: --answer-epochs, --steps, the bare-answer steps,
-    --eval-every."""
+    """Resolve the steps left to the run: --answer-epochs, --answer-mix, --steps, the bare-answer
+    steps, --eval-every."""
     if args.answer_epochs is None:  # a checkpoint reads video already; bare answers would only cost
         args.answer_epochs = 10.0 if tiny else 0.0
+    if args.answer_mix is None:  # it keeps what a bare phase taught: with none, nothing to keep
+        args.answer_mix = 0.5 if args.answer_epochs else 0.0
     epochs = args.answer_epochs + args.epochs
     args.steps = args.steps or math.ceil(epochs * n_rows / args.batch)
     # A model from scratch can learn to read the video from the answer alone where a trace's many
