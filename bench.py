@@ -395,6 +395,19 @@ def step(args):
                audio_tokens=int(D.audio_tokens(s["feature_attention_mask"].sum()))
                if "input_features" in s else 0,
                prompt_tokens=len(M.prompt_of(tok, model.config, s, D.question_text(s))[0]))
+    peak = max(r["step"]["gb"] for rs in res.values() for r in rs)  # phases reset the high-water mark
+    out.update(variant_medians(res),  # and the peak absolute, Python runtime included
+               peak_rss_gb_per_rank=gather_max(base / 2**30 + peak), runtime_gb=base / 2**30)
+    if par.rank == 0:
+        print(json.dumps(out), flush=True)
+    mr_sp.shutdown()
+
+
+def variant_medians(res):
+    """`step`'s records by variant: the medians over repeats of the step's and each phase's time,
+    the first measured step's peak memory (the largest rank's; rank 0's by phase) and tokens; with
+    two variants, their paired time ratio."""
+    out = {}
     for v, rs in res.items():
         phases = [k for k in rs[0] if k not in ("step", "tokens")]
         out[v] = dict(step_s=statistics.median(r["step"]["s"] for r in rs),
@@ -405,12 +418,7 @@ def step(args):
     if len(res) == 2:  # paired: the median over repeats of one variant's time over the other's
         (v0, r0), (v1, r1) = res.items()
         out[f"{v1}_over_{v0}"] = statistics.median(y["step"]["s"] / x["step"]["s"] for x, y in zip(r0, r1))
-    peak = max(r["step"]["gb"] for rs in res.values() for r in rs)  # phases reset the high-water mark
-    out["peak_rss_gb_per_rank"] = gather_max(base / 2**30 + peak)  # absolute, Python runtime included
-    out["runtime_gb"] = base / 2**30
-    if par.rank == 0:
-        print(json.dumps(out), flush=True)
-    mr_sp.shutdown()
+    return out
 
 
 def long_prompt(args, model, tok):

@@ -175,6 +175,19 @@ def report(path, results, bad, frame_counts, args, seconds):
     return summary
 
 
+def keep(args, results, rows, summary):
+    """--keep: the rows of the --band of pass rates as a split of their own (DIR/<split>.jsonl) and
+    the summary with the rows per band (DIR/filter.json)."""
+    lo, hi = (float(x) for x in args.band.split(","))
+    bands, kept = pass_bands(results, rows, args.n, lo, hi)
+    os.makedirs(args.keep, exist_ok=True)
+    with open(os.path.join(args.keep, f"{args.split}.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))
+    summary.update(bands=bands, kept=len(kept), band=[lo, hi], part=args.part)
+    with open(os.path.join(args.keep, "filter.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 def main(args):
     par = mr_sp.init_parallel(args.sp)
     paths = args.model.split(",") if args.model else \
@@ -225,17 +238,9 @@ def main(args):
                 x = s["sweep"][f]
                 print(f"{s['model']:<{width}} | {f:>6} | {x['accuracy']:6.3f} | {x['format']:6.3f} | "
                       + " | ".join(f"{x['by_category'].get(c, 0):12.3f}" for c in cats))
-        for s in summaries:
             del s["sweep"]
         if args.keep:
-            lo, hi = (float(x) for x in args.band.split(","))
-            bands, kept = pass_bands(results, rows, args.n, lo, hi)
-            os.makedirs(args.keep, exist_ok=True)
-            with open(os.path.join(args.keep, f"{args.split}.jsonl"), "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in kept))
-            summaries[0].update(bands=bands, kept=len(kept), band=[lo, hi], part=args.part)
-            with open(os.path.join(args.keep, "filter.json"), "w") as f:
-                json.dump(summaries[0], f, indent=1)
+            keep(args, results, rows, summaries[0])
         print(json.dumps(summaries[0] if len(summaries) == 1 else {"models": summaries}))
     mr_sp.shutdown()
 

@@ -574,6 +574,15 @@ def update(args, policy, micro, mini_idx, old, refs, stats, sp_group=None):
     return dict(log, tis_frac=cut["cut"] / max(cut["tokens"], 1.0)), olds
 
 
+def logprob_gap(old, micro):
+    """The largest gap over ranks between the engine's log-probs of its samples and the trainer's
+    (old): float error when both describe the same policy (at --top-p 1); a stale engine or other
+    positions would show here."""
+    gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
+               for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
+    return mr_sp.all_reduce(torch.tensor([gap]), "max").item()
+
+
 def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name: contextlib.nullcontext()):
     """GRPO step i (from 0): collect this rank's groups, old-policy and reference passes, updates,
     and for --engine vllm the weight sync. Returns the metrics record (the caller adds stats, the
@@ -611,11 +620,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     model.train()
     with timed("update"):
         log, old = update(args, policy, micro, mini_idx, old, refs, stats, par.sp_group)
-    # the engine's log-probs of its samples against the trainer's: float error when both describe
-    # the same policy (at --top-p 1); a stale engine or other positions would show here
-    gap = max([(o[b, :len(x["response"])].cpu() - x["rollout_lp"]).abs().max().item()
-               for o, mb in zip(old, micro) for b, x in enumerate(mb)], default=0.0)
-    gap = mr_sp.all_reduce(torch.tensor([gap]), "max").item()
+    gap = logprob_gap(old, micro)
     with timed("sync"):  # the next rollouts sample from the updated policy
         mr_sp.vllm_sleep(llm, False)
         mr_sp.vllm_sync(llm, model)
@@ -624,8 +629,7 @@ def step(args, i, policy, read, cursor, par, reward_fn, stats, phase=lambda name
     table[par.rank] = torch.tensor([peaks[k] for k in PHASES], dtype=torch.float64)
     table = mr_sp.all_reduce(table).T.tolist()
     s = mr_sp.dp_sum({**batch.sums, "groups": len(batch.rows) / args.G}, par.sp_group)
-    n = max(s["samples"], 1.0)
-    busy = sum(times[k] for k in PHASES)
+    n, busy = max(s["samples"], 1.0), sum(times[k] for k in PHASES)
     rec = dict(step=i + 1, groups=round(s["groups"]), reward=s["reward"] / n, accuracy=s["accuracy"] / n,
                format=s["format"] / n, response_len=s["response_len"] / n,
                truncated=s["truncated"] / n, flat_groups=s["flat"] / n,

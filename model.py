@@ -192,25 +192,30 @@ def tiny_config(tok, family="qwen2_5_vl", hidden=192, layers=3, heads=6, kv_head
                       num_position_embeddings=64)
         if family == "qwen3_vl":
             vision.update(deepstack_visual_indexes=list(range(vision_depth - 1)))
-        else:  # Qwen3.5: a quarter of each head rotary (11:11:10 of its 32 frequencies), attention
-            # every 4th layer (attention_every); GDN (key, value) heads gdn_heads, default paired as
-            # its releases (value = 2 x key, key = kv_heads)
-            r = head_dim // 8
-            rope = dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
-                        partial_rotary_factor=0.25, mrope_section=[r - 2 * (r // 3), r // 3, r // 3])
-            types = ["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
-                     for i in range(layers)]
-            nk, nv = gdn_heads or (kv_heads, 2 * kv_heads)
-            # tie in text_config too: vLLM 0.32 reads it there for Qwen3.5 (else a zero lm_head)
-            text.update(rope_parameters=rope, layer_types=types, tie_word_embeddings=tie,
-                        linear_num_key_heads=nk, linear_num_value_heads=nv, linear_key_head_dim=head_dim,
-                        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
+        else:  # Qwen3.5: Gated DeltaNet layers too
+            text.update(_qwen3_5_text(head_dim, layers, kv_heads, attention_every, gdn_heads, tie))
     else:
         raise ValueError(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
     return getattr(transformers, FAMILIES[family] + "Config")(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tie, **extra)
+
+
+def _qwen3_5_text(head_dim, layers, kv_heads, attention_every, gdn_heads, tie):
+    """Qwen3.5's text config (`tiny_config`): a quarter of each head rotary (11:11:10 of its 32
+    frequencies), attention every 4th layer (attention_every), Gated DeltaNet layers between, (key,
+    value) heads gdn_heads, default paired as its releases (value = 2 x key, key = kv_heads)."""
+    r = head_dim // 8
+    rope = dict(rope_type="default", rope_theta=1e7, mrope_interleaved=True,
+                partial_rotary_factor=0.25, mrope_section=[r - 2 * (r // 3), r // 3, r // 3])
+    types = ["full_attention" if (i + 1) % attention_every == 0 else "linear_attention"
+             for i in range(layers)]
+    nk, nv = gdn_heads or (kv_heads, 2 * kv_heads)
+    # tie in text_config too: vLLM 0.32 reads it there for Qwen3.5 (else a zero lm_head)
+    return dict(rope_parameters=rope, layer_types=types, tie_word_embeddings=tie,
+                linear_num_key_heads=nk, linear_num_value_heads=nv, linear_key_head_dim=head_dim,
+                linear_value_head_dim=head_dim, linear_conv_kernel_dim=4)
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 import warnings
 import zlib
 
@@ -923,15 +924,8 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     rule = functools.partial(_gdn_rule, Q, m, w, (hk * dk, hk * dk, hv * dv))
     if packed is None:
         out, state = rule(raw, g, beta, final=cache_params is not None)
-    else:  # B = 1: [prompt | response 1 | ... ], responses T columns each (the last may be cut short)
-        P, T = packed
-        n, K = -(-(L - P) // T), m.conv_kernel_size
-        out, state = rule(raw[..., :P], g[:, :P], beta[:, :P], final=True)
-        blocks = lambda t: F.pad(t[:, P:], (0, 0, 0, n * T - L + P)).unflatten(1, (n, T))[0]  # noqa: E731
-        tail = F.pad(raw[..., max(0, P - K + 1):P], (max(0, K - 1 - P), 0))  # the convolution's K - 1 inputs
-        resp, _ = rule(blocks(raw.transpose(1, 2)).transpose(1, 2), blocks(g), blocks(beta),
-                       conv0=tail.expand(n, -1, -1), state0=state.expand(n, -1, -1, -1).contiguous())
-        out = torch.cat([out, resp.flatten(0, 1)[None, :L - P]], 1)
+    else:
+        out, state = _gdn_packed(rule, raw, g, beta, *packed, m.conv_kernel_size)
     if cache_params is not None:
         conv = raw[..., max(0, sp_len - m.conv_kernel_size):sp_len]  # the last real tokens' inputs
         _gdn_cache(m, cache_params, conv, state, rep, sp_group)
@@ -939,6 +933,20 @@ def ulysses_gdn(m, hidden_states, cache_params=None, attention_mask=None, sp_gro
     y = (_all_to_all(y, sp_group) if sp > 1 else y).movedim(0, 2).reshape(B * l * nv, dv)  # all heads
     y = m.norm(y, m.in_proj_z(hidden_states).reshape(B * l * nv, dv))
     return m.out_proj(y.reshape(B, l, nv * dv))
+
+
+def _gdn_packed(rule, raw, g, beta, P, T, K):
+    """`ulysses_gdn`'s mixer (`rule`) over one prompt's rows packed, B = 1: [prompt | response 1 |
+    ... ], responses T columns each (the last may be cut short); the prompt runs once, each response
+    from its final state and last K - 1 convolution inputs. Returns the outputs and that state."""
+    L = raw.shape[-1]
+    n = -(-(L - P) // T)
+    out, state = rule(raw[..., :P], g[:, :P], beta[:, :P], final=True)
+    blocks = lambda t: F.pad(t[:, P:], (0, 0, 0, n * T - L + P)).unflatten(1, (n, T))[0]  # noqa: E731
+    tail = F.pad(raw[..., max(0, P - K + 1):P], (max(0, K - 1 - P), 0))  # the convolution's inputs
+    resp, _ = rule(blocks(raw.transpose(1, 2)).transpose(1, 2), blocks(g), blocks(beta),
+                   conv0=tail.expand(n, -1, -1), state0=state.expand(n, -1, -1, -1).contiguous())
+    return torch.cat([out, resp.flatten(0, 1)[None, :L - P]], 1), state
 
 
 def _gdn_rule(Q, m, w, split, raw, g, beta, conv0=None, state0=None, final=False):
@@ -1197,46 +1205,18 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     Held all step: the policy's fp32 weights and its reference's (grpo.py; none without `ref`),
     AdamW's two fp32 states, and this rank's share of each prompt's video embeddings (grpo.py);
     `fsdp` divides the first three by `world` (grpo.py shards the frozen vision tower too, sft.py
-    what it trains) and gathers in the compute dtype. Plus the largest phase:
-    - encode: the pixel rows, the vision tower's layer intermediates and the embeddings of this
-      rank's share of the temporal groups; grpo.py with fsdp: the whole policy gathered (`collect`
-      runs in `unsharded`);
-    - rollout (grpo.py): prompts prefilled one at a time; those of at most ROLLOUT_TOKENS tokens in
-      all decode together, their caches stacked (a copy: twice their KV cache), a longer one alone.
-      Prefill: sp=1 a `prefill_chunk` of layer intermediates and transformers' (chunk, P) mask, 5 B
-      an entry; sp>1 Ulysses over P/sp tokens, each rank keeping its columns' cache. Decode: this
-      rank's G/sp samples of each prompt, their own KV cache, one layer's fp32 scores of every
-      rank's samples over this rank's columns, and logits. With fsdp the policy gathered; `vllm`:
-      the bytes vLLM's engine takes instead (and its whole KV cache);
-    - no-grad pass (grpo.py's old and reference log-probs): a micro-batch of one prompt's rows
-      (right padding, no mask; `packed`: one sequence of the prompt and the rows' responses, and a
-      response's copy of the prompt's keys and values): a layer's intermediates, the input
-      embeddings, a logits chunk;
-    - training pass: autograd's saved values per token and layer (`saved_bytes`); `ckpt`
-      (activation checkpointing) keeps each layer's input, the residual stream (fp32 unless FSDP
-      gathers the embeddings in bf16), and one layer's values in its recompute. Then the larger of
-      the backward's two stages: the lm_head chunk recomputed (chunk x vocab logits, about 6 fp32
-      copies) or one layer's backward intermediates. Plus the input embeddings of this rank's
-      columns beyond the first layer's input (DeepStack's); with fsdp the root and a unit gathered
-      (and their unsharded gradients); without fsdp, in bf16, autocast's weight copies each layer
-      saves; sft.py with a micro-batch of several samples (left padding): a (B, L, L) bool mask and
-      the float copy each layer's SDPA saves (measured: 13 B an element with 3 layers); plus the
-      policy's fp32 gradients;
-    - optimizer: the gradients and AdamW's foreach temporaries, about the parameters' size (fp32);
-    - validation (sft.py with `val`, its rows a batch): in `unsharded` (with fsdp the whole model
-      gathered), the batch's video embeddings (this rank's shares), then the largest of a sample's
-      encode, the batch's greedy rollout (G 1, every SP peer decoding it) and a row's teacher-forced
-      no-grad pass.
-    Qwen3.5: its GDN layers hold no KV cache but a fixed-size state per sequence (prompt, sample),
-    and its passes and prefill the larger of the MLP's and the GDN mixer's intermediates.
-    Qwen2.5-Omni: each video's sound (`audio_seconds`, default a second a frame) is 25 tokens a
-    second in every row; its audio tower is held (and trained, sharded) as the vision tower; the
-    encode runs one tower at a time, the audio tower on this rank's share of its 2 s windows, and
-    this rank's share of the audio embeddings is held all step (`audio_embeds`).
-    Beside the peak: `host`, a step's videos in host memory per rank (frames as uint8 and their fp32
-    pixel rows, an SP peer's share) and `load`, the fp32 weights from_pretrained puts on the host.
-    Layer-level terms (no Python, allocator slack, small buffers). `python bench.py planner` checks
-    it against peak RSS on CPU (tiny and small, sp 1 and 2, each option: 0.71x to 0.98x measured).
+    what it trains) and gathers in the compute dtype. Qwen2.5-Omni's audio tower is held (and
+    trained, sharded) as the vision tower, this rank's share of its embeddings (`audio_embeds`) all
+    step. Plus the largest phase: encode (`_encode_bytes`), rollout (grpo.py; `_rollout_bytes`, or
+    with `vllm` the bytes vLLM's engine takes instead, its whole KV cache included), grpo.py's
+    no-grad pass and the training pass (`_pass_bytes`), the optimizer (AdamW's foreach temporaries,
+    about the parameters' size, fp32), both beside the policy's fp32 gradients, validation (sft.py
+    with `val`: `_validation_bytes`). grpo.py with fsdp gathers the whole policy for the encode and
+    the rollout (`collect` runs in `unsharded`). Beside the peak: `host`, a step's videos in host
+    memory per rank (frames as uint8 and their fp32 pixel rows, an SP peer's share) and `load`, the
+    fp32 weights from_pretrained puts on the host. Layer-level terms (no Python, allocator slack,
+    small buffers). `python bench.py planner` checks it against peak RSS on CPU (tiny and small, sp
+    1 and 2, each option: 0.71x to 0.98x measured).
 
     Qwen2.5-VL-7B, 3,600 frames, sp=8 on 8 x 80 GB (`python mr_sp.py plan --frames 3600 --sp 8
     --fsdp`: bf16, 8 prompts a step, G=8, 1,024-token responses): 231,488 tokens a row, 28,936 a
@@ -1247,6 +1227,38 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     largest video that fits 79 GiB is 10,094 frames (`max_frames`). The paper reports 3,600 frames
     (about 256k tokens) of RL on one 8 x A100 node."""
     W = (world or sp) if fsdp else 1  # ranks sharding policy and reference
+    s = _plan_sizes(config, frames, sp, max_pixels, text, G, max_new, micro_batch, dtype, W,
+                    prompts, mini_batches, sft, train_vision, rollout_dtype, packed, audio_seconds)
+    m = dict(weights=4 * s.lm / W + 4 * s.vis / s.Wv, ref=0 if sft else 4 * s.lm / W * ref,
+             grads=4 * s.trained / W, adam=8 * s.trained / W,
+             video_embeds=0 if sft else prompts * s.b * -(-s.groups // sp) * s.per_group * s.wide,
+             audio_embeds=0 if sft else prompts * s.b * s.a_tok * s.d)
+    gathered = s.b * (s.lm + s.vis) if W > 1 and not sft else 0  # collect runs in `unsharded`
+    ours = _rollout_bytes(s, prefill_chunk, val if sft else prompts)
+    no_grad, train = _pass_bytes(s, ckpt, chunk)
+    phase = dict(encode=sum(_encode_bytes(s, sft and train_vision)) + (0 if sft else gathered),
+                 rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
+                 training_pass=train, optimizer=4 * s.trained / W,
+                 validation=_validation_bytes(s, val, chunk, ours) if sft and val else 0)
+    m.update(phase)
+    m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
+    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds", "audio_embeds"))
+                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
+                       phase["validation"], phase["training_pass"] + m["grads"],
+                       phase["optimizer"] + m["grads"]))
+    n, mel = max(prompts, val), s.mel  # uint8 + fp32 rows; the wave (16 kHz fp32), log-mels: whole
+    m["host"] = (n * s.groups * s.tp * s.per_group * s.px ** 2 * 3 * 5 / sp
+                 + n * (640 * mel + 8 * 128 * mel))
+    m["load"] = 4 * s.c["params"]
+    m.update(tokens=s.L, video_tokens=s.video, audio_tokens=s.audio, tokens_per_rank=s.l, rows=s.B)
+    return m
+
+
+def _plan_sizes(config, frames, sp, max_pixels, text, G, max_new, micro_batch, dtype, W, prompts,
+                mini_batches, sft, train_vision, rollout_dtype, packed, audio_seconds):
+    """What `plan`'s terms read, by name: the model's widths, the dtypes' bytes, a row's tokens, a
+    pass's rows and tokens per rank, the weights FSDP gathers (over W ranks) or autocast copies.
+    Qwen2.5-Omni's sound (`audio_seconds`, default a second a frame): 25 tokens a second a row."""
     t, vc = config.get_text_config(), config.vision_config
     d, I, layers, H, K, V = (t.hidden_size, t.intermediate_size, t.num_hidden_layers,
                              t.num_attention_heads, t.num_key_value_heads, t.vocab_size)
@@ -1267,9 +1279,8 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     groups, per_group = -(-frames // tp), max_pixels // px ** 2  # temporal groups, tokens a group
     video = groups * per_group
     wide = d * (1 + len(getattr(vc, "deepstack_visual_indexes", None) or ()))  # DeepStack: 1 + k
-    # Qwen2.5-Omni's sound, audio_seconds of it a video (default a second a frame: the paper's hour
-    # is 3,600 frames): 100 mel frames a second, 25 tokens; a rank encodes its share of the audio
-    # tower's windows of 2 s (`encode_audio`), sft.py training the tower all of them
+    # the sound: 100 mel frames a second (the paper's hour is 3,600 frames), 25 tokens; a rank
+    # encodes its share of the audio tower's windows of 2 s (`encode_audio`)
     ac = getattr(config, "audio_config", None)
     mel = int(100 * (frames if audio_seconds is None else audio_seconds)) if ac is not None else 0
     shares = audio_shares_of(config, mel, sp) if mel else [0]
@@ -1281,9 +1292,7 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     # rows a pass: sft.py's samples; grpo.py's, one prompt's G at most, in one mini-batch's slice
     B = min(micro_batch, prompts) if sft else min(micro_batch, G, -(-prompts * G // mini_batches))
     # grpo.py's `packed` passes: a micro-batch's B rows (one prompt's) as one sequence
-    rows = B  # the rows whose responses a pass scores (logits), packed or not
-    if packed and not sft and B > 1:
-        B = 1
+    rows, B = B, min(B, 1) if packed and not sft else B  # rows: those a pass scores, packed or not
     l = -(-(P + rows * T if rows > B else L) // sp)  # tokens per rank in a pass (packed: its sequence's)
     Hp, kv = ulysses_heads(H, K, sp)  # Ulysses' padded query heads and repeated KV heads
     saved, saved_gdn = saved_bytes(t, b, sp)
@@ -1292,12 +1301,6 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     mixer = 4 * nv * (8 * (kd + vd) + 3 * 64)
     # values a token Ulysses' all-to-alls carry in a layer: attention's q, k, v; GDN's q, k, v, b, a
     a2a_width = max((Hp + 2 * kv) * D, 2 * nk * kd + nv * (vd + 2))
-    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in recompute
-    kept = (r * d * layers if ckpt else saved * att + saved_gdn * gdn) + b * (2 * D + 2 * d)
-    logits = 6 * 4 * min(chunk, rows * T) * V
-    # sft.py's micro-batches mix samples, left-padded: (B, 1, L, L) masks, bool and a float copy
-    # saved by every layer's SDPA (grpo.py's hold one prompt's rows: right padding, no mask)
-    mask = B * L * L * (1 + 4 * (1 if ckpt else att)) if sft and B > 1 else 0
     lm, vis = c["trainable"], c["vision"] + c["audio"]  # language model and lm_head; the towers
     trained = lm + vis * train_vision
     Wv = W if not sft or train_vision else 1  # FSDP over the tower: grpo.py's all, sft.py's trained
@@ -1307,89 +1310,111 @@ def plan(config, frames, sp=1, max_pixels=128 * 28 * 28, text=TEXT, G=8, max_new
     towers_root = c["vision_root"] + c["audio_root"] if Wv > 1 else 0
     fs = dict(root=b * (lm - c["layers"] - c["head"] + towers_root),
               layer=b * c["layer"], embed=b * c["head"]) if W > 1 else dict(root=0, layer=0, embed=0)
-    # bf16 without FSDP: autocast's copy of lm_head's weight in a pass, and of every layer's weights
-    # saved for the backward (checkpointed: the recomputed layer's)
-    cast = b * V * d if b == 2 and W == 1 else 0
-    saved_casts = b * (c["layer"] if ckpt else c["layers"]) if b == 2 and W == 1 else 0
-    m = dict(weights=4 * lm / W + 4 * vis / Wv, ref=0 if sft else 4 * lm / W * ref,
-             grads=4 * trained / W, adam=8 * trained / W,  # the video's embeddings: this rank's share
-             video_embeds=0 if sft else prompts * b * -(-groups // sp) * per_group * wide,
-             audio_embeds=0 if sft else prompts * b * a_tok * d)
-    gathered = b * (lm + vis) if W > 1 and not sft else 0  # grpo.py's collect runs in `unsharded`
-    # encode: the pixel rows and the tower's intermediates of this rank's share of temporal groups
-    # (sft.py training the tower: all of them, every SP peer), and its embeddings
-    def pixels_and_tower(share):  # the pixel rows and tower intermediates of `share` temporal groups
-        return 4 * share * tp * per_group * px ** 2 * 3 + b * share * per_group * merge * (3 * Iv + 6 * dv)
+    cast = b * V * d if b == 2 and W == 1 else 0  # bf16 without FSDP: autocast's lm_head copy
+    return types.SimpleNamespace(**locals())
 
-    def sound_and_tower(n):  # of n mel frames: the log-mels (two fp32 copies: its kept frames', the
-        # windows padded), the first convolution's output and activation (100 a second), and the
-        # layers' intermediates at 50 a second (the vision tower's rule); the tiny thinker's 900 s
-        # measured on CPU (peak resident set, fp32): 0.72x of this
-        da, Fa = ac.d_model, ac.encoder_ffn_dim
-        return 8 * 128 * n + 2 * b * n * da + b * (n // 2) * (3 * Fa + 6 * da)
 
-    share = groups if sft and train_vision else -(-groups // sp)
-    patches = share * per_group * merge
-    a_share, a_held = (mel, audio) if sft and train_vision else (a_mel, a_tok)  # mel frames, tokens
-    enc = (max(pixels_and_tower(share), sound_and_tower(a_share) if mel else 0)  # one tower at a time
-           + b * share * per_group * wide + b * a_held * d)
-    # sft.py training the towers: each sample's saved values until the pass's backward
-    tower = (B * b * patches * depth * (dv if ckpt else 4 * Iv + 8 * dv)) if sft and train_vision else 0
-    if tower and mel:  # the audio tower's, at 50 tokens a second
-        da, Fa = ac.d_model, ac.encoder_ffn_dim
-        tower += B * b * (mel // 2) * ac.encoder_layers * (da if ckpt else 4 * Fa + 8 * da)
-    # the rollout: a decode batch of nb prompts, each prefilled alone, Pp columns (SP: padded)
-    Pp = sp * -(-P // sp)
+def _encode_bytes(s, whole):
+    """The encode beside the weights: (the towers' working set, what it keeps). It runs one tower at
+    a time on this rank's share (`whole`, sft.py training the towers: all, every SP peer): the pixel
+    rows and vision tower intermediates of the temporal groups, or the audio tower's of the mel
+    frames: the log-mels (two fp32 copies: its kept frames', the windows padded), the first
+    convolution's output and activation (100 a second), and the layers' intermediates at 50 a second
+    (the vision tower's rule; the tiny thinker's 900 s on CPU, peak RSS, fp32: 0.72x of this). It
+    keeps the share's embeddings; sft.py's: its micro-batch's samples, and with fsdp the root."""
+    b, share = s.b, s.groups if whole else -(-s.groups // s.sp)
+    n, held = (s.mel, s.audio) if whole else (s.a_mel, s.a_tok)  # mel frames, tokens
+    work = (4 * share * s.tp * s.per_group * s.px ** 2 * 3
+            + b * share * s.per_group * s.merge * (3 * s.Iv + 6 * s.dv))
+    if s.mel:
+        da, Fa = s.ac.d_model, s.ac.encoder_ffn_dim
+        work = max(work, 8 * 128 * n + 2 * b * n * da + b * (n // 2) * (3 * Fa + 6 * da))
+    kept = b * share * s.per_group * s.wide + b * held * s.d
+    if s.sft:
+        kept += b * s.B * (s.video * s.wide + s.audio * s.d) + s.fs["root"]
+    return work, kept
+
+
+def _rollout_bytes(s, prefill_chunk, prompts):
+    """A rollout beside the weights (sft.py's validation: its batch at G 1): prompts prefilled one
+    at a time; those of at most ROLLOUT_TOKENS tokens in all decode together, their caches stacked
+    (a copy: twice their KV cache), a longer one alone. Prefill: sp=1 a `prefill_chunk` of layer
+    intermediates and transformers' (chunk, P) mask, 5 B an entry; sp>1 Ulysses over P/sp tokens,
+    each rank keeping its columns' cache. Decode: this rank's G/sp samples of each prompt, their own
+    KV cache, one layer's fp32 scores of every rank's samples over this rank's columns, and logits.
+    Qwen3.5's GDN layers hold no KV cache but a fixed-size state per sequence (prompt, sample); its
+    prefill the larger of the MLP's and the GDN mixer's intermediates."""
+    P, T, sp, rb, att, K, D, nv, kd, vd = s.P, s.T, s.sp, s.rb, s.att, s.K, s.D, s.nv, s.kd, s.vd
+    Pp = sp * -(-P // sp)  # a prompt's columns (SP: padded)
     # a GDN layer's state of a sequence: fp32 recurrent state, the convolution's last inputs
-    state = gdn * (4 * nv * kd * vd + rb * (2 * t.linear_num_key_heads * kd + nv * vd)
-                   * t.linear_conv_kernel_dim) if gdn else 0
+    state = s.gdn * (4 * nv * kd * vd + rb * (2 * s.t.linear_num_key_heads * kd + nv * vd)
+                     * s.t.linear_conv_kernel_dim) if s.gdn else 0
     # a prompt's KV cache, this rank's columns of it; GDN states whole on every rank
     kv1 = rb * Pp // sp * att * 2 * K * D + state
-    work = max(rb * (3 * I + 4 * d), mixer)  # a layer's intermediates a token: MLP or GDN mixer
-    nb = 1 if P > ROLLOUT_TOKENS else max(1, min(val if sft else prompts, ROLLOUT_TOKENS // P))
-    n = G // sp if G % sp == 0 else G  # samples of a prompt this rank decodes
+    work = max(rb * (3 * s.I + 4 * s.d), s.mixer)  # a token's layer intermediates: MLP or GDN mixer
+    nb = 1 if P > ROLLOUT_TOKENS else max(1, min(prompts, ROLLOUT_TOKENS // P))  # a decode batch
+    n = s.G // sp if s.G % sp == 0 else s.G  # samples of a prompt this rank decodes
     C = min(prefill_chunk or P, P)
-    pre = rr * Pp // sp * wide + (  # its spliced embeddings (SP: this rank's columns)
-        Pp // sp * work + 2 * rb * Pp * a2a_width // sp
+    pre = s.rr * Pp // sp * s.wide + (  # its spliced embeddings (SP: this rank's columns)
+        Pp // sp * work + 2 * rb * Pp * s.a2a_width // sp
         if sp > 1 else C * work + (5 * C * P if C < P else 0))
-    dec = nb * (n * T * att * 2 * K * D * rb + n * state + 3 * 4 * n * H * Pp + 3 * 4 * n * V)
-    ours = max(nb * kv1 + pre, (2 * nb if nb > 1 else 1) * kv1, nb * kv1 + dec) + cast
-    # the passes' rows: input embeddings of this rank's columns (kept by layer 0's input)
-    emb = r * B * l * wide
-    a2a = 2 * b * B * l * a2a_width if sp > 1 else 0  # Ulysses' all-to-all buffers
+    dec = nb * (n * T * att * 2 * K * D * rb + n * state + 3 * 4 * n * s.H * Pp + 3 * 4 * n * s.V)
+    return max(nb * kv1 + pre, (2 * nb if nb > 1 else 1) * kv1, nb * kv1 + dec) + s.cast
+
+
+def _pass_bytes(s, ckpt, chunk):
+    """(grpo.py's no-grad pass, the training pass), beside the weights. No-grad (the old and
+    reference log-probs): a micro-batch of one prompt's rows (right padding, no mask; `packed`: one
+    sequence of the prompt and the rows' responses, and a response's copy of the prompt's keys and
+    values): a layer's intermediates (Qwen3.5: the MLP's or the GDN mixer's, the larger), the input
+    embeddings, a logits chunk. Training: autograd's saved values per token and layer
+    (`saved_bytes`); `ckpt` (activation checkpointing) keeps each layer's input, the residual stream
+    (fp32 unless FSDP gathers the embeddings in bf16), and one layer's values in its recompute. Then
+    the larger of the backward's two stages: the lm_head chunk recomputed (chunk x vocab logits,
+    about 6 fp32 copies) or one layer's backward intermediates. Plus the input embeddings of this
+    rank's columns beyond the first layer's input (DeepStack's); with fsdp the root and a unit
+    gathered (and their unsharded gradients); without fsdp, in bf16, autocast's weight copies each
+    layer saves; sft.py with a micro-batch of several samples (left padding): a (B, L, L) bool mask
+    and the float copy each layer's SDPA saves (measured: 13 B an element with 3 layers); training
+    the towers, their values saved until the backward."""
+    b, d, I, B, l, T, V, D, r, sp, fs = s.b, s.d, s.I, s.B, s.l, s.T, s.V, s.D, s.r, s.sp, s.fs
+    # bytes a token; checkpointed: each layer's input kept, one layer's values alive in recompute
+    kept = ((r * d * s.layers if ckpt else s.saved * s.att + s.saved_gdn * s.gdn)
+            + b * (2 * D + 2 * d))
+    logits = 6 * 4 * min(chunk, s.rows * T) * V
+    mask = B * s.L * s.L * (1 + 4 * (1 if ckpt else s.att)) if s.sft and B > 1 else 0
+    # checkpointed: autocast's copies of the recomputed layer only
+    saved_casts = b * (s.c["layer"] if ckpt else s.c["layers"]) if b == 2 and s.W == 1 else 0
+    tower = (B * b * s.groups * s.per_group * s.merge * s.depth
+             * (s.dv if ckpt else 4 * s.Iv + 8 * s.dv)) if s.sft and s.train_vision else 0
+    if tower and s.mel:  # the audio tower's, at 50 tokens a second
+        da, Fa = s.ac.d_model, s.ac.encoder_ffn_dim
+        tower += B * b * (s.mel // 2) * s.ac.encoder_layers * (da if ckpt else 4 * Fa + 8 * da)
+    emb = r * B * l * s.wide  # input embeddings of this rank's columns (kept by layer 0's input)
+    a2a = 2 * b * B * l * s.a2a_width if sp > 1 else 0  # Ulysses' all-to-all buffers
     # packed: a response's attention copies the prompt's keys and values (M.packed_attention)
-    blk = 2 * b * (P + T) * (kv // sp if sp > 1 else K) * D if rows > B else 0
-    no_grad = (B * l * max(b * (3 * I + 4 * d), mixer) + a2a + emb + cast
-               + 3 * 4 * min(chunk, rows * T) * V + fs["root"] + max(fs["layer"], fs["embed"]) + blk)
-    # backward: the head's or a layer's
-    back = max(logits + cast, B * l * ((max(saved, saved_gdn) if ckpt else 0) + b * (3 * I + 2 * d))
-               + 2 * fs["layer"] + blk)
+    blk = 2 * b * (s.P + T) * (s.kv // sp if sp > 1 else s.K) * D if s.rows > B else 0
+    no_grad = (B * l * max(b * (3 * I + 4 * d), s.mixer) + a2a + emb + s.cast
+               + 3 * 4 * min(chunk, s.rows * T) * V + fs["root"] + max(fs["layer"], fs["embed"])
+               + blk)
+    back = max(logits + s.cast, B * l * ((max(s.saved, s.saved_gdn) if ckpt else 0)
+                                         + b * (3 * I + 2 * d)) + 2 * fs["layer"] + blk)
     train = (B * l * kept + back + mask + 2 * fs["root"] + saved_casts + tower
              + emb - r * B * l * d  # beyond layer 0's input, counted in kept
-             + (b * B * (video * wide + audio * d) if sft else 0))  # sft.py's encoded samples
-    # sft.py's validation: grpo.py's collect at G 1 (its no-grad pass one row, not a micro-batch)
-    s1 = -(-groups // sp)
-    l1 = -(-L // sp)
-    row = (l1 * max(b * (3 * I + 4 * d), mixer) + (2 * b * l1 * a2a_width if sp > 1 else 0)
-           + r * l1 * wide + cast + 3 * 4 * min(chunk, T) * V)
-    check = (b * (lm + vis) * (W > 1) + val * b * (s1 * per_group * wide + a_tok * d)
-             + max(pixels_and_tower(s1), sound_and_tower(a_mel) if mel else 0, ours, row)
-             if sft and val else 0)
-    phase = dict(encode=enc + (b * B * (video * wide + audio * d) + fs["root"] if sft else gathered),
-                 rollout=0 if sft else gathered + (vllm or ours), no_grad_pass=0 if sft else no_grad,
-                 training_pass=train, optimizer=4 * trained / W,  # AdamW's foreach temporaries
-                 validation=check)
-    m.update(phase)
-    m["state"] = m["weights"] + m["grads"] + m["adam"]  # the policy's: what --fsdp divides
-    m["peak"] = (sum(m[k] for k in ("weights", "ref", "adam", "video_embeds", "audio_embeds"))
-                 + max(phase["encode"], phase["rollout"], phase["no_grad_pass"],
-                       phase["validation"], phase["training_pass"] + m["grads"],
-                       phase["optimizer"] + m["grads"]))
-    m["host"] = (max(prompts, val) * groups * tp * per_group * px ** 2 * 3 * 5 / sp  # uint8 + fp32 rows
-                 + max(prompts, val) * (640 * mel + 8 * 128 * mel))  # wave (16 kHz fp32), log-mels: whole
-    m["load"] = 4 * c["params"]
-    m.update(tokens=L, video_tokens=video, audio_tokens=audio, tokens_per_rank=l, rows=B)
-    return m
+             + (b * B * (s.video * s.wide + s.audio * d) if s.sft else 0))  # sft: encoded samples
+    return no_grad, train
+
+
+def _validation_bytes(s, val, chunk, rollout):
+    """sft.py's validation (`val` rows a batch) beside the weights: in `unsharded` (with fsdp the
+    whole model gathered), the batch's video embeddings (this rank's shares), then the largest of a
+    sample's encode, the batch's greedy `rollout` (G 1, every SP peer decoding it) and a row's
+    teacher-forced no-grad pass (grpo.py's collect at G 1: one row, not a micro-batch)."""
+    b, sp, s1, l1 = s.b, s.sp, -(-s.groups // s.sp), -(-s.L // s.sp)
+    row = (l1 * max(b * (3 * s.I + 4 * s.d), s.mixer) + (2 * b * l1 * s.a2a_width if sp > 1 else 0)
+           + s.r * l1 * s.wide + s.cast + 3 * 4 * min(chunk, s.T) * s.V)
+    return (b * (s.lm + s.vis) * (s.W > 1) + val * b * (s1 * s.per_group * s.wide + s.a_tok * s.d)
+            + max(_encode_bytes(s, False)[0], rollout, row))
 
 
 COMPONENTS = ("weights", "ref", "grads", "adam", "state", "video_embeds", "audio_embeds", "encode",

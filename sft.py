@@ -293,6 +293,17 @@ def validation(args, step, bare, model, tok, run, val_ds, par, categories, end, 
     return best
 
 
+def out_of_patience(args, step, val, best, rank):
+    """Whether the validation loss has not improved for --patience validations: stop (what follows
+    memorizes), and rank 0 says so."""
+    stop = bool(val and args.patience and best and
+                step + 1 - best[1] >= args.patience * args.eval_every)
+    if rank == 0 and stop:
+        print(f"step {step + 1}: no lower validation loss in {args.patience} validations; "
+              f"stopping (model/: step {best[1]})")
+    return stop
+
+
 def main(args):
     par = mr_sp.init_parallel(args.sp)
     ckpt = os.path.join(args.out, "model")
@@ -309,9 +320,8 @@ def main(args):
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
                   for r in (rows, val))
-    categories = sorted({r["category"] for r in val})
+    categories, end = sorted({r["category"] for r in val}), tok.convert_tokens_to_ids("<|im_end|>")
     best = state.get("best") if state else None  # (validation loss, step) of model/
-    end = tok.convert_tokens_to_ids("<|im_end|>")
     if par.rank == 0:
         mr_sp.open_log(args, start)
         print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {args.steps} "
@@ -337,12 +347,7 @@ def main(args):
             last = step + 1 == args.steps
             if val and ((step + 1) % args.eval_every == 0 or last):
                 best = validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best)
-            # the loss has not improved for --patience validations: stop (what follows memorizes)
-            stop = bool(val and args.patience and best and
-                        step + 1 - best[1] >= args.patience * args.eval_every)
-            if par.rank == 0 and stop:
-                print(f"step {step + 1}: no lower validation loss in {args.patience} validations; "
-                      f"stopping (model/: step {best[1]})")
+            stop = out_of_patience(args, step, val, best, par.rank)
             last = last or stop
             if (args.save_every and (step + 1) % args.save_every == 0) or last:
                 sd, state = mr_sp.save_state(model, opt, step=step + 1, best=best)  # collective
