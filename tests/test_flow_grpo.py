@@ -9,7 +9,6 @@ The sp test's workers are this file under torchrun; rank 0 saves what they compu
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
