@@ -221,6 +221,11 @@ def load(path, device="cpu", seed=0, resolution=32):
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
+            # loaded weights sit at the safetensors file's offsets (24 bytes past a 64-byte line
+            # here): an AVX-512 CPU sums a misaligned matmul in another order, so a resumed run
+            # would drift from the saved one in the last bit. Copies are aligned.
+            for t in [*m.parameters(), *m.buffers()]:
+                t.data = t.data.clone()
     return pipe
 
 
