@@ -8,6 +8,7 @@ Skipped where vllm does not import (the main environment).
 Videos have several temporal groups and unequal seconds per group, one of them 31/14 s, where
 float32 arithmetic puts the last group one temporal position off (model.positions): a position
 mismatch between vLLM and the trainer shows in the log-probs, and the tests check that it would."""
+import copy
 import json
 import os
 import subprocess
@@ -232,9 +233,13 @@ def test_grpo_engine_vllm_tracks_own_engine(task, tmp_path, nproc, extra):
 def test_qwen35_greedy_tokens_equal_ours_in_bf16(tmp_path):
     """Qwen3.5 (Gated DeltaNet layers), which vLLM's CPU build runs in bf16 at its releases' head dim
     128 only, fed our cached embeddings: greedy tokens as our engine's in bf16 on every SAMPLES prompt
-    (several temporal groups, an image, text) up to the first step where ours is a near tie (top two
-    log-probs within 0.05: bf16 rounding may flip it), log-probs within bf16's rounding before it."""
+    (several temporal groups, an image, text) up to the first step where the fp32 model (the same
+    weights) has a near tie, and vLLM's log-probs within TOL of fp32's before it. Both engines round
+    to bf16 their own way (on an AVX512-BF16 CPU ours is up to 0.14 from fp32 where vLLM is 0.05; on
+    AMX, 0.1), so a tie is a top-two gap under 2 * TOL: each side's error may take half of it."""
+    TOL = 0.1
     model, tok = M.load("tiny-qwen3.5", hidden=256, heads=2, kv_heads=1, dtype=torch.bfloat16)
+    m32 = copy.deepcopy(model).float()
     M.save(model, tok, str(tmp_path / "model"))
     s = dict(model=model, tok=tok, llm=mr_sp.vllm_engine(model, tok, str(tmp_path / "model"), "bfloat16"))
     s["prompts"] = []
@@ -243,18 +248,19 @@ def test_qwen35_greedy_tokens_equal_ours_in_bf16(tmp_path):
         if kind == "video":
             x.update(second_per_grid=spg, frame_times=[k * spg / 2 for k in range(2 * grid[0])])
         s["prompts"].append(mr_sp.prepare(model, tok, x, f"Question {i}: which color flashes first?"))
-    (t_ours, lp_ours, n_ours), (t_vllm, lp_vllm, n_vllm) = ours(s, max_new=12, temperature=0), theirs(
+    (t_ours, _, n_ours), (t_vllm, lp_vllm, n_vllm) = ours(s, max_new=12, temperature=0), theirs(
         s, max_new=12, temperature=0)
     compared = 0
     for i, p in enumerate(s["prompts"]):
         o, v = t_ours[i, :n_ours[i]].tolist(), t_vllm[i, :n_vllm[i]].tolist()
         ids, pos, _, P = M.layout([p["prompt"]], [p["pos"]], [o], tok.pad_token_id)
-        with torch.no_grad():  # our log-probs at every step of our greedy response: the top two's gap
-            h = M.forward(model, mr_sp.splice_columns(model, ids, [p], 0, ids.shape[1]), pos)
-            top = torch.log_softmax(model.lm_head(h[0, P - 1:P - 1 + len(o)]).float(), -1).topk(2).values
+        with torch.no_grad():  # fp32 log-probs at every step of our greedy response
+            h = M.forward(m32, mr_sp.splice_columns(m32, ids, [p], 0, ids.shape[1]), pos)
+            lp = torch.log_softmax(m32.lm_head(h[0, P - 1:P - 1 + len(o)]), -1)
+        top, lp32 = lp.topk(2).values, lp.gather(1, torch.tensor(o)[:, None])[:, 0]
         same = next((j for j, (a, b) in enumerate(zip(o, v)) if a != b), min(len(o), len(v)))
-        assert same == len(o) == len(v) or top[same, 0] - top[same, 1] < 0.05, (i, o, v, top[same])
-        assert ((lp_ours[i, :same] - lp_vllm[i, :same]).abs() <= 0.1).all(), (i, lp_ours[i], lp_vllm[i])
+        assert same == len(o) == len(v) or top[same, 0] - top[same, 1] < 2 * TOL, (i, o, v, top[same])
+        assert ((lp32[:same] - lp_vllm[i, :same]).abs() <= TOL).all(), (i, lp32, lp_vllm[i])
         compared += same
     print(f"Qwen3.5 greedy in bf16: {compared} of our {int(n_ours.sum())} tokens equal before a near tie or the end")
     assert compared >= 4 * len(SAMPLES), compared  # not vacuous: most prompts agree for several tokens
