@@ -11,7 +11,12 @@ Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</
 given the row's video, image or no visual input, and question, averaged over the global batch's
 target tokens; --answer-epochs first trains on the bare answer (`<answer>X</answer><|im_end|>`,
 asked for by its own instruction), a target the video decides, then on the traces, under one
-learning-rate schedule, --answer-mix of each later batch's rows as bare answers too. Validation:
+learning-rate schedule, --answer-mix of each later batch's rows as bare answers too. A tiny model
+from random weights by default trains on the traces alone, and only where they leave its held-out
+accuracy within BLIND_MARGIN of answering blind (each category's most common training answer)
+starts over from its initial weights with BARE_EPOCHS of bare answers first (the traces' run kept
+in --out/traces/): some tasks it learns best from the traces, others only from the answers first
+(RESULTS.md). Validation:
 every --eval-every steps, --val rows SFT does not train on (with --part sft, rows of the RL part)
 get their loss, the mean entropy of the model's next-token distribution over the target, and greedy
 answers graded by the task's reward (accuracy, by category). A small dataset can be learned by
@@ -31,6 +36,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -64,7 +70,8 @@ g.add_argument("--epochs", type=float, default=6, help="passes over the rows wit
                "default 6")
 g.add_argument("--answer-epochs", type=float, default=None, help="passes with bare answers "
                "(<answer>X</answer>) before the --epochs with traces, for a model that does not yet "
-               "read the video; default 10 for a tiny model (random init), 0 for a checkpoint")
+               "read the video; default 0 (a tiny model: 10 in a second run where the traces' held-out "
+               "accuracy stays near blind)")
 g.add_argument("--answer-mix", type=float, default=None, help="after the --answer-epochs, this share "
                "of each batch's rows also as bare answers (keeps what they taught); default 0.5 "
                "after a bare phase, else 0")
@@ -101,6 +108,10 @@ g.add_argument("--patience", type=int, default=3, help="stop after N validations
                "validation loss (0: never); default 3")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 # -----------------------------------------------------------------------------
+# A tiny model's fallback: accuracy under blind + BLIND_MARGIN after the traces means it did not learn
+# to read the video from them (`motion`, `aside`: within 0.04 and 0.10 of blind; the default task
+# 0.37 above; RESULTS.md), and BARE_EPOCHS of bare answers first taught it there
+BLIND_MARGIN, BARE_EPOCHS = 0.15, 10.0
 
 
 def lr_at(step, args):
@@ -196,11 +207,19 @@ def build(args, par, src):
     return model, tok, run, params, opt, train_vision
 
 
-def schedule(args, n_rows, tiny):
-    """Resolve the steps left to the run: --answer-epochs, --answer-mix, --steps, the bare-answer
-    steps, --eval-every."""
-    if args.answer_epochs is None:  # a checkpoint reads video already; bare answers would only cost
-        args.answer_epochs = 10.0 if tiny else 0.0
+def blind_accuracy(rows, val):
+    """The validation rows' accuracy of answering without the video: each category's most common
+    answer among the training rows (the most a model that reads only the question reaches)."""
+    common = collections.defaultdict(collections.Counter)
+    for r in rows:
+        common[r["category"]][r["answer"]] += 1
+    return sum(D.grade(common[r["category"]].most_common(1)[0][0], r["answer"])
+               for r in val if r["category"] in common) / max(len(val), 1)
+
+
+def schedule(args, n_rows):
+    """Resolve the steps left to the run: --answer-mix, --steps, the bare-answer steps,
+    --eval-every."""
     if args.answer_mix is None:  # it keeps what a bare phase taught: with none, nothing to keep
         args.answer_mix = 0.5 if args.answer_epochs else 0.0
     epochs = args.answer_epochs + args.epochs
@@ -269,7 +288,7 @@ def forward_backward(args, items, model, tok, run, par, train_vision):
 def validation(args, step, bare, model, tok, run, val_ds, par, categories, end, best):
     """Validate at step (the bare answers, or the traces), log it, and save model/ when its loss of
     the traces is the lowest yet; the first phase's loss (of bare answers) neither picks model/ nor
-    stops the run. Returns best, (validation loss, step) of model/."""
+    stops the run. Returns best, (validation loss, step, accuracy) of model/."""
     model.eval()
     v = mr_sp.dp_sum(mr_sp.unsharded(run, validate, model, tok, val_ds, par, categories, end,
                                      bare=bare), par.sp_group)
@@ -281,7 +300,7 @@ def validation(args, step, bare, model, tok, run, val_ds, par, categories, end, 
                val_rows=v["rows"], val_tokens=v["tokens"], val_by_category={
                    c: v[f"correct_{c}"] / max(v[f"rows_{c}"], 1.0) for c in categories})
     better = not bare and (best is None or rec["val_loss"] < best[0])
-    best = (rec["val_loss"], step + 1) if better else best
+    best = (rec["val_loss"], step + 1, rec["val_acc"]) if better else best
     sd = mr_sp.full_state(model)[0] if better and mr_sp.sharded(model) else None  # collective
     if par.rank == 0:
         mr_sp.log_step(args.out, rec, f"val {step + 1} ({rec['val_target']}) | loss {rec['val_loss']:.4f} | "
@@ -306,22 +325,56 @@ def out_of_patience(args, step, val, best, rank):
 
 def main(args):
     par = mr_sp.init_parallel(args.sp)
-    ckpt = os.path.join(args.out, "model")
     src, state = M.resume(os.path.join(args.out, "last")) if args.resume else (args.init, None)
     # planned from the config alone, before any weights load: unset flags resolved, a layout that
     # cannot run (--batch over dp) or a GPU it does not fit refused
     mr_sp.plan_start(args, mr_sp.plan_config(src), par)
+    rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
+    fallback = args.answer_epochs is None and args.init in M.TINY and bool(val)
+    if args.answer_epochs is None:  # a resumed run keeps its phase: the fallback's or the traces'
+        args.answer_epochs = state.get("answer_epochs", 0.0) if state else 0.0
+    flags = dict(vars(args))  # as given: the fallback resolves its own steps
+    best, done = train(args, par, src, state, rows, val)
+    blind = blind_accuracy(rows, val)
+    if fallback and not args.answer_epochs and best and best[2] < blind + BLIND_MARGIN:
+        if par.rank == 0:
+            print(f"held-out accuracy {best[2]:.3f} after the traces, blind {blind:.3f}: the model "
+                  f"does not read the video from them; starting over with {BARE_EPOCHS:g} epochs of "
+                  f"bare answers first (this run moved to {args.out}/traces)")
+            keep_traces_run(args.out)
+        args = argparse.Namespace(**{**flags, "answer_epochs": BARE_EPOCHS, "resume": False})
+        best, done = train(args, par, args.init, None, rows, val)
+    if par.rank == 0:
+        print(json.dumps({"out": os.path.join(args.out, "model"), **done, "answer_epochs": args.answer_epochs,
+                          "best_step": best and best[1], "val_loss": best and best[0],
+                          "val_acc": best and best[2], "blind_acc": blind if val else None}))
+    mr_sp.shutdown()
+
+
+def keep_traces_run(out):
+    """Move the traces' run (its model/, last/, log and args) to out/traces before the fallback."""
+    dst = os.path.join(out, "traces")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    for name in ("model", "last", "metrics.jsonl", "args.json"):
+        if os.path.exists(os.path.join(out, name)):
+            os.replace(os.path.join(out, name), os.path.join(dst, name))
+
+
+def train(args, par, src, state, rows, val):
+    """SFT from src (state: --resume's) to --out on rows, validated on val: (best, (validation
+    loss, step, accuracy) of model/; {steps, bad_samples})."""
+    ckpt = os.path.join(args.out, "model")
     model, tok, run, params, opt, train_vision = build(args, par, src)
     start = mr_sp.load_state(model, opt, state)
-    rows, val = split_val(D.load_rows(D.prepare_task(args.data, par.rank)), args.part, args.val)
-    schedule(args, len(rows), args.init in M.TINY)
+    schedule(args, len(rows))
     # a frozen tower: each SP peer keeps only the pixels of frames it encodes (mr_sp.encode_visual)
     ds, val_ds = (D.VideoDataset(r, nframes=args.frames, max_pixels=args.max_pixels,
                                  proc=M.processor_config(model.config),
                                  sp=None if train_vision else (par.rank % par.sp, par.sp))
                   for r in (rows, val))
     categories, end = sorted({r["category"] for r in val}), tok.convert_tokens_to_ids("<|im_end|>")
-    best = state.get("best") if state else None  # (validation loss, step) of model/
+    best = state.get("best") if state else None  # (validation loss, step, accuracy) of model/
     if par.rank == 0:
         mr_sp.open_log(args, start)
         print(f"SFT from {args.init}: {len(rows)} rows ({args.part} part of {args.data}), {args.steps} "
@@ -350,7 +403,8 @@ def main(args):
             stop = out_of_patience(args, step, val, best, par.rank)
             last = last or stop
             if (args.save_every and (step + 1) % args.save_every == 0) or last:
-                sd, state = mr_sp.save_state(model, opt, step=step + 1, best=best)  # collective
+                sd, state = mr_sp.save_state(model, opt, step=step + 1, best=best,
+                                             answer_epochs=args.answer_epochs)  # collective
                 # model/ is the last step's without a validated trace step (no --val, or a run that
                 # ends in the first phase)
                 for d in [os.path.join(args.out, "last")] + [ckpt] * (last and best is None):
@@ -358,11 +412,7 @@ def main(args):
                         M.save(model, tok, d, state_dict=sd, state=state)
             if stop:
                 break
-    if par.rank == 0:
-        print(json.dumps({"out": ckpt, "steps": step + 1 if start < args.steps else start,
-                          "bad_samples": ds.n_bad, "best_step": best and best[1],
-                          "val_loss": best and best[0]}))
-    mr_sp.shutdown()
+    return best, dict(steps=step + 1 if start < args.steps else start, bad_samples=ds.n_bad)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def task(tmp_path_factory):
     return str(d)
 
 
-SFT = ["sft.py", "--frames", "8", "--batch", "4", "--micro-batch", "2", "--part", "all", "--warmup", "2"]
+SFT = ["sft.py", "--frames", "8", "--batch", "4", "--micro-batch", "2", "--part", "all", "--warmup", "2",
+       "--answer-epochs", "10"]  # a tiny model's two phases, without the default's second run
 GRPO = ["grpo.py", "--init", "tiny", "--frames", "8", "--prompts", "4", "--G", "4", "--max-new", "12",
         "--micro-batch", "8", "--part", "all", "--lr", "1e-3", "--reward", "toy_rewards:length"]
 
@@ -374,6 +375,38 @@ def test_sft_trains_bare_answers_then_traces(task, tmp_path):
     assert [x["val_target"] for x in v] == ["answer", "answer", "trace", "trace"]
     assert [x["val_tokens"] for x in v] == [n_tokens(val, True)] * 2 + [n_tokens(val, False)] * 2
     assert json.loads((out / "model" / "val.json").read_text())["val_target"] == "trace"
+
+
+def test_sft_falls_back_to_bare_answers(task, tmp_path):
+    """A tiny model at the default --answer-epochs: its traces' run leaves held-out accuracy near
+    blind (4 steps), so the run moves it to traces/ and starts over with bare answers first: the
+    same steps, metrics and weights as a run with --answer-epochs 10 from the start; a --resume
+    after it keeps that run."""
+    auto, ref = tmp_path / "auto", tmp_path / "ref"
+    flags = [*SFT[:-2], "--data", task, "--steps", "4", "--eval-every", "2"]
+    out = run(*flags, "--out", str(auto)).stdout
+    run(*flags, "--answer-epochs", "10", "--out", str(ref))
+    first = metrics(auto / "traces")
+    assert len([x for x in first if "loss" in x]) == 4
+    assert {x["val_target"] for x in first if "val_loss" in x} == {"trace"}
+    end = json.loads(out.strip().splitlines()[-1])
+    assert "starting over with 10 epochs of bare answers" in out and end["answer_epochs"] == 10
+    assert max(x["val_acc"] for x in first if "val_acc" in x) < end["blind_acc"] + sft.BLIND_MARGIN
+
+    def numbers(out):
+        return [{k: v for k, v in x.items() if k != "seconds"} for x in metrics(out)]
+    assert numbers(auto) == numbers(ref) and [x.get("val_target") for x in numbers(auto)][2] == "answer"
+    assert max_diff(weights(auto / "model"), weights(ref / "model")) == 0
+    assert max_diff(weights(auto / "model"), weights(auto / "traces" / "model")) > 1e-3
+    again = json.loads(run(*flags, "--resume", "--out", str(auto)).stdout.strip().splitlines()[-1])
+    assert again["answer_epochs"] == 10 and again["steps"] == 4 and metrics(auto / "traces") == first
+
+
+def test_blind_accuracy_answers_each_categorys_most_common():
+    rows = [dict(category="a", answer=x) for x in "AAB"] + [dict(category="b", answer=x) for x in "122"]
+    val = [dict(category="a", answer="A"), dict(category="a", answer="B"), dict(category="b", answer="2.0"),
+           dict(category="c", answer="A")]  # "2.0" graded as the number 2; an unseen category: wrong
+    assert sft.blind_accuracy(rows, val) == 0.5
 
 
 def test_bf16_passes_see_every_update(task, tmp_path):
