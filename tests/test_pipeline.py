@@ -377,15 +377,17 @@ def test_sft_trains_bare_answers_then_traces(task, tmp_path):
     assert json.loads((out / "model" / "val.json").read_text())["val_target"] == "trace"
 
 
-def test_sft_falls_back_to_bare_answers(task, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sft_falls_back_to_bare_answers(task, tmp_path, nproc):
     """A tiny model at the default --answer-epochs: its traces' run leaves held-out accuracy near
     blind (4 steps), so the run moves it to traces/ and starts over with bare answers first: the
-    same steps, metrics and weights as a run with --answer-epochs 10 from the start; a --resume
+    same steps, metrics and weights as a run with --answer-epochs 10 from the start (on 2
+    processes with --fsdp too: a second model sharded in the same process group); a --resume
     after it keeps that run."""
     auto, ref = tmp_path / "auto", tmp_path / "ref"
-    flags = [*SFT[:-2], "--data", task, "--steps", "4", "--eval-every", "2"]
-    out = run(*flags, "--out", str(auto)).stdout
-    run(*flags, "--answer-epochs", "10", "--out", str(ref))
+    flags = [*SFT[:-2], "--data", task, "--steps", "4", "--eval-every", "2"] + ["--fsdp"] * (nproc > 1)
+    out = run(*flags, "--out", str(auto), nproc=nproc).stdout
+    run(*flags, "--answer-epochs", "10", "--out", str(ref), nproc=nproc)
     first = metrics(auto / "traces")
     assert len([x for x in first if "loss" in x]) == 4
     assert {x["val_target"] for x in first if "val_loss" in x} == {"trace"}
@@ -398,7 +400,8 @@ def test_sft_falls_back_to_bare_answers(task, tmp_path):
     assert numbers(auto) == numbers(ref) and [x.get("val_target") for x in numbers(auto)][2] == "answer"
     assert max_diff(weights(auto / "model"), weights(ref / "model")) == 0
     assert max_diff(weights(auto / "model"), weights(auto / "traces" / "model")) > 1e-3
-    again = json.loads(run(*flags, "--resume", "--out", str(auto)).stdout.strip().splitlines()[-1])
+    again = run(*flags, "--resume", "--out", str(auto), nproc=nproc).stdout.strip().splitlines()[-1]
+    again = json.loads(again)
     assert again["answer_epochs"] == 10 and again["steps"] == 4 and metrics(auto / "traces") == first
 
 
