@@ -70,8 +70,8 @@ g.add_argument("--epochs", type=float, default=6, help="passes over the rows wit
                "default 6")
 g.add_argument("--answer-epochs", type=float, default=None, help="passes with bare answers "
                "(<answer>X</answer>) before the --epochs with traces, for a model that does not yet "
-               "read the video; default 0 (a tiny model: 10 in a second run where the traces' held-out "
-               "accuracy stays near blind)")
+               "read the video; default 0 (a tiny model: 10 in a second run where the traces' "
+               "held-out accuracy stays near blind)")
 g.add_argument("--answer-mix", type=float, default=None, help="after the --answer-epochs, this share "
                "of each batch's rows also as bare answers (keeps what they taught); default 0.5 "
                "after a bare phase, else 0")
@@ -108,9 +108,9 @@ g.add_argument("--patience", type=int, default=3, help="stop after N validations
                "validation loss (0: never); default 3")
 g.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
 # -----------------------------------------------------------------------------
-# A tiny model's fallback: accuracy under blind + BLIND_MARGIN after the traces means it did not learn
-# to read the video from them (3 seeds: `motion` and `aside` 0.008 to 0.055 above blind, the default
-# task 0.37 to 0.44; RESULTS.md), and BARE_EPOCHS of bare answers first taught it there
+# A tiny model's fallback: accuracy under blind + BLIND_MARGIN after the traces means it did not
+# learn to read the video from them (3 seeds: `motion` and `aside` 0.008 to 0.055 above blind, the
+# default task 0.37 to 0.44; RESULTS.md), and BARE_EPOCHS of bare answers first taught it there
 BLIND_MARGIN, BARE_EPOCHS = 0.15, 10.0
 
 
@@ -339,13 +339,14 @@ def main(args):
     if fallback and not args.answer_epochs and best and best[2] < blind + BLIND_MARGIN:
         if par.rank == 0:
             print(f"held-out accuracy {best[2]:.3f} after the traces, blind {blind:.3f}: the model "
-                  f"does not read the video from them; starting over with {BARE_EPOCHS:g} epochs of "
-                  f"bare answers first (this run moved to {args.out}/traces)")
+                  f"does not read the video from them; starting over with {BARE_EPOCHS:g} epochs "
+                  f"of bare answers first (this run moved to {args.out}/traces)")
             keep_traces_run(args.out)
         args = argparse.Namespace(**{**flags, "answer_epochs": BARE_EPOCHS, "resume": False})
         best, done = train(args, par, args.init, None, rows, val)
     if par.rank == 0:
-        print(json.dumps({"out": os.path.join(args.out, "model"), **done, "answer_epochs": args.answer_epochs,
+        print(json.dumps({"out": os.path.join(args.out, "model"), **done,
+                          "answer_epochs": args.answer_epochs,
                           "best_step": best and best[1], "val_loss": best and best[0],
                           "val_acc": best and best[2], "blind_acc": blind if val else None}))
     mr_sp.shutdown()
