@@ -623,7 +623,8 @@ def _normalize(row, where, root, default_id):
 
 DEFAULT_TASK = "data/synth"
 # The default models the paper's situation: auto-written reasoning traces are imperfect (30% reason
-# to a wrong answer here), RL is rewarded by the ground truth; clean traces leave GRPO little.
+# to a wrong answer here), RL is rewarded by the ground truth; sft.py trains such rows on their bare
+# true answers (sft.trains_bare), since their traces kept `counting` at chance.
 DEFAULT_NOISE = 0.3
 
 
@@ -656,7 +657,8 @@ def question_text(row, bare=False):
 
 
 def target_text(row):
-    """The SFT target; a noisy trace's <answer> is its (wrong) trace_answer, matching the trace."""
+    """The row's trace and the answer it reaches: a noisy trace's (wrong) trace_answer (sft.py
+    trains such a row on its bare true answer instead)."""
     return f"<think>{row['reasoning']}</think><answer>{row.get('trace_answer', row['answer'])}</answer>"
 
 

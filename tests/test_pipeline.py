@@ -349,32 +349,48 @@ def test_sft_keeps_the_best_validated_step(task, tmp_path):
     assert max_diff(weights(out / "model"), weights(out / "last")) > 1e-3
 
 
-def test_sft_trains_bare_answers_then_traces(task, tmp_path):
+def test_sft_trains_bare_answers_then_traces(tmp_path):
     """--answer-epochs: the run's first steps (their share of the epochs) train on the bare answer
-    (`<answer>X</answer><|im_end|>`), the rest on the reasoning trace and answer; each step's target
-    tokens, logged, equal those of its rows' targets (after the bare phase, --answer-mix's share of
-    the rows' bare answers too), and the validations grade the same targets."""
-    out = tmp_path / "sft"
-    run(*SFT, "--data", task, "--steps", "4", "--answer-epochs", "1", "--epochs", "1", "--eval-every", "1",
-        "--answer-mix", "0.5", "--out", str(out))
+    (`<answer>X</answer><|im_end|>`, under the bare instruction), the rest on the reasoning trace and
+    answer, except rows whose trace reasons to another answer (trace_answer), always their bare true
+    answer; each step's target tokens, logged, equal those of its rows' targets (after the bare
+    phase, --answer-mix's share of the rows' bare answers too), and the validations grade the same."""
+    task, out = tmp_path / "task", tmp_path / "sft"
+    D.synth(task, n=40, n_frames=16, seed=0, n_test=8, noise=0.3)
+    run(*SFT, "--data", str(task), "--steps", "4", "--answer-epochs", "1", "--epochs", "1",
+        "--eval-every", "1", "--answer-mix", "0.5", "--out", str(out))
     args = json.loads((out / "args.json").read_text())
     assert args["answer_steps"] == 2
-    rows, val = sft.split_val(D.load_rows(Path(task, "train.jsonl")), "all", args["val"])
+    rows, val = sft.split_val(D.load_rows(task / "train.jsonl"), "all", args["val"])
     tok = M.tiny_tokenizer()
     end = tok.convert_tokens_to_ids("<|im_end|>")
 
-    def n_tokens(rs, bare):
-        return sum(len(sft.target_tokens(tok, r, end, bare)) for r in rs)
+    def n_tokens(rs, bare, noisy_bare=True):
+        return sum(len(sft.target_tokens(tok, r, end, bare or noisy_bare and "trace_answer" in r))
+                   for r in rs)
 
     m = metrics(out)
     train, v = [x for x in m if "loss" in x], [x for x in m if "val_loss" in x]
+    swapped, traces = [], []  # what the other phase's targets, or the noisy rows' traces, would give
     for step, (x, bare) in enumerate(zip(train, [True, True, False, False])):
         batch = [rows[i] for i in sft.batch_indices(step, argparse.Namespace(**args), len(rows), 0, 1)]
         mixed = [] if bare else batch[1::2]  # half the rows, spread by position: the same on any ranks
-        assert x["tokens"] == n_tokens(batch, bare) + n_tokens(mixed, True) != n_tokens(batch, not bare)
+        assert x["tokens"] == n_tokens(batch, bare) + n_tokens(mixed, True)
+        swapped.append(n_tokens(batch, not bare) + n_tokens(mixed, True))
+        traces.append(n_tokens(batch, bare, noisy_bare=False) + n_tokens(mixed, True))
+    assert swapped != [x["tokens"] for x in train] != traces
     assert [x["val_target"] for x in v] == ["answer", "answer", "trace", "trace"]
     assert [x["val_tokens"] for x in v] == [n_tokens(val, True)] * 2 + [n_tokens(val, False)] * 2
     assert json.loads((out / "model" / "val.json").read_text())["val_target"] == "trace"
+    model, _ = M.load(str(out / "model"))
+    ds = D.VideoDataset(rows, nframes=8, proc=M.processor_config(model.config))
+    items = [it for step in (2, 3) for it in sft.step_rows(argparse.Namespace(**args), step, ds, len(rows),
+                                                            tok, model.config, mr_sp.init_parallel(1), end)]
+    noisy = [it for it in items if "trace_answer" in it["sample"]]
+    assert noisy and len(noisy) < len(items)
+    for it in noisy:
+        assert tok.decode(it["response"]) == f"<answer>{it['sample']['answer']}</answer><|im_end|>"
+        assert "Give only" in tok.decode(it["prompt"])
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
