@@ -614,6 +614,8 @@ def _normalize(row, where, root, default_id):
     if options and answer not in LETTERS[:len(options)]:
         raise ValueError(f"{where}: answer {answer!r} is not one of the option letters "
                          f"{LETTERS[:len(options)]}")
+    if row.get("trace_answer") is not None:  # compared with answer (sft.trains_bare): alike
+        row["trace_answer"] = str(row["trace_answer"]).strip()
     rid = row.get("id")
     row.update(id=default_id if rid is None or rid == "" else str(rid), **media, audio=audio,
                question=str(question), options=options, answer=answer,

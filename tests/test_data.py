@@ -254,13 +254,15 @@ def test_load_rows_normalizes(tmp_path):
     f = write(tmp_path / "qa.jsonl", [
         {"video": "v/a.mp4", "question": "Which?", "options": ["red", "blue"], "answer": "B", "extra": 1},
         "",
-        {"id": "x7", "video": "/abs/b.mp4", "question": "How many?", "answer": 3, "reasoning": "r", "category": "c"},
+        {"id": "x7", "video": "/abs/b.mp4", "question": "How many?", "answer": 3, "reasoning": "r", "category": "c",
+         "trace_answer": 3},
     ])
     rows = data.load_rows(f)
     assert [r["id"] for r in rows] == ["qa.jsonl:1", "x7"]
     assert rows[0]["video"] == str(tmp_path / "v" / "a.mp4") and rows[1]["video"] == "/abs/b.mp4"
     assert rows[0]["answer"] == "B" and rows[1]["answer"] == "3" and rows[0]["extra"] == 1
     assert rows[0]["reasoning"] == "" and rows[0]["category"] == "" and rows[1]["options"] == []
+    assert rows[1]["trace_answer"] == "3"  # a string as answer is, so sft.trains_bare compares alike
     assert data.load_rows(f, video_root="/videos")[0]["video"] == "/videos/v/a.mp4"
     q = data.question_text(rows[0])
     assert "Which?\nA. red\nB. blue\n" in q and "<think>" in q and "<answer>" in q and "letter" in q
