@@ -9,23 +9,22 @@
 
 Cross-entropy on the assistant tokens only (`<think>reasoning</think><answer>X</answer><|im_end|>`)
 given the row's video, image or no visual input, and question, averaged over the global batch's
-target tokens (a row whose trace reasons to another answer than the row's, its trace_answer, on
-its bare true answer: trains_bare); --answer-epochs first trains on the bare answer
-(`<answer>X</answer><|im_end|>`, asked for by its own instruction), a target the video decides,
-then on the traces, under one learning-rate schedule, --answer-mix of each later batch's rows as
-bare answers too. A tiny model
-from random weights by default trains on the traces alone, and only where they leave its held-out
-accuracy within BLIND_MARGIN of answering blind (each category's most common training answer) starts
-over from its initial weights with BARE_EPOCHS of bare answers first (the traces' run kept in
---out/traces/): some tasks it learns best from the traces, others only from the answers first
-(RESULTS.md). Validation: every --eval-every steps, --val rows SFT does not train on (with --part
-sft, rows of the RL part) get their loss, the mean entropy of the model's next-token distribution
-over the target, and greedy answers graded by the task's reward (accuracy, by category). A small
-dataset can be learned by heart (training loss near 0) while held-out answers get worse, and a hard
-one still improves after many epochs: model/ is the step with the lowest validation loss, not the
-last (accuracy on a few hundred rows moves by several points between evaluations; the loss is
-smooth), and the run stops after --patience validations without a lower one (validations of the bare
-answers, other targets, are logged and count for neither).
+target tokens (a row whose trace reasons to another answer than the row's, its trace_answer, on its
+bare true answer: trains_bare); --answer-epochs first trains on the bare answer
+(`<answer>X</answer><|im_end|>`, asked for by its own instruction), a target the video decides, then
+on the traces, under one learning-rate schedule, --answer-mix of each later batch's rows as bare
+answers too. A tiny model from random weights by default trains on the traces alone, and only where
+they leave its held-out accuracy within BLIND_MARGIN of answering blind (each category's most common
+training answer) starts over from its initial weights with BARE_EPOCHS of bare answers first (the
+traces' run kept in --out/traces/): some tasks it learns best from the traces, others only from the
+answers first (RESULTS.md). Validation: every --eval-every steps, --val rows SFT does not train on
+(with --part sft, rows of the RL part) get their loss, the mean entropy of the model's next-token
+distribution over the target, and greedy answers graded by the task's reward (accuracy, by
+category). A small dataset can be learned by heart (training loss near 0) while held-out answers get
+worse, and a hard one still improves after many epochs: model/ is the step with the lowest
+validation loss, not the last (accuracy on a few hundred rows moves by several points between
+evaluations; the loss is smooth), and the run stops after --patience validations without a lower one
+(validations of the bare answers, other targets, are logged and count for neither).
 Writes --out: model/ (HF folder: the best step, its numbers in val.json; the last step's without
 --val), last/ (the last checkpoint, with state.pt: optimizer, step, for --resume), args.json,
 plan.json (the run's memory plan, made from the config at start: mr_sp.plan_start), metrics.jsonl
