@@ -397,18 +397,19 @@ def test_sft_trains_bare_answers_then_traces(tmp_path):
 def test_sft_falls_back_to_bare_answers(task, tmp_path, nproc):
     """A tiny model at the default --answer-epochs: its traces' run leaves held-out accuracy near
     blind (4 steps), so the run moves it to traces/ and starts over with bare answers first: the
-    same steps, metrics and weights as a run with --answer-epochs 10 from the start (on 2
+    same steps, metrics and weights as a run with --answer-epochs BARE_EPOCHS from the start (on 2
     processes with --fsdp too: a second model sharded in the same process group); a --resume
     after it keeps that run."""
     auto, ref = tmp_path / "auto", tmp_path / "ref"
     flags = [*SFT[:-2], "--data", task, "--steps", "4", "--eval-every", "2"] + ["--fsdp"] * (nproc > 1)
     out = run(*flags, "--out", str(auto), nproc=nproc).stdout
-    run(*flags, "--answer-epochs", "10", "--out", str(ref), nproc=nproc)
+    run(*flags, "--answer-epochs", f"{sft.BARE_EPOCHS:g}", "--out", str(ref), nproc=nproc)
     first = metrics(auto / "traces")
     assert len([x for x in first if "loss" in x]) == 4
     assert {x["val_target"] for x in first if "val_loss" in x} == {"trace"}
     end = json.loads(out.strip().splitlines()[-1])
-    assert "starting over with 10 epochs of bare answers" in out and end["answer_epochs"] == 10
+    assert f"starting over with {sft.BARE_EPOCHS:g} epochs of bare answers" in out
+    assert end["answer_epochs"] == sft.BARE_EPOCHS
     assert max(x["val_acc"] for x in first if "val_acc" in x) < end["blind_acc"] + sft.BLIND_MARGIN
 
     def numbers(out):
@@ -418,7 +419,7 @@ def test_sft_falls_back_to_bare_answers(task, tmp_path, nproc):
     assert max_diff(weights(auto / "model"), weights(auto / "traces" / "model")) > 1e-3
     again = run(*flags, "--resume", "--out", str(auto), nproc=nproc).stdout.strip().splitlines()[-1]
     again = json.loads(again)
-    assert again["answer_epochs"] == 10 and again["steps"] == 4 and metrics(auto / "traces") == first
+    assert again["answer_epochs"] == sft.BARE_EPOCHS and again["steps"] == 4 and metrics(auto / "traces") == first
 
 
 def test_blind_accuracy_answers_each_categorys_most_common():
